@@ -1,0 +1,3 @@
+"""mergebuild: declarative, cached, reproducible Stable Diffusion checkpoint merges."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from mergebuild.cli import main
+
+raise SystemExit(main())

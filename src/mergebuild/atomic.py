@@ -1,0 +1,89 @@
+"""Crash-safe file publication: write a temp file in the target's directory, fsync, rename.
+
+A reader (or a later build) sees either the old file or the complete new one, never a prefix;
+a killed process leaves at most a `.mergebuild-tmp-*` file, which `cache gc` sweeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_PREFIX = ".mergebuild-tmp-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def make_temp(directory: Path, suffix: str = "") -> tuple[int, Path]:
+    """A new temp file in `directory` with normal (umask) permissions, not mkstemp's 0600."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, Path(tmp)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, mode: str = "wb") -> Iterator[tuple[int, Path]]:
+    """Yield (fd, temp path) of a file that becomes `target` only if the block succeeds."""
+    fd, tmp_path = make_temp(target.parent, target.suffix)
+    try:
+        yield fd, tmp_path
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp_path, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    with atomic_file(target) as (fd, _):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def publish(source: Path, target: Path) -> str:
+    """Make `target` have `source`'s bytes: hardlink if possible, else copy; atomic either way.
+
+    Returns "link", "copy" or "unchanged" (target already is `source`'s inode).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samefile(source, target):
+            return "unchanged"
+    tmp = Path(tempfile.mktemp(prefix=TMP_PREFIX, suffix=target.suffix, dir=target.parent))
+    try:
+        os.link(source, tmp)
+        how = "link"
+    except OSError:
+        with (
+            atomic_file(target) as (fd, _),
+            open(source, "rb") as src,
+            os.fdopen(os.dup(fd), "wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst, 1 << 22)
+        return "copy"
+    try:
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return how

@@ -1,0 +1,384 @@
+"""Plan a build (what is cached, what to build, and why) and carry it out.
+
+Planning needs only file hashes and the recipe — no torch — so `--dry-run` and a fully cached
+build stay fast. Building runs one fused pass (engine/executor.py) over every node that must be
+computed, writes each result to a temp file next to its cache object, fsyncs and renames it,
+then publishes outputs as hardlinks of their cache objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergebuild import __version__
+from mergebuild.atomic import fsync_dir, make_temp, publish
+from mergebuild.cache import CacheStore
+from mergebuild.engine.methods import REGISTRY
+from mergebuild.errors import BuildError, Problem, RecipeError, did_you_mean
+from mergebuild.graph import build_graph, canonical_json, node_identity, schedule, xxh3_hex
+from mergebuild.hashing import stat_signature
+from mergebuild.progress import Progress
+from mergebuild.provenance import output_metadata, source_key
+from mergebuild.recipe.model import Recipe
+
+
+@dataclass
+class Item:
+    """One merge node or output in the plan, and (after a build) what happened to it."""
+
+    kind: str  # "merge" | "output"
+    name: str
+    key: str
+    status: str  # plan: "cached" | "build"; after running: "cached" | "built"
+    reason: str
+    stored: bool  # merge: its value has (or gets) a cache object; output: always
+    path: Path | None = None
+    seconds: float = 0.0
+    bytes: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "key": self.key,
+            "status": self.status,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 3),
+            "bytes": self.bytes,
+            "path": str(self.path) if self.path else None,
+            **self.stats,
+        }
+
+
+@dataclass
+class Plan:
+    items: list[Item]
+    keys: dict[str, str]
+    models: dict[str, tuple[Path, list[int]]]  # name → (path, stat signature when hashed)
+    hashed: list[str]  # models whose bytes were (re-)read to get their key
+
+    def to_build(self) -> list[Item]:
+        return [i for i in self.items if i.status == "build"]
+
+
+class Builder:
+    def __init__(
+        self,
+        recipe: Recipe,
+        store: CacheStore,
+        outputs: list[str] | None = None,
+        jobs: int = 1,
+        max_memory: int = 2 << 30,
+        progress: Progress | None = None,
+    ):
+        unknown = [o for o in outputs or [] if o not in recipe.outputs]
+        if unknown:
+            raise RecipeError(
+                [
+                    Problem(
+                        f"no output named '{o}' in {recipe.path}{did_you_mean(o, recipe.outputs)}"
+                    )
+                    for o in unknown
+                ]
+            )
+        self.recipe, self.store = recipe, store
+        self.outputs = outputs or list(recipe.outputs)
+        self.jobs, self.max_memory = jobs, max_memory
+        self.progress = progress or Progress(enabled=False)
+        self.graph = build_graph(recipe)
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        order = schedule(self.recipe, self.outputs)
+        keys, models, hashed, missing = {}, {}, [], []
+        for kind, name in order:
+            if kind != "model":
+                continue
+            path = self.recipe.models[name].path
+            try:
+                keys[name], memo = self.store.hashes.content_key(path)
+                models[name] = (path, stat_signature(path.stat()))
+                if not memo:
+                    hashed.append(name)
+            except BuildError as e:
+                missing.append(f"  {name}: {e}")
+        if missing:
+            raise BuildError("cannot read input models:\n" + "\n".join(missing))
+        for kind, name in order:
+            if kind == "merge":
+                keys[name] = xxh3_hex(canonical_json(node_identity(self.recipe, name, keys)))
+        okeys = {}
+        for name in self.outputs:
+            meta = output_metadata(self.recipe, name, keys)
+            okeys[name] = xxh3_hex(
+                canonical_json(
+                    {
+                        "kind": "output",
+                        "source": source_key(self.recipe, name, keys),
+                        "dtype": self.recipe.outputs[name].dtype,
+                        "metadata": meta,
+                    }
+                )
+            )
+        journal = self.store.read_journal(self.recipe.path)
+        needed: set[tuple[str, str]] = set()
+        items: list[Item] = []
+        for kind, name in reversed(order):
+            if kind == "output":
+                key = okeys[name]
+                if self.store.has(key):
+                    item = Item("output", name, key, "cached", "in cache", True)
+                else:
+                    item = Item(
+                        "output",
+                        name,
+                        key,
+                        "build",
+                        self._why_output(name, key, keys, journal),
+                        True,
+                    )
+                    needed.add(next(iter(self.graph.predecessors(("output", name)))))
+                item.path = self.recipe.outputs[name].path
+                items.append(item)
+            elif kind == "merge":
+                node = self.recipe.nodes[name]
+                key = keys[name]
+                feeds_merge = any(k == "merge" for k, _ in self.graph.successors(("merge", name)))
+                stored = node.cache if node.cache is not None else feeds_merge
+                have = self.store.has(key)
+                if ("merge", name) not in needed:
+                    status, why = "cached", "in cache" if have else "not needed: downstream cached"
+                elif have:
+                    status, why = "cached", "in cache"
+                else:
+                    status, why = "build", self._why_node(name, key, keys, journal)
+                    needed.update(self.graph.predecessors(("merge", name)))
+                item = Item("merge", name, key, status, why, stored or have)
+                item.path = self.store.object_path(key) if item.stored else None
+                items.append(item)
+        items.reverse()
+        return Plan(items, {**keys, **{f"output:{k}": v for k, v in okeys.items()}}, models, hashed)
+
+    def _why_node(self, name: str, key: str, keys: dict[str, str], journal: dict) -> str:
+        prev = journal.get("nodes", {}).get(name)
+        if prev is None:
+            return "new node (never built)"
+        if prev.get("key") == key:
+            return "missing from cache"
+        node = self.recipe.nodes[name]
+        why = []
+        if prev.get("method") != node.method:
+            why.append(f"method changed: {prev.get('method')} → {node.method}")
+        else:
+            old = prev.get("params", {})
+            for p in sorted(set(old) | set(node.params)):
+                if old.get(p) != node.params.get(p):
+                    why.append(f"parameter changed: {p} {old.get(p)} → {node.params.get(p)}")
+        if prev.get("dtype") != node.dtype:
+            why.append(f"dtype changed: {prev.get('dtype')} → {node.dtype}")
+        old_inputs = prev.get("inputs", {})
+        for slot, src in node.inputs.items():
+            if old_inputs.get(slot) == [src, keys[src]]:
+                continue
+            if old_inputs.get(slot, [None])[0] != src:
+                why.append(f"input {slot} is now '{src}'")
+            elif src in self.recipe.models:
+                why.append(f"new input bytes: {src}")
+            else:
+                why.append(f"upstream '{src}' changed")
+        return "; ".join(why) or "definition changed"
+
+    def _why_output(self, name: str, key: str, keys: dict[str, str], journal: dict) -> str:
+        prev = journal.get("outputs", {}).get(name)
+        if prev is None:
+            return "new output (never built)"
+        if prev.get("key") == key:
+            return "missing from cache"
+        src = self.recipe.outputs[name].source
+        if prev.get("source_key") != keys[src]:
+            kind = "new input bytes" if src in self.recipe.models else "source changed"
+            return f"{kind}: {src}"
+        return "output settings or provenance changed"
+
+    # -- building -----------------------------------------------------------------------------
+
+    def run(self) -> tuple[Plan, float]:
+        """Build what the plan says, publish every selected output, record the journal."""
+        t0 = time.perf_counter()
+        plan = self.plan()
+        if plan.to_build():
+            with self._locked([i.key for i in plan.to_build()]):
+                plan = self.plan()  # another process may have built some while we waited
+                if plan.to_build():
+                    self._execute(plan)
+        for item in plan.items:
+            if item.kind == "output":
+                obj = self.store.object_path(item.key)
+                try:
+                    publish(obj, self.recipe.outputs[item.name].path)
+                except OSError as e:
+                    raise BuildError(f"cannot write output {item.path}: {e.strerror}") from None
+                item.bytes = obj.stat().st_size
+            elif item.stored and item.path is not None and item.path.exists():
+                item.bytes = item.path.stat().st_size
+        self._record(plan)
+        return plan, time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def _locked(self, keys: list[str]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for key in sorted(set(keys)):  # fixed order: no deadlock between two builds
+                stack.enter_context(self.store.lock(key))
+            yield
+
+    def _execute(self, plan: Plan) -> None:
+        from mergebuild.engine.executor import FusedPass, NodeJob, Sink
+        from mergebuild.engine.readers import open_model
+        from mergebuild.engine.safetensors_io import SafetensorsSource
+
+        by_name = {(i.kind, i.name): i for i in plan.items}
+        building = plan.to_build()
+        needed_sources: set[str] = set()
+        jobs: list[NodeJob] = []
+        for item in building:
+            if item.kind == "merge":
+                node = self.recipe.nodes[item.name]
+                method = REGISTRY[node.method]
+                jobs.append(
+                    NodeJob(
+                        item.name,
+                        method,
+                        method.Params.model_validate(node.params),
+                        node.dtype,
+                        list(node.inputs.values()),
+                    )
+                )
+                needed_sources.update(node.inputs.values())
+            else:
+                needed_sources.add(self.recipe.outputs[item.name].source)
+        built_names = {j.name for j in jobs}
+        sources: dict[str, Any] = {}
+        sinks: list[Sink] = []
+        temps: list[tuple[Path, Path, Item]] = []
+        try:
+            for name in sorted(needed_sources - built_names):
+                if name in self.recipe.models:
+                    sources[name] = open_model(self.recipe.models[name].path)
+                else:
+                    sources[name] = SafetensorsSource(by_name[("merge", name)].path)
+            for item in building:
+                if item.kind == "merge" and not item.stored:
+                    continue
+                target = self.store.object_path(item.key)
+                fd, tmp = make_temp(target.parent, ".safetensors")
+                temps.append((tmp, target, item))
+                if item.kind == "merge":
+                    meta = {
+                        "mergebuild.node": canonical_json(
+                            node_identity(self.recipe, item.name, plan.keys)
+                        )
+                    }
+                    sinks.append(Sink(item.name, item.name, fd, None, meta))
+                else:
+                    out = self.recipe.outputs[item.name]
+                    sinks.append(
+                        Sink(
+                            item.name,
+                            out.source,
+                            fd,
+                            out.dtype,
+                            output_metadata(self.recipe, item.name, plan.keys),
+                        )
+                    )
+            t0 = time.perf_counter()
+            fused = FusedPass(sources, jobs, sinks)
+            with self.progress.pass_(fused) as on_key:
+                fused.run(self.jobs, self.max_memory, on_key)
+            self._check_inputs_unchanged(plan)
+            for sink in sinks:
+                os.fsync(sink.fd)
+            for sink, (tmp, target, item) in zip(sinks, temps, strict=True):
+                os.close(sink.fd)
+                sink.fd = -1
+                os.replace(tmp, target)
+                fsync_dir(target.parent)
+                self.store.write_sidecar(
+                    item.key,
+                    {
+                        "kind": item.kind,
+                        "name": item.name,
+                        "recipe": str(self.recipe.path),
+                        "mergebuild_version": __version__,
+                    },
+                )
+            seconds = time.perf_counter() - t0
+            for item in building:
+                item.status, item.seconds = "built", seconds
+                if item.kind == "merge":
+                    st = fused.stats[item.name]
+                    item.stats = {
+                        "dtype": st.dtype,
+                        "tensors": st.tensors,
+                        "merged": st.merged,
+                        "kept_from_a": st.kept_from_a,
+                        "copied_non_float": st.copied_non_float,
+                        "dropped": st.dropped,
+                    }
+        except OSError as e:
+            raise BuildError(
+                f"build failed: {e.strerror or e} "
+                f"({getattr(e, 'filename', None) or 'while writing'})"
+            ) from None
+        finally:
+            for sink in sinks:
+                if sink.fd >= 0:
+                    os.close(sink.fd)
+            for tmp, _, _ in temps:
+                tmp.unlink(missing_ok=True)
+            for src in sources.values():
+                src.close()
+
+    def _check_inputs_unchanged(self, plan: Plan) -> None:
+        for name, (path, sig) in plan.models.items():
+            try:
+                now = stat_signature(path.stat())
+            except OSError:
+                now = None
+            if now != sig:
+                raise BuildError(
+                    f"input model '{name}' ({path}) changed during the build; "
+                    "nothing was cached — run the build again"
+                )
+
+    def _record(self, plan: Plan) -> None:
+        journal = self.store.read_journal(self.recipe.path)
+        nodes, outputs = journal.get("nodes", {}), journal.get("outputs", {})
+        for item in plan.items:
+            if item.kind == "merge":
+                node = self.recipe.nodes[item.name]
+                nodes[item.name] = {
+                    "key": item.key,
+                    "method": node.method,
+                    "params": node.params,
+                    "dtype": node.dtype,
+                    "inputs": {s: [src, plan.keys[src]] for s, src in node.inputs.items()},
+                }
+            else:
+                src = self.recipe.outputs[item.name].source
+                outputs[item.name] = {
+                    "key": item.key,
+                    "source_key": plan.keys[src],
+                    "path": str(item.path),
+                }
+        nodes = {k: v for k, v in nodes.items() if k in self.recipe.nodes}
+        outputs = {k: v for k, v in outputs.items() if k in self.recipe.outputs}
+        with contextlib.suppress(OSError):
+            self.store.write_journal(self.recipe.path, {"nodes": nodes, "outputs": outputs})

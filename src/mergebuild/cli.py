@@ -1,0 +1,259 @@
+"""`mergebuild` command line. Imports stay lazy: --help, --dry-run and a cached build never
+load torch; the engine is imported only when something must be computed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mergebuild import __version__
+from mergebuild.errors import EXIT_RECIPE, MergebuildError
+
+COMMANDS = ("build", "graph", "cache", "demo-models")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="cache directory (default: $MERGEBUILD_CACHE_DIR or the user cache dir)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="mergebuild",
+        description="Build Stable Diffusion checkpoint merges from a YAML recipe, caching every "
+        "step. `mergebuild RECIPE` is short for `mergebuild build RECIPE`.",
+    )
+    top.add_argument("--version", action="version", version=f"mergebuild {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build", help="build a recipe's outputs (the default command)")
+    b.add_argument("recipe", type=Path)
+    b.add_argument("outputs", nargs="*", metavar="OUTPUT", help="only these outputs")
+    b.add_argument(
+        "-n",
+        "--dry-run",
+        action="store_true",
+        help="show what would be built and why; build nothing",
+    )
+    b.add_argument("--json", action="store_true", help="print one JSON report on stdout")
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME.PARAM=VALUE",
+        dest="overrides",
+        help="override a merge parameter or output field",
+    )
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    b.add_argument("-j", "--jobs", type=int, default=2, help="worker threads (default 2)")
+    b.add_argument(
+        "--max-memory",
+        type=_size,
+        default=_size("2G"),
+        help="bound on tensor bytes in flight (default 2G)",
+    )
+    _common(b)
+
+    g = sub.add_parser("graph", help="print the merge DAG")
+    g.add_argument("recipe", type=Path)
+    g.add_argument("--format", choices=["text", "dot"], default="text")
+    g.add_argument("--set", action="append", default=[], dest="overrides")
+    _common(g)
+
+    c = sub.add_parser("cache", help="inspect or prune the cache")
+    c.add_argument("action", choices=["ls", "du", "gc", "clean"])
+    c.add_argument("-n", "--dry-run", action="store_true", help="gc: list what would go")
+    c.add_argument("--json", action="store_true")
+    _common(c)
+
+    d = sub.add_parser("demo-models", help="write small synthetic SD1-shaped models")
+    d.add_argument("directory", type=Path)
+    d.add_argument(
+        "--scale",
+        type=float,
+        default=1 / 32,
+        help="fraction of each large dimension to keep (1 = full size)",
+    )
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    _common(d)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if (
+        first is not None
+        and first not in COMMANDS
+        and not any(a in ("-h", "--help", "--version") for a in argv[: argv.index(first)])
+    ):
+        argv.insert(argv.index(first), "build")
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return EXIT_RECIPE
+    try:
+        return {
+            "build": cmd_build,
+            "graph": cmd_graph,
+            "cache": cmd_cache,
+            "demo-models": cmd_demo,
+        }[args.command](args)
+    except MergebuildError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}" if "\n" not in str(e) else f"error:\n{e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unexpected environment: still one line, unless --debug
+        if args.debug:
+            raise
+        print(
+            f"error: unexpected {type(e).__name__}: {e} (run with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from mergebuild.cache import CacheStore
+
+    return CacheStore(args.cache_dir)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from mergebuild.build import Builder
+    from mergebuild.progress import Progress
+    from mergebuild.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    human = sys.stderr if args.json else sys.stdout
+    progress = Progress(enabled=not args.quiet, stream=human)
+    builder = Builder(
+        recipe,
+        _store(args),
+        args.outputs or None,
+        jobs=max(1, args.jobs),
+        max_memory=args.max_memory,
+        progress=progress,
+    )
+    if args.dry_run:
+        plan = builder.plan()
+        seconds = 0.0
+    else:
+        plan, seconds = builder.run()
+    built = sum(i.status in ("built", "build") for i in plan.items)
+    report = {
+        "recipe": str(recipe.path),
+        "cache_dir": str(builder.store.root),
+        "dry_run": args.dry_run,
+        "mergebuild_version": __version__,
+        "nodes": [i.as_json() for i in plan.items],
+        "models": {
+            n: {"key": plan.keys[n], "path": str(p), "hashed": n in plan.hashed}
+            for n, (p, _) in plan.models.items()
+        },
+        "summary": {
+            "built" if not args.dry_run else "to_build": built,
+            "cached": len(plan.items) - built,
+            "seconds": round(seconds, 3),
+        },
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    if args.dry_run:
+        for i in plan.items:
+            label = i.name if i.kind == "merge" else f"{i.name} (output)"
+            progress.log(
+                f"{'build' if i.status == 'build' else 'cached':<7} {label:<32} {i.reason}"
+            )
+        progress.log(f"{built} to build, {len(plan.items) - built} cached")
+        return 0
+    outs = [f"{i.path}" for i in plan.items if i.kind == "output"]
+    progress.log(
+        f"{built} built, {len(plan.items) - built} cached in {seconds:.1f} s → {', '.join(outs)}"
+    )
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from mergebuild.graph import render_dot, render_text
+    from mergebuild.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(render_dot(recipe) if args.format == "dot" else render_text(recipe))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.action == "clean":
+        store.clean()
+        print(f"removed {store.root}")
+        return 0
+    if args.action == "gc":
+        removed = store.gc(dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for e in removed:
+            print(
+                f"{verb} {e.key} {e.info.get('kind', '?'):<6} {e.info.get('name', '?'):<24} "
+                f"{e.size / 1e6:,.1f} MB"
+            )
+        print(f"{verb} {len(removed)} objects, {sum(e.size for e in removed) / 1e6:,.1f} MB")
+        return 0
+    entries = list(store.entries())
+    total = sum(e.size for e in entries)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "root": str(store.root),
+                    "bytes": total,
+                    "objects": [{"key": e.key, "size": e.size, **e.info} for e in entries],
+                },
+                indent=1,
+            )
+        )
+        return 0
+    if args.action == "ls":
+        for e in entries:
+            print(
+                f"{e.key}  {e.info.get('kind', '?'):<6} {e.info.get('name', '?'):<28} "
+                f"{e.size / 1e6:>10,.1f} MB  {e.info.get('recipe', '')}"
+            )
+    print(f"{len(entries)} objects, {total / 1e6:,.1f} MB in {store.root}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mergebuild.demo import write_demo_models
+
+    for path in write_demo_models(
+        args.directory, scale=args.scale, seed=args.seed, dtype=args.dtype
+    ):
+        print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB)")
+    return 0

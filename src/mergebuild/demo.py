@@ -1,0 +1,140 @@
+"""Synthetic SD-shaped models: real key names and ranks, shrunken dims, deterministic values.
+
+Tests, the demo and the benchmarks need checkpoints without downloading any. Values are
+`base(key) + 0.5 · own(model, key)` so the models resemble fine-tunes of one base and merges
+between them are meaningful; every tensor is seeded from (seed, model, key) and streamed to disk
+one at a time, so even full-size (scale=1) models need little memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from mergebuild.atomic import atomic_file
+
+DEMO_MODELS = {
+    "anything-v3": "anything",
+    "nai-full": "nai_full",
+    "nai-sfw": "nai_sfw",
+    "gape60": "gape",
+    "insta": "insta",
+    "wd13": "wd13",
+}
+
+SMALL_DIM = 16
+
+
+@cache
+def key_table(arch: str = "sd1") -> dict[str, dict[str, Any]]:
+    """The packaged key list (name → shape, dtype, component, optional) for `sd1` or `sdxl`."""
+    text = resources.files("mergebuild.data").joinpath(f"{arch}_keys.json").read_text()
+    return json.loads(text)["keys"]
+
+
+def scaled_shape(shape: list[int], scale: float) -> tuple[int, ...]:
+    if scale >= 1:
+        return tuple(shape)
+    return tuple(d if d <= SMALL_DIM else max(SMALL_DIM, math.ceil(d * scale)) for d in shape)
+
+
+def model_layout(
+    arch: str = "sd1", scale: float = 1 / 32, dtype: str = "F16", ema: bool = False
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key → (safetensors dtype, shape) of a synthetic model."""
+    out = {}
+    for key, spec in key_table(arch).items():
+        if key.startswith("model_ema.") and not ema:
+            continue
+        if spec["dtype"].startswith("int"):
+            out[key] = ({"int64": "I64", "int32": "I32"}[spec["dtype"]], tuple(spec["shape"]))
+        else:
+            out[key] = (dtype, scaled_shape(spec["shape"], scale))
+    return out
+
+
+def _seed(*parts: object) -> int:
+    return xxhash.xxh3_64_intdigest(":".join(map(str, parts)).encode()) & ((1 << 63) - 1)
+
+
+def synthesize(
+    path: Path,
+    name: str,
+    arch: str = "sd1",
+    scale: float = 1 / 32,
+    seed: int = 0,
+    dtype: str = "fp16",
+    ema: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write one synthetic model to `path` (atomically). `overrides`: key → tensor to use."""
+    import torch
+
+    from mergebuild.engine.dtypes import RECIPE_TO_ST, to_torch
+    from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
+
+    st = RECIPE_TO_ST[dtype]
+    lay = model_layout(arch, scale, st, ema)
+    overrides = overrides or {}
+    infos = {}
+    for k, (dt, shape) in lay.items():
+        if k in overrides:
+            t = overrides[k]
+            from mergebuild.engine.dtypes import from_torch
+
+            infos[k] = TensorInfo(from_torch(t.dtype), tuple(t.shape))
+        else:
+            infos[k] = TensorInfo(dt, shape)
+    with atomic_file(path) as (fd, _):
+        writer = StreamingWriter(fd, infos, {"mergebuild.synthetic": f"{arch}:{name}:{seed}"})
+        for k, info in infos.items():
+            if k in overrides:
+                t = overrides[k]
+            elif not info.dtype.startswith(("F", "B")):
+                numel = math.prod(info.shape)
+                t = torch.arange(numel, dtype=to_torch(info.dtype)).reshape(info.shape)
+            else:
+                g = torch.Generator().manual_seed(_seed(seed, "base", k))
+                t = torch.randn(info.shape, generator=g)
+                g.manual_seed(_seed(seed, name, k))
+                t.add_(torch.randn(info.shape, generator=g), alpha=0.5)
+                t = t.to(to_torch(info.dtype))
+            writer.write(k, t)
+        writer.check_complete()
+    return path
+
+
+def write_demo_models(
+    directory: Path, scale: float = 1 / 32, seed: int = 0, dtype: str = "fp16"
+) -> list[Path]:
+    """The models the example recipes name, skipping files that already exist unchanged."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem in DEMO_MODELS:
+        path = directory / f"{stem}.safetensors"
+        stamp = f"sd1:{stem}:{seed}"
+        if not _is_current(path, stamp, scale, dtype):
+            synthesize(path, stem, scale=scale, seed=seed, dtype=dtype)
+        paths.append(path)
+    return paths
+
+
+def _is_current(path: Path, stamp: str, scale: float, dtype: str) -> bool:
+    if not path.is_file():
+        return False
+    from mergebuild.engine.dtypes import RECIPE_TO_ST
+    from mergebuild.engine.safetensors_io import read_header
+
+    try:
+        header = read_header(path)
+    except Exception:
+        return False
+    want = model_layout("sd1", scale, RECIPE_TO_ST[dtype])
+    have = {k: (v[0].dtype, v[0].shape) for k, v in header.tensors.items()}
+    return header.metadata.get("mergebuild.synthetic") == stamp and have == want

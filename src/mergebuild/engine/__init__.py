@@ -1,0 +1,1 @@
+"""The merge engine: tensor IO, merge methods, and the streaming executor (imports torch)."""

@@ -1,0 +1,28 @@
+"""add_difference: `a + (b - c) * alpha` — transplant what distinguishes b from c onto a."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mergebuild.engine.methods.base import Method, Params
+
+if TYPE_CHECKING:
+    import torch
+
+
+class AddDifferenceParams(Params):
+    alpha: float
+
+
+class AddDifference(Method):
+    name = "add_difference"
+    slots = ("a", "b", "c")
+    Params = AddDifferenceParams
+    summary = "a + (b - c) * alpha"
+
+    @staticmethod
+    def compute(params: AddDifferenceParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        a, b, c = xs
+        out = b.sub(c)
+        out.mul_(params.alpha)
+        return out.add_(a)

@@ -1,0 +1,45 @@
+"""What a merge method declares: input slots, a pydantic parameter model, a version, `compute`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Params(BaseModel):
+    """Base for method parameters: unknown fields are errors, NaN/inf are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+def cls_name(params: Params) -> str:
+    return type(params).__name__.removesuffix("Params") or "base"
+
+
+class Method:
+    name: ClassVar[str]
+    # Bump when the arithmetic changes: it is part of every cache key using the method.
+    version: ClassVar[int] = 1
+    slots: ClassVar[tuple[str, ...]] = ("a",)
+    # Variadic methods take `inputs: [..]` instead of named slots.
+    variadic: ClassVar[bool] = False
+    Params: ClassVar[type[Params]] = Params
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def check(cls, params: Params, n_inputs: int) -> str | None:
+        """Cross-field validation beyond the pydantic model; return an error message or None."""
+        return None
+
+    @staticmethod
+    def compute(params: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Merge float32 tensors `xs` (same shape, slot order) into a new float32 tensor.
+
+        Must not modify `xs`, and must evaluate in a fixed order of single IEEE operations (no
+        fused multiply-add) so results are bit-identical on every machine and thread count.
+        """
+        raise NotImplementedError

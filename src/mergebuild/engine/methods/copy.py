@@ -1,0 +1,21 @@
+"""copy: `a` unchanged (cast to the node's dtype) — convert, prune or re-type a model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mergebuild.engine.methods.base import Method, Params
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Copy(Method):
+    name = "copy"
+    slots = ("a",)
+    Params = Params
+    summary = "a"
+
+    @staticmethod
+    def compute(params: Params, xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0].clone()

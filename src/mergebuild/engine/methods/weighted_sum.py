@@ -1,0 +1,27 @@
+"""weighted_sum: `a * (1 - alpha) + b * alpha` — the web UI's plain interpolation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mergebuild.engine.methods.base import Method, Params
+
+if TYPE_CHECKING:
+    import torch
+
+
+class WeightedSumParams(Params):
+    alpha: float
+
+
+class WeightedSum(Method):
+    name = "weighted_sum"
+    slots = ("a", "b")
+    Params = WeightedSumParams
+    summary = "a * (1 - alpha) + b * alpha"
+
+    @staticmethod
+    def compute(params: WeightedSumParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        a, b = xs
+        out = a.mul(1.0 - params.alpha)
+        return out.add_(b.mul(params.alpha))

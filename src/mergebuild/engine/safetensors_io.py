@@ -1,0 +1,223 @@
+"""safetensors reading and streaming writing, tensor by tensor.
+
+Reading: the header is parsed and checked here (bounds, overlaps, sizes, dtypes) before any
+tensor is touched, so a hostile or truncated file is refused with a precise message and no
+large allocation; tensors are then read with `pread` into a fresh buffer, one at a time.
+
+Writing: every tensor's shape and dtype is known before merging starts, so the header is
+written first, the file is preallocated (a full disk fails up front), and tensors are written
+at their offsets in any order — the layout, and hence the bytes, match
+`safetensors.torch.save_file` for the same tensors and metadata.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergebuild.engine.dtypes import ITEMSIZE, RANK, to_torch
+from mergebuild.errors import BuildError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors name, e.g. "F16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, tuple[TensorInfo, int, int]]  # name → (info, begin, end) in data section
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate a safetensors header; raise BuildError naming the defect."""
+
+    def bad(why: str) -> BuildError:
+        return BuildError(f"{path}: not a valid safetensors file: {why}")
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad("file is shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise bad(f"header claims {n} bytes (limit {MAX_HEADER_BYTES})")
+            if 8 + n > size:
+                raise bad(f"header claims {n} bytes but the file has {size - 8} after the length")
+            raw = f.read(n)
+    except OSError as e:
+        raise BuildError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise bad("header is not a JSON object")
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise bad("__metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    tensors: dict[str, tuple[TensorInfo, int, int]] = {}
+    for name, entry in doc.items():
+        if not isinstance(entry, dict):
+            raise bad(f"entry for '{name}' is not an object")
+        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in ITEMSIZE:
+            raise bad(f"tensor '{name}' has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise bad(f"tensor '{name}' has an invalid shape {shape!r}")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
+            raise bad(f"tensor '{name}' has invalid data_offsets {offs!r}")
+        begin, end = offs
+        info = TensorInfo(dtype, tuple(shape))
+        if not 0 <= begin <= end <= data_len:
+            raise bad(
+                f"tensor '{name}' lies outside the file (offsets {begin}..{end}, "
+                f"data section is {data_len} bytes; truncated?)"
+            )
+        if end - begin != info.nbytes:
+            raise bad(
+                f"tensor '{name}' is {end - begin} bytes but {dtype}{list(shape)} needs "
+                f"{info.nbytes}"
+            )
+        tensors[name] = (info, begin, end)
+    cursor = 0
+    for name, (_, begin, end) in sorted(tensors.items(), key=lambda t: (t[1][1], t[1][2])):
+        if begin != cursor:
+            what = "overlaps the previous tensor" if begin < cursor else "leaves a gap"
+            raise bad(f"tensor '{name}' {what} (offset {begin}, expected {cursor})")
+        cursor = end
+    if cursor != data_len:
+        raise bad(f"data section is {data_len} bytes but tensors cover {cursor} (truncated?)")
+    return Header(tensors, meta, 8 + n)
+
+
+def _pread_into(fd: int, buf: bytearray | memoryview, offset: int) -> None:
+    view = memoryview(buf)
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise BuildError("file ended early while reading a tensor (was it truncated?)")
+        view, offset = view[got:], offset + got
+
+
+class SafetensorsSource:
+    """A safetensors file opened for tensor-by-tensor reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header = read_header(path)
+        self.fd = os.open(path, os.O_RDONLY)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {k: v[0] for k, v in self.header.tensors.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        import torch
+
+        info, begin, end = self.header.tensors[key]
+        if end == begin:
+            return torch.empty(info.shape, dtype=to_torch(info.dtype))
+        buf = bytearray(end - begin)
+        try:
+            _pread_into(self.fd, buf, self.header.data_start + begin)
+        except OSError as e:
+            raise BuildError(f"cannot read {self.path}: {e.strerror}") from None
+        return torch.frombuffer(buf, dtype=to_torch(info.dtype)).reshape(info.shape)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def layout(infos: dict[str, TensorInfo], metadata: dict[str, str] | None) -> tuple[bytes, dict]:
+    """Header bytes and name → data offset, exactly as safetensors' `save_file` lays them out."""
+    order = sorted(infos, key=lambda k: (-RANK[infos[k].dtype], k))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offsets, cursor = {}, 0
+    for k in order:
+        info = infos[k]
+        offsets[k] = cursor
+        header[k] = {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [cursor, cursor + info.nbytes],
+        }
+        cursor += info.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+class StreamingWriter:
+    """Writes one safetensors file whose layout is fixed up front; tensors arrive in any order."""
+
+    def __init__(self, fd: int, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> None:
+        self.fd = fd
+        self.infos = infos
+        head, self.offsets = layout(infos, metadata)
+        self.data_start = len(head)
+        self.total = self.data_start + sum(i.nbytes for i in infos.values())
+        self.pending = set(infos)
+        os.ftruncate(fd, self.total)
+        try:
+            os.posix_fallocate(fd, 0, self.total)  # a full disk fails now, not mid-build
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # filesystems without fallocate (EOPNOTSUPP): space is claimed as we write
+        os.pwrite(fd, head, 0)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        info = self.infos[key]
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        if data.numel():
+            raw = data.view(torch.uint8).numpy()
+            if raw.nbytes != info.nbytes:
+                raise AssertionError(f"{key}: {raw.nbytes} bytes, expected {info.nbytes}")
+            view, offset = memoryview(raw), self.data_start + self.offsets[key]
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        self.pending.discard(key)
+
+    def check_complete(self) -> None:
+        if self.pending:
+            raise AssertionError(f"{len(self.pending)} tensors were never written")

@@ -1,0 +1,310 @@
+"""Recipe file → validated `Recipe`, collecting every problem with its file:line:column."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mergebuild.engine.methods import REGISTRY
+from mergebuild.errors import Location, Problem, RecipeError, did_you_mean
+from mergebuild.recipe.expr import ExpressionError, lower
+from mergebuild.recipe.model import ModelInput, NodeSpec, OutputSpec, Recipe
+from mergebuild.recipe.schema import (
+    DTYPE_ALIASES,
+    MergeEntry,
+    ModelEntry,
+    RecipeFile,
+    problems_from,
+)
+from mergebuild.recipe.yamlpos import Positions, load_yaml
+
+GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache")
+
+
+def load_recipe(
+    path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Parse, validate and resolve a recipe; raise `RecipeError` listing every problem."""
+    shown = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise RecipeError([Problem(f"cannot read recipe {shown}: {e.strerror}")]) from None
+    data, pos = load_yaml(raw, shown)
+    if not isinstance(data, dict):
+        raise RecipeError(
+            [
+                Problem(
+                    "a recipe is a mapping with 'mergebuild', 'models', 'merges' and 'outputs'",
+                    pos.of(()),
+                )
+            ]
+        )
+    apply_overrides(data, pos, overrides)
+    try:
+        rf = RecipeFile.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(problems_from(e, (), pos)) from None
+    return _Resolver(Path(path).resolve(), rf, data, pos).resolve()
+
+
+def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] | tuple) -> None:
+    """`--set NAME.FIELD=VALUE` on an explicit merge node or an output (VALUE is YAML)."""
+    problems = []
+    for item in overrides:
+        target, eq, value = item.partition("=")
+        name, dot, field = target.rpartition(".")
+        if not eq or not dot or not name or not field:
+            problems.append(Problem(f"--set {item!r}: expected NAME.FIELD=VALUE"))
+            continue
+        merges, outputs = data.get("merges") or {}, data.get("outputs") or {}
+        section = "merges" if name in merges else "outputs" if name in outputs else None
+        if section is None:
+            problems.append(
+                Problem(
+                    f"--set {item!r}: no merge or output named '{name}'"
+                    f"{did_you_mean(name, [*merges, *outputs])}"
+                )
+            )
+            continue
+        entry = data[section][name]
+        if not isinstance(entry, dict):
+            entry = data[section][name] = {"expr": entry}
+            if field != "dtype" and field != "cache":
+                problems.append(
+                    Problem(
+                        f"--set {item!r}: '{name}' is an expression; "
+                        "use the explicit form (method: ...) to override it"
+                    )
+                )
+                continue
+        try:
+            entry[field] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            entry[field] = value
+        pos.values[(section, name, field)] = Location("--set", 1, 1)
+    if problems:
+        raise RecipeError(problems)
+
+
+class _Resolver:
+    def __init__(self, path: Path, rf: RecipeFile, data: dict[str, Any], pos: Positions) -> None:
+        self.recipe = Recipe(path=path)
+        self.rf, self.data, self.pos = rf, data, pos
+        self.problems: list[Problem] = []
+
+    def err(self, message: str, loc: Location | None) -> None:
+        self.problems.append(Problem(message, loc))
+
+    def resolve(self) -> Recipe:
+        for name, entry in self.rf.models.items():
+            p = entry.path if isinstance(entry, ModelEntry) else entry
+            self.recipe.models[name] = ModelInput(
+                name, self._path(p), self.pos.of(("models", name))
+            )
+        for name, raw in self.rf.merges.items():
+            if name in self.rf.models:
+                first = self.pos.of(("models", name), key=True)
+                self.err(
+                    f"duplicate name '{name}': already a model (line {first.line})"
+                    if first
+                    else f"duplicate name '{name}'",
+                    self.pos.of(("merges", name), key=True),
+                )
+                continue
+            node = self._node(name, raw)
+            if node is not None:
+                self.recipe.nodes[name] = node
+        for name, out in self.rf.outputs.items():
+            self._output(name, out)
+        if not self.recipe.outputs and not self.problems:
+            self.err("the recipe has no outputs: add one under 'outputs:'", self.pos.of(()))
+        self._check_refs()
+        if not self.problems:
+            from mergebuild.graph import find_cycle
+
+            cycle = find_cycle(self.recipe)
+            if cycle:
+                self.err(
+                    f"merge cycle: {' → '.join([*cycle, cycle[0]])}",
+                    self.recipe.nodes[cycle[0]].location,
+                )
+        if self.problems:
+            raise RecipeError(self.problems)
+        return self.recipe
+
+    def _path(self, text: str) -> Path:
+        p = Path(os.path.expanduser(text))
+        return Path(os.path.normpath(self.recipe.directory / p))
+
+    def _dtype(self, value: str | None, where: tuple, allow_auto: bool) -> str | None:
+        if value is None or (allow_auto and value == "auto"):
+            return value
+        dt = DTYPE_ALIASES.get(str(value).lower())
+        if dt is None:
+            choices = sorted(set(DTYPE_ALIASES.values()))
+            self.err(
+                f"unknown dtype {value!r}; use one of {', '.join(choices)}"
+                f"{did_you_mean(str(value), DTYPE_ALIASES)}",
+                self.pos.of(where),
+            )
+        return dt
+
+    def _node(self, name: str, raw: Any) -> NodeSpec | None:
+        where = ("merges", name)
+        loc = self.pos.of(where)
+        if isinstance(raw, str):
+            raw = {"expr": raw}
+        if not isinstance(raw, dict):
+            self.err(
+                f"merge '{name}' must be an expression string or a mapping with 'method:'", loc
+            )
+            return None
+        try:
+            entry = MergeEntry.model_validate(raw)
+        except ValidationError as e:
+            self.problems += problems_from(e, where, self.pos)
+            return None
+        dtype = self._dtype(entry.dtype, (*where, "dtype"), allow_auto=True) or "auto"
+        if entry.expr is not None:
+            extra = [k for k in raw if k not in ("expr", "dtype", "cache")]
+            for k in extra:
+                self.err(
+                    f"merge '{name}' has an expression; field '{k}' does not apply",
+                    self.pos.of((*where, k), key=True),
+                )
+            return self._expression(name, entry, dtype)
+        if entry.method is None:
+            self.err(
+                f"merge '{name}' needs 'method:' (one of {', '.join(REGISTRY)}) or an expression",
+                loc,
+            )
+            return None
+        method = REGISTRY.get(entry.method)
+        if method is None:
+            self.err(
+                f"unknown method '{entry.method}'{did_you_mean(entry.method, REGISTRY)} "
+                f"(available: {', '.join(REGISTRY)})",
+                self.pos.of((*where, "method")),
+            )
+            return None
+        params = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS and k not in method.slots}
+        inputs: dict[str, str] = {}
+        if method.variadic:
+            if not entry.inputs:
+                self.err(f"merge '{name}' ({method.name}) needs 'inputs: [..]'", loc)
+                return None
+            inputs = {f"m{i}": ref for i, ref in enumerate(entry.inputs)}
+        else:
+            if entry.inputs is not None:
+                self.err(
+                    f"merge '{name}' ({method.name}) takes inputs "
+                    f"{', '.join(method.slots)}, not 'inputs:'",
+                    self.pos.of((*where, "inputs"), key=True),
+                )
+            for slot in method.slots:
+                ref = raw.get(slot)
+                if ref is None:
+                    self.err(
+                        f"merge '{name}' ({method.name}: {method.summary}) is missing "
+                        f"input '{slot}'",
+                        self.pos.of(where, key=True),
+                    )
+                elif not isinstance(ref, str):
+                    self.err(
+                        f"input '{slot}' of merge '{name}' must be a model or node name",
+                        self.pos.of((*where, slot)),
+                    )
+                else:
+                    inputs[slot] = ref
+        try:
+            p = method.Params.model_validate(params)
+        except ValidationError as e:
+            for prob in problems_from(e, where, self.pos, f" ({method.name})"):
+                if "unknown field" in prob.message:
+                    field = prob.message.split("'")[1]
+                    allowed = [*method.Params.model_fields, *method.slots, *GENERIC_FIELDS]
+                    prob = Problem(
+                        f"unknown parameter '{field}' for {method.name}"
+                        f"{did_you_mean(field, allowed)}",
+                        prob.location,
+                    )
+                self.problems.append(prob)
+            return None
+        msg = method.check(p, len(inputs))
+        if msg:
+            self.err(f"merge '{name}': {msg}", loc)
+        if len(inputs) < len(method.slots):
+            return None
+        return NodeSpec(name, method.name, inputs, p.model_dump(), dtype, entry.cache, loc)
+
+    def _expression(self, name: str, entry: MergeEntry, dtype: str) -> NodeSpec | None:
+        where = ("merges", name)
+        text = entry.expr or ""
+        vpath = where if self.pos.values.get((*where, "expr")) is None else (*where, "expr")
+        loc = self.pos.of(vpath)
+        quoted = (*vpath, "__quoted__") in self.pos.values
+        try:
+            low = lower(text)
+        except ExpressionError as e:
+            self.err(f"in merge '{name}': {e}", _shift(loc, e.offset, quoted))
+            return None
+        for ref, off in low.refs.items():
+            if ref not in self.rf.models and ref not in self.rf.merges:
+                self.err(
+                    _unknown_ref(ref, self.rf.models, self.rf.merges), _shift(loc, off, quoted)
+                )
+        return NodeSpec(name, low.method, low.inputs, low.params, dtype, entry.cache, loc, text)
+
+    def _output(self, name: str, out: Any) -> None:
+        where = ("outputs", name)
+        dtype = self._dtype(out.dtype, (*where, "dtype"), allow_auto=False)
+        path = self._path(out.path)
+        for other in self.recipe.outputs.values():
+            if other.path == path:
+                self.err(
+                    f"outputs '{other.name}' and '{name}' write the same file {path}",
+                    self.pos.of((*where, "path")),
+                )
+        for model in self.recipe.models.values():
+            if model.path == path:
+                self.err(
+                    f"output '{name}' would overwrite input model '{model.name}' ({path})",
+                    self.pos.of((*where, "path")),
+                )
+        self.recipe.outputs[name] = OutputSpec(name, out.source, path, dtype, self.pos.of(where))
+
+    def _check_refs(self) -> None:
+        models, merges = self.rf.models, self.rf.merges
+        for node in self.recipe.nodes.values():
+            if node.expression is not None:
+                continue  # reported with a precise column while lowering
+            for slot, ref in node.inputs.items():
+                if ref not in models and ref not in merges:
+                    path = ("merges", node.name, slot)
+                    if path not in self.pos.values:
+                        path = ("merges", node.name, "inputs")
+                    self.err(_unknown_ref(ref, models, merges), self.pos.of(path))
+        for out in self.recipe.outputs.values():
+            if out.source not in models and out.source not in merges:
+                self.err(
+                    f"output '{out.name}' is from unknown node '{out.source}'"
+                    f"{did_you_mean(out.source, [*merges, *models])}",
+                    self.pos.of(("outputs", out.name, "from")),
+                )
+
+
+def _unknown_ref(ref: str, models: dict, merges: dict) -> str:
+    close = did_you_mean(ref, [*models, *merges])
+    kind = "model" if not close or close.split("'")[1] in models else "node"
+    return f"unknown {kind} '{ref}'{close}"
+
+
+def _shift(loc: Location | None, offset: int, quoted: bool) -> Location | None:
+    if loc is None:
+        return None
+    return Location(loc.file, loc.line, loc.column + offset + (1 if quoted else 0))

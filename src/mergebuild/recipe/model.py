@@ -1,0 +1,51 @@
+"""The resolved recipe: what the graph, cache keys and engine work from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergebuild.errors import Location
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    name: str
+    path: Path
+    location: Location | None = None
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A merge step: `method` applied to `inputs` (slot → referenced name, in slot order)."""
+
+    name: str
+    method: str
+    inputs: dict[str, str]
+    params: dict[str, Any]
+    dtype: str = "auto"
+    cache: bool | None = None  # None: store only if another merge node consumes it
+    location: Location | None = None
+    expression: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    source: str
+    path: Path
+    dtype: str | None = None  # None: keep the source's dtype
+    location: Location | None = None
+
+
+@dataclass
+class Recipe:
+    path: Path
+    models: dict[str, ModelInput] = field(default_factory=dict)
+    nodes: dict[str, NodeSpec] = field(default_factory=dict)
+    outputs: dict[str, OutputSpec] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent

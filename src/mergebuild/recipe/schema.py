@@ -1,0 +1,131 @@
+"""pydantic models of the recipe file, and translation of their errors into located problems."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from mergebuild.errors import Problem, did_you_mean
+from mergebuild.recipe.yamlpos import Path, Positions
+
+RECIPE_VERSION = 1
+
+DTYPE_ALIASES = {
+    "fp16": "fp16", "float16": "fp16", "half": "fp16",
+    "bf16": "bf16", "bfloat16": "bf16",
+    "fp32": "fp32", "float32": "fp32", "float": "fp32",
+}  # fmt: skip
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class ModelEntry(_Strict):
+    path: str = Field(min_length=1)
+
+
+class MergeEntry(_Strict):
+    """Fields every explicit merge node may have; slot names and method params come on top."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str | None = None
+    expr: str | None = None
+    inputs: list[str] | None = None
+    dtype: str = "auto"
+    cache: bool | None = None
+
+
+class OutputEntry(_Strict):
+    source: str = Field(alias="from", min_length=1)
+    path: str = Field(min_length=1)
+    dtype: str | None = None
+
+
+class RecipeFile(_Strict):
+    mergebuild: Literal[1]
+    models: dict[Name, str | ModelEntry] = Field(default_factory=dict)
+    merges: dict[Name, Any] = Field(default_factory=dict)
+    outputs: dict[str, OutputEntry]
+
+
+FIELD_NAMES = {
+    (): ["mergebuild", "models", "merges", "outputs"],
+    "output": ["from", "path", "dtype"],
+    "model": ["path"],
+}
+
+
+def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str = "") -> list:
+    """Turn pydantic errors into messages that name the field and point at its YAML line."""
+    out: list[Problem] = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if x not in ("str", "ModelEntry"))
+        path = (*prefix, *loc)
+        name = ".".join(str(x) for x in path) or "recipe"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            field = str(loc[-1])
+            choices = _choices_for(path[:-1])
+            out.append(
+                Problem(
+                    f"unknown field '{field}' in {_where(path[:-1], what)}"
+                    f"{did_you_mean(field, choices)}",
+                    pos.of(path, key=True),
+                )
+            )
+        elif kind == "missing":
+            field = str(loc[-1])
+            noun = "parameter" if what else "field"
+            out.append(
+                Problem(
+                    f"{_where(path[:-1], what)} is missing required {noun} '{field}'",
+                    pos.of(path[:-1], key=True),
+                )
+            )
+        elif kind == "literal_error" and path == ("mergebuild",):
+            out.append(
+                Problem(
+                    f"unsupported recipe version {e.get('input')!r}: this mergebuild reads "
+                    f"'mergebuild: {RECIPE_VERSION}'",
+                    pos.of(path),
+                )
+            )
+        elif kind == "string_pattern_mismatch" and len(path) == 2:
+            bad = str(path[1])
+            fixed = "".join(c if c.isalnum() or c == "_" else "_" for c in bad)
+            out.append(
+                Problem(
+                    f"name '{bad}' can't be used in expressions: use letters, digits and _ "
+                    f"(e.g. '{fixed}')",
+                    pos.of(path, key=True),
+                )
+            )
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            subject = f"'{path[-1]}' of {_where(path[:-1], '')}" if len(path) > 2 else name
+            out.append(Problem(f"{subject}: {e['msg'].lower()}{got_s}", pos.of(path)))
+    return out
+
+
+def _where(path: Path, what: str) -> str:
+    if not path:
+        return "the recipe"
+    if len(path) >= 2 and path[0] in ("merges", "outputs", "models"):
+        kind = {"merges": "merge", "outputs": "output", "models": "model"}[str(path[0])]
+        return f"{kind} '{path[1]}'{what}"
+    return ".".join(str(x) for x in path)
+
+
+def _choices_for(path: Path) -> list[str]:
+    if not path:
+        return FIELD_NAMES[()]
+    if path[0] == "outputs":
+        return FIELD_NAMES["output"]
+    if path[0] == "models":
+        return FIELD_NAMES["model"]
+    return []
