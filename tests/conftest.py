@@ -32,13 +32,24 @@ class Result:
         return json.loads(self.out)
 
 
-def run_cli(*args: str | Path, cache: Path | None = None, cwd: Path | None = None,
-            env: dict[str, str] | None = None, timeout: float = 300) -> Result:
+def run_cli(
+    *args: str | Path,
+    cache: Path | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> Result:
     full_env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
     if cache is not None:
         full_env["MERGEBUILD_CACHE_DIR"] = str(cache)
-    p = subprocess.run([sys.executable, "-m", "mergebuild", *map(str, args)], cwd=cwd,
-                       env=full_env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "mergebuild", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return Result(p.returncode, p.stdout, p.stderr)
 
 

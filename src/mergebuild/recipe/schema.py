@@ -94,7 +94,8 @@ def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str 
                     pos.of(path),
                 )
             )
-        elif kind == "string_pattern_mismatch" and len(path) == 2:
+        elif kind == "string_pattern_mismatch" and path[-1] == "[key]":
+            path = path[:-1]
             bad = str(path[1])
             fixed = "".join(c if c.isalnum() or c == "_" else "_" for c in bad)
             out.append(
