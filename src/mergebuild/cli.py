@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         argv.insert(argv.index(first), "build")
     args = parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     if args.command is None:
         parser().print_help()
         return EXIT_RECIPE
@@ -136,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], *_: object, **__: object
+) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _store(args: argparse.Namespace) -> Any:

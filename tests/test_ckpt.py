@@ -1,0 +1,106 @@
+"""Torch .ckpt inputs: loaded weights-only; code in a pickle never runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SRC, load_st, run_cli
+
+# Run torch.save in a child process: the classes it pickles exist only there, like a checkpoint
+# written by a training run whose code the merging machine does not have.
+MAKE = r"""
+import os, sys, types, torch
+from safetensors.torch import load_file
+src, dst, kind, marker = sys.argv[1:5]
+sd = load_file(src)
+if kind == "evil":
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    obj = {"state_dict": sd, "payload": Evil()}
+elif kind == "evil_exec":
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({marker!r}, 'w').close()",))
+    obj = {"state_dict": sd, "payload": [{"nested": Evil()}]}
+elif kind == "lightning":
+    for parent in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        sys.modules[parent] = types.ModuleType(parent)
+    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_score = torch.tensor(0.5)
+            self.dirpath = "/somewhere"
+    ModelCheckpoint.__module__ = mod.__name__
+    mod.ModelCheckpoint = ModelCheckpoint
+    sys.modules[mod.__name__] = mod
+    obj = {"state_dict": sd, "epoch": 6, "global_step": 123,
+           "callbacks": {ModelCheckpoint: {"best_model_score": 0.5}},
+           "hyper_parameters": {"cb": ModelCheckpoint()}}
+else:
+    obj = {"state_dict": sd, "epoch": 1}
+torch.save(obj, dst, _use_new_zipfile_serialization=(kind != "legacy"))
+"""
+
+
+def make_ckpt(src: Path, dst: Path, kind: str, marker: Path | None = None) -> Path:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    subprocess.run(
+        [sys.executable, "-c", MAKE, str(src), str(dst), kind, str(marker)], check=True, env=env
+    )
+    return dst
+
+
+def recipe_with(workdir: Path, model_file: str) -> Path:
+    r = workdir / "ckpt.yaml"
+    r.write_text(
+        f"mergebuild: 1\nmodels:\n  a: {model_file}\n  b: models/wd13.safetensors\n"
+        "merges:\n  m: a * 0.5 + b * 0.5\n"
+        "outputs:\n  o: {from: m, path: out/o.safetensors}\n"
+    )
+    return r
+
+
+@pytest.mark.parametrize("kind", ["evil", "evil_exec"])
+def test_malicious_pickle_is_refused_and_never_runs(workdir: Path, cache: Path, kind: str) -> None:
+    marker = workdir / "PWNED"
+    make_ckpt(
+        workdir / "models" / "insta.safetensors", workdir / "models" / "evil.ckpt", kind, marker
+    )
+    assert not marker.exists()
+    r = run_cli(recipe_with(workdir, "models/evil.ckpt"), cache=cache)
+    assert r.code == 1
+    assert "refused to load" in r.err and ("system" in r.err or "exec" in r.err), r.err
+    assert "Traceback" not in r.err
+    assert not marker.exists(), "the pickle's payload ran"
+    assert not (workdir / "out" / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["lightning", "legacy", "plain"])
+def test_checkpoint_merges_like_its_safetensors_twin(workdir: Path, cache: Path, kind: str) -> None:
+    make_ckpt(workdir / "models" / "insta.safetensors", workdir / "models" / "a.ckpt", kind)
+    r = run_cli(recipe_with(workdir, "models/a.ckpt"), cache=cache)
+    assert r.code == 0, r.err
+    if kind == "legacy":
+        assert "warning:" in r.err and "legacy" in r.err
+    got = load_st(workdir / "out" / "o.safetensors")
+    a = load_st(workdir / "models" / "insta.safetensors")
+    b = load_st(workdir / "models" / "wd13.safetensors")
+    for k, x in a.items():
+        if x.dtype.kind != "f":
+            np.testing.assert_array_equal(got[k], x)
+            continue
+        exp = x.astype(np.float32) * np.float32(0.5) + b[k].astype(np.float32) * np.float32(0.5)
+        np.testing.assert_array_equal(got[k], exp.astype(np.float16), err_msg=k)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(workdir: Path, cache: Path) -> None:
+    (workdir / "models" / "broken.ckpt").write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    r = run_cli(recipe_with(workdir, "models/broken.ckpt"), cache=cache)
+    assert r.code == 1 and "broken.ckpt" in r.err and "Traceback" not in r.err

@@ -1,0 +1,117 @@
+"""The streaming writer against safetensors' own save_file, and header validation."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergebuild.engine.dtypes import from_torch
+from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo, read_header
+from mergebuild.errors import BuildError
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "b.weight": torch.randn(3, 5, generator=g).half(),
+        "a.weight": torch.randn(4, 4, generator=g),
+        "pos": torch.arange(77)[None],
+        "z.empty": torch.zeros(0),
+        "bf": torch.randn(6, generator=g).bfloat16(),
+        "scalar": torch.tensor(3, dtype=torch.int32),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "d": torch.randn(2, generator=g).double(),
+        "bool": torch.tensor([True, False]),
+    }
+
+
+@pytest.mark.parametrize("metadata", [None, {"mergebuild": '{"json": true, "é": "ü"}'}])
+def test_streaming_writer_equals_save_file(tmp_path: Path, metadata: dict | None) -> None:
+    ts = tensors()
+    save_file(ts, str(tmp_path / "ref.safetensors"), metadata=metadata)
+    infos = {k: TensorInfo(from_torch(t.dtype), tuple(t.shape)) for k, t in ts.items()}
+    fd = os.open(tmp_path / "ours.safetensors", os.O_CREAT | os.O_WRONLY)
+    w = StreamingWriter(fd, infos, metadata or {})
+    for k in reversed(list(ts)):  # any order
+        w.write(k, ts[k])
+    w.check_complete()
+    os.close(fd)
+    ours = (tmp_path / "ours.safetensors").read_bytes()
+    assert ours == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_multiple_metadata_entries_sorted_not_hash_ordered(tmp_path: Path) -> None:
+    """save_file emits __metadata__ in Rust HashMap order, which varies between runs; we sort
+    the entries (deterministic output) and otherwise match it byte for byte."""
+    import json
+
+    ts = tensors()
+    meta = {"z": "1", "a": "2", "é": "3", "m": "4"}
+    save_file(ts, str(tmp_path / "ref.safetensors"), metadata=meta)
+    infos = {k: TensorInfo(from_torch(t.dtype), tuple(t.shape)) for k, t in ts.items()}
+    fd = os.open(tmp_path / "ours.safetensors", os.O_CREAT | os.O_WRONLY)
+    w = StreamingWriter(fd, infos, meta)
+    for k, t in ts.items():
+        w.write(k, t)
+    os.close(fd)
+    ours, ref = (
+        (tmp_path / "ours.safetensors").read_bytes(),
+        (tmp_path / "ref.safetensors").read_bytes(),
+    )
+    n = struct.unpack("<Q", ours[:8])[0]
+    assert len(ours) == len(ref) and ours[8 + n :] == ref[8 + n :]
+    assert json.loads(ours[8 : 8 + n]) == json.loads(ref[8 : 8 + n])
+    assert list(json.loads(ours[8 : 8 + n])["__metadata__"]) == sorted(meta)
+
+
+def corrupt(tmp_path: Path, mutate) -> Path:
+    p = tmp_path / "x.safetensors"
+    save_file(tensors(), str(p))
+    data = bytearray(p.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    header, body = bytes(data[8 : 8 + n]), bytes(data[8 + n :])
+    p.write_bytes(mutate(header, body))
+    return p
+
+
+def hdr(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+CASES = {
+    "truncated data": (lambda h, b: hdr(h) + b[:-3], "truncated"),
+    "header longer than file": (lambda h, b: struct.pack("<Q", 10_000) + h, "header claims"),
+    "huge header": (lambda h, b: struct.pack("<Q", 1 << 60) + h, "limit"),
+    "invalid json": (lambda h, b: hdr(h[:-10] + b"}}}}}}}}}}") + b, "not valid JSON"),
+    "unknown dtype": (lambda h, b: hdr(h.replace(b'"F32"', b'"F33"', 1)) + b, "unknown dtype"),
+    "size mismatch": (lambda h, b: hdr(h.replace(b"[4,4]", b"[4,5]")) + b, "needs"),
+    "out of bounds": (lambda h, b: hdr(h) + b[:8], "outside the file"),
+    "too short": (lambda h, b: b"\x01\x02", "shorter than"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_invalid_headers_are_refused(tmp_path: Path, case: str) -> None:
+    mutate, expect = CASES[case]
+    p = corrupt(tmp_path, mutate)
+    with pytest.raises(BuildError, match=expect):
+        read_header(p)
+
+
+def test_overlapping_offsets_refused(tmp_path: Path) -> None:
+    import json
+
+    p = tmp_path / "o.safetensors"
+    h = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    text = json.dumps(h).encode()
+    p.write_bytes(hdr(text) + bytes(12))
+    with pytest.raises(BuildError, match="overlaps"):
+        read_header(p)
