@@ -109,6 +109,17 @@ def test_output_bytes_independent_of_jobs_and_cache_state(workdir: Path, tmp_pat
     one = out.read_bytes()
     build(recipe, tmp_path / "c2", "-j", "2", "--max-memory", "64K")
     assert out.read_bytes() == one
+    # tensors cut into many small chunks, computed by two workers in any order
+    r = run_cli(
+        recipe,
+        "--json",
+        "-j",
+        "2",
+        cache=tmp_path / "c4",
+        env={"MERGEBUILD_CHUNK_ELEMENTS": "1000"},
+    )
+    assert r.code == 0 and r.json["summary"]["built"] == 3, r.err
+    assert out.read_bytes() == one
     # partially cached: only the first step is in the cache
     shutil.rmtree(tmp_path / "c2" / "objects")
     r = run_cli(

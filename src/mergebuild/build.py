@@ -300,8 +300,8 @@ class Builder:
                     )
             t0 = time.perf_counter()
             fused = FusedPass(sources, jobs, sinks)
-            with self.progress.pass_(fused) as on_key:
-                fused.run(self.jobs, self.max_memory, on_key)
+            with self.progress.pass_(fused) as on_unit:
+                fused.run(self.jobs, self.max_memory, on_unit)
             self._check_inputs_unchanged(plan)
             for sink in sinks:
                 os.fsync(sink.fd)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from mergebuild.engine.executor import FusedPass
+    from mergebuild.engine.executor import FusedPass, Unit
 
 
 def _mb(n: float) -> str:
@@ -27,7 +27,7 @@ class Progress:
             print(message, file=self.stream, flush=True)
 
     @contextlib.contextmanager
-    def pass_(self, fused: FusedPass) -> Iterator[Callable[[str, int], None] | None]:
+    def pass_(self, fused: FusedPass) -> Iterator[Callable[[Unit, bool], None] | None]:
         sinks = fused.sinks
         total = sum(sum(i.nbytes for i in s.infos.values()) for s in sinks)
         labels = ", ".join(s.label for s in sinks) or "(nothing to write)"
@@ -55,6 +55,8 @@ class Progress:
         )
         from rich.progress import Progress as RichProgress
 
+        from mergebuild.engine.dtypes import ITEMSIZE
+
         bar = RichProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -72,12 +74,12 @@ class Progress:
             for s in sinks
         ]
 
-        def on_key(key: str, _: int) -> None:
+        def on_unit(u: Unit, key_done: bool) -> None:
             for task, sink in zip(tasks, sinks, strict=True):
-                info = sink.infos.get(key)
+                info = sink.infos.get(u.key)
                 if info is not None:
-                    done = bar.tasks[task].fields["done"] + 1
-                    bar.update(task, advance=info.nbytes, done=done)
+                    done = bar.tasks[task].fields["done"] + key_done
+                    bar.update(task, advance=(u.hi - u.lo) * ITEMSIZE[info.dtype], done=done)
 
         with bar:
-            yield on_key
+            yield on_unit

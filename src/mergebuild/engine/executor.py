@@ -2,22 +2,25 @@
 
 For each key, the needed input tensors are read once, each node's value is computed in float32
 and cast to the node's dtype (exactly what a consumer reading the cached file would see), and the
-result is written to every file that wants it. Keys are independent, so `-j` workers process
-different keys at once; writes land at fixed offsets, so the bytes never depend on timing.
-Memory holds only the keys in flight, bounded by a byte budget.
+result is written to every file that wants it. Large tensors of elementwise methods are cut into
+flat chunks, so memory holds a few chunks per worker whatever the model size, and `-j` workers
+share even a single huge key. Every chunk lands at a fixed file offset, so bytes never depend on
+timing or thread count. A flusher thread pushes written data to disk while compute goes on, so
+the final fsync has little left to do.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mergebuild.engine.dtypes import RECIPE_TO_ST, is_float, to_torch, widest
+from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import Params
 from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
@@ -26,12 +29,17 @@ from mergebuild.errors import BuildError
 if TYPE_CHECKING:
     import torch
 
+# 2 Mi elements (8 MB as float32); the variable exists so tests can exercise chunking on tiny models
+CHUNK_ELEMENTS = int(os.environ.get("MERGEBUILD_CHUNK_ELEMENTS", 1 << 21))
+FLUSH_BYTES = 256 << 20  # start writeback after this many new bytes
+DIRECT_DTYPES = {"F16", "BF16", "F32"}  # methods take these as they are (exact in float32 ops)
+
 
 class Source(Protocol):
     path: Path
 
     def infos(self) -> dict[str, TensorInfo]: ...
-    def read(self, key: str) -> torch.Tensor: ...
+    def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor: ...
     def close(self) -> None: ...
 
 
@@ -66,6 +74,16 @@ class NodeStats:
     copied_non_float: int = 0  # integer buffers such as position_ids: copied from A
     dropped: int = 0  # keys present only in non-A inputs: not in the result
     missing_examples: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A slice [lo, hi) of one key's flattened elements; whole=True means the full tensor."""
+
+    key: str
+    lo: int
+    hi: int
+    whole: bool
 
 
 class FusedPass:
@@ -115,121 +133,189 @@ class FusedPass:
         st.dropped = len({k for lay in ins[1:] for k in lay} - a.keys())
         self.layouts[job.name] = out
 
-    # -- evaluation ------------------------------------------------------------------------
+    # -- work units ---------------------------------------------------------------------------
 
-    def _value(self, name: str, key: str, memo: dict[str, Any]) -> torch.Tensor:
+    def _chunkable(self, key: str) -> bool:
+        """Elementwise everywhere and one shape for the key in every layout that has it."""
+        if not all(j.method.elementwise for j in self.jobs.values()):
+            return False
+        shapes = {lay[key].shape for lay in self.layouts.values() if key in lay}
+        return len(shapes) == 1
+
+    def units(self) -> Iterator[Unit]:
+        for key in _key_order(self.sinks):
+            numel = math.prod(next(s.infos[key] for s in self.sinks if key in s.infos).shape)
+            if numel <= CHUNK_ELEMENTS or not self._chunkable(key):
+                yield Unit(key, 0, numel, True)
+                continue
+            for lo in range(0, numel, CHUNK_ELEMENTS):
+                yield Unit(key, lo, min(lo + CHUNK_ELEMENTS, numel), False)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def _value(self, name: str, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
         if name in memo:
             return memo[name]
         if name in self.sources:
-            val = self.sources[name].read(key)
+            val = self.sources[name].read_flat(u.key, u.lo, u.hi)
+            if u.whole:
+                val = val.reshape(self.layouts[name][u.key].shape)
         else:
-            val = self._compute(self.jobs[name], key, memo)
+            val = self._compute(self.jobs[name], u, memo)
         memo[name] = val
         return val
 
-    def _compute(self, job: NodeJob, key: str, memo: dict[str, Any]) -> torch.Tensor:
-        info = self.layouts[job.name][key]
-        a = self._value(job.inputs[0], key, memo)
+    def _compute(self, job: NodeJob, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
+        info = self.layouts[job.name][u.key]
+        a = self._value(job.inputs[0], u, memo)
         if not is_float(info.dtype):
             return a
         if any(
-            key not in self.layouts[n] or not is_float(self.layouts[n][key].dtype)
+            u.key not in self.layouts[n] or not is_float(self.layouts[n][u.key].dtype)
             for n in job.inputs[1:]
         ):
             return a.to(to_torch(info.dtype))
         import torch
 
-        xs = [a.to(torch.float32)]
-        xs += [self._value(n, key, memo).to(torch.float32) for n in job.inputs[1:]]
+        xs = [a, *(self._value(n, u, memo) for n in job.inputs[1:])]
+        xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
         return job.method.compute(job.params, xs).to(to_torch(info.dtype))
 
-    def _do_key(self, key: str) -> int:
+    def _do_unit(self, u: Unit) -> int:
         memo: dict[str, Any] = {}
         written = 0
         for sink in self.sinks:
-            info = sink.infos.get(key)
+            info = sink.infos.get(u.key)
             if info is None:
                 continue
-            val = self._value(sink.source, key, memo)
+            val = self._value(sink.source, u, memo)
             if val.dtype != to_torch(info.dtype):
                 val = val.to(to_torch(info.dtype))
             assert sink.writer is not None
-            sink.writer.write(key, val)
-            written += info.nbytes
+            written += sink.writer.write(u.key, val, u.lo)
         return written
+
+    def _cost(self, u: Unit) -> int:
+        """Rough peak bytes for one unit: raw reads plus float32 temporaries of every node."""
+        n = u.hi - u.lo
+        raw = sum(n * ITEMSIZE[lay[u.key].dtype] for lay in self.layouts.values() if u.key in lay)
+        return raw + 12 * n * max(1, len(self.jobs))
+
+    # -- driver -------------------------------------------------------------------------------
 
     def run(
         self,
         jobs: int = 1,
         max_memory: int = 1 << 30,
-        on_key: Callable[[str, int], None] | None = None,
+        on_unit: Callable[[Unit, bool], None] | None = None,
     ) -> None:
-        """Compute and write every sink. `jobs` workers; ~`max_memory` bytes of keys in flight."""
+        """Compute and write every sink with `jobs` workers and ~`max_memory` bytes in flight.
+
+        `on_unit(unit, key_done)` is called from the driver thread after each unit is written.
+        """
         import torch
 
         for sink in self.sinks:
             sink.writer = StreamingWriter(sink.fd, sink.infos, sink.metadata)
-        order = _key_order(self.sinks)
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(jobs, 1)))
+        flusher = _Flusher([s.fd for s in self.sinks])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # parallelism comes from workers on independent units
         try:
+            units = list(self.units())
+            remaining: dict[str, int] = {}
+            for u in units:
+                remaining[u.key] = remaining.get(u.key, 0) + 1
+
+            def done(u: Unit, n: int) -> None:
+                flusher.add(n)
+                remaining[u.key] -= 1
+                if on_unit:
+                    on_unit(u, remaining[u.key] == 0)
+
             if jobs <= 1:
-                for k in order:
-                    n = self._do_key(k)
-                    if on_key:
-                        on_key(k, n)
+                for u in units:
+                    done(u, self._do_unit(u))
             else:
-                self._run_parallel(order, jobs, max_memory, on_key)
+                self._run_parallel(units, jobs, max_memory, done)
         finally:
-            torch.set_num_threads(torch_threads)
+            torch.set_num_threads(threads)
+            flusher.stop()
         for sink in self.sinks:
             sink.writer.check_complete()
 
-    def _cost(self, key: str) -> int:
-        """Rough peak bytes for one key: float32 copies of every tensor touched."""
-        return sum(4 * max(1, _numel(lay[key])) for lay in self.layouts.values() if key in lay)
-
     def _run_parallel(
-        self, order: list[str], jobs: int, budget: int, on_key: Callable[[str, int], None] | None
+        self, units: list[Unit], jobs: int, budget: int, done: Callable[[Unit, int], None]
     ) -> None:
-        lock = threading.Lock()
-        in_flight: dict[Future[int], tuple[str, int]] = {}
+        in_flight: dict[Future[int], tuple[Unit, int]] = {}
         used = 0
+
+        def reap(block: bool) -> None:
+            nonlocal used
+            ready, _ = wait(in_flight, return_when=FIRST_COMPLETED) if block else (in_flight, ())
+            for fut in list(ready):
+                u, c = in_flight.pop(fut)
+                used -= c
+                done(u, fut.result())
+
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="merge") as pool:
             try:
-                for k in order:
-                    cost = self._cost(k)
+                for u in units:
+                    cost = self._cost(u)
                     while in_flight and (used + cost > budget or len(in_flight) >= 2 * jobs):
-                        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            key, c = in_flight.pop(fut)
-                            n = fut.result()
-                            used -= c
-                            if on_key:
-                                with lock:
-                                    on_key(key, n)
-                    in_flight[pool.submit(self._do_key, k)] = (k, cost)
+                        reap(block=True)
+                    in_flight[pool.submit(self._do_unit, u)] = (u, cost)
                     used += cost
-                for fut in list(in_flight):
-                    key, _ = in_flight.pop(fut)
-                    n = fut.result()
-                    if on_key:
-                        on_key(key, n)
+                while in_flight:
+                    reap(block=True)
             except BaseException:
                 for fut in in_flight:
                     fut.cancel()
                 raise
 
 
-def _numel(info: TensorInfo) -> int:
-    n = 1
-    for d in info.shape:
-        n *= d
-    return n
+def _direct(x: torch.Tensor) -> bool:
+    import torch
+
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _Flusher:
+    """Calls fdatasync in the background every FLUSH_BYTES written, so writeback overlaps
+    compute instead of piling up for the final fsync."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds, self.pending = fds, 0
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="flusher", daemon=True)
+        self.thread.start()
+
+    def add(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= FLUSH_BYTES:
+            self.pending = 0
+            self.wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.stopping:
+                return
+            for fd in self.fds:
+                try:
+                    os.fdatasync(fd)
+                except OSError:
+                    return  # the writer will meet the same error and report it
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join()
 
 
 def _key_order(sinks: list[Sink]) -> list[str]:
-    """Keys in the file order of the first sink (sequential writes), then any others."""
+    """Keys in the file order of each sink in turn (sequential writes)."""
     seen: dict[str, None] = {}
     for sink in sinks:
         assert sink.writer is not None

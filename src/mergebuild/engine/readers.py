@@ -52,8 +52,11 @@ class CheckpointSource:
 
         return {k: TensorInfo(from_torch(t.dtype), tuple(t.shape)) for k, t in self.tensors.items()}
 
-    def read(self, key: str) -> torch.Tensor:
-        return self.tensors[key]
+    def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        t = self.tensors[key]
+        if not t.is_contiguous():
+            t = self.tensors[key] = t.contiguous()
+        return t.reshape(-1)[lo:hi]
 
     def close(self) -> None:
         self.tensors = {}

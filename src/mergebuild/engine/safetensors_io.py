@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,7 +121,7 @@ def read_header(path: Path) -> Header:
     return Header(tensors, meta, 8 + n)
 
 
-def _pread_into(fd: int, buf: bytearray | memoryview, offset: int) -> None:
+def _pread_into(fd: int, buf: object, offset: int) -> None:
     view = memoryview(buf)
     while view:
         got = os.preadv(fd, [view], offset)
@@ -145,17 +146,26 @@ class SafetensorsSource:
         return {k: v[0] for k, v in self.header.tensors.items()}
 
     def read(self, key: str) -> torch.Tensor:
+        info = self.header.tensors[key][0]
+        return self.read_flat(key, 0, math.prod(info.shape)).reshape(info.shape)
+
+    def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, read straight into a new tensor."""
         import torch
 
-        info, begin, end = self.header.tensors[key]
-        if end == begin:
-            return torch.empty(info.shape, dtype=to_torch(info.dtype))
-        buf = bytearray(end - begin)
-        try:
-            _pread_into(self.fd, buf, self.header.data_start + begin)
-        except OSError as e:
-            raise BuildError(f"cannot read {self.path}: {e.strerror}") from None
-        return torch.frombuffer(buf, dtype=to_torch(info.dtype)).reshape(info.shape)
+        info, begin, _ = self.header.tensors[key]
+        size = ITEMSIZE[info.dtype]
+        out = torch.empty(hi - lo, dtype=to_torch(info.dtype))
+        if hi > lo:
+            try:
+                _pread_into(
+                    self.fd,
+                    out.view(torch.uint8).numpy(),
+                    self.header.data_start + begin + lo * size,
+                )
+            except OSError as e:
+                raise BuildError(f"cannot read {self.path}: {e.strerror}") from None
+        return out
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -193,7 +203,8 @@ class StreamingWriter:
         head, self.offsets = layout(infos, metadata)
         self.data_start = len(head)
         self.total = self.data_start + sum(i.nbytes for i in infos.values())
-        self.pending = set(infos)
+        self.missing = {k: i.nbytes for k, i in infos.items()}  # bytes not yet written
+        self._lock = threading.Lock()
         os.ftruncate(fd, self.total)
         try:
             os.posix_fallocate(fd, 0, self.total)  # a full disk fails now, not mid-build
@@ -203,21 +214,26 @@ class StreamingWriter:
             # filesystems without fallocate (EOPNOTSUPP): space is claimed as we write
         os.pwrite(fd, head, 0)
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def write(self, key: str, tensor: torch.Tensor, lo: int = 0) -> int:
+        """Write `tensor` as flat elements starting at element `lo` of `key`; returns bytes."""
         import torch
 
         info = self.infos[key]
         data = tensor.detach().cpu().contiguous().reshape(-1)
+        size = ITEMSIZE[info.dtype]
+        if (lo + data.numel()) * size > info.nbytes or to_torch(info.dtype) != data.dtype:
+            raise ValueError(f"{key}: {data.dtype}[{data.numel()}] at {lo} does not fit {info}")
         if data.numel():
-            raw = data.view(torch.uint8).numpy()
-            if raw.nbytes != info.nbytes:
-                raise AssertionError(f"{key}: {raw.nbytes} bytes, expected {info.nbytes}")
-            view, offset = memoryview(raw), self.data_start + self.offsets[key]
+            view = memoryview(data.view(torch.uint8).numpy())
+            offset = self.data_start + self.offsets[key] + lo * size
             while view:
                 n = os.pwrite(self.fd, view, offset)
                 view, offset = view[n:], offset + n
-        self.pending.discard(key)
+        with self._lock:
+            self.missing[key] -= data.numel() * size
+        return data.numel() * size
 
     def check_complete(self) -> None:
-        if self.pending:
-            raise AssertionError(f"{len(self.pending)} tensors were never written")
+        short = [k for k, n in self.missing.items() if n]
+        if short:
+            raise AssertionError(f"{len(short)} tensors were not fully written, e.g. {short[0]}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods.base import Method, Params
+from mergebuild.engine.methods.base import Method, Params, f32
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +23,7 @@ class AddDifference(Method):
     @staticmethod
     def compute(params: AddDifferenceParams, xs: list[torch.Tensor]) -> torch.Tensor:
         a, b, c = xs
-        out = b.sub(c)
+        out = f32(b)
+        out.sub_(c)
         out.mul_(params.alpha)
         return out.add_(a)

@@ -10,6 +10,13 @@ if TYPE_CHECKING:
     import torch
 
 
+def f32(x: torch.Tensor) -> torch.Tensor:
+    """A new float32 copy of `x` (never `x` itself, even when it already is float32)."""
+    import torch
+
+    return x.to(torch.float32, copy=True)
+
+
 class Params(BaseModel):
     """Base for method parameters: unknown fields are errors, NaN/inf are refused."""
 
@@ -35,11 +42,17 @@ class Method:
         """Cross-field validation beyond the pydantic model; return an error message or None."""
         return None
 
+    # Elementwise methods see tensors in flat chunks (bounded memory, parallel within a key);
+    # a method that needs whole tensors (norms, top-k) sets this False.
+    elementwise: ClassVar[bool] = True
+
     @staticmethod
     def compute(params: Params, xs: list[torch.Tensor]) -> torch.Tensor:
-        """Merge float32 tensors `xs` (same shape, slot order) into a new float32 tensor.
+        """Merge `xs` (same shape, slot order; fp16/bf16/fp32) into a NEW float32 tensor.
 
-        Must not modify `xs`, and must evaluate in a fixed order of single IEEE operations (no
-        fused multiply-add) so results are bit-identical on every machine and thread count.
+        Arithmetic is float32 whatever the input dtypes (fp16/bf16 → fp32 is exact, so mixing
+        dtypes in an op equals converting first). Must not modify `xs`, and must evaluate in a
+        fixed order of single IEEE operations (no fused multiply-add) so results are
+        bit-identical on every machine and thread count.
         """
         raise NotImplementedError

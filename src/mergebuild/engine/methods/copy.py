@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods.base import Method, Params
+from mergebuild.engine.methods.base import Method, Params, f32
 
 if TYPE_CHECKING:
     import torch
@@ -18,4 +18,4 @@ class Copy(Method):
 
     @staticmethod
     def compute(params: Params, xs: list[torch.Tensor]) -> torch.Tensor:
-        return xs[0].clone()
+        return f32(xs[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods.base import Method, Params
+from mergebuild.engine.methods.base import Method, Params, f32
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ class Linear(Method):
 
     @staticmethod
     def compute(params: LinearParams, xs: list[torch.Tensor]) -> torch.Tensor:
-        out = xs[0].mul(params.weights[0])
+        out = f32(xs[0]).mul_(params.weights[0])
         for x, w in zip(xs[1:], params.weights[1:], strict=True):
-            out.add_(x.mul(w))
+            out.add_(f32(x).mul_(w))
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods.base import Method, Params
+from mergebuild.engine.methods.base import Method, Params, f32
 
 if TYPE_CHECKING:
     import torch
@@ -23,5 +23,5 @@ class WeightedSum(Method):
     @staticmethod
     def compute(params: WeightedSumParams, xs: list[torch.Tensor]) -> torch.Tensor:
         a, b = xs
-        out = a.mul(1.0 - params.alpha)
-        return out.add_(b.mul(params.alpha))
+        out = f32(a).mul_(1.0 - params.alpha)
+        return out.add_(f32(b).mul_(params.alpha))
