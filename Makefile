@@ -39,7 +39,9 @@ lint: install
 recipes: install
 	@for r in merge_recipes/*.yaml; do echo "== $$r"; $(BIN)/mergebuild "$$r" || exit 1; done
 
+# sd-mecha is a comparison baseline only, pinned so results stay comparable
 bench: install
+	$(BIN)/pip install -q sd-mecha==1.1.8
 	$(BIN)/python bench/run.py
 
 clean:
