@@ -40,7 +40,11 @@ def evict(*paths: Path) -> None:
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one child process."""
+    """(wall seconds, peak RSS GB) of one child process.
+
+    Peak RSS is the child's VmHWM, polled from /proc every 20 ms: rusage's ru_maxrss would also
+    count the parent's high-water mark, which a child inherits at fork/exec.
+    """
     t0 = time.perf_counter()
     p = subprocess.Popen(
         cmd,
@@ -48,13 +52,21 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    _, status, usage = os.wait4(p.pid, 0)
+    hwm_kb = 0
+    status = Path(f"/proc/{p.pid}/status")
+    while p.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM"):
+                    hwm_kb = max(hwm_kb, int(line.split()[1]))
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(0.02)
     wall = time.perf_counter() - t0
     err = p.stderr.read().decode() if p.stderr else ""
-    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss / 1024 / 1024
+    return wall, hwm_kb / 1024 / 1024
 
 
 def models(arch: str) -> dict[str, Path]:
