@@ -3,7 +3,7 @@
 Full-size synthetic models (SD1 ≈ 2.1 GB, SDXL ≈ 6.9 GB fp16; real key names) are generated once
 into bench/.data. Before every measured run the page cache is emptied for every file involved
 (posix_fadvise DONTNEED: no root needed), so each run reads from disk. Each run is a child process;
-wall time and peak RSS come from os.wait4 on that child. Results go to bench/results.md.
+wall time and peak RSS (VmHWM, polled) are those of that child. Results: bench/results.md.
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def main() -> None:
     header = (
         f"# mergebuild benchmark\n\nMachine: {os.cpu_count()} cores. Page cache emptied "
         "(posix_fadvise DONTNEED) before every run; wall time and peak RSS of the child "
-        "process (os.wait4). Floor = reading the inputs once + writing the output with "
+        "process (VmHWM). Floor = reading the inputs once + writing the output with "
         "fsync, in the same run.\n\n"
     )
     (HERE / "results.md").write_text(
