@@ -233,3 +233,18 @@ def test_light_paths_do_not_import_torch(workdir: Path, cache: Path) -> None:
     assert run_cli(recipe, cache=cache).code == 0
     light(str(recipe))  # fully cached build
     light("graph", str(recipe))
+
+
+def test_device_cuda_same_bytes_or_clear_error(workdir: Path, tmp_path: Path) -> None:
+    import torch
+
+    recipe = setup(workdir)
+    out = workdir / "out" / "anything-nsfw-gape.safetensors"
+    build(recipe, tmp_path / "cpu")
+    cpu_bytes = out.read_bytes()
+    r = run_cli(recipe, "--device", "cuda", cache=tmp_path / "gpu")
+    if not torch.cuda.is_available():
+        assert r.code == 1 and "CUDA is not available" in r.err and "Traceback" not in r.err
+        return
+    assert r.code == 0, r.err
+    assert out.read_bytes() == cpu_bytes

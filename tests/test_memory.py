@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import SRC
 
 # Runs the CLI in-process and reports this process's own peak RSS. VmHWM belongs to the address
@@ -24,8 +25,12 @@ raise SystemExit(rc)
 
 def peak_rss_kb(recipe: Path, cache: Path) -> int:
     env = {**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CHUNK_ELEMENTS": "65536"}
-    p = subprocess.run([sys.executable, "-c", PROBE, str(recipe), "-q", "-j", "1",
-                        "--cache-dir", str(cache)], env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", PROBE, str(recipe), "-q", "-j", "1", "--cache-dir", str(cache)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     return int(p.stderr.split("HWM")[-1].split()[0])
 
@@ -40,9 +45,11 @@ def test_peak_rss_independent_of_model_size(tmp_path: Path) -> None:
         for name in ("a", "b", "c"):
             synthesize(d / f"{name}.safetensors", name, scale=scale, dtype="fp16")
         recipe = d / "r.yaml"
-        recipe.write_text("mergebuild: 1\nmodels: {a: a.safetensors, b: b.safetensors, "
-                          "c: c.safetensors}\nmerges:\n  m: a + (b - c) * 0.5\n"
-                          "outputs:\n  o: {from: m, path: o.safetensors}\n")
+        recipe.write_text(
+            "mergebuild: 1\nmodels: {a: a.safetensors, b: b.safetensors, "
+            "c: c.safetensors}\nmerges:\n  m: a + (b - c) * 0.5\n"
+            "outputs:\n  o: {from: m, path: o.safetensors}\n"
+        )
         rss[label] = peak_rss_kb(recipe, tmp_path / f"cache-{label}")
         size = sum((d / f"{n}.safetensors").stat().st_size for n in "abc")
         rss[label + "_inputs_kb"] = size // 1024

@@ -169,3 +169,38 @@ def test_shape_mismatch_names_key_and_shapes(workdir: Path, cache: Path) -> None
     assert key in r.err and "[7]" in r.err and "[4]" in r.err
     assert "Traceback" not in r.err
     assert not (workdir / "out").exists() or not any((workdir / "out").iterdir())
+
+
+def test_two_step_reads_each_input_once(workdir: Path, cache: Path, monkeypatch) -> None:
+    """A cold build of the seed recipe reads every input tensor byte exactly once (fused)."""
+    from collections import Counter
+
+    from conftest import EXAMPLES
+    from mergebuild.build import Builder
+    from mergebuild.cache import CacheStore
+    from mergebuild.engine.safetensors_io import SafetensorsSource
+    from mergebuild.recipe import load_recipe
+
+    reads: Counter = Counter()
+    original = SafetensorsSource.read_flat
+
+    def counting(self, key, lo, hi):
+        reads[(self.path.name, key, lo)] += 1
+        return original(self, key, lo, hi)
+
+    monkeypatch.setattr(SafetensorsSource, "read_flat", counting)
+    monkeypatch.setenv("MERGEBUILD_CHUNK_ELEMENTS", "4096")
+    recipe = workdir / "seed.yaml"
+    recipe.write_text((EXAMPLES / "anything_nsfw_gape.yaml").read_text())
+    plan, _ = Builder(load_recipe(recipe), CacheStore(cache), jobs=2).run()
+    assert [i.status for i in plan.items] == ["built"] * 3
+    files = {f for f, _, _ in reads}
+    assert files == {
+        "anything-v3.safetensors",
+        "nai-full.safetensors",
+        "nai-sfw.safetensors",
+        "gape60.safetensors",
+    }
+    assert max(reads.values()) == 1
+    per_file = Counter(f for f, _, _ in reads)
+    assert min(per_file.values()) > 1000  # every tensor (and chunk) of each input

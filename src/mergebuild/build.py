@@ -77,6 +77,7 @@ class Builder:
         jobs: int = 1,
         max_memory: int = 2 << 30,
         progress: Progress | None = None,
+        device: str = "cpu",
     ):
         unknown = [o for o in outputs or [] if o not in recipe.outputs]
         if unknown:
@@ -90,7 +91,7 @@ class Builder:
             )
         self.recipe, self.store = recipe, store
         self.outputs = outputs or list(recipe.outputs)
-        self.jobs, self.max_memory = jobs, max_memory
+        self.jobs, self.max_memory, self.device = jobs, max_memory, device
         self.progress = progress or Progress(enabled=False)
         self.graph = build_graph(recipe)
 
@@ -299,7 +300,7 @@ class Builder:
                         )
                     )
             t0 = time.perf_counter()
-            fused = FusedPass(sources, jobs, sinks)
+            fused = FusedPass(sources, jobs, sinks, device=_check_device(self.device))
             with self.progress.pass_(fused) as on_unit:
                 fused.run(self.jobs, self.max_memory, on_unit)
             self._check_inputs_unchanged(plan)
@@ -382,3 +383,13 @@ class Builder:
         outputs = {k: v for k, v in outputs.items() if k in self.recipe.outputs}
         with contextlib.suppress(OSError):
             self.store.write_journal(self.recipe.path, {"nodes": nodes, "outputs": outputs})
+
+
+def _check_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BuildError(f"--device {device}: CUDA is not available on this machine")
+    return device

@@ -71,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
         default=_size("2G"),
         help="bound on tensor bytes in flight (default 2G)",
     )
+    b.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
     _common(b)
 
     g = sub.add_parser("graph", help="print the merge DAG")
@@ -167,6 +168,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         jobs=max(1, args.jobs),
         max_memory=args.max_memory,
         progress=progress,
+        device=args.device,
     )
     if args.dry_run:
         plan = builder.plan()

@@ -87,8 +87,15 @@ class Unit:
 
 
 class FusedPass:
-    def __init__(self, sources: dict[str, Source], jobs: list[NodeJob], sinks: list[Sink]) -> None:
+    def __init__(
+        self,
+        sources: dict[str, Source],
+        jobs: list[NodeJob],
+        sinks: list[Sink],
+        device: str = "cpu",
+    ) -> None:
         self.sources, self.jobs, self.sinks = sources, {j.name: j for j in jobs}, sinks
+        self.device = device
         self.layouts: dict[str, dict[str, TensorInfo]] = {n: s.infos() for n, s in sources.items()}
         self.stats: dict[str, NodeStats] = {}
         for job in jobs:
@@ -179,6 +186,9 @@ class FusedPass:
 
         xs = [a, *(self._value(n, u, memo) for n in job.inputs[1:])]
         xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
+        if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back to write
+            xs = [x.to(self.device, non_blocking=True) for x in xs]
+            return job.method.compute(job.params, xs).to(to_torch(info.dtype)).cpu()
         return job.method.compute(job.params, xs).to(to_torch(info.dtype))
 
     def _do_unit(self, u: Unit) -> int:
