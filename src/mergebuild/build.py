@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,9 @@ from mergebuild.engine.methods import REGISTRY
 from mergebuild.errors import BuildError, Problem, RecipeError, did_you_mean
 from mergebuild.graph import build_graph, canonical_json, node_identity, schedule, xxh3_hex
 from mergebuild.hashing import stat_signature
+from mergebuild.locate import ResolvedInput, resolve_models
 from mergebuild.progress import Progress
-from mergebuild.provenance import output_metadata, source_key
+from mergebuild.provenance import InputFacts, output_metadata, read_input_metadata, source_key
 from mergebuild.recipe.model import Recipe
 
 
@@ -63,6 +65,8 @@ class Plan:
     keys: dict[str, str]
     models: dict[str, tuple[Path, list[int]]]  # name → (path, stat signature when hashed)
     hashed: list[str]  # models whose bytes were (re-)read to get their key
+    inputs: dict[str, ResolvedInput] = field(default_factory=dict)
+    facts: dict[str, InputFacts] = field(default_factory=dict)
 
     def to_build(self) -> list[Item]:
         return [i for i in self.items if i.status == "build"]
@@ -78,6 +82,8 @@ class Builder:
         max_memory: int = 2 << 30,
         progress: Progress | None = None,
         device: str = "cpu",
+        model_dirs: list[Path] | None = None,
+        locked_inputs: dict[str, str] | None = None,
     ):
         unknown = [o for o in outputs or [] if o not in recipe.outputs]
         if unknown:
@@ -92,6 +98,8 @@ class Builder:
         self.recipe, self.store = recipe, store
         self.outputs = outputs or list(recipe.outputs)
         self.jobs, self.max_memory, self.device = jobs, max_memory, device
+        self.model_dirs = model_dirs or []
+        self.locked_inputs = locked_inputs  # name → sha256 from RECIPE.lock, if one applies
         self.progress = progress or Progress(enabled=False)
         self.graph = build_graph(recipe)
 
@@ -99,26 +107,25 @@ class Builder:
 
     def plan(self) -> Plan:
         order = schedule(self.recipe, self.outputs)
-        keys, models, hashed, missing = {}, {}, [], []
-        for kind, name in order:
-            if kind != "model":
-                continue
-            path = self.recipe.models[name].path
-            try:
-                keys[name], memo = self.store.hashes.content_key(path)
-                models[name] = (path, stat_signature(path.stat()))
-                if not memo:
-                    hashed.append(name)
-            except BuildError as e:
-                missing.append(f"  {name}: {e}")
-        if missing:
-            raise BuildError("cannot read input models:\n" + "\n".join(missing))
+        resolved = resolve_models(
+            self.recipe, [n for k, n in order if k == "model"], self.store.hashes, self.model_dirs
+        )
+        self._check_lock(resolved)
+        keys = {n: r.hashes.xxh3 for n, r in resolved.items()}
+        models = {n: (r.path, r.signature) for n, r in resolved.items()}
+        hashed = [n for n, r in resolved.items() if not r.memoized]
+        facts = {
+            n: InputFacts(
+                r.hashes.sha256, r.hashes.legacy, r.hashes.size, read_input_metadata(r.path)
+            )
+            for n, r in resolved.items()
+        }
         for kind, name in order:
             if kind == "merge":
                 keys[name] = xxh3_hex(canonical_json(node_identity(self.recipe, name, keys)))
         okeys = {}
         for name in self.outputs:
-            meta = output_metadata(self.recipe, name, keys)
+            meta = output_metadata(self.recipe, name, keys, facts)
             okeys[name] = xxh3_hex(
                 canonical_json(
                     {
@@ -166,7 +173,32 @@ class Builder:
                 item.path = self.store.object_path(key) if item.stored else None
                 items.append(item)
         items.reverse()
-        return Plan(items, {**keys, **{f"output:{k}": v for k, v in okeys.items()}}, models, hashed)
+        all_keys = {**keys, **{f"output:{k}": v for k, v in okeys.items()}}
+        return Plan(items, all_keys, models, hashed, resolved, facts)
+
+    def _check_lock(self, resolved: dict[str, ResolvedInput]) -> None:
+        """With a lock file, every input must be the exact file the lock recorded."""
+        if self.locked_inputs is None:
+            return
+        bad = []
+        for name, r in resolved.items():
+            want = self.locked_inputs.get(name)
+            if want is None:
+                warnings.warn(
+                    f"model '{name}' is not in the lock file; `mergebuild lock` records it",
+                    stacklevel=2,
+                )
+            elif want != r.hashes.sha256:
+                bad.append(
+                    f"model '{name}': {r.path} has sha256 {r.hashes.sha256}, "
+                    f"the lock file expects {want}"
+                )
+        if bad:
+            raise BuildError(
+                "inputs differ from the lock file:\n  "
+                + "\n  ".join(bad)
+                + "\n(rebuild with --update-lock to accept them, or restore the locked files)"
+            )
 
     def _why_node(self, name: str, key: str, keys: dict[str, str], journal: dict) -> str:
         prev = journal.get("nodes", {}).get(name)
@@ -272,7 +304,7 @@ class Builder:
         try:
             for name in sorted(needed_sources - built_names):
                 if name in self.recipe.models:
-                    sources[name] = open_model(self.recipe.models[name].path)
+                    sources[name] = open_model(plan.inputs[name].path)
                 else:
                     sources[name] = SafetensorsSource(by_name[("merge", name)].path)
             for item in building:
@@ -296,7 +328,7 @@ class Builder:
                             out.source,
                             fd,
                             out.dtype,
-                            output_metadata(self.recipe, item.name, plan.keys),
+                            output_metadata(self.recipe, item.name, plan.keys, plan.facts),
                         )
                     )
             t0 = time.perf_counter()

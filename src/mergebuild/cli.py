@@ -13,7 +13,7 @@ from typing import Any
 from mergebuild import __version__
 from mergebuild.errors import EXIT_RECIPE, MergebuildError
 
-COMMANDS = ("build", "graph", "cache", "demo-models")
+COMMANDS = ("build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract")
 
 
 def _size(text: str) -> int:
@@ -48,31 +48,16 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a recipe's outputs (the default command)")
     b.add_argument("recipe", type=Path)
     b.add_argument("outputs", nargs="*", metavar="OUTPUT", help="only these outputs")
+    _build_options(b)
     b.add_argument(
-        "-n",
-        "--dry-run",
+        "--update-lock",
         action="store_true",
-        help="show what would be built and why; build nothing",
+        help="accept inputs that differ from RECIPE.lock and rewrite it after the build",
     )
-    b.add_argument("--json", action="store_true", help="print one JSON report on stdout")
-    b.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME.PARAM=VALUE",
-        dest="overrides",
-        help="override a merge parameter or output field",
-    )
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
-    b.add_argument("-j", "--jobs", type=int, default=2, help="worker threads (default 2)")
-    b.add_argument(
-        "--max-memory",
-        type=_size,
-        default=_size("2G"),
-        help="bound on tensor bytes in flight (default 2G)",
-    )
-    b.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
-    _common(b)
+
+    from mergebuild.cli_share import add_share_commands
+
+    add_share_commands(sub, _build_options)
 
     g = sub.add_parser("graph", help="print the merge DAG")
     g.add_argument("recipe", type=Path)
@@ -100,6 +85,43 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _build_options(b: argparse.ArgumentParser) -> None:
+    """Options of every command that builds: build, lock, verify."""
+    b.add_argument(
+        "-n",
+        "--dry-run",
+        action="store_true",
+        help="show what would be built and why; build nothing",
+    )
+    b.add_argument("--json", action="store_true", help="print one JSON report on stdout")
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME.PARAM=VALUE",
+        dest="overrides",
+        help="override a merge parameter or output field",
+    )
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    b.add_argument("-j", "--jobs", type=int, default=2, help="worker threads (default 2)")
+    b.add_argument(
+        "--max-memory",
+        type=_size,
+        default=_size("2G"),
+        help="bound on tensor bytes in flight (default 2G)",
+    )
+    b.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
+    b.add_argument(
+        "--models",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="also look here for models pinned by sha256 (repeatable)",
+    )
+    _common(b)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)
@@ -120,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "graph": cmd_graph,
             "cache": cmd_cache,
             "demo-models": cmd_demo,
+            **share_commands(),
         }[args.command](args)
     except MergebuildError as e:
         if args.debug:
@@ -153,38 +176,51 @@ def _store(args: argparse.Namespace) -> Any:
     return CacheStore(args.cache_dir)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def share_commands() -> dict[str, Any]:
+    from mergebuild.cli_share import COMMANDS as SHARE
+
+    return SHARE
+
+
+def make_builder(args: argparse.Namespace, outputs: list[str] | None, check_lock: bool) -> Any:
+    """Load the recipe and its lock; a Builder set up from the build options."""
     from mergebuild.build import Builder
+    from mergebuild.lockfile import locked_inputs, read_lock
     from mergebuild.progress import Progress
     from mergebuild.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     human = sys.stderr if args.json else sys.stdout
-    progress = Progress(enabled=not args.quiet, stream=human)
-    builder = Builder(
+    return Builder(
         recipe,
         _store(args),
-        args.outputs or None,
+        outputs,
         jobs=max(1, args.jobs),
         max_memory=args.max_memory,
-        progress=progress,
+        progress=Progress(enabled=not args.quiet, stream=human),
         device=args.device,
+        model_dirs=args.models,
+        locked_inputs=locked_inputs(read_lock(recipe)) if check_lock else None,
     )
-    if args.dry_run:
-        plan = builder.plan()
-        seconds = 0.0
-    else:
-        plan, seconds = builder.run()
+
+
+def build_report(args: argparse.Namespace, builder: Any, plan: Any, seconds: float) -> dict:
     built = sum(i.status in ("built", "build") for i in plan.items)
-    report = {
+    recipe = builder.recipe
+    return {
         "recipe": str(recipe.path),
         "cache_dir": str(builder.store.root),
         "dry_run": args.dry_run,
         "mergebuild_version": __version__,
         "nodes": [i.as_json() for i in plan.items],
         "models": {
-            n: {"key": plan.keys[n], "path": str(p), "hashed": n in plan.hashed}
-            for n, (p, _) in plan.models.items()
+            n: {
+                "key": plan.keys[n],
+                "path": str(r.path),
+                "sha256": r.hashes.sha256,
+                "hashed": n in plan.hashed,
+            }
+            for n, r in plan.inputs.items()
         },
         "summary": {
             "built" if not args.dry_run else "to_build": built,
@@ -192,6 +228,22 @@ def cmd_build(args: argparse.Namespace) -> int:
             "seconds": round(seconds, 3),
         },
     }
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    builder = make_builder(args, args.outputs or None, check_lock=not args.update_lock)
+    progress = builder.progress
+    if args.dry_run:
+        plan = builder.plan()
+        seconds = 0.0
+    else:
+        plan, seconds = builder.run()
+        if args.update_lock:
+            from mergebuild.cli_share import update_lock
+
+            progress.log(f"wrote {update_lock(builder, plan)}")
+    report = build_report(args, builder, plan, seconds)
+    built = sum(i.status in ("built", "build") for i in plan.items)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

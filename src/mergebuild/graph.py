@@ -94,7 +94,11 @@ def render_text(recipe: Recipe) -> str:
     lines = []
     for kind, name in schedule(recipe):
         if kind == "model":
-            lines.append(f"model  {name:<24} {recipe.models[name].path}")
+            m = recipe.models[name]
+            where = " ".join(
+                filter(None, [str(m.path or ""), f"sha256:{m.sha256}" if m.sha256 else ""])
+            )
+            lines.append(f"model  {name:<24} {where}")
         elif kind == "merge":
             node = recipe.nodes[name]
             args = ", ".join(f"{s}={r}" for s, r in node.inputs.items())

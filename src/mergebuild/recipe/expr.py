@@ -74,9 +74,12 @@ def parse_expression(text: str) -> tuple[dict[str, Fraction], dict[str, int]]:
         return sum(len(s) + 1 for s in lines[: line - 1]) + col - (1 if line == 1 else 0)
 
     def fold(node: ast.AST) -> _Lin:
-        if isinstance(node, ast.Name):
-            refs.setdefault(node.id, offset(node))
-            return _Lin({node.id: Fraction(1)})
+        if isinstance(node, ast.Name | ast.Attribute):
+            name = _dotted(node)  # `ns.model`: an output of an included recipe
+            if name is None:
+                raise ExpressionError("unsupported syntax (attribute)", offset(node))
+            refs.setdefault(name, offset(node))
+            return _Lin({name: Fraction(1)})
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
             seg = ast.get_source_segment(f"({text})", node) or ""
             try:
@@ -123,6 +126,15 @@ def parse_expression(text: str) -> tuple[dict[str, Fraction], dict[str, int]]:
         if not math.isfinite(_as_float(c)):
             raise ExpressionError(f"coefficient of '{name}' is too large", refs[name])
     return terms, refs
+
+
+def _dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
 
 
 def _as_float(c: Fraction) -> float:

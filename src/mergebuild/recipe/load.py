@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache")
 
 
 def load_recipe(
-    path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike[str],
+    overrides: list[str] | tuple[str, ...] = (),
+    _including: tuple[Path, ...] = (),
 ) -> Recipe:
     """Parse, validate and resolve a recipe; raise `RecipeError` listing every problem."""
     shown = str(path)
@@ -49,7 +52,7 @@ def load_recipe(
         rf = RecipeFile.model_validate(data)
     except ValidationError as e:
         raise RecipeError(problems_from(e, (), pos)) from None
-    return _Resolver(Path(path).resolve(), rf, data, pos).resolve()
+    return _Resolver(Path(path).resolve(), rf, data, pos, _including).resolve()
 
 
 def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] | tuple) -> None:
@@ -92,19 +95,44 @@ def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] |
 
 
 class _Resolver:
-    def __init__(self, path: Path, rf: RecipeFile, data: dict[str, Any], pos: Positions) -> None:
+    def __init__(
+        self,
+        path: Path,
+        rf: RecipeFile,
+        data: dict[str, Any],
+        pos: Positions,
+        including: tuple[Path, ...] = (),
+    ) -> None:
         self.recipe = Recipe(path=path)
         self.rf, self.data, self.pos = rf, data, pos
+        self.including = (*including, path)
         self.problems: list[Problem] = []
+        # names references may use: this recipe's, plus `ns.name` from included recipes
+        self.model_names: set[str] = set(rf.models)
+        self.merge_names: set[str] = set(rf.merges)
 
     def err(self, message: str, loc: Location | None) -> None:
         self.problems.append(Problem(message, loc))
 
     def resolve(self) -> Recipe:
+        self.recipe.search_paths = [self._path(p) for p in self.rf.search_paths]
+        for ns, text in self.rf.include.items():
+            self._include(ns, text)
+        for name in [*self.rf.models, *self.rf.merges]:
+            if name in self.recipe.models or name in self.recipe.nodes:
+                section = "models" if name in self.rf.models else "merges"
+                self.err(
+                    f"duplicate name '{name}': already defined by include '{name.split('.')[0]}'",
+                    self.pos.of((section, name), key=True),
+                )
         for name, entry in self.rf.models.items():
-            p = entry.path if isinstance(entry, ModelEntry) else entry
+            if isinstance(entry, str):
+                entry = ModelEntry(path=entry)
             self.recipe.models[name] = ModelInput(
-                name, self._path(p), self.pos.of(("models", name))
+                name,
+                self._path(entry.path) if entry.path else None,
+                self.pos.of(("models", name)),
+                entry.sha256,
             )
         for name, raw in self.rf.merges.items():
             if name in self.rf.models:
@@ -136,6 +164,43 @@ class _Resolver:
         if self.problems:
             raise RecipeError(self.problems)
         return self.recipe
+
+    def _include(self, ns: str, text: str) -> None:
+        """Another recipe's graph, namespaced `ns.`; its outputs become models of this one.
+
+        An included output is a non-stored `copy` node (cast to the output's dtype) of the
+        included node, so its value is exactly the file the other recipe would publish.
+        """
+        loc = self.pos.of(("include", ns))
+        path = Path(os.path.normpath(self._path(text)))
+        if path in self.including:
+            chain = " → ".join(p.name for p in (*self.including, path))
+            self.err(f"include cycle: {chain}", loc)
+            return
+        try:
+            sub = load_recipe(path, (), self.including)
+        except RecipeError as e:
+            if not e.problems[0].location:
+                self.err(f"include '{ns}': {e.problems[0].message}", loc)
+            self.problems += [p for p in e.problems if p.location]
+            return
+
+        def rn(name: str) -> str:
+            return f"{ns}.{name}"
+
+        for m in sub.models.values():
+            self.recipe.models[rn(m.name)] = replace(m, name=rn(m.name))
+        for n in sub.nodes.values():
+            inputs = {slot: rn(src) for slot, src in n.inputs.items()}
+            self.recipe.nodes[rn(n.name)] = replace(n, name=rn(n.name), inputs=inputs)
+        for o in sub.outputs.values():
+            self.recipe.nodes[rn(o.name)] = NodeSpec(
+                rn(o.name), "copy", {"a": rn(o.source)}, {}, o.dtype or "auto", False, o.location
+            )
+        known = self.recipe.search_paths
+        known += [p for p in sub.search_paths if p not in known]
+        self.model_names |= {rn(m) for m in sub.models}
+        self.merge_names |= {rn(n) for n in [*sub.nodes, *sub.outputs]}
 
     def _path(self, text: str) -> Path:
         p = Path(os.path.expanduser(text))
@@ -254,9 +319,10 @@ class _Resolver:
             self.err(f"in merge '{name}': {e}", _shift(loc, e.offset, quoted))
             return None
         for ref, off in low.refs.items():
-            if ref not in self.rf.models and ref not in self.rf.merges:
+            if ref not in self.model_names and ref not in self.merge_names:
                 self.err(
-                    _unknown_ref(ref, self.rf.models, self.rf.merges), _shift(loc, off, quoted)
+                    _unknown_ref(ref, self.model_names, self.merge_names),
+                    _shift(loc, off, quoted),
                 )
         return NodeSpec(name, low.method, low.inputs, low.params, dtype, entry.cache, loc, text)
 
@@ -279,9 +345,9 @@ class _Resolver:
         self.recipe.outputs[name] = OutputSpec(name, out.source, path, dtype, self.pos.of(where))
 
     def _check_refs(self) -> None:
-        models, merges = self.rf.models, self.rf.merges
+        models, merges = self.model_names, self.merge_names
         for node in self.recipe.nodes.values():
-            if node.expression is not None:
+            if node.expression is not None or "." in node.name:
                 continue  # reported with a precise column while lowering
             for slot, ref in node.inputs.items():
                 if ref not in models and ref not in merges:
@@ -293,13 +359,13 @@ class _Resolver:
             if out.source not in models and out.source not in merges:
                 self.err(
                     f"output '{out.name}' is from unknown node '{out.source}'"
-                    f"{did_you_mean(out.source, [*merges, *models])}",
+                    f"{did_you_mean(out.source, sorted([*merges, *models]))}",
                     self.pos.of(("outputs", out.name, "from")),
                 )
 
 
-def _unknown_ref(ref: str, models: dict, merges: dict) -> str:
-    close = did_you_mean(ref, [*models, *merges])
+def _unknown_ref(ref: str, models: set[str], merges: set[str]) -> str:
+    close = did_you_mean(ref, sorted([*models, *merges]))
     kind = "model" if not close or close.split("'")[1] in models else "node"
     return f"unknown {kind} '{ref}'{close}"
 

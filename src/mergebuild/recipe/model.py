@@ -12,8 +12,9 @@ from mergebuild.errors import Location
 @dataclass(frozen=True)
 class ModelInput:
     name: str
-    path: Path
+    path: Path | None  # None: found by `sha256` in the search paths
     location: Location | None = None
+    sha256: str | None = None  # full hash or a prefix of at least 10 hex digits (AutoV2)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Recipe:
     models: dict[str, ModelInput] = field(default_factory=dict)
     nodes: dict[str, NodeSpec] = field(default_factory=dict)
     outputs: dict[str, OutputSpec] = field(default_factory=dict)
+    search_paths: list[Path] = field(default_factory=list)
 
     @property
     def directory(self) -> Path:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from mergebuild.errors import Problem, did_you_mean
 from mergebuild.recipe.yamlpos import Path, Positions
@@ -18,14 +25,32 @@ DTYPE_ALIASES = {
 }  # fmt: skip
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+# `ns.name`: how included recipes' names appear; allowed so an extracted recipe keeps them
+DottedName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
 
+Sha256 = Annotated[
+    str, StringConstraints(pattern=r"^[0-9a-fA-F]{10,64}$", to_lower=True, strip_whitespace=True)
+]
+
+
 class ModelEntry(_Strict):
-    path: str = Field(min_length=1)
+    """A file by path, by content (full SHA-256 or its 10-hex AutoV2 prefix), or both."""
+
+    path: str | None = Field(default=None, min_length=1)
+    sha256: Sha256 | None = None
+
+    @model_validator(mode="after")
+    def _path_or_hash(self) -> ModelEntry:
+        if self.path is None and self.sha256 is None:
+            raise ValueError("give 'path', 'sha256' (or its 10-hex AutoV2 prefix), or both")
+        return self
 
 
 class MergeEntry(_Strict):
@@ -47,15 +72,17 @@ class OutputEntry(_Strict):
 
 class RecipeFile(_Strict):
     mergebuild: Literal[1]
-    models: dict[Name, str | ModelEntry] = Field(default_factory=dict)
-    merges: dict[Name, Any] = Field(default_factory=dict)
+    search_paths: list[str] = Field(default_factory=list)
+    include: dict[Name, str] = Field(default_factory=dict)
+    models: dict[DottedName, str | ModelEntry] = Field(default_factory=dict)
+    merges: dict[DottedName, Any] = Field(default_factory=dict)
     outputs: dict[str, OutputEntry]
 
 
 FIELD_NAMES = {
-    (): ["mergebuild", "models", "merges", "outputs"],
+    (): ["mergebuild", "search_paths", "include", "models", "merges", "outputs"],
     "output": ["from", "path", "dtype"],
-    "model": ["path"],
+    "model": ["path", "sha256"],
 }
 
 

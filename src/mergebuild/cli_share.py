@@ -1,0 +1,323 @@
+"""Commands for sharing recipes reproducibly: lock, verify, show, extract.
+
+The flow: the author builds, runs `mergebuild lock` and publishes recipe + lock; anyone runs
+`mergebuild verify` on their own copies of the inputs and gets exit 0 only if every output is
+bit-identical to the author's. `show` and `extract` read the provenance a file carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mergebuild.errors import BuildError, MergebuildError
+
+
+class VerifyFailed(MergebuildError):
+    """Outputs were built but differ from the lock file."""
+
+
+def add_share_commands(sub: Any, build_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    lk = sub.add_parser("lock", help="build, then write RECIPE.lock (hashes of inputs/outputs)")
+    lk.add_argument("recipe", type=Path)
+    build_options(lk)
+    v = sub.add_parser(
+        "verify", help="rebuild what is not cached and check outputs against RECIPE.lock"
+    )
+    v.add_argument("recipe", type=Path)
+    build_options(v)
+    s = sub.add_parser("show", help="hashes, architecture, dtypes and provenance of a model")
+    s.add_argument("model", type=Path)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--cache-dir", type=Path, help="where hashes are memoized")
+    s.add_argument("--debug", action="store_true")
+    e = sub.add_parser("extract", help="print a runnable recipe rebuilt from a model's metadata")
+    e.add_argument("model", type=Path)
+    e.add_argument("-o", "--output", type=Path, help="write the recipe here instead of stdout")
+    e.add_argument("--debug", action="store_true")
+
+
+def output_hashes(builder: Any, plan: Any) -> dict[str, tuple[str, int]]:
+    """SHA-256 and size of each published output (memoized: they are cache hardlinks)."""
+    out = {}
+    for item in plan.items:
+        if item.kind == "output":
+            h, _ = builder.store.hashes.hashes(builder.recipe.outputs[item.name].path)
+            out[item.name] = (h.sha256, h.size)
+    return out
+
+
+def update_lock(builder: Any, plan: Any) -> Path:
+    from mergebuild.lockfile import make_lock, read_lock, write_lock
+
+    outputs = output_hashes(builder, plan)
+    old = read_lock(builder.recipe) if builder.recipe.path.with_suffix(".lock").exists() else None
+    # outputs not built this time (a subset was asked for) keep their locked hashes
+    for name, entry in ((old or {}).get("outputs") or {}).items():
+        if name in builder.recipe.outputs and name not in outputs and isinstance(entry, dict):
+            outputs[name] = (entry.get("sha256"), entry.get("size"))
+    return write_lock(builder.recipe, make_lock(builder.recipe, plan, outputs))
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from mergebuild.cli import make_builder
+
+    builder = make_builder(args, None, check_lock=False)
+    plan, _ = builder.run()
+    path = update_lock(builder, plan)
+    if args.json:
+        print(json.dumps({"lock": str(path), "outputs": output_hashes(builder, plan)}, indent=1))
+    elif not args.quiet:
+        for name, (sha, size) in output_hashes(builder, plan).items():
+            print(f"{name:<28} sha256 {sha}  {size:,} bytes")
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mergebuild.cli import make_builder
+    from mergebuild.lockfile import lock_path, read_lock
+
+    builder = make_builder(args, None, check_lock=True)
+    lock = read_lock(builder.recipe)
+    if lock is None:
+        raise BuildError(f"no lock file {lock_path(builder.recipe)}: `mergebuild lock` writes one")
+    plan, _ = builder.run()
+    got = output_hashes(builder, plan)
+    results = []
+    for name, entry in sorted((lock.get("outputs") or {}).items()):
+        want = entry.get("sha256") if isinstance(entry, dict) else None
+        have = got.get(name, (None, None))[0]
+        results.append({"output": name, "expected": want, "actual": have, "ok": want == have})
+    for name in sorted(set(got) - set(lock.get("outputs") or {})):
+        results.append({"output": name, "expected": None, "actual": got[name][0], "ok": False})
+    problems = _recipe_drift(builder, plan, lock)
+    ok = all(r["ok"] for r in results) and not problems
+    if args.json:
+        print(json.dumps({"ok": ok, "outputs": results, "recipe_changes": problems}, indent=1))
+    else:
+        for r in results:
+            if r["ok"]:
+                print(f"ok        {r['output']:<28} sha256 {r['actual']}")
+            elif r["expected"] is None:
+                print(f"NOT LOCKED {r['output']:<27} sha256 {r['actual']}")
+            else:
+                print(
+                    f"MISMATCH  {r['output']:<28} expected {r['expected']}\n"
+                    f"          {'':<28} actual   {r['actual']}"
+                )
+        for p in problems:
+            print(f"changed   {p}")
+    if not ok:
+        if lock.get("mergebuild_version") != _version():
+            print(
+                f"note: the lock was written by mergebuild {lock.get('mergebuild_version')}, "
+                f"this is {_version()}; output metadata records the version",
+                file=sys.stderr,
+            )
+        raise VerifyFailed(
+            f"{sum(not r['ok'] for r in results)} of {len(results)} outputs differ from "
+            f"{builder.recipe.path.with_suffix('.lock').name}"
+            + (f"; the recipe changed since it was locked ({len(problems)})" if problems else "")
+        )
+    return 0
+
+
+def _version() -> str:
+    from mergebuild import __version__
+
+    return __version__
+
+
+def _recipe_drift(builder: Any, plan: Any, lock: dict[str, Any]) -> list[str]:
+    """Nodes whose canonical form differs from the lock (named, for the user)."""
+    locked = lock.get("nodes") or {}
+    out = []
+    for name in sorted(set(locked) | set(builder.recipe.nodes)):
+        if name not in builder.recipe.nodes:
+            out.append(f"node '{name}' was removed")
+        elif name not in locked:
+            out.append(f"node '{name}' is new")
+        elif isinstance(locked[name], dict) and locked[name].get("key") != plan.keys.get(name):
+            out.append(f"node '{name}' differs (method, parameters, dtype or inputs)")
+    return out
+
+
+# -- show / extract -----------------------------------------------------------------------------
+
+
+def _guess_arch(keys: list[str]) -> str:
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders.1.model."):
+        return "SDXL"
+    if has("cond_stage_model.model."):
+        return "SD2.x"
+    if has("cond_stage_model.transformer."):
+        return "SD1.x"
+    if has("model.diffusion_model."):
+        return "UNet only"
+    if has("first_stage_model.") or has("encoder.down."):
+        return "VAE only"
+    return "unknown"
+
+
+def describe(path: Path, memo_dir: Path | None) -> dict[str, Any]:
+    from mergebuild.cache import CacheStore
+    from mergebuild.engine.safetensors_io import read_header
+    from mergebuild.provenance import METADATA_KEY, read_input_metadata
+
+    if path.suffix.lower() != ".safetensors":
+        raise BuildError(f"{path}: `show` reads safetensors files (convert a .ckpt first)")
+    header = read_header(path)
+    hashes, _ = CacheStore(memo_dir).hashes.hashes(path)
+    meta = read_input_metadata(path)
+    dtypes = Counter(info.dtype for info, _, _ in header.tensors.values())
+    return {
+        "path": str(path),
+        "architecture": _guess_arch(list(header.tensors)),
+        "tensors": len(header.tensors),
+        "parameters": sum(_numel(info.shape) for info, _, _ in header.tensors.values()),
+        "dtypes": dict(sorted(dtypes.items())),
+        "size": hashes.size,
+        "sha256": hashes.sha256,
+        "autov2": hashes.autov2,
+        "legacy_hash": hashes.legacy,
+        "provenance": meta.get(METADATA_KEY),
+        "sd_merge_recipe": meta.get("sd_merge_recipe"),
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tree(prov: dict[str, Any], indent: str = "  ") -> list[str]:
+    """The provenance as an indented tree, output first, down to pinned inputs."""
+    merges, models = prov.get("merges", {}), prov.get("models", {})
+    out = prov.get("output", {})
+    lines = [f"{indent}{out.get('name', 'output')} ← {out.get('from')} (dtype {out.get('dtype')})"]
+
+    def walk(name: str, depth: int) -> None:
+        pad = indent * (depth + 1)
+        if name in merges:
+            m = merges[name]
+            params = ", ".join(f"{k}={v}" for k, v in m.get("params", {}).items())
+            args = ", ".join(f"{s}={src}" for s, src in m.get("inputs", {}).items())
+            lines.append(f"{pad}{name} = {m.get('method')}({args}{', ' if params else ''}{params})")
+            for src in m.get("inputs", {}).values():
+                walk(src, depth + 1)
+        elif name in models:
+            m = models[name]
+            lines.append(f"{pad}{name}: sha256 {m.get('sha256')}")
+            if isinstance(m.get("provenance"), dict):
+                lines.extend(_tree(m["provenance"], indent=pad + indent))
+            elif m.get("sd_merge_recipe"):
+                lines.append(f"{pad}{indent}web UI merge: {json.dumps(m['sd_merge_recipe'])}")
+
+    walk(str(out.get("from")), 1)
+    return lines
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    info = describe(args.model, args.cache_dir)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['path']}")
+    print(f"  architecture  {info['architecture']}")
+    print(f"  tensors       {info['tensors']:,}")
+    print(f"  dtypes        {', '.join(f'{k}×{v}' for k, v in info['dtypes'].items())}")
+    print(f"  size          {info['size']:,} bytes")
+    print(f"  sha256        {info['sha256']}")
+    print(f"  AutoV2        {info['autov2']}")
+    print(f"  legacy hash   {info['legacy_hash']}")
+    if isinstance(info["provenance"], dict):
+        print("  provenance (mergebuild):")
+        for line in _tree(info["provenance"], "  "):
+            print(f"  {line}")
+    elif info["sd_merge_recipe"]:
+        print(f"  provenance (web UI): {json.dumps(info['sd_merge_recipe'])}")
+    else:
+        print("  provenance    none recorded")
+    return 0
+
+
+def extract_recipe(prov: dict[str, Any]) -> str:
+    """A recipe that rebuilds the file: the same names, methods, parameters and dtypes, with
+    inputs pinned by SHA-256 (found through search paths)."""
+    import yaml
+
+    from mergebuild.engine.methods import REGISTRY
+
+    merges: dict[str, Any] = {}
+    for name, m in sorted(prov.get("merges", {}).items()):
+        method = REGISTRY.get(m.get("method"))
+        if method is None:
+            raise BuildError(f"node '{name}' uses method '{m.get('method')}', unknown here")
+        entry: dict[str, Any] = {"method": m["method"]}
+        if method.variadic:
+            entry["inputs"] = list(m["inputs"].values())
+        else:
+            entry.update(m["inputs"])
+        entry.update(m.get("params", {}))
+        entry["dtype"] = m.get("dtype", "auto")
+        merges[name] = entry
+    out = prov.get("output", {})
+    name = out.get("name", "output")
+    doc = {
+        "mergebuild": 1,
+        "models": {n: {"sha256": m["sha256"]} for n, m in sorted(prov["models"].items())},
+        "merges": merges,
+        "outputs": {
+            name: {
+                "from": out["from"],
+                "path": f"{name}.safetensors",
+                **({"dtype": out["dtype"]} if out.get("dtype") not in (None, "auto") else {}),
+            }
+        },
+    }
+    nested = [n for n, m in prov["models"].items() if "provenance" in m]
+    head = [
+        f"# extracted by mergebuild {prov.get('mergebuild_version')} from a model it built",
+        "# inputs are pinned by sha256: build with --models DIR (or MERGEBUILD_MODEL_PATH)",
+    ]
+    if nested:
+        head.append(f"# {', '.join(nested)} were merges too: `mergebuild extract` them as well")
+    return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from mergebuild.atomic import write_bytes
+    from mergebuild.provenance import METADATA_KEY, read_input_metadata
+
+    if not args.model.is_file():
+        raise BuildError(f"no such file: {args.model}")
+    prov = read_input_metadata(args.model).get(METADATA_KEY)
+    if not isinstance(prov, dict) or prov.get("format") != 2:
+        raise BuildError(
+            f"{args.model} carries no mergebuild provenance (format 2): it was not built by "
+            "this version of mergebuild"
+        )
+    text = extract_recipe(prov)
+    if args.output:
+        write_bytes(args.output, text.encode())
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "lock": cmd_lock,
+    "verify": cmd_verify,
+    "show": cmd_show,
+    "extract": cmd_extract,
+}
