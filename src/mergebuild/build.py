@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class Plan:
     keys: dict[str, str]
     models: dict[str, tuple[Path, list[int]]]  # name → (path, stat signature when hashed)
     hashed: list[str]  # models whose bytes were (re-)read to get their key
+    corrupt: dict[str, tuple[str, str]] = field(default_factory=dict)  # key → (name, why)
 
     def to_build(self) -> list[Item]:
         return [i for i in self.items if i.status == "build"]
@@ -132,10 +134,21 @@ class Builder:
         journal = self.store.read_journal(self.recipe.path)
         needed: set[tuple[str, str]] = set()
         items: list[Item] = []
+        corrupt: dict[str, tuple[str, str]] = {}
+
+        def usable(name: str, key: str) -> bool:
+            """In the cache and its bytes match their checksum (checked only for entries used)."""
+            if not self.store.has(key):
+                return False
+            why = self.store.problem(key)
+            if why is not None:
+                corrupt[key] = (name, why)
+            return why is None
+
         for kind, name in reversed(order):
             if kind == "output":
                 key = okeys[name]
-                if self.store.has(key):
+                if usable(name, key):
                     item = Item("output", name, key, "cached", "in cache", True)
                 else:
                     item = Item(
@@ -143,7 +156,8 @@ class Builder:
                         name,
                         key,
                         "build",
-                        self._why_output(name, key, keys, journal),
+                        _corrupt_reason(corrupt.get(key))
+                        or self._why_output(name, key, keys, journal),
                         True,
                     )
                     needed.add(next(iter(self.graph.predecessors(("output", name)))))
@@ -157,16 +171,26 @@ class Builder:
                 have = self.store.has(key)
                 if ("merge", name) not in needed:
                     status, why = "cached", "in cache" if have else "not needed: downstream cached"
-                elif have:
+                elif usable(name, key):
                     status, why = "cached", "in cache"
                 else:
-                    status, why = "build", self._why_node(name, key, keys, journal)
+                    have = False
+                    status = "build"
+                    why = _corrupt_reason(corrupt.get(key)) or self._why_node(
+                        name, key, keys, journal
+                    )
                     needed.update(self.graph.predecessors(("merge", name)))
                 item = Item("merge", name, key, status, why, stored or have)
                 item.path = self.store.object_path(key) if item.stored else None
                 items.append(item)
         items.reverse()
-        return Plan(items, {**keys, **{f"output:{k}": v for k, v in okeys.items()}}, models, hashed)
+        return Plan(
+            items,
+            {**keys, **{f"output:{k}": v for k, v in okeys.items()}},
+            models,
+            hashed,
+            corrupt,
+        )
 
     def _why_node(self, name: str, key: str, keys: dict[str, str], journal: dict) -> str:
         prev = journal.get("nodes", {}).get(name)
@@ -218,6 +242,7 @@ class Builder:
         if plan.to_build():
             with self._locked([i.key for i in plan.to_build()]):
                 plan = self.plan()  # another process may have built some while we waited
+                self._drop_corrupt(plan)
                 if plan.to_build():
                     self._execute(plan)
         for item in plan.items:
@@ -232,6 +257,14 @@ class Builder:
                 item.bytes = item.path.stat().st_size
         self._record(plan)
         return plan, time.perf_counter() - t0
+
+    def _drop_corrupt(self, plan: Plan) -> None:
+        """Report and delete entries that failed their checksum; the build writes them anew."""
+        for key, (name, why) in plan.corrupt.items():
+            warnings.warn(
+                f"cache entry {key} ('{name}') corrupted: {why}; rebuilding", stacklevel=1
+            )
+            self.store.remove(key)
 
     @contextlib.contextmanager
     def _locked(self, keys: list[str]) -> Iterator[None]:
@@ -383,6 +416,10 @@ class Builder:
         outputs = {k: v for k, v in outputs.items() if k in self.recipe.outputs}
         with contextlib.suppress(OSError):
             self.store.write_journal(self.recipe.path, {"nodes": nodes, "outputs": outputs})
+
+
+def _corrupt_reason(found: tuple[str, str] | None) -> str | None:
+    return f"cache entry corrupted: {found[1]}" if found else None
 
 
 def _check_device(device: str) -> str:

@@ -81,8 +81,11 @@ def parser() -> argparse.ArgumentParser:
     _common(g)
 
     c = sub.add_parser("cache", help="inspect or prune the cache")
-    c.add_argument("action", choices=["ls", "du", "gc", "clean"])
+    c.add_argument("action", choices=["ls", "du", "gc", "clean", "verify"])
     c.add_argument("-n", "--dry-run", action="store_true", help="gc: list what would go")
+    c.add_argument(
+        "--remove", action="store_true", help="verify: delete entries that fail the check"
+    )
     c.add_argument("--json", action="store_true")
     _common(c)
 
@@ -221,6 +224,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     store = _store(args)
+    if args.action == "verify":
+        return _cache_verify(store, args.remove, args.json)
     if args.action == "clean":
         store.clean()
         print(f"removed {store.root}")
@@ -257,6 +262,26 @@ def cmd_cache(args: argparse.Namespace) -> int:
             )
     print(f"{len(entries)} objects, {total / 1e6:,.1f} MB in {store.root}")
     return 0
+
+
+def _cache_verify(store: Any, remove: bool, as_json: bool) -> int:
+    """Re-hash every cache entry against its checksum; exit 1 if any is corrupted."""
+    checked = sum(1 for e in store.entries() if e.info)
+    bad, leftovers = store.verify(remove=remove)
+    if as_json:
+        report = {
+            "root": str(store.root),
+            "bad": [{"key": e.key, "name": e.info.get("name"), "problem": why} for e, why in bad],
+            "leftovers": [str(p) for p in leftovers],
+            "removed": remove,
+        }
+        print(json.dumps(report, indent=1))
+    else:
+        for e, why in bad:
+            print(f"{'removed' if remove else 'BAD'} {e.key} {e.info.get('name', '?')}: {why}")
+        extra = f", {len(leftovers)} leftovers of interrupted writes" if leftovers else ""
+        print(f"{checked} objects checked, {len(bad)} corrupted{extra}")
+    return 1 if bad else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -65,8 +65,16 @@ class HashMemo:
             raise BuildError(f"cannot read input model {path}: {e.strerror}") from None
         if stat_signature(path.stat()) == sig:  # unchanged while we read it
             # the memo is an optimisation: a read-only cache dir must not fail the build
-            with contextlib.suppress(OSError):
-                write_bytes(
-                    entry, json.dumps({"path": str(path), "stat": sig, "xxh3": key}).encode()
-                )
+            self.remember(path, key, sig)
         return key, False
+
+    def remember(self, path: Path, key: str, sig: list[int]) -> None:
+        """Record `key` as the content of `path` while its stat signature is `sig`."""
+        with contextlib.suppress(OSError):
+            write_bytes(
+                self._entry(path),
+                json.dumps({"path": str(path), "stat": sig, "xxh3": key}).encode(),
+            )
+
+    def forget(self, path: Path) -> None:
+        self._entry(path).unlink(missing_ok=True)
