@@ -36,6 +36,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def _allow_outside(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="let the recipe write outputs outside its own directory",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="mergebuild",
@@ -72,12 +80,14 @@ def parser() -> argparse.ArgumentParser:
         help="bound on tensor bytes in flight (default 2G)",
     )
     b.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
+    _allow_outside(b)
     _common(b)
 
     g = sub.add_parser("graph", help="print the merge DAG")
     g.add_argument("recipe", type=Path)
     g.add_argument("--format", choices=["text", "dot"], default="text")
     g.add_argument("--set", action="append", default=[], dest="overrides")
+    _allow_outside(g)
     _common(g)
 
     c = sub.add_parser("cache", help="inspect or prune the cache")
@@ -161,7 +171,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from mergebuild.progress import Progress
     from mergebuild.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, args.allow_outside_paths)
     human = sys.stderr if args.json else sys.stdout
     progress = Progress(enabled=not args.quiet, stream=human)
     builder = Builder(
@@ -217,7 +227,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from mergebuild.graph import render_dot, render_text
     from mergebuild.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, args.allow_outside_paths)
     print(render_dot(recipe) if args.format == "dot" else render_text(recipe))
     return 0
 

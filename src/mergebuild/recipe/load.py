@@ -26,9 +26,15 @@ GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache")
 
 
 def load_recipe(
-    path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike[str],
+    overrides: list[str] | tuple[str, ...] = (),
+    allow_outside_paths: bool = False,
 ) -> Recipe:
-    """Parse, validate and resolve a recipe; raise `RecipeError` listing every problem."""
+    """Parse, validate and resolve a recipe; raise `RecipeError` listing every problem.
+
+    A shared recipe must not write anywhere it likes: outputs outside the recipe's directory
+    (after resolving symlinks) are refused unless `allow_outside_paths`.
+    """
     shown = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -49,7 +55,7 @@ def load_recipe(
         rf = RecipeFile.model_validate(data)
     except ValidationError as e:
         raise RecipeError(problems_from(e, (), pos)) from None
-    return _Resolver(Path(path).resolve(), rf, data, pos).resolve()
+    return _Resolver(Path(path).resolve(), rf, data, pos, allow_outside_paths).resolve()
 
 
 def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] | tuple) -> None:
@@ -92,9 +98,17 @@ def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] |
 
 
 class _Resolver:
-    def __init__(self, path: Path, rf: RecipeFile, data: dict[str, Any], pos: Positions) -> None:
+    def __init__(
+        self,
+        path: Path,
+        rf: RecipeFile,
+        data: dict[str, Any],
+        pos: Positions,
+        allow_outside: bool = False,
+    ) -> None:
         self.recipe = Recipe(path=path)
         self.rf, self.data, self.pos = rf, data, pos
+        self.allow_outside = allow_outside
         self.problems: list[Problem] = []
 
     def err(self, message: str, loc: Location | None) -> None:
@@ -104,7 +118,7 @@ class _Resolver:
         for name, entry in self.rf.models.items():
             p = entry.path if isinstance(entry, ModelEntry) else entry
             self.recipe.models[name] = ModelInput(
-                name, self._path(p), self.pos.of(("models", name))
+                name, self._path(p, ("models", name)), self.pos.of(("models", name))
             )
         for name, raw in self.rf.merges.items():
             if name in self.rf.models:
@@ -137,7 +151,10 @@ class _Resolver:
             raise RecipeError(self.problems)
         return self.recipe
 
-    def _path(self, text: str) -> Path:
+    def _path(self, text: str, where: tuple) -> Path:
+        if "\0" in text:
+            self.err("a file path cannot contain a NUL character", self.pos.of(where))
+            text = text.replace("\0", "")
         p = Path(os.path.expanduser(text))
         return Path(os.path.normpath(self.recipe.directory / p))
 
@@ -263,7 +280,8 @@ class _Resolver:
     def _output(self, name: str, out: Any) -> None:
         where = ("outputs", name)
         dtype = self._dtype(out.dtype, (*where, "dtype"), allow_auto=False)
-        path = self._path(out.path)
+        path = self._path(out.path, (*where, "path"))
+        self._check_output_place(name, path)
         for other in self.recipe.outputs.values():
             if other.path == path:
                 self.err(
@@ -277,6 +295,30 @@ class _Resolver:
                     self.pos.of((*where, "path")),
                 )
         self.recipe.outputs[name] = OutputSpec(name, out.source, path, dtype, self.pos.of(where))
+
+    def _check_output_place(self, name: str, path: Path) -> None:
+        """Refuse outputs that land outside the recipe's directory or on an input's bytes.
+
+        Symlinks are resolved: in the directories (which decide where the file lands) and in
+        the output itself (a link to an input model would name the input).
+        """
+        loc = self.pos.of(("outputs", name, "path"))
+        lands = Path(os.path.realpath(path.parent)) / path.name
+        home = Path(os.path.realpath(self.recipe.directory))
+        if not self.allow_outside and not lands.is_relative_to(home):
+            self.err(
+                f"output '{name}' would be written outside the recipe's directory ({lands} is "
+                f"not under {home}); pass --allow-outside-paths if that is intended",
+                loc,
+            )
+        real = os.path.realpath(path)
+        for model in self.recipe.models.values():
+            if model.path != path and os.path.realpath(model.path) == real:
+                self.err(
+                    f"output '{name}' ({path}) resolves to input model '{model.name}' ({real}) "
+                    "through a symlink; writing it would destroy the input",
+                    loc,
+                )
 
     def _check_refs(self) -> None:
         models, merges = self.rf.models, self.rf.merges
