@@ -62,11 +62,12 @@ def write_bytes(target: Path, data: bytes) -> None:
 def publish(source: Path, target: Path) -> str:
     """Make `target` have `source`'s bytes: hardlink if possible, else copy; atomic either way.
 
-    Returns "link", "copy" or "unchanged" (target already is `source`'s inode).
+    Returns "link", "copy" or "unchanged" (target already is `source`'s inode). A symlink at
+    `target` is replaced by the file, never written through.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        if os.path.samefile(source, target):
+        if not target.is_symlink() and os.path.samefile(source, target):
             return "unchanged"
     tmp = Path(tempfile.mktemp(prefix=TMP_PREFIX, suffix=target.suffix, dir=target.parent))
     try:

@@ -67,6 +67,7 @@ class Plan:
     hashed: list[str]  # models whose bytes were (re-)read to get their key
     inputs: dict[str, ResolvedInput] = field(default_factory=dict)
     facts: dict[str, InputFacts] = field(default_factory=dict)
+    corrupt: dict[str, tuple[str, str]] = field(default_factory=dict)  # key → (name, why)
 
     def to_build(self) -> list[Item]:
         return [i for i in self.items if i.status == "build"]
@@ -111,6 +112,7 @@ class Builder:
             self.recipe, [n for k, n in order if k == "model"], self.store.hashes, self.model_dirs
         )
         self._check_lock(resolved)
+        self._check_outputs_spare_inputs(resolved)
         keys = {n: r.hashes.xxh3 for n, r in resolved.items()}
         models = {n: (r.path, r.signature) for n, r in resolved.items()}
         hashed = [n for n, r in resolved.items() if not r.memoized]
@@ -139,10 +141,21 @@ class Builder:
         journal = self.store.read_journal(self.recipe.path)
         needed: set[tuple[str, str]] = set()
         items: list[Item] = []
+        corrupt: dict[str, tuple[str, str]] = {}
+
+        def usable(name: str, key: str) -> bool:
+            """In the cache and its bytes match their checksum (checked only for entries used)."""
+            if not self.store.has(key):
+                return False
+            why = self.store.problem(key)
+            if why is not None:
+                corrupt[key] = (name, why)
+            return why is None
+
         for kind, name in reversed(order):
             if kind == "output":
                 key = okeys[name]
-                if self.store.has(key):
+                if usable(name, key):
                     item = Item("output", name, key, "cached", "in cache", True)
                 else:
                     item = Item(
@@ -150,7 +163,8 @@ class Builder:
                         name,
                         key,
                         "build",
-                        self._why_output(name, key, keys, journal),
+                        _corrupt_reason(corrupt.get(key))
+                        or self._why_output(name, key, keys, journal),
                         True,
                     )
                     needed.add(next(iter(self.graph.predecessors(("output", name)))))
@@ -164,17 +178,32 @@ class Builder:
                 have = self.store.has(key)
                 if ("merge", name) not in needed:
                     status, why = "cached", "in cache" if have else "not needed: downstream cached"
-                elif have:
+                elif usable(name, key):
                     status, why = "cached", "in cache"
                 else:
-                    status, why = "build", self._why_node(name, key, keys, journal)
+                    have = False
+                    status = "build"
+                    why = _corrupt_reason(corrupt.get(key)) or self._why_node(
+                        name, key, keys, journal
+                    )
                     needed.update(self.graph.predecessors(("merge", name)))
                 item = Item("merge", name, key, status, why, stored or have)
                 item.path = self.store.object_path(key) if item.stored else None
                 items.append(item)
         items.reverse()
         all_keys = {**keys, **{f"output:{k}": v for k, v in okeys.items()}}
-        return Plan(items, all_keys, models, hashed, resolved, facts)
+        return Plan(items, all_keys, models, hashed, resolved, facts, corrupt)
+
+    def _check_outputs_spare_inputs(self, resolved: dict[str, ResolvedInput]) -> None:
+        """A model found by hash may live where an output goes: never write over it."""
+        real = {os.path.realpath(r.path): n for n, r in resolved.items()}
+        for name in self.outputs:
+            hit = real.get(os.path.realpath(self.recipe.outputs[name].path))
+            if hit is not None:
+                raise BuildError(
+                    f"output '{name}' ({self.recipe.outputs[name].path}) is the file of input "
+                    f"model '{hit}'; writing it would destroy the input"
+                )
 
     def _check_lock(self, resolved: dict[str, ResolvedInput]) -> None:
         """With a lock file, every input must be the exact file the lock recorded."""
@@ -250,6 +279,7 @@ class Builder:
         if plan.to_build():
             with self._locked([i.key for i in plan.to_build()]):
                 plan = self.plan()  # another process may have built some while we waited
+                self._drop_corrupt(plan)
                 if plan.to_build():
                     self._execute(plan)
         for item in plan.items:
@@ -264,6 +294,14 @@ class Builder:
                 item.bytes = item.path.stat().st_size
         self._record(plan)
         return plan, time.perf_counter() - t0
+
+    def _drop_corrupt(self, plan: Plan) -> None:
+        """Report and delete entries that failed their checksum; the build writes them anew."""
+        for key, (name, why) in plan.corrupt.items():
+            warnings.warn(
+                f"cache entry {key} ('{name}') corrupted: {why}; rebuilding", stacklevel=1
+            )
+            self.store.remove(key)
 
     @contextlib.contextmanager
     def _locked(self, keys: list[str]) -> Iterator[None]:
@@ -415,6 +453,10 @@ class Builder:
         outputs = {k: v for k, v in outputs.items() if k in self.recipe.outputs}
         with contextlib.suppress(OSError):
             self.store.write_journal(self.recipe.path, {"nodes": nodes, "outputs": outputs})
+
+
+def _corrupt_reason(found: tuple[str, str] | None) -> str | None:
+    return f"cache entry corrupted: {found[1]}" if found else None
 
 
 def _check_device(device: str) -> str:

@@ -2,7 +2,7 @@
 
 Layout under the cache root:
   objects/ab/<key>.safetensors   a node's or output's bytes (outputs are hardlinks to these)
-  objects/ab/<key>.json          sidecar: what it is, size, which recipe built it
+  objects/ab/<key>.json          sidecar: what it is, size, checksum, which recipe built it
   hashes/                        memo of input content keys (see hashing.py)
   journal/<recipe>.json          last build of each recipe: keys and params, for "why" and gc
   locks/<key>.lock               one builder per key across processes
@@ -23,9 +23,12 @@ import xxhash
 from filelock import FileLock
 
 from mergebuild.atomic import TMP_PREFIX, write_bytes
-from mergebuild.hashing import HashMemo
+from mergebuild.errors import BuildError
+from mergebuild.hashing import HashMemo, hash_file, stat_signature
 
 ENV_VAR = "MERGEBUILD_CACHE_DIR"
+STALE_TMP_SECONDS = 86400
+CHECKSUM = "xxh3_128"  # sidecar field: xxh3-128 of the object's bytes, taken at write time
 
 
 def default_root() -> Path:
@@ -56,12 +59,52 @@ class CacheStore:
         return self.objects / key[:2] / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        return self.object_path(key).is_file()
+        """An object counts only with its sidecar: a build killed between the two left it."""
+        path = self.object_path(key)
+        return path.is_file() and path.with_suffix(".json").is_file()
 
     def write_sidecar(self, key: str, info: dict[str, Any]) -> None:
+        """Record the object's size and checksum (read back right after it was written)."""
         path = self.object_path(key)
-        info = {**info, "key": key, "size": path.stat().st_size, "created": time.time()}
+        sig = stat_signature(path.stat())
+        found = hash_file(path, full=False)
+        info = {**info, "key": key, "size": sig[2], CHECKSUM: found.xxh3, "created": time.time()}
         write_bytes(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
+        if stat_signature(path.stat()) == sig:
+            self.hashes.remember(path, found, sig)  # a cached build need not re-read it
+
+    def problem(self, key: str, memo: bool = True) -> str | None:
+        """Why the entry `key` must not be used (None: its bytes match its checksum).
+
+        With `memo`, an object whose stat signature is unchanged since it was last hashed is
+        not re-read, so a fully cached build stays fast; `cache verify` reads everything.
+        """
+        path = self.object_path(key)
+        try:
+            info = json.loads(path.with_suffix(".json").read_text())
+            want, size = info[CHECKSUM], info["size"]
+        except FileNotFoundError:
+            return "no sidecar (interrupted write)"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "sidecar unreadable or without checksum"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "object file missing"
+        if st.st_size != size:
+            return f"size is {st.st_size} bytes, expected {size} (truncated?)"
+        try:
+            got = self.hashes.content_key(path)[0] if memo else hash_file(path, full=False).xxh3
+        except (BuildError, OSError) as e:
+            return f"unreadable ({e})"
+        return None if got == want else "checksum mismatch (bytes changed on disk)"
+
+    def remove(self, key: str) -> None:
+        """Delete an entry: object first, so a half-removed entry is already 'not present'."""
+        path = self.object_path(key)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        self.hashes.forget(path)
 
     def lock(self, key: str) -> FileLock:
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
@@ -93,11 +136,7 @@ class CacheStore:
         for path in sorted(self.objects.glob("*/*.safetensors")):
             if path.name.startswith(TMP_PREFIX):
                 continue
-            try:
-                info = json.loads(path.with_suffix(".json").read_text())
-            except (OSError, ValueError):
-                info = {}
-            yield Entry(path.stem, path, path.stat().st_size, info)
+            yield Entry(path.stem, path, path.stat().st_size, _sidecar(path))
 
     def live_keys(self) -> set[str]:
         """Keys used by the latest build of every recipe that still exists."""
@@ -122,15 +161,55 @@ class CacheStore:
         removed = [e for e in self.entries() if e.key not in keep]
         if not dry_run:
             for e in removed:
-                e.path.unlink(missing_ok=True)
-                e.path.with_suffix(".json").unlink(missing_ok=True)
+                self.remove(e.key)
             # temp files of killed builds; a day's margin spares ones a running build still writes
-            stale = time.time() - 86400
+            stale = time.time() - STALE_TMP_SECONDS
             for tmp in self.objects.glob(f"*/{TMP_PREFIX}*") if self.objects.is_dir() else []:
                 if tmp.stat().st_mtime < stale:
                     tmp.unlink(missing_ok=True)
         return removed
 
+    def verify(self, remove: bool = False) -> tuple[list[tuple[Entry, str]], list[Path]]:
+        """Re-hash every entry: (bad entries with why, leftovers of interrupted writes).
+
+        Leftovers (objects without sidecar, sidecars without object, temp files) are never
+        used, so they are not failures; with `remove`, both kinds are deleted.
+        """
+        bad: list[tuple[Entry, str]] = []
+        leftovers: list[Path] = []
+        if not self.objects.is_dir():
+            return bad, leftovers
+        for sub in sorted(p for p in self.objects.iterdir() if p.is_dir()):
+            for path in sorted(sub.iterdir()):
+                orphan = path.suffix == ".json" and not path.with_suffix(".safetensors").exists()
+                if orphan or path.name.startswith(TMP_PREFIX):
+                    leftovers.append(path)
+                elif path.suffix == ".safetensors":
+                    if not path.with_suffix(".json").exists():
+                        leftovers.append(path)
+                        continue
+                    why = self.problem(path.stem, memo=False)
+                    if why is not None:
+                        entry = Entry(path.stem, path, path.stat().st_size, _sidecar(path))
+                        bad.append((entry, why))
+        if remove:
+            for e, _ in bad:
+                self.remove(e.key)
+            stale = time.time() - STALE_TMP_SECONDS
+            for path in leftovers:
+                # a running build's temp file is young: leave it alone
+                if not path.name.startswith(TMP_PREFIX) or path.stat().st_mtime < stale:
+                    path.unlink(missing_ok=True)
+        return bad, leftovers
+
     def clean(self) -> None:
         if self.root.is_dir():
             shutil.rmtree(self.root)
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}

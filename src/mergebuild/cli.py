@@ -36,6 +36,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def _allow_outside(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="let the recipe write outputs outside its own directory",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="mergebuild",
@@ -63,11 +71,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("recipe", type=Path)
     g.add_argument("--format", choices=["text", "dot"], default="text")
     g.add_argument("--set", action="append", default=[], dest="overrides")
+    _allow_outside(g)
     _common(g)
 
     c = sub.add_parser("cache", help="inspect or prune the cache")
-    c.add_argument("action", choices=["ls", "du", "gc", "clean"])
+    c.add_argument("action", choices=["ls", "du", "gc", "clean", "verify"])
     c.add_argument("-n", "--dry-run", action="store_true", help="gc: list what would go")
+    c.add_argument(
+        "--remove", action="store_true", help="verify: delete entries that fail the check"
+    )
     c.add_argument("--json", action="store_true")
     _common(c)
 
@@ -119,6 +131,7 @@ def _build_options(b: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="also look here for models pinned by sha256 (repeatable)",
     )
+    _allow_outside(b)
     _common(b)
 
 
@@ -189,7 +202,7 @@ def make_builder(args: argparse.Namespace, outputs: list[str] | None, check_lock
     from mergebuild.progress import Progress
     from mergebuild.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, args.allow_outside_paths)
     human = sys.stderr if args.json else sys.stdout
     return Builder(
         recipe,
@@ -266,13 +279,15 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from mergebuild.graph import render_dot, render_text
     from mergebuild.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, args.allow_outside_paths)
     print(render_dot(recipe) if args.format == "dot" else render_text(recipe))
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     store = _store(args)
+    if args.action == "verify":
+        return _cache_verify(store, args.remove, args.json)
     if args.action == "clean":
         store.clean()
         print(f"removed {store.root}")
@@ -309,6 +324,26 @@ def cmd_cache(args: argparse.Namespace) -> int:
             )
     print(f"{len(entries)} objects, {total / 1e6:,.1f} MB in {store.root}")
     return 0
+
+
+def _cache_verify(store: Any, remove: bool, as_json: bool) -> int:
+    """Re-hash every cache entry against its checksum; exit 1 if any is corrupted."""
+    checked = sum(1 for e in store.entries() if e.info)
+    bad, leftovers = store.verify(remove=remove)
+    if as_json:
+        report = {
+            "root": str(store.root),
+            "bad": [{"key": e.key, "name": e.info.get("name"), "problem": why} for e, why in bad],
+            "leftovers": [str(p) for p in leftovers],
+            "removed": remove,
+        }
+        print(json.dumps(report, indent=1))
+    else:
+        for e, why in bad:
+            print(f"{'removed' if remove else 'BAD'} {e.key} {e.info.get('name', '?')}: {why}")
+        extra = f", {len(leftovers)} leftovers of interrupted writes" if leftovers else ""
+        print(f"{checked} objects checked, {len(bad)} corrupted{extra}")
+    return 1 if bad else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 MAX_EXPRESSION_CHARS = 4096
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ExpressionError(Exception):
@@ -123,7 +124,7 @@ def parse_expression(text: str) -> tuple[dict[str, Fraction], dict[str, int]]:
     if not terms:
         raise ExpressionError("expression has no model terms (everything cancels out)")
     for name, c in terms.items():
-        if not math.isfinite(_as_float(c)):
+        if not abs(_as_float(c)) <= FLOAT32_MAX:  # merges compute in float32
             raise ExpressionError(f"coefficient of '{name}' is too large", refs[name])
     return terms, refs
 

@@ -29,9 +29,14 @@ GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache")
 def load_recipe(
     path: str | os.PathLike[str],
     overrides: list[str] | tuple[str, ...] = (),
+    allow_outside_paths: bool = False,
     _including: tuple[Path, ...] = (),
 ) -> Recipe:
-    """Parse, validate and resolve a recipe; raise `RecipeError` listing every problem."""
+    """Parse, validate and resolve a recipe; raise `RecipeError` listing every problem.
+
+    A shared recipe must not write anywhere it likes: outputs outside the recipe's directory
+    (after resolving symlinks) are refused unless `allow_outside_paths`.
+    """
     shown = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -52,7 +57,7 @@ def load_recipe(
         rf = RecipeFile.model_validate(data)
     except ValidationError as e:
         raise RecipeError(problems_from(e, (), pos)) from None
-    return _Resolver(Path(path).resolve(), rf, data, pos, _including).resolve()
+    return _Resolver(Path(path).resolve(), rf, data, pos, allow_outside_paths, _including).resolve()
 
 
 def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] | tuple) -> None:
@@ -101,10 +106,12 @@ class _Resolver:
         rf: RecipeFile,
         data: dict[str, Any],
         pos: Positions,
+        allow_outside: bool = False,
         including: tuple[Path, ...] = (),
     ) -> None:
         self.recipe = Recipe(path=path)
         self.rf, self.data, self.pos = rf, data, pos
+        self.allow_outside = allow_outside
         self.including = (*including, path)
         self.problems: list[Problem] = []
         # names references may use: this recipe's, plus `ns.name` from included recipes
@@ -115,7 +122,9 @@ class _Resolver:
         self.problems.append(Problem(message, loc))
 
     def resolve(self) -> Recipe:
-        self.recipe.search_paths = [self._path(p) for p in self.rf.search_paths]
+        self.recipe.search_paths = [
+            self._path(p, ("search_paths", i)) for i, p in enumerate(self.rf.search_paths)
+        ]
         for ns, text in self.rf.include.items():
             self._include(ns, text)
         for name in [*self.rf.models, *self.rf.merges]:
@@ -130,7 +139,7 @@ class _Resolver:
                 entry = ModelEntry(path=entry)
             self.recipe.models[name] = ModelInput(
                 name,
-                self._path(entry.path) if entry.path else None,
+                self._path(entry.path, ("models", name)) if entry.path else None,
                 self.pos.of(("models", name)),
                 entry.sha256,
             )
@@ -172,13 +181,13 @@ class _Resolver:
         included node, so its value is exactly the file the other recipe would publish.
         """
         loc = self.pos.of(("include", ns))
-        path = Path(os.path.normpath(self._path(text)))
+        path = Path(os.path.normpath(self._path(text, ("include", ns))))
         if path in self.including:
             chain = " → ".join(p.name for p in (*self.including, path))
             self.err(f"include cycle: {chain}", loc)
             return
         try:
-            sub = load_recipe(path, (), self.including)
+            sub = load_recipe(path, (), self.allow_outside, self.including)
         except RecipeError as e:
             if not e.problems[0].location:
                 self.err(f"include '{ns}': {e.problems[0].message}", loc)
@@ -202,7 +211,10 @@ class _Resolver:
         self.model_names |= {rn(m) for m in sub.models}
         self.merge_names |= {rn(n) for n in [*sub.nodes, *sub.outputs]}
 
-    def _path(self, text: str) -> Path:
+    def _path(self, text: str, where: tuple) -> Path:
+        if "\0" in text:
+            self.err("a file path cannot contain a NUL character", self.pos.of(where))
+            text = text.replace("\0", "")
         p = Path(os.path.expanduser(text))
         return Path(os.path.normpath(self.recipe.directory / p))
 
@@ -329,7 +341,8 @@ class _Resolver:
     def _output(self, name: str, out: Any) -> None:
         where = ("outputs", name)
         dtype = self._dtype(out.dtype, (*where, "dtype"), allow_auto=False)
-        path = self._path(out.path)
+        path = self._path(out.path, (*where, "path"))
+        self._check_output_place(name, path)
         for other in self.recipe.outputs.values():
             if other.path == path:
                 self.err(
@@ -343,6 +356,30 @@ class _Resolver:
                     self.pos.of((*where, "path")),
                 )
         self.recipe.outputs[name] = OutputSpec(name, out.source, path, dtype, self.pos.of(where))
+
+    def _check_output_place(self, name: str, path: Path) -> None:
+        """Refuse outputs that land outside the recipe's directory or on an input's bytes.
+
+        Symlinks are resolved: in the directories (which decide where the file lands) and in
+        the output itself (a link to an input model would name the input).
+        """
+        loc = self.pos.of(("outputs", name, "path"))
+        lands = Path(os.path.realpath(path.parent)) / path.name
+        home = Path(os.path.realpath(self.recipe.directory))
+        if not self.allow_outside and not lands.is_relative_to(home):
+            self.err(
+                f"output '{name}' would be written outside the recipe's directory ({lands} is "
+                f"not under {home}); pass --allow-outside-paths if that is intended",
+                loc,
+            )
+        real = os.path.realpath(path)
+        for model in self.recipe.models.values():
+            if model.path and model.path != path and os.path.realpath(model.path) == real:
+                self.err(
+                    f"output '{name}' ({path}) resolves to input model '{model.name}' ({real}) "
+                    "through a symlink; writing it would destroy the input",
+                    loc,
+                )
 
     def _check_refs(self) -> None:
         models, merges = self.model_names, self.merge_names

@@ -116,7 +116,13 @@ class _Walker:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.walk(v, (*path, i)) for i, v in enumerate(node.value)]
-        value = self.loader.construct_object(node, deep=True)
+        try:
+            value = self.loader.construct_object(node, deep=True)
+        except (ValueError, OverflowError) as e:  # e.g. a 5000-digit integer, 2001-02-30
+            why = "number has too many digits" if "digits" in str(e) else str(e)
+            raise RecipeError(
+                [Problem(f"cannot read this value: {why}", self.pos.mark(node.start_mark))]
+            ) from None
         if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
             self.pos.values[(*path, "__quoted__")] = self.pos.mark(node.start_mark)
         return value

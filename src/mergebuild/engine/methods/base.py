@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 if TYPE_CHECKING:
     import torch
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def f32(x: torch.Tensor) -> torch.Tensor:
@@ -21,6 +23,15 @@ class Params(BaseModel):
     """Base for method parameters: unknown fields are errors, NaN/inf are refused."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    @field_validator("*", mode="after", check_fields=False)
+    @classmethod
+    def _float32_range(cls, value: object) -> object:
+        """Merges compute in float32: a larger number would silently turn every weight inf."""
+        for x in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(x, float) and abs(x) > FLOAT32_MAX:
+                raise ValueError(f"{x:g} is too large: float32 arithmetic stops at ±3.4e38")
+        return value
 
 
 def cls_name(params: Params) -> str:
