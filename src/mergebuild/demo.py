@@ -44,10 +44,21 @@ def scaled_shape(shape: list[int], scale: float) -> tuple[int, ...]:
     return tuple(d if d <= SMALL_DIM else max(SMALL_DIM, math.ceil(d * scale)) for d in shape)
 
 
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
 def model_layout(
-    arch: str = "sd1", scale: float = 1 / 32, dtype: str = "F16", ema: bool = False
+    arch: str = "sd1",
+    scale: float = 1 / 32,
+    dtype: str = "F16",
+    ema: bool = False,
+    in_channels: int = 4,
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key → (safetensors dtype, shape) of a synthetic model."""
+    """key → (safetensors dtype, shape) of a synthetic model.
+
+    `in_channels` 9 makes an inpainting UNet, 8 an instruct-pix2pix one (only the first conv
+    differs, as in the real models).
+    """
     out = {}
     for key, spec in key_table(arch).items():
         if key.startswith("model_ema.") and not ema:
@@ -56,6 +67,9 @@ def model_layout(
             out[key] = ({"int64": "I64", "int32": "I32"}[spec["dtype"]], tuple(spec["shape"]))
         else:
             out[key] = (dtype, scaled_shape(spec["shape"], scale))
+    if in_channels != 4:
+        dt, shape = out[CONV_IN]
+        out[CONV_IN] = (dt, (shape[0], in_channels, *shape[2:]))
     return out
 
 
@@ -72,15 +86,20 @@ def synthesize(
     dtype: str = "fp16",
     ema: bool = False,
     overrides: dict[str, Any] | None = None,
+    in_channels: int = 4,
 ) -> Path:
-    """Write one synthetic model to `path` (atomically). `overrides`: key → tensor to use."""
+    """Write one synthetic model to `path` (atomically). `overrides`: key → tensor to use.
+
+    `arch` is "sd1" or "sdxl" (the packaged key lists); `in_channels` 9/8 gives the inpainting /
+    instruct-pix2pix variant.
+    """
     import torch
 
     from mergebuild.engine.dtypes import RECIPE_TO_ST, to_torch
     from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
 
     st = RECIPE_TO_ST[dtype]
-    lay = model_layout(arch, scale, st, ema)
+    lay = model_layout(arch, scale, st, ema, in_channels)
     overrides = overrides or {}
     infos = {}
     for k, (dt, shape) in lay.items():

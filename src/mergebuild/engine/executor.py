@@ -109,8 +109,14 @@ class FusedPass:
             }
 
     def _plan_job(self, job: NodeJob) -> None:
+        from mergebuild.sd.arch import detect, merge_compatibility
+
         ins = [self.layouts[n] for n in job.inputs]
         a = ins[0]
+        if len(ins) > 1:
+            why = merge_compatibility(job.inputs, [detect(lay) for lay in ins])
+            if why:
+                raise BuildError(f"cannot merge '{job.name}': {why}")
         if job.dtype == "auto":
             dt = widest({i.dtype for lay in ins for i in lay.values()})
         else:
