@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SD_COMMANDS = ("inspect",)
+SD_COMMANDS = ("inspect", "blocks")
 
 
 def add_parsers(
@@ -25,7 +25,17 @@ def add_parsers(
     i.add_argument("model", type=Path)
     i.add_argument("--json", action="store_true", help="print one JSON object")
     common(i)
-    return {"inspect": cmd_inspect}
+    b = sub.add_parser("blocks", help="list which keys fall in which block-weight (MBW) block")
+    b.add_argument("model", type=Path)
+    b.add_argument("--keys", action="store_true", help="print every key with its block")
+    b.add_argument(
+        "--layout",
+        choices=["sd1", "sdxl"],
+        help="block layout (default: from the detected architecture)",
+    )
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    common(b)
+    return {"inspect": cmd_inspect, "blocks": cmd_blocks}
 
 
 def read_infos(path: Path) -> dict[str, Any]:
@@ -79,4 +89,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  dtypes:       {', '.join(f'{d} ×{n}' for d, n in s['dtypes'].items())}")
     if s["ema_tensors"]:
         print(f"  EMA copy:     {s['ema_tensors']} model_ema.* tensors")
+    return 0
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    from mergebuild.errors import BuildError
+    from mergebuild.sd.arch import component_of, detect, unet_root
+    from mergebuild.sd.blocks import LAYOUT_NAMES, LAYOUTS, block_of
+
+    infos = read_infos(args.model)
+    arch = detect(infos)
+    layout = args.layout or arch.block_layout
+    if layout is None:
+        raise BuildError(
+            f"{args.model}: {arch.describe()} has no UNet block layout; pass --layout sd1|sdxl"
+        )
+    root = unet_root(infos)
+    keys = {k: block_of(k, layout, root) for k in sorted(infos)}
+    if args.json:
+        print(
+            json.dumps({"architecture": arch.as_json(), "layout": layout, "keys": keys}, indent=1)
+        )
+        return 0
+    if args.keys:
+        for k, blk in keys.items():
+            print(f"{blk}\t{k}")
+        return 0
+    print(f"{args.model}: {arch.describe()}, {LAYOUT_NAMES[layout]} block layout")
+    for blk in LAYOUTS[layout]:
+        members = [k for k, b in keys.items() if b == blk]
+        unet = [k for k in members if component_of(k, root) == "unet"]
+        params = sum(math.prod(infos[k].shape) for k in members)
+        first = unet[0].removeprefix("model.diffusion_model.") if unet else "-"
+        extra = f" + {len(members) - len(unet)} non-UNet" if len(members) > len(unet) else ""
+        print(f"  {blk:<6} {len(unet):>4} UNet tensors{extra:<18} {params:>14,} params  {first}")
     return 0

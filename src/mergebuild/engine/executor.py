@@ -98,6 +98,8 @@ class FusedPass:
         self.device = device
         self.layouts: dict[str, dict[str, TensorInfo]] = {n: s.infos() for n, s in sources.items()}
         self.stats: dict[str, NodeStats] = {}
+        # job → (key → params with block weights resolved, UNet prefix of the job's `a`)
+        self.key_params: dict[str, tuple[dict[str, Params], str | None]] = {}
         for job in jobs:
             self._plan_job(job)
         for sink in sinks:
@@ -109,14 +111,27 @@ class FusedPass:
             }
 
     def _plan_job(self, job: NodeJob) -> None:
-        from mergebuild.sd.arch import detect, merge_compatibility
+        from mergebuild.sd.arch import detect, merge_compatibility, unet_root
+        from mergebuild.sd.blocks import LAYOUT_NAMES, block_alphas
 
         ins = [self.layouts[n] for n in job.inputs]
         a = ins[0]
+        archs = [detect(lay) for lay in ins]
         if len(ins) > 1:
-            why = merge_compatibility(job.inputs, [detect(lay) for lay in ins])
+            why = merge_compatibility(job.inputs, archs)
             if why:
                 raise BuildError(f"cannot merge '{job.name}': {why}")
+        blocky = block_alphas(job.params)
+        for pname, alpha in blocky:
+            want = archs[0].block_layout
+            if alpha.layout and want and alpha.layout != want:
+                raise BuildError(
+                    f"cannot merge '{job.name}': {pname} uses the {LAYOUT_NAMES[alpha.layout]} "
+                    f"block layout but '{job.inputs[0]}' is {archs[0].describe()}; give "
+                    f"{LAYOUT_NAMES[want]} block weights (for a mapping: 'layout: {want}')"
+                )
+        if blocky:
+            self.key_params[job.name] = ({}, unet_root(a))
         if job.dtype == "auto":
             dt = widest({i.dtype for lay in ins for i in lay.values()})
         else:
@@ -190,12 +205,26 @@ class FusedPass:
             return a.to(to_torch(info.dtype))
         import torch
 
+        params = self._params(job, u.key)
         xs = [a, *(self._value(n, u, memo) for n in job.inputs[1:])]
         xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
         if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back to write
             xs = [x.to(self.device, non_blocking=True) for x in xs]
-            return job.method.compute(job.params, xs).to(to_torch(info.dtype)).cpu()
-        return job.method.compute(job.params, xs).to(to_torch(info.dtype))
+            return job.method.compute(params, xs).to(to_torch(info.dtype)).cpu()
+        return job.method.compute(params, xs).to(to_torch(info.dtype))
+
+    def _params(self, job: NodeJob, key: str) -> Params:
+        """The job's parameters for one key: block weights become that key's plain number."""
+        entry = self.key_params.get(job.name)
+        if entry is None:
+            return job.params
+        memo, root = entry
+        p = memo.get(key)
+        if p is None:
+            from mergebuild.sd.blocks import resolve_params
+
+            p = memo[key] = resolve_params(job.params, key, root)  # type: ignore[assignment]
+        return p
 
     def _do_unit(self, u: Unit) -> int:
         memo: dict[str, Any] = {}
