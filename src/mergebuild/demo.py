@@ -26,7 +26,11 @@ DEMO_MODELS = {
     "gape60": "gape",
     "insta": "insta",
     "wd13": "wd13",
+    "v1-5-pruned": "sd15",
+    "sd-v1-5-inpainting": "sd15_inpainting",
 }
+# UNet input channels of demo models that are not plain 4-channel ones (examples/inpainting.yaml)
+DEMO_IN_CHANNELS = {"sd-v1-5-inpainting": 9}
 
 SMALL_DIM = 16
 
@@ -138,13 +142,14 @@ def write_demo_models(
     for stem in DEMO_MODELS:
         path = directory / f"{stem}.safetensors"
         stamp = f"sd1:{stem}:{seed}"
-        if not _is_current(path, stamp, scale, dtype):
-            synthesize(path, stem, scale=scale, seed=seed, dtype=dtype)
+        channels = DEMO_IN_CHANNELS.get(stem, 4)
+        if not _is_current(path, stamp, scale, dtype, channels):
+            synthesize(path, stem, scale=scale, seed=seed, dtype=dtype, in_channels=channels)
         paths.append(path)
     return paths
 
 
-def _is_current(path: Path, stamp: str, scale: float, dtype: str) -> bool:
+def _is_current(path: Path, stamp: str, scale: float, dtype: str, in_channels: int = 4) -> bool:
     if not path.is_file():
         return False
     from mergebuild.engine.dtypes import RECIPE_TO_ST
@@ -154,6 +159,6 @@ def _is_current(path: Path, stamp: str, scale: float, dtype: str) -> bool:
         header = read_header(path)
     except Exception:
         return False
-    want = model_layout("sd1", scale, RECIPE_TO_ST[dtype])
+    want = model_layout("sd1", scale, RECIPE_TO_ST[dtype], in_channels=in_channels)
     have = {k: (v[0].dtype, v[0].shape) for k, v in header.tensors.items()}
     return header.metadata.get("mergebuild.synthetic") == stamp and have == want

@@ -100,6 +100,8 @@ class FusedPass:
         self.stats: dict[str, NodeStats] = {}
         # job → (key → params with block weights resolved, UNet prefix of the job's `a`)
         self.key_params: dict[str, tuple[dict[str, Params], str | None]] = {}
+        # (job, key) → n: merge only the first n input channels, the rest come from `a`
+        self.channel_merge: dict[tuple[str, str], int] = {}
         for job in jobs:
             self._plan_job(job)
         for sink in sinks:
@@ -111,7 +113,7 @@ class FusedPass:
             }
 
     def _plan_job(self, job: NodeJob) -> None:
-        from mergebuild.sd.arch import detect, merge_compatibility, unet_root
+        from mergebuild.sd.arch import detect, extra_channels, merge_compatibility, unet_root
         from mergebuild.sd.blocks import LAYOUT_NAMES, block_alphas
 
         ins = [self.layouts[n] for n in job.inputs]
@@ -153,6 +155,9 @@ class FusedPass:
                 continue
             for slot_name, o in zip(job.inputs[1:], others, strict=True):
                 if o is not None and o.shape != info.shape:
+                    if extra_channels(k, info.shape, o.shape):
+                        self.channel_merge[(job.name, k)] = o.shape[1]
+                        continue
                     raise BuildError(
                         f"cannot merge '{job.name}': tensor '{k}' has shape {list(info.shape)} "
                         f"in '{job.inputs[0]}' but {list(o.shape)} in '{slot_name}'"
@@ -185,9 +190,11 @@ class FusedPass:
         if name in memo:
             return memo[name]
         if name in self.sources:
-            val = self.sources[name].read_flat(u.key, u.lo, u.hi)
-            if u.whole:
-                val = val.reshape(self.layouts[name][u.key].shape)
+            if u.whole:  # this input's own shape (an inpainting `a` is wider than b and c)
+                shape = self.layouts[name][u.key].shape
+                val = self.sources[name].read_flat(u.key, 0, math.prod(shape)).reshape(shape)
+            else:
+                val = self.sources[name].read_flat(u.key, u.lo, u.hi)
         else:
             val = self._compute(self.jobs[name], u, memo)
         memo[name] = val
@@ -208,10 +215,19 @@ class FusedPass:
         params = self._params(job, u.key)
         xs = [a, *(self._value(n, u, memo) for n in job.inputs[1:])]
         xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
+        n = self.channel_merge.get((job.name, u.key))
+        if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
+            xs = [x if x.shape[1] == n else x[:, :n] for x in xs]
         if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back to write
             xs = [x.to(self.device, non_blocking=True) for x in xs]
-            return job.method.compute(params, xs).to(to_torch(info.dtype)).cpu()
-        return job.method.compute(params, xs).to(to_torch(info.dtype))
+            out = job.method.compute(params, xs).cpu()
+        else:
+            out = job.method.compute(params, xs)
+        if n is not None:
+            full = a.to(torch.float32, copy=True)
+            full[:, :n] = out
+            out = full
+        return out.to(to_torch(info.dtype))
 
     def _params(self, job: NodeJob, key: str) -> Params:
         """The job's parameters for one key: block weights become that key's plain number."""

@@ -168,4 +168,24 @@ def merge_compatibility(names: list[str], archs: list[Arch]) -> str | None:
                 f"'{a_name}' is {a.describe()} but '{name}' is {other.describe()}: "
                 "models of different architectures cannot be merged"
             )
+        if a.in_channels == 4 and other.in_channels in (8, 9):
+            return (
+                f"'{name}' is {other.describe()} ({other.in_channels} UNet input channels) but "
+                f"'{a_name}' has 4: put the {other.variant} model in 'a' — the merge then "
+                "applies to its first 4 input channels and keeps the others from 'a'"
+            )
     return None
+
+
+def extra_channels(key: str, a_shape: tuple[int, ...], other: tuple[int, ...]) -> bool:
+    """True when `key` is an inpainting/pix2pix first conv (8 or 9 input channels) in `a` and a
+    plain 4-channel one in the other model: A1111's rule merges only the first 4 channels."""
+    return (
+        key.removeprefix(UNET_PREFIX) == CONV_IN
+        and len(a_shape) == 4
+        and len(other) == 4
+        and a_shape[1] in (8, 9)
+        and other[1] == 4
+        and a_shape[0] == other[0]
+        and a_shape[2:] == other[2:]
+    )
