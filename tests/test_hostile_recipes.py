@@ -131,7 +131,7 @@ CASES: dict[str, tuple[bytes, str]] = {
     "nul_in_path": (out_to("out/o\\0.safetensors").replace("'", '"').encode(), "NUL"),
     "call_in_expression": (
         (HEAD + "merges:\n  m: __import__('os').system('touch PWNED')\n" + OUT).encode(),
-        "unsupported syntax",
+        "unknown function",
     ),
     "escape_parent": (out_to("../escaped.safetensors").encode(), "--allow-outside-paths"),
     "escape_absolute": (out_to("/tmp/mergebuild-escaped.safetensors").encode(), "outside"),

@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from mergebuild import __version__
+from mergebuild.cli_sd import SD_COMMANDS, add_parsers
 from mergebuild.errors import EXIT_RECIPE, MergebuildError
 
-COMMANDS = ("build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract")
+COMMANDS = (
+    "build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract", *SD_COMMANDS,
+)  # fmt: skip
+_SD_HANDLERS: dict[str, Any] = {}
 
 
 def _size(text: str) -> int:
@@ -94,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     _common(d)
+    _SD_HANDLERS.update(add_parsers(sub, _common))
     return top
 
 
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "cache": cmd_cache,
             "demo-models": cmd_demo,
             **share_commands(),
+            **_SD_HANDLERS,
         }[args.command](args)
     except MergebuildError as e:
         if args.debug:

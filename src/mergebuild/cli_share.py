@@ -151,25 +151,11 @@ def _recipe_drift(builder: Any, plan: Any, lock: dict[str, Any]) -> list[str]:
 # -- show / extract -----------------------------------------------------------------------------
 
 
-def _guess_arch(keys: list[str]) -> str:
-    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
-    if has("conditioner.embedders.1.model."):
-        return "SDXL"
-    if has("cond_stage_model.model."):
-        return "SD2.x"
-    if has("cond_stage_model.transformer."):
-        return "SD1.x"
-    if has("model.diffusion_model."):
-        return "UNet only"
-    if has("first_stage_model.") or has("encoder.down."):
-        return "VAE only"
-    return "unknown"
-
-
 def describe(path: Path, memo_dir: Path | None) -> dict[str, Any]:
     from mergebuild.cache import CacheStore
     from mergebuild.engine.safetensors_io import read_header
     from mergebuild.provenance import METADATA_KEY, read_input_metadata
+    from mergebuild.sd.arch import detect
 
     if path.suffix.lower() != ".safetensors":
         raise BuildError(f"{path}: `show` reads safetensors files (convert a .ckpt first)")
@@ -179,7 +165,7 @@ def describe(path: Path, memo_dir: Path | None) -> dict[str, Any]:
     dtypes = Counter(info.dtype for info, _, _ in header.tensors.values())
     return {
         "path": str(path),
-        "architecture": _guess_arch(list(header.tensors)),
+        "architecture": detect({k: info for k, (info, _, _) in header.tensors.items()}).describe(),
         "tensors": len(header.tensors),
         "parameters": sum(_numel(info.shape) for info, _, _ in header.tensors.values()),
         "dtypes": dict(sorted(dtypes.items())),

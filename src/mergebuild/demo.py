@@ -26,7 +26,11 @@ DEMO_MODELS = {
     "gape60": "gape",
     "insta": "insta",
     "wd13": "wd13",
+    "v1-5-pruned": "sd15",
+    "sd-v1-5-inpainting": "sd15_inpainting",
 }
+# UNet input channels of demo models that are not plain 4-channel ones (examples/inpainting.yaml)
+DEMO_IN_CHANNELS = {"sd-v1-5-inpainting": 9}
 
 SMALL_DIM = 16
 
@@ -44,10 +48,21 @@ def scaled_shape(shape: list[int], scale: float) -> tuple[int, ...]:
     return tuple(d if d <= SMALL_DIM else max(SMALL_DIM, math.ceil(d * scale)) for d in shape)
 
 
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
 def model_layout(
-    arch: str = "sd1", scale: float = 1 / 32, dtype: str = "F16", ema: bool = False
+    arch: str = "sd1",
+    scale: float = 1 / 32,
+    dtype: str = "F16",
+    ema: bool = False,
+    in_channels: int = 4,
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key → (safetensors dtype, shape) of a synthetic model."""
+    """key → (safetensors dtype, shape) of a synthetic model.
+
+    `in_channels` 9 makes an inpainting UNet, 8 an instruct-pix2pix one (only the first conv
+    differs, as in the real models).
+    """
     out = {}
     for key, spec in key_table(arch).items():
         if key.startswith("model_ema.") and not ema:
@@ -56,6 +71,9 @@ def model_layout(
             out[key] = ({"int64": "I64", "int32": "I32"}[spec["dtype"]], tuple(spec["shape"]))
         else:
             out[key] = (dtype, scaled_shape(spec["shape"], scale))
+    if in_channels != 4:
+        dt, shape = out[CONV_IN]
+        out[CONV_IN] = (dt, (shape[0], in_channels, *shape[2:]))
     return out
 
 
@@ -72,15 +90,20 @@ def synthesize(
     dtype: str = "fp16",
     ema: bool = False,
     overrides: dict[str, Any] | None = None,
+    in_channels: int = 4,
 ) -> Path:
-    """Write one synthetic model to `path` (atomically). `overrides`: key → tensor to use."""
+    """Write one synthetic model to `path` (atomically). `overrides`: key → tensor to use.
+
+    `arch` is "sd1" or "sdxl" (the packaged key lists); `in_channels` 9/8 gives the inpainting /
+    instruct-pix2pix variant.
+    """
     import torch
 
     from mergebuild.engine.dtypes import RECIPE_TO_ST, to_torch
     from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
 
     st = RECIPE_TO_ST[dtype]
-    lay = model_layout(arch, scale, st, ema)
+    lay = model_layout(arch, scale, st, ema, in_channels)
     overrides = overrides or {}
     infos = {}
     for k, (dt, shape) in lay.items():
@@ -119,13 +142,14 @@ def write_demo_models(
     for stem in DEMO_MODELS:
         path = directory / f"{stem}.safetensors"
         stamp = f"sd1:{stem}:{seed}"
-        if not _is_current(path, stamp, scale, dtype):
-            synthesize(path, stem, scale=scale, seed=seed, dtype=dtype)
+        channels = DEMO_IN_CHANNELS.get(stem, 4)
+        if not _is_current(path, stamp, scale, dtype, channels):
+            synthesize(path, stem, scale=scale, seed=seed, dtype=dtype, in_channels=channels)
         paths.append(path)
     return paths
 
 
-def _is_current(path: Path, stamp: str, scale: float, dtype: str) -> bool:
+def _is_current(path: Path, stamp: str, scale: float, dtype: str, in_channels: int = 4) -> bool:
     if not path.is_file():
         return False
     from mergebuild.engine.dtypes import RECIPE_TO_ST
@@ -135,6 +159,6 @@ def _is_current(path: Path, stamp: str, scale: float, dtype: str) -> bool:
         header = read_header(path)
     except Exception:
         return False
-    want = model_layout("sd1", scale, RECIPE_TO_ST[dtype])
+    want = model_layout("sd1", scale, RECIPE_TO_ST[dtype], in_channels=in_channels)
     have = {k: (v[0].dtype, v[0].shape) for k, v in header.tensors.items()}
     return header.metadata.get("mergebuild.synthetic") == stamp and have == want

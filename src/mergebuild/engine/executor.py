@@ -98,6 +98,10 @@ class FusedPass:
         self.device = device
         self.layouts: dict[str, dict[str, TensorInfo]] = {n: s.infos() for n, s in sources.items()}
         self.stats: dict[str, NodeStats] = {}
+        # job → (key → params with block weights resolved, UNet prefix of the job's `a`)
+        self.key_params: dict[str, tuple[dict[str, Params], str | None]] = {}
+        # (job, key) → n: merge only the first n input channels, the rest come from `a`
+        self.channel_merge: dict[tuple[str, str], int] = {}
         for job in jobs:
             self._plan_job(job)
         for sink in sinks:
@@ -109,8 +113,27 @@ class FusedPass:
             }
 
     def _plan_job(self, job: NodeJob) -> None:
+        from mergebuild.sd.arch import detect, extra_channels, merge_compatibility, unet_root
+        from mergebuild.sd.blocks import LAYOUT_NAMES, block_alphas
+
         ins = [self.layouts[n] for n in job.inputs]
         a = ins[0]
+        archs = [detect(lay) for lay in ins]
+        if len(ins) > 1:
+            why = merge_compatibility(job.inputs, archs)
+            if why:
+                raise BuildError(f"cannot merge '{job.name}': {why}")
+        blocky = block_alphas(job.params)
+        for pname, alpha in blocky:
+            want = archs[0].block_layout
+            if alpha.layout and want and alpha.layout != want:
+                raise BuildError(
+                    f"cannot merge '{job.name}': {pname} uses the {LAYOUT_NAMES[alpha.layout]} "
+                    f"block layout but '{job.inputs[0]}' is {archs[0].describe()}; give "
+                    f"{LAYOUT_NAMES[want]} block weights (for a mapping: 'layout: {want}')"
+                )
+        if blocky:
+            self.key_params[job.name] = ({}, unet_root(a))
         if job.dtype == "auto":
             dt = widest({i.dtype for lay in ins for i in lay.values()})
         else:
@@ -132,6 +155,9 @@ class FusedPass:
                 continue
             for slot_name, o in zip(job.inputs[1:], others, strict=True):
                 if o is not None and o.shape != info.shape:
+                    if extra_channels(k, info.shape, o.shape):
+                        self.channel_merge[(job.name, k)] = o.shape[1]
+                        continue
                     raise BuildError(
                         f"cannot merge '{job.name}': tensor '{k}' has shape {list(info.shape)} "
                         f"in '{job.inputs[0]}' but {list(o.shape)} in '{slot_name}'"
@@ -164,9 +190,11 @@ class FusedPass:
         if name in memo:
             return memo[name]
         if name in self.sources:
-            val = self.sources[name].read_flat(u.key, u.lo, u.hi)
-            if u.whole:
-                val = val.reshape(self.layouts[name][u.key].shape)
+            if u.whole:  # this input's own shape (an inpainting `a` is wider than b and c)
+                shape = self.layouts[name][u.key].shape
+                val = self.sources[name].read_flat(u.key, 0, math.prod(shape)).reshape(shape)
+            else:
+                val = self.sources[name].read_flat(u.key, u.lo, u.hi)
         else:
             val = self._compute(self.jobs[name], u, memo)
         memo[name] = val
@@ -184,12 +212,35 @@ class FusedPass:
             return a.to(to_torch(info.dtype))
         import torch
 
+        params = self._params(job, u.key)
         xs = [a, *(self._value(n, u, memo) for n in job.inputs[1:])]
         xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
+        n = self.channel_merge.get((job.name, u.key))
+        if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
+            xs = [x if x.shape[1] == n else x[:, :n] for x in xs]
         if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back to write
             xs = [x.to(self.device, non_blocking=True) for x in xs]
-            return job.method.compute(job.params, xs).to(to_torch(info.dtype)).cpu()
-        return job.method.compute(job.params, xs).to(to_torch(info.dtype))
+            out = job.method.compute(params, xs).cpu()
+        else:
+            out = job.method.compute(params, xs)
+        if n is not None:
+            full = a.to(torch.float32, copy=True)
+            full[:, :n] = out
+            out = full
+        return out.to(to_torch(info.dtype))
+
+    def _params(self, job: NodeJob, key: str) -> Params:
+        """The job's parameters for one key: block weights become that key's plain number."""
+        entry = self.key_params.get(job.name)
+        if entry is None:
+            return job.params
+        memo, root = entry
+        p = memo.get(key)
+        if p is None:
+            from mergebuild.sd.blocks import resolve_params
+
+            p = memo[key] = resolve_params(job.params, key, root)  # type: ignore[assignment]
+        return p
 
     def _do_unit(self, u: Unit) -> int:
         memo: dict[str, Any] = {}

@@ -4,6 +4,10 @@ Parsed with Python's own parser (`ast`, never `eval`) and folded with exact rati
 into a linear combination Σ cᵢ·Mᵢ. The combination is then lowered to the canonical method that
 computes it (`add_difference`, `weighted_sum`, `copy`, or the general `linear`), so an expression
 and the equivalent explicit node get the same cache key and the same bytes.
+
+A coefficient may also be block weights — `preset("TRUE_CUBIC_HERMITE")`, `blocks(...)` — exact
+per-block values (`sd.blocks.Weights`) folded with the same arithmetic group by group, so
+`a + (b - c) * preset("X")` lowers to add_difference with the same alpha as `alpha: {preset: X}`.
 """
 
 from __future__ import annotations
@@ -12,9 +16,41 @@ import ast
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
+
+from mergebuild.sd.blocks import AlphaError, Weights, parse_alpha
 
 MAX_EXPRESSION_CHARS = 4096
 FLOAT32_MAX = 3.4028234663852886e38
+WEIGHT_FUNCTIONS = ("preset", "blocks")
+
+Coef = Fraction | Weights
+
+
+def _mul(x: Coef, y: Coef) -> Coef:
+    if isinstance(x, Fraction) and isinstance(y, Fraction):
+        return x * y
+    return _lift(x).combine(_lift(y), lambda p, q: p * q).normalized()
+
+
+def _add(x: Coef, y: Coef) -> Coef:
+    if isinstance(x, Fraction) and isinstance(y, Fraction):
+        return x + y
+    return _lift(x).combine(_lift(y), lambda p, q: p + q).normalized()
+
+
+def _lift(x: Coef) -> Weights:
+    return Weights.uniform(x) if isinstance(x, Fraction) else x
+
+
+def _is_zero(x: Coef) -> bool:
+    return x == 0 if isinstance(x, Fraction) else False  # Weights are normalized: never uniform
+
+
+def _all_sign(x: Coef) -> int:
+    """1 if every value is ≥ 0, -1 if every value is ≤ 0, else 0."""
+    vals = (x,) if isinstance(x, Fraction) else x.values()
+    return 1 if all(v >= 0 for v in vals) else -1 if all(v <= 0 for v in vals) else 0
 
 
 class ExpressionError(Exception):
@@ -27,21 +63,22 @@ class ExpressionError(Exception):
 class _Lin:
     """Σ terms[name]·name + const, all exact."""
 
-    terms: dict[str, Fraction] = field(default_factory=dict)
-    const: Fraction = Fraction(0)
+    terms: dict[str, Coef] = field(default_factory=dict)
+    const: Coef = Fraction(0)
 
     @property
     def is_scalar(self) -> bool:
-        return not any(self.terms.values())
+        return all(_is_zero(c) for c in self.terms.values())
 
-    def scaled(self, k: Fraction) -> _Lin:
-        return _Lin({n: c * k for n, c in self.terms.items()}, self.const * k)
+    def scaled(self, k: Coef) -> _Lin:
+        return _Lin({n: _mul(c, k) for n, c in self.terms.items()}, _mul(self.const, k))
 
     def plus(self, other: _Lin, sign: int) -> _Lin:
         terms = dict(self.terms)
+        s = Fraction(sign)
         for n, c in other.terms.items():
-            terms[n] = terms.get(n, Fraction(0)) + sign * c
-        return _Lin(terms, self.const + sign * other.const)
+            terms[n] = _add(terms.get(n, Fraction(0)), _mul(c, s))
+        return _Lin(terms, _add(self.const, _mul(other.const, s)))
 
 
 @dataclass(frozen=True)
@@ -57,7 +94,7 @@ class Lowered:
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
-def parse_expression(text: str) -> tuple[dict[str, Fraction], dict[str, int]]:
+def parse_expression(text: str) -> tuple[dict[str, Coef], dict[str, int]]:
     """Fold `text` into {name: coefficient} (first-appearance order) and name → offset."""
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ExpressionError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
@@ -75,6 +112,8 @@ def parse_expression(text: str) -> tuple[dict[str, Fraction], dict[str, int]]:
         return sum(len(s) + 1 for s in lines[: line - 1]) + col - (1 if line == 1 else 0)
 
     def fold(node: ast.AST) -> _Lin:
+        if isinstance(node, ast.Call):
+            return _Lin(const=weights_call(node, offset(node)))
         if isinstance(node, ast.Name | ast.Attribute):
             name = _dotted(node)  # `ns.model`: an output of an included recipe
             if name is None:
@@ -103,7 +142,7 @@ def parse_expression(text: str) -> tuple[dict[str, Fraction], dict[str, int]]:
                 if right.is_scalar:
                     return left.scaled(right.const)
                 raise ExpressionError("cannot multiply two models together", offset(node))
-            if not right.is_scalar:
+            if not right.is_scalar or not isinstance(right.const, Fraction):
                 raise ExpressionError("can only divide by a number", offset(node.right))
             if right.const == 0:
                 raise ExpressionError("division by zero", offset(node.right))
@@ -118,13 +157,16 @@ def parse_expression(text: str) -> tuple[dict[str, Fraction], dict[str, int]]:
         result = fold(tree.body)
     except RecursionError:
         raise ExpressionError("expression is nested too deeply") from None
-    if result.const != 0:
+    except AlphaError as e:
+        raise ExpressionError(str(e)) from None
+    if not _is_zero(result.const):
         raise ExpressionError("expression adds a bare number to a model; only models can be summed")
-    terms = {n: c for n, c in result.terms.items() if c != 0}
+    terms = {n: c for n, c in result.terms.items() if not _is_zero(c)}
     if not terms:
         raise ExpressionError("expression has no model terms (everything cancels out)")
     for name, c in terms.items():
-        if not abs(_as_float(c)) <= FLOAT32_MAX:  # merges compute in float32
+        vals = (c,) if isinstance(c, Fraction) else c.values()
+        if not all(abs(_as_float(v)) <= FLOAT32_MAX for v in vals):  # merges compute in float32
             raise ExpressionError(f"coefficient of '{name}' is too large", refs[name])
     return terms, refs
 
@@ -138,11 +180,51 @@ def _dotted(node: ast.AST) -> str | None:
     return None
 
 
+def weights_call(node: ast.Call, at: int) -> Coef:
+    """`preset("NAME", base=V)` or `blocks(v0, …)` / `blocks(IN00=V, default=V, …)`."""
+    fname = node.func.id if isinstance(node.func, ast.Name) else None
+    if fname not in WEIGHT_FUNCTIONS:
+        raise ExpressionError(
+            f'unknown function {fname or "(expression)"!r}: only preset("NAME") and '
+            "blocks(...) give block weights",
+            at,
+        )
+
+    def const(v: ast.AST) -> Any:
+        if isinstance(v, ast.UnaryOp) and isinstance(v.op, ast.USub):
+            inner = const(v.operand)
+            if isinstance(inner, int | float):
+                return -inner
+        if isinstance(v, ast.Constant) and type(v.value) in (int, float, str):
+            return v.value
+        raise ExpressionError(f"arguments of {fname}() must be numbers or quoted names", at)
+
+    args = [const(a) for a in node.args]
+    kwargs = {k.arg: const(k.value) for k in node.keywords if k.arg is not None}
+    spec: Any
+    if fname == "preset":
+        if len(args) != 1 or set(kwargs) - {"base"}:
+            raise ExpressionError('use preset("NAME") or preset("NAME", base=V)', at)
+        spec = {"preset": args[0], **kwargs}
+    elif args and kwargs:
+        raise ExpressionError("blocks() takes either 26/20 values or NAME=V pairs, not both", at)
+    else:
+        spec = args if args else kwargs
+    try:
+        return parse_alpha(spec)
+    except AlphaError as e:
+        raise ExpressionError(f"in {fname}(): {e}", at) from None
+
+
 def _as_float(c: Fraction) -> float:
     try:
         return float(c)
     except OverflowError:
         return math.inf
+
+
+def _param(c: Coef) -> float | dict[str, Any]:
+    return float(c) if isinstance(c, Fraction) else c.to_param()
 
 
 def lower(text: str) -> Lowered:
@@ -152,18 +234,23 @@ def lower(text: str) -> Lowered:
     coeffs = [terms[n] for n in names]
     if len(names) == 1 and coeffs[0] == 1:
         return Lowered("copy", {"a": names[0]}, {}, refs)
-    if len(names) == 2 and sum(coeffs) == 1:
+    if len(names) == 2 and _add(coeffs[0], coeffs[1]) == 1:
         return Lowered(
-            "weighted_sum", {"a": names[0], "b": names[1]}, {"alpha": float(coeffs[1])}, refs
+            "weighted_sum", {"a": names[0], "b": names[1]}, {"alpha": _param(coeffs[1])}, refs
         )
     if len(names) == 3 and 1 in coeffs:
         a = names[coeffs.index(1)]
         rest = [n for n in names if n != a]
-        if terms[rest[0]] == -terms[rest[1]]:
-            b, c = sorted(rest, key=lambda n: terms[n] < 0)
+        if _is_zero(_add(terms[rest[0]], terms[rest[1]])):
+            b, c = sorted(rest, key=lambda n: _all_sign(terms[n]) < 0)
             return Lowered(
-                "add_difference", {"a": a, "b": b, "c": c}, {"alpha": float(terms[b])}, refs
+                "add_difference", {"a": a, "b": b, "c": c}, {"alpha": _param(terms[b])}, refs
             )
+    if not all(isinstance(c, Fraction) for c in coeffs):
+        raise ExpressionError(
+            "block weights (preset()/blocks()) work only in expressions that reduce to a weighted "
+            "sum `a * (1 - w) + b * w` or an add difference `a + (b - c) * w`"
+        )
     slots = {f"m{i}": n for i, n in enumerate(names)}
     weights = [float(c) for c in coeffs]
     return Lowered("linear", slots, {"weights": weights}, refs)

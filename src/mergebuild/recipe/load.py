@@ -22,6 +22,7 @@ from mergebuild.recipe.schema import (
     problems_from,
 )
 from mergebuild.recipe.yamlpos import Positions, load_yaml
+from mergebuild.sd.blocks import AlphaError, canonical_alpha
 
 GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache")
 
@@ -298,6 +299,13 @@ class _Resolver:
                     )
                 else:
                     inputs[slot] = ref
+        for field in method.block_params:
+            if isinstance(params.get(field), list | dict):  # block weights; numbers as before
+                try:
+                    params[field] = canonical_alpha(params[field])
+                except AlphaError as e:
+                    self.err(f"merge '{name}': {e}", self.pos.of((*where, field, *e.path)))
+                    return None
         try:
             p = method.Params.model_validate(params)
         except ValidationError as e:

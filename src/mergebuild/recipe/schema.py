@@ -90,7 +90,9 @@ def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str 
     """Turn pydantic errors into messages that name the field and point at its YAML line."""
     out: list[Problem] = []
     for e in err.errors():
-        loc = tuple(x for x in e["loc"] if x not in ("str", "ModelEntry"))
+        if any("BlockAlpha" in str(x) for x in e["loc"]):
+            continue  # the canonical block-weight branch of `float | BlockAlpha`: noise to users
+        loc = tuple(x for x in e["loc"] if x not in ("str", "ModelEntry", "float"))
         path = (*prefix, *loc)
         name = ".".join(str(x) for x in path) or "recipe"
         kind = e["type"]

@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mergebuild.engine.methods.base import Method, Params, f32
+from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
     import torch
 
 
 class AddDifferenceParams(Params):
-    alpha: float
+    alpha: float | BlockAlpha  # a plain float by the time `compute` sees it
 
 
 class AddDifference(Method):
     name = "add_difference"
     slots = ("a", "b", "c")
     Params = AddDifferenceParams
+    block_params = ("alpha",)
     summary = "a + (b - c) * alpha"
 
     @staticmethod

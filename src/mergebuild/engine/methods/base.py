@@ -43,6 +43,9 @@ class Method:
     # Bump when the arithmetic changes: it is part of every cache key using the method.
     version: ClassVar[int] = 1
     slots: ClassVar[tuple[str, ...]] = ("a",)
+    # Parameters that may vary by key (block weights): canonicalised by the recipe loader,
+    # resolved to a plain number per tensor by the executor.
+    block_params: ClassVar[tuple[str, ...]] = ()
     # Variadic methods take `inputs: [..]` instead of named slots.
     variadic: ClassVar[bool] = False
     Params: ClassVar[type[Params]] = Params

@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mergebuild.engine.methods.base import Method, Params, f32
+from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
     import torch
 
 
 class WeightedSumParams(Params):
-    alpha: float
+    alpha: float | BlockAlpha  # a plain float by the time `compute` sees it
 
 
 class WeightedSum(Method):
     name = "weighted_sum"
     slots = ("a", "b")
     Params = WeightedSumParams
+    block_params = ("alpha",)
     summary = "a * (1 - alpha) + b * alpha"
 
     @staticmethod

@@ -1,0 +1,126 @@
+"""Stable Diffusion commands: `inspect`, `blocks`, `doctor` (registered by cli.py).
+
+Kept apart from cli.py so it can grow without touching the build commands. Safetensors files
+are read from their header alone, so `inspect` and `blocks` never load torch for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SD_COMMANDS = ("inspect", "blocks")
+
+
+def add_parsers(
+    sub: Any, common: Callable[[argparse.ArgumentParser], None]
+) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add the SD subcommands to `sub`; return command name → handler."""
+    i = sub.add_parser("inspect", help="show a model's architecture, components and dtypes")
+    i.add_argument("model", type=Path)
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    common(i)
+    b = sub.add_parser("blocks", help="list which keys fall in which block-weight (MBW) block")
+    b.add_argument("model", type=Path)
+    b.add_argument("--keys", action="store_true", help="print every key with its block")
+    b.add_argument(
+        "--layout",
+        choices=["sd1", "sdxl"],
+        help="block layout (default: from the detected architecture)",
+    )
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    common(b)
+    return {"inspect": cmd_inspect, "blocks": cmd_blocks}
+
+
+def read_infos(path: Path) -> dict[str, Any]:
+    """key → TensorInfo: from the header for safetensors, via the safe loader otherwise."""
+    from mergebuild.engine.readers import open_model
+    from mergebuild.engine.safetensors_io import read_header
+    from mergebuild.errors import BuildError
+
+    if not path.is_file():
+        raise BuildError(f"{path}: no such file")
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        return {k: v[0] for k, v in read_header(path).tensors.items()}
+    src = open_model(path)
+    try:
+        return src.infos()
+    finally:
+        src.close()
+
+
+def summary(path: Path) -> dict[str, Any]:
+    from mergebuild.sd.arch import component_of, detect, unet_root
+
+    infos = read_infos(path)
+    arch = detect(infos)
+    root = unet_root(infos)
+    comps: Counter[str] = Counter(component_of(k, root) for k in infos)
+    return {
+        "path": str(path),
+        "architecture": arch.as_json(),
+        "tensors": len(infos),
+        "parameters": sum(math.prod(i.shape) for i in infos.values()),
+        "components": dict(sorted(comps.items())),
+        "dtypes": dict(sorted(Counter(i.dtype for i in infos.values()).items())),
+        "ema_tensors": sum(k.startswith("model_ema.") for k in infos),
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    s = summary(args.model)
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    a = s["architecture"]
+    print(f"{s['path']}")
+    print(f"  architecture: {a['description']}")
+    if a["in_channels"] is not None:
+        print(f"  unet input channels: {a['in_channels']}")
+    comps = ", ".join(f"{c} ({n})" for c, n in s["components"].items())
+    print(f"  components:   {comps}")
+    print(f"  tensors:      {s['tensors']:,} ({s['parameters']:,} parameters)")
+    print(f"  dtypes:       {', '.join(f'{d} ×{n}' for d, n in s['dtypes'].items())}")
+    if s["ema_tensors"]:
+        print(f"  EMA copy:     {s['ema_tensors']} model_ema.* tensors")
+    return 0
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    from mergebuild.errors import BuildError
+    from mergebuild.sd.arch import component_of, detect, unet_root
+    from mergebuild.sd.blocks import LAYOUT_NAMES, LAYOUTS, block_of
+
+    infos = read_infos(args.model)
+    arch = detect(infos)
+    layout = args.layout or arch.block_layout
+    if layout is None:
+        raise BuildError(
+            f"{args.model}: {arch.describe()} has no UNet block layout; pass --layout sd1|sdxl"
+        )
+    root = unet_root(infos)
+    keys = {k: block_of(k, layout, root) for k in sorted(infos)}
+    if args.json:
+        print(
+            json.dumps({"architecture": arch.as_json(), "layout": layout, "keys": keys}, indent=1)
+        )
+        return 0
+    if args.keys:
+        for k, blk in keys.items():
+            print(f"{blk}\t{k}")
+        return 0
+    print(f"{args.model}: {arch.describe()}, {LAYOUT_NAMES[layout]} block layout")
+    for blk in LAYOUTS[layout]:
+        members = [k for k, b in keys.items() if b == blk]
+        unet = [k for k in members if component_of(k, root) == "unet"]
+        params = sum(math.prod(infos[k].shape) for k in members)
+        first = unet[0].removeprefix("model.diffusion_model.") if unet else "-"
+        extra = f" + {len(members) - len(unet)} non-UNet" if len(members) > len(unet) else ""
+        print(f"  {blk:<6} {len(unet):>4} UNet tensors{extra:<18} {params:>14,} params  {first}")
+    return 0

@@ -1,0 +1,1 @@
+"""Stable Diffusion knowledge: architectures, components, UNet blocks, presets (no torch)."""

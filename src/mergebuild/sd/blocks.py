@@ -1,0 +1,336 @@
+"""Block weights (MBW): which UNet block a key belongs to, presets, and per-key `alpha`.
+
+A block-weighted or per-component `alpha` is stored in one canonical form (`BlockAlpha`:
+a value per UNet block of a named layout, plus one per text encoder / VAE / other keys), so
+every spelling of the same weights — a 26-value list, a block mapping with a default, a named
+preset, or `preset(...)` in an expression — gives the same parameters and the same cache key.
+The merge engine asks `BlockAlpha.value_for(key)` for the plain number of each tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from mergebuild.errors import did_you_mean
+from mergebuild.sd.arch import UNET_PREFIX, component_of
+
+
+def _names(n_in: int, n_out: int) -> tuple[str, ...]:
+    return (
+        "BASE",
+        *(f"IN{i:02}" for i in range(n_in)),
+        "M00",
+        *(f"OUT{i:02}" for i in range(n_out)),
+    )
+
+
+LAYOUTS: dict[str, tuple[str, ...]] = {"sd1": _names(12, 12), "sdxl": _names(9, 9)}
+LAYOUT_NAMES = {"sd1": "SD1/SD2 (26 values)", "sdxl": "SDXL (20 values)"}
+GROUPS = ("text_encoder", "vae", "other")  # non-UNet key groups, each with one value
+COMPONENT_KEYS = ("unet", "text_encoder", "vae", "other", "default")
+_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.")
+
+
+def block_of(key: str, layout: str = "sd1", root: str | None = UNET_PREFIX) -> str:
+    """The MBW block of `key` (domain.md §4): IN/M/OUT by UNet block, the final `out.` with the
+    last OUT block, and everything else — time_embed, SDXL's label_emb (the sd-mecha convention),
+    text encoders, VAE, buffers — with BASE."""
+    if component_of(key, root) != "unet":
+        return "BASE"
+    rest = key.removeprefix(UNET_PREFIX)
+    names = LAYOUTS[layout]
+    m = _BLOCK.match(rest)
+    if m:
+        name = f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02}"
+        return name if name in names else "BASE"
+    if rest.startswith("middle_block."):
+        return "M00"
+    if rest.startswith("out."):
+        return names[-1]
+    return "BASE"
+
+
+@cache
+def presets() -> dict[str, tuple[Fraction, ...]]:
+    """Named presets: 25 values over IN00…IN11, M00, OUT00…OUT11 (SD1/SD2 layout)."""
+    text = resources.files("mergebuild.data").joinpath("mbw_presets.tsv").read_text()
+    out = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#") or line.startswith("preset_name"):
+            continue
+        name, values = line.split("\t")
+        out[name.strip()] = tuple(Fraction(v.strip()) for v in values.split(","))
+    return out
+
+
+def preset_base(name: str) -> Fraction:
+    """BASE of a preset written as 26 values (SuperMerger's convention: 0, except ALL_B = 1)."""
+    return Fraction(1) if name == "ALL_B" else Fraction(0)
+
+
+class AlphaError(Exception):
+    """A bad alpha spelling; `path` is where inside the value (for file:line)."""
+
+    def __init__(self, message: str, path: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Exact per-group weights: UNet (one value, or one per block of `layout`) and the rest."""
+
+    layout: str | None
+    unet: tuple[Fraction, ...]  # 1 value if layout is None
+    text_encoder: Fraction
+    vae: Fraction
+    other: Fraction
+
+    @staticmethod
+    def uniform(v: Fraction) -> Weights:
+        return Weights(None, (v,), v, v, v)
+
+    def normalized(self) -> Weights | Fraction:
+        """A plain number when every group has the same value; UNet list collapsed if flat."""
+        w = self
+        if w.layout is not None and len(set(w.unet)) == 1:
+            w = Weights(None, w.unet[:1], w.text_encoder, w.vae, w.other)
+        if w.layout is None and len({w.unet[0], w.text_encoder, w.vae, w.other}) == 1:
+            return w.unet[0]
+        return w
+
+    def values(self) -> tuple[Fraction, ...]:
+        return (*self.unet, self.text_encoder, self.vae, self.other)
+
+    def _expand(self, layout: str) -> tuple[Fraction, ...]:
+        return self.unet if self.layout is not None else self.unet * len(LAYOUTS[layout])
+
+    def combine(self, other: Weights, op: Callable[[Fraction, Fraction], Fraction]) -> Weights:
+        if self.layout and other.layout and self.layout != other.layout:
+            raise AlphaError(
+                f"cannot combine block weights of the {LAYOUT_NAMES[self.layout]} and "
+                f"{LAYOUT_NAMES[other.layout]} layouts"
+            )
+        layout = self.layout or other.layout
+        if layout is None:
+            unet = (op(self.unet[0], other.unet[0]),)
+        else:
+            pairs = zip(self._expand(layout), other._expand(layout), strict=True)
+            unet = tuple(op(x, y) for x, y in pairs)
+        return Weights(
+            layout,
+            unet,
+            op(self.text_encoder, other.text_encoder),
+            op(self.vae, other.vae),
+            op(self.other, other.other),
+        )
+
+    def to_param(self) -> dict[str, Any]:
+        """The canonical JSON form (floats) stored in recipe params and cache keys."""
+        return {
+            "layout": self.layout,
+            "unet": [float(v) for v in self.unet] if self.layout else float(self.unet[0]),
+            "text_encoder": float(self.text_encoder),
+            "vae": float(self.vae),
+            "other": float(self.other),
+        }
+
+
+class BlockAlpha(BaseModel):
+    """Canonical non-uniform alpha: per UNet block (or one UNet value) plus per component."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    layout: Literal["sd1", "sdxl"] | None = None
+    unet: float | list[float]
+    text_encoder: float
+    vae: float
+    other: float
+
+    @model_validator(mode="after")
+    def _check(self) -> BlockAlpha:
+        if isinstance(self.unet, list):
+            if self.layout is None or len(self.unet) != len(LAYOUTS[self.layout]):
+                raise ValueError("per-block 'unet' values need a layout and one value per block")
+        elif self.layout is not None:
+            raise ValueError("'layout' applies only to per-block 'unet' values")
+        return self
+
+    def value_for(self, key: str, root: str | None = UNET_PREFIX) -> float:
+        comp = component_of(key, root)
+        if comp != "unet":
+            return float(getattr(self, comp))
+        if not isinstance(self.unet, list):
+            return self.unet
+        assert self.layout is not None
+        names = LAYOUTS[self.layout]
+        return self.unet[names.index(block_of(key, self.layout, root))]
+
+    def summary(self) -> str:
+        if isinstance(self.unet, list):
+            return f"per block ({LAYOUT_NAMES[self.layout or 'sd1']})"
+        return f"unet {self.unet}, text_encoder {self.text_encoder}, vae {self.vae}"
+
+
+def resolve_params(params: BaseModel, key: str, root: str | None = UNET_PREFIX) -> BaseModel:
+    """`params` with every `BlockAlpha` field replaced by its plain value for `key`."""
+    update = {
+        f: v.value_for(key, root)
+        for f in type(params).model_fields
+        if isinstance(v := getattr(params, f), BlockAlpha)
+    }
+    return params.model_copy(update=update) if update else params
+
+
+def block_alphas(params: BaseModel) -> list[tuple[str, BlockAlpha]]:
+    return [
+        (f, v) for f in type(params).model_fields if isinstance(v := getattr(params, f), BlockAlpha)
+    ]
+
+
+# -- user spellings → Weights ----------------------------------------------------------------
+
+
+def _num(v: Any, path: tuple[str | int, ...], what: str) -> Fraction:
+    if isinstance(v, bool) or not isinstance(v, int | float | Fraction):
+        raise AlphaError(f"{what} must be a number (got {v!r})", path)
+    try:
+        return Fraction(v)
+    except (ValueError, OverflowError):
+        raise AlphaError(f"{what} must be a finite number (got {v!r})", path) from None
+
+
+def parse_alpha(value: Any) -> Weights | Fraction:
+    """Any accepted spelling of alpha → exact weights (a plain Fraction when uniform).
+
+    Spellings: a number; a list of 26 (SD1/SD2) or 20 (SDXL) values `BASE, IN…, M00, OUT…`;
+    `{preset: NAME, base: V}`; a block mapping `{IN00: V, …, default: V, layout: sdxl}`; or per
+    component `{unet: <any of these>, text_encoder: V, vae: V, default: V}`.
+    """
+    if isinstance(value, list):
+        return _from_list(value, ()).normalized()
+    if isinstance(value, dict):
+        if "preset" in value:
+            return _from_preset(value, ()).normalized()
+        keys = {str(k) for k in value}
+        if keys & {"unet", "text_encoder", "vae", "other"}:
+            return _from_components(value).normalized()
+        return _from_blocks(value, ()).normalized()
+    return _num(value, (), "alpha")
+
+
+def _base_everywhere(layout: str, unet: tuple[Fraction, ...]) -> Weights:
+    """MBW convention: BASE also weights the text encoder, the VAE and every non-UNet key."""
+    return Weights(layout, unet, unet[0], unet[0], unet[0])
+
+
+def _from_list(values: list[Any], path: tuple[str | int, ...]) -> Weights:
+    by_len = {len(v): k for k, v in LAYOUTS.items()}
+    layout = by_len.get(len(values))
+    if layout is None:
+        raise AlphaError(
+            f"alpha list has {len(values)} values; block weights take 26 (SD1/SD2: BASE, "
+            "IN00…IN11, M00, OUT00…OUT11) or 20 (SDXL: BASE, IN00…IN08, M00, OUT00…OUT08)",
+            path,
+        )
+    unet = tuple(_num(v, (*path, i), f"block {LAYOUTS[layout][i]}") for i, v in enumerate(values))
+    return _base_everywhere(layout, unet)
+
+
+def _from_preset(spec: Mapping[str, Any], path: tuple[str | int, ...]) -> Weights:
+    extra = [k for k in spec if k not in ("preset", "base")]
+    if extra:
+        raise AlphaError(
+            f"unknown field '{extra[0]}' next to 'preset' (allowed: preset, base)",
+            (*path, extra[0]),
+        )
+    name = spec["preset"]
+    table = presets()
+    if not isinstance(name, str) or name not in table:
+        upper = str(name).upper()
+        hint = f" — did you mean '{upper}'?" if upper in table else did_you_mean(str(name), table)
+        raise AlphaError(
+            f"unknown block-weight preset {name!r}{hint} (see README: block weights; "
+            f"{len(table)} presets, e.g. GRAD_V, FLAT_25, SMOOTHSTEP, TRUE_CUBIC_HERMITE)",
+            (*path, "preset"),
+        )
+    base = preset_base(name)
+    if "base" in spec:
+        base = _num(spec["base"], (*path, "base"), "preset base")
+    return _base_everywhere("sd1", (base, *table[name]))
+
+
+def _from_blocks(spec: Mapping[str, Any], path: tuple[str | int, ...]) -> Weights:
+    layout = spec.get("layout", "sd1")
+    if layout not in LAYOUTS:
+        raise AlphaError(
+            f"unknown block layout {layout!r}: use sd1 (SD1/SD2) or sdxl", (*path, "layout")
+        )
+    names = LAYOUTS[layout]
+    given: dict[str, Fraction] = {}
+    default: Fraction | None = None
+    for k, v in spec.items():
+        if k == "layout":
+            continue
+        if k == "default":
+            default = _num(v, (*path, k), "default")
+            continue
+        name = str(k).upper()
+        if name not in names:
+            other = [n for n, lay in LAYOUTS.items() if name in lay and n != layout]
+            hint = (
+                f" (it exists in the {other[0]} layout: add 'layout: {other[0]}')" if other else ""
+            )
+            raise AlphaError(
+                f"unknown block '{k}' for the {LAYOUT_NAMES[layout]} layout"
+                f"{hint or did_you_mean(name, names)} (blocks: {names[0]}, {names[1]}…"
+                f"{names[-1]}; or unet, text_encoder, vae, default)",
+                (*path, k),
+            )
+        given[name] = _num(v, (*path, k), f"block {name}")
+    missing = [n for n in names if n not in given]
+    if missing and default is None:
+        raise AlphaError(
+            f"block weights give no value for {', '.join(missing[:4])}"
+            f"{'…' if len(missing) > 4 else ''}: add 'default: V' for the blocks not listed",
+            path,
+        )
+    unet = tuple(given.get(n, default or Fraction(0)) for n in names)
+    return _base_everywhere(layout, unet)
+
+
+def _from_components(spec: Mapping[str, Any]) -> Weights:
+    bad = [k for k in spec if k not in COMPONENT_KEYS]
+    if bad:
+        raise AlphaError(
+            f"unknown component '{bad[0]}'{did_you_mean(str(bad[0]), COMPONENT_KEYS)} "
+            f"(per-component alpha takes {', '.join(COMPONENT_KEYS)}; put block names under "
+            "'unet:')",
+            (bad[0],),
+        )
+    # Components not listed take `default`, and without one are kept from `a` (alpha 0).
+    default = _num(spec["default"], ("default",), "default") if "default" in spec else Fraction(0)
+    raw = spec.get("unet", default)
+    if isinstance(raw, list):
+        u = _from_list(raw, ("unet",))
+        layout, unet = u.layout, u.unet
+    elif isinstance(raw, dict):
+        u = _from_preset(raw, ("unet",)) if "preset" in raw else _from_blocks(raw, ("unet",))
+        layout, unet = u.layout, u.unet
+    else:
+        layout, unet = None, (_num(raw, ("unet",), "unet"),)
+    rest = {g: _num(spec[g], (g,), g) if g in spec else default for g in GROUPS}
+    return Weights(layout, unet, rest["text_encoder"], rest["vae"], rest["other"])
+
+
+def canonical_alpha(value: Any) -> float | dict[str, Any]:
+    """Canonical JSON-able parameter for any alpha spelling: a float, or a `BlockAlpha` dict."""
+    w = parse_alpha(value)
+    return float(w) if isinstance(w, Fraction) else w.to_param()
