@@ -302,3 +302,25 @@ def test_ambiguous_prefix_lists_the_candidates(tmp_path: Path) -> None:
     assert "x.safetensors" in str(e.value) and "y.safetensors" in str(e.value)
     found = resolve_model(ModelInput("m", None, None, "abcdef01232"), Memo(), [tmp_path])  # type: ignore[arg-type]
     assert found.path.name == "y.safetensors"
+
+
+def test_extract_round_trips_block_weights(workdir: Path, tmp_path: Path) -> None:
+    recipe = workdir / "mbw.yaml"
+    recipe.write_text(
+        "mergebuild: 1\n"
+        "models:\n"
+        "  a: models/anything-v3.safetensors\n"
+        "  b: models/nai-full.safetensors\n"
+        "  c: models/nai-sfw.safetensors\n"
+        "merges:\n"
+        '  x: a + (b - c) * preset("TRUE_CUBIC_HERMITE")\n'
+        "  y: {method: weighted_sum, a: x, b: c, alpha: {unet: 0.5, vae: 0.25}}\n"
+        "outputs:\n"
+        "  y: {from: y, path: out/mbw.safetensors}\n"
+    )
+    assert run_cli(recipe, "-q", cache=tmp_path / "c").code == 0
+    extracted = tmp_path / "x" / "r.yaml"
+    assert run_cli("extract", workdir / "out/mbw.safetensors", "-o", extracted).code == 0
+    r = run_cli(extracted, "-q", "--models", workdir / "models", cache=tmp_path / "fresh")
+    assert r.code == 0, r.err
+    assert sha(extracted.parent / "y.safetensors") == sha(workdir / "out/mbw.safetensors")

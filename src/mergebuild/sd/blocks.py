@@ -307,6 +307,9 @@ def _from_blocks(spec: Mapping[str, Any], path: tuple[str | int, ...]) -> Weight
 
 
 def _from_components(spec: Mapping[str, Any]) -> Weights:
+    # `layout` appears in the canonical form (to_param); accepting it makes that form, as
+    # written into provenance and lock files, a valid recipe spelling (`mergebuild extract`)
+    spec = {k: v for k, v in spec.items() if k != "layout"}
     bad = [k for k in spec if k not in COMPONENT_KEYS]
     if bad:
         raise AlphaError(
