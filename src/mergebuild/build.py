@@ -241,7 +241,9 @@ class Builder:
         plan = self.plan()
         if plan.to_build():
             with self._locked([i.key for i in plan.to_build()]):
+                hashed = plan.hashed
                 plan = self.plan()  # another process may have built some while we waited
+                plan.hashed = [*hashed, *(n for n in plan.hashed if n not in hashed)]
                 self._drop_corrupt(plan)
                 if plan.to_build():
                     self._execute(plan)
@@ -371,7 +373,7 @@ class Builder:
         except OSError as e:
             raise BuildError(
                 f"build failed: {e.strerror or e} "
-                f"({getattr(e, 'filename', None) or 'while writing'})"
+                f"({getattr(e, 'filename', None) or f'while writing to {self.store.objects}'})"
             ) from None
         finally:
             for sink in sinks:
