@@ -29,6 +29,46 @@ elif kind == "evil_exec":
         def __reduce__(self):
             return (exec, (f"open({marker!r}, 'w').close()",))
     obj = {"state_dict": sd, "payload": [{"nested": Evil()}]}
+elif kind == "evil_eval":
+    import builtins
+    class Evil:
+        def __reduce__(self):
+            return (builtins.eval, (f"open({marker!r}, 'w').close()",))
+    obj = {"state_dict": sd, "payload": Evil()}
+elif kind == "evil_nested_global":
+    # the callable is itself unpickled from globals: importlib.import_module, then getattr
+    import importlib
+    class Mod:
+        def __reduce__(self):
+            return (importlib.import_module, ("os",))
+    class System:
+        def __call__(self, *a):
+            pass
+        def __reduce__(self):
+            return (getattr, (Mod(), "system"))
+    class Evil:
+        def __reduce__(self):
+            return (System(), (f"touch {marker}",))
+    obj = {"state_dict": sd, "payload": (1, {"deep": [Evil()]})}
+elif kind == "evil_legacy":
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    obj = {"state_dict": sd, "payload": Evil()}
+elif kind == "evil_lightning_name":
+    # a class named like a lightning callback that tries to run code when rebuilt
+    for parent in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        sys.modules[parent] = types.ModuleType(parent)
+    mod = types.ModuleType("pytorch_lightning.callbacks.evil")
+    class Evil:
+        def __reduce__(self):
+            return (Evil, (f"touch {marker}",))
+        def __init__(self, *a):
+            pass
+    Evil.__module__ = mod.__name__
+    mod.Evil = Evil
+    sys.modules[mod.__name__] = mod
+    obj = {"state_dict": sd, "payload": Evil()}
 elif kind == "lightning":
     for parent in ("pytorch_lightning", "pytorch_lightning.callbacks"):
         sys.modules[parent] = types.ModuleType(parent)
@@ -45,7 +85,7 @@ elif kind == "lightning":
            "hyper_parameters": {"cb": ModelCheckpoint()}}
 else:
     obj = {"state_dict": sd, "epoch": 1}
-torch.save(obj, dst, _use_new_zipfile_serialization=(kind != "legacy"))
+torch.save(obj, dst, _use_new_zipfile_serialization=kind not in ("legacy", "evil_legacy"))
 """
 
 
@@ -67,8 +107,19 @@ def recipe_with(workdir: Path, model_file: str) -> Path:
     return r
 
 
-@pytest.mark.parametrize("kind", ["evil", "evil_exec"])
-def test_malicious_pickle_is_refused_and_never_runs(workdir: Path, cache: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "names"),
+    [
+        ("evil", "system"),
+        ("evil_exec", "exec"),
+        ("evil_eval", "eval"),
+        ("evil_nested_global", "getattr"),
+        ("evil_legacy", "system"),
+    ],
+)
+def test_malicious_pickle_is_refused_and_never_runs(
+    workdir: Path, cache: Path, kind: str, names: str
+) -> None:
     marker = workdir / "PWNED"
     make_ckpt(
         workdir / "models" / "insta.safetensors", workdir / "models" / "evil.ckpt", kind, marker
@@ -76,7 +127,7 @@ def test_malicious_pickle_is_refused_and_never_runs(workdir: Path, cache: Path, 
     assert not marker.exists()
     r = run_cli(recipe_with(workdir, "models/evil.ckpt"), cache=cache)
     assert r.code == 1
-    assert "refused to load" in r.err and ("system" in r.err or "exec" in r.err), r.err
+    assert "refused to load" in r.err and names in r.err, r.err
     assert "Traceback" not in r.err
     assert not marker.exists(), "the pickle's payload ran"
     assert not (workdir / "out" / "o.safetensors").exists()
@@ -104,3 +155,18 @@ def test_corrupt_checkpoint_is_a_clear_error(workdir: Path, cache: Path) -> None
     (workdir / "models" / "broken.ckpt").write_bytes(b"PK\x03\x04 not really a zip" * 10)
     r = run_cli(recipe_with(workdir, "models/broken.ckpt"), cache=cache)
     assert r.code == 1 and "broken.ckpt" in r.err and "Traceback" not in r.err
+
+
+def test_lightning_named_payload_stays_inert(workdir: Path, cache: Path) -> None:
+    """Names under pytorch_lightning map to inert stand-ins: rebuilding one with arguments
+    runs nothing, whatever the pickle asks."""
+    marker = workdir / "PWNED"
+    make_ckpt(
+        workdir / "models" / "insta.safetensors",
+        workdir / "models" / "l.ckpt",
+        "evil_lightning_name",
+        marker,
+    )
+    r = run_cli(recipe_with(workdir, "models/l.ckpt"), cache=cache)
+    assert "Traceback" not in r.err
+    assert not marker.exists(), "the pickle's payload ran"

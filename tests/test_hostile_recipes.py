@@ -133,6 +133,10 @@ CASES: dict[str, tuple[bytes, str]] = {
         (HEAD + "merges:\n  m: __import__('os').system('touch PWNED')\n" + OUT).encode(),
         "unknown function",
     ),
+    "control_character": (  # found by the fuzzer: PyYAML's reader raised outside the try
+        (HEAD + "merges:\n  m: any\x00thing\n" + OUT).encode(),
+        "control character",
+    ),
     "escape_parent": (out_to("../escaped.safetensors").encode(), "--allow-outside-paths"),
     "escape_absolute": (out_to("/tmp/mergebuild-escaped.safetensors").encode(), "outside"),
     "escape_home": (out_to("~/mergebuild-escaped.safetensors").encode(), "outside"),
@@ -224,3 +228,12 @@ def test_output_symlink_into_cache_is_replaced(workdir: Path, cache: Path) -> No
     out.symlink_to(obj)
     assert run_cli(recipe, cache=cache).code == 0
     assert not out.is_symlink() and os.path.samefile(out, obj)
+
+
+def test_set_on_malformed_merges_section(workdir: Path, cache: Path) -> None:
+    """Found by the fuzzer: `--set` looked names up by substring in a string-valued section."""
+    recipe = workdir / "r.yaml"
+    recipe.write_text(HEAD + "merges: nsfw_025\n" + OUT)
+    r = run_cli(recipe, "-n", "--set", "w.alpha=0.5", cache=cache)
+    assert r.code == 2 and "Traceback" not in r.err and "unexpected" not in r.err, r.err
+    assert "no merge or output named 'w'" in r.err

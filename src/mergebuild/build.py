@@ -278,7 +278,9 @@ class Builder:
         plan = self.plan()
         if plan.to_build():
             with self._locked([i.key for i in plan.to_build()]):
+                hashed = plan.hashed
                 plan = self.plan()  # another process may have built some while we waited
+                plan.hashed = [*hashed, *(n for n in plan.hashed if n not in hashed)]
                 self._drop_corrupt(plan)
                 if plan.to_build():
                     self._execute(plan)
@@ -402,11 +404,13 @@ class Builder:
                         "kept_from_a": st.kept_from_a,
                         "copied_non_float": st.copied_non_float,
                         "dropped": st.dropped,
+                        "nonfinite_keys": sorted(st.nonfinite),
                     }
+                    _warn_nonfinite(item.name, st.nonfinite)
         except OSError as e:
             raise BuildError(
                 f"build failed: {e.strerror or e} "
-                f"({getattr(e, 'filename', None) or 'while writing'})"
+                f"({getattr(e, 'filename', None) or f'while writing to {self.store.objects}'})"
             ) from None
         finally:
             for sink in sinks:
@@ -453,6 +457,19 @@ class Builder:
         outputs = {k: v for k, v in outputs.items() if k in self.recipe.outputs}
         with contextlib.suppress(OSError):
             self.store.write_journal(self.recipe.path, {"nodes": nodes, "outputs": outputs})
+
+
+def _warn_nonfinite(name: str, keys: set[str]) -> None:
+    """NaN/Inf do not stop a build (some models carry them in unused keys) but must be seen."""
+    if keys:
+        shown = ", ".join(sorted(keys)[:10]) + (
+            f" … ({len(keys)} in all)" if len(keys) > 10 else ""
+        )
+        warnings.warn(
+            f"merge '{name}': NaN or Inf values in {len(keys)} tensors: {shown} "
+            "(from the inputs, or values beyond the dtype's range)",
+            stacklevel=2,
+        )
 
 
 def _corrupt_reason(found: tuple[str, str] | None) -> str | None:

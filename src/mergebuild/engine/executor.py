@@ -74,6 +74,7 @@ class NodeStats:
     copied_non_float: int = 0  # integer buffers such as position_ids: copied from A
     dropped: int = 0  # keys present only in non-A inputs: not in the result
     missing_examples: list[str] = field(default_factory=list)
+    nonfinite: set[str] = field(default_factory=set)  # keys whose result holds NaN or Inf
 
 
 @dataclass(frozen=True)
@@ -205,29 +206,34 @@ class FusedPass:
         a = self._value(job.inputs[0], u, memo)
         if not is_float(info.dtype):
             return a
+        import torch
+
         if any(
             u.key not in self.layouts[n] or not is_float(self.layouts[n][u.key].dtype)
             for n in job.inputs[1:]
         ):
-            return a.to(to_torch(info.dtype))
-        import torch
-
-        params = self._params(job, u.key)
-        xs = [a, *(self._value(n, u, memo) for n in job.inputs[1:])]
-        xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
-        n = self.channel_merge.get((job.name, u.key))
-        if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
-            xs = [x if x.shape[1] == n else x[:, :n] for x in xs]
-        if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back to write
-            xs = [x.to(self.device, non_blocking=True) for x in xs]
-            out = job.method.compute(params, xs).cpu()
+            out = a.to(to_torch(info.dtype))
         else:
-            out = job.method.compute(params, xs)
-        if n is not None:
-            full = a.to(torch.float32, copy=True)
-            full[:, :n] = out
-            out = full
-        return out.to(to_torch(info.dtype))
+            params = self._params(job, u.key)
+            xs = [a, *(self._value(n, u, memo) for n in job.inputs[1:])]
+            xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
+            n = self.channel_merge.get((job.name, u.key))
+            if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
+                xs = [x if x.shape[1] == n else x[:, :n] for x in xs]
+            if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back
+                xs = [x.to(self.device, non_blocking=True) for x in xs]
+                out = job.method.compute(params, xs).cpu()
+            else:
+                out = job.method.compute(params, xs)
+            if n is not None:
+                full = a.to(torch.float32, copy=True)
+                full[:, :n] = out
+                out = full
+            out = out.to(to_torch(info.dtype))
+        # one cheap pass over the result: NaN/Inf in an input (or an overflow) shows up here
+        if not bool(torch.isfinite(out).all()):
+            self.stats[job.name].nonfinite.add(u.key)  # set.add: atomic across workers
+        return out
 
     def _params(self, job: NodeJob, key: str) -> Params:
         """The job's parameters for one key: block weights become that key's plain number."""

@@ -71,6 +71,8 @@ def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] |
             problems.append(Problem(f"--set {item!r}: expected NAME.FIELD=VALUE"))
             continue
         merges, outputs = data.get("merges") or {}, data.get("outputs") or {}
+        merges = merges if isinstance(merges, dict) else {}  # wrong shapes: reported later
+        outputs = outputs if isinstance(outputs, dict) else {}
         section = "merges" if name in merges else "outputs" if name in outputs else None
         if section is None:
             problems.append(

@@ -52,7 +52,13 @@ def load_yaml(data: bytes, file: str) -> tuple[Any, Positions]:
             [Problem(f"{file}:{line}: recipe is not valid UTF-8 (byte {e.start})")]
         ) from None
     pos = Positions(file)
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # the reader refuses control characters right here
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        raise RecipeError(
+            [Problem(f"{file}:{line}: invalid YAML: control character {e.character!r} in the text")]
+        ) from None
     try:
         root = loader.get_single_node()
         if root is None:

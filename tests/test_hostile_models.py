@@ -1,0 +1,154 @@
+"""Broken or hostile model files through the CLI: one clear error naming the defect, exit 1,
+no traceback, nothing cached or written; suspicious values (NaN/Inf) are reported by key."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import run_cli
+from test_safetensors_io import CASES as HEADER_CASES
+from test_safetensors_io import corrupt, hdr
+
+RECIPE = """mergebuild: 1
+models:
+  a: models/a.safetensors
+  b: models/wd13.safetensors
+merges:
+  m: a * 0.5 + b * 0.5
+outputs:
+  o: {from: m, path: out/o.safetensors}
+"""
+
+
+def overlapping(tmp: Path) -> Path:
+    p = tmp / "x.safetensors"
+    text = (
+        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+        b'"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}'
+    )
+    p.write_bytes(hdr(text) + bytes(12))
+    return p
+
+
+def negative_offsets(tmp: Path) -> Path:
+    p = tmp / "x.safetensors"
+    p.write_bytes(hdr(b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[-8,0]}}') + bytes(8))
+    return p
+
+
+def huge_shape(tmp: Path) -> Path:
+    """A shape whose product overflows any int64 count: refused by arithmetic, not allocation."""
+    p = tmp / "x.safetensors"
+    dims = "[4294967296,4294967296,4294967296]"
+    p.write_bytes(
+        hdr(f'{{"a":{{"dtype":"F32","shape":{dims},"data_offsets":[0,8]}}}}'.encode()) + bytes(8)
+    )
+    return p
+
+
+def not_an_object(tmp: Path) -> Path:
+    p = tmp / "x.safetensors"
+    p.write_bytes(hdr(b"[1, 2, 3]"))
+    return p
+
+
+def empty(tmp: Path) -> Path:
+    p = tmp / "x.safetensors"
+    p.write_bytes(b"")
+    return p
+
+
+EXTRA = {
+    "overlapping offsets": (overlapping, "overlaps"),
+    "negative offsets": (negative_offsets, "outside the file"),
+    "huge shape": (huge_shape, "needs"),
+    "header not an object": (not_an_object, "not a JSON object"),
+    "empty file": (empty, "shorter than"),
+}
+
+
+def hostile_file(tmp: Path, case: str) -> tuple[Path, str]:
+    if case in HEADER_CASES:
+        mutate, expect = HEADER_CASES[case]
+        return corrupt(tmp, mutate), expect
+    make, expect = EXTRA[case]
+    return make(tmp), expect
+
+
+@pytest.mark.parametrize("case", [*HEADER_CASES, *EXTRA])
+def test_broken_safetensors_input_is_one_clear_error(
+    workdir: Path, cache: Path, tmp_path: Path, case: str
+) -> None:
+    bad, expect = hostile_file(tmp_path, case)
+    bad.rename(workdir / "models" / "a.safetensors")
+    recipe = workdir / "r.yaml"
+    recipe.write_text(RECIPE)
+    r = run_cli(recipe, cache=cache)
+    assert r.code == 1, (r.code, r.err)
+    assert "Traceback" not in r.err and r.err.startswith("error:"), r.err
+    assert "a.safetensors" in r.err and expect in r.err, r.err
+    assert not (workdir / "out" / "o.safetensors").exists()
+    assert not list((cache / "objects").glob("*/*")) if (cache / "objects").exists() else True
+
+
+@pytest.mark.parametrize("claimed", [(1 << 60), 99 * 1024 * 1024, (1 << 64) - 1])
+def test_huge_claimed_header_is_not_allocated(tmp_path: Path, claimed: int) -> None:
+    from mergebuild.engine.safetensors_io import read_header
+    from mergebuild.errors import BuildError
+
+    p = tmp_path / "h.safetensors"
+    p.write_bytes(struct.pack("<Q", claimed) + b"{}" * 100)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BuildError, match="header claims"):
+            read_header(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"allocated {peak} bytes for a {claimed}-byte header claim"
+
+
+def test_shape_mismatch_names_key_and_both_shapes(workdir: Path, cache: Path) -> None:
+    models = workdir / "models"
+    t = load_file(str(models / "insta.safetensors"))
+    key = "model.diffusion_model.out.2.weight"
+    assert key in t
+    t[key] = np.zeros((t[key].shape[0], t[key].shape[1] + 1, *t[key].shape[2:]), t[key].dtype)
+    save_file(t, str(models / "a.safetensors"))
+    recipe = workdir / "r.yaml"
+    recipe.write_text(RECIPE)
+    r = run_cli(recipe, cache=cache)
+    assert r.code == 1 and "Traceback" not in r.err, r.err
+    shape_a = list(t[key].shape)
+    shape_b = list(load_file(str(models / "wd13.safetensors"))[key].shape)
+    assert key in r.err and str(shape_a) in r.err and str(shape_b) in r.err, r.err
+    assert not (workdir / "out" / "o.safetensors").exists()
+
+
+def test_nan_and_inf_inputs_warn_with_keys(workdir: Path, cache: Path) -> None:
+    models = workdir / "models"
+    t = load_file(str(models / "insta.safetensors"))
+    nan_key, inf_key = (
+        "model.diffusion_model.out.2.bias",
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+    )
+    assert nan_key in t and inf_key in t
+    t[nan_key] = t[nan_key].copy()
+    t[nan_key][0] = np.nan
+    t[inf_key] = t[inf_key].copy()
+    t[inf_key][-1] = -np.inf
+    save_file(t, str(models / "a.safetensors"))
+    recipe = workdir / "r.yaml"
+    recipe.write_text(RECIPE)
+    r = run_cli(recipe, "--json", cache=cache)
+    assert r.code == 0, r.err
+    assert "warning:" in r.err and "NaN or Inf" in r.err, r.err
+    assert nan_key in r.err and inf_key in r.err
+    node = next(n for n in r.json["nodes"] if n["name"] == "m")
+    assert node["nonfinite_keys"] == sorted([nan_key, inf_key])
