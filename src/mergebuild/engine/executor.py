@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import Params
 from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
 from mergebuild.errors import BuildError
+from mergebuild.sd.arch import is_position_ids
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +110,7 @@ class FusedPass:
             base = self.layouts[sink.source]
             st = RECIPE_TO_ST[sink.dtype] if sink.dtype else None
             sink.infos = {
-                k: TensorInfo(st if st and is_float(i.dtype) else i.dtype, i.shape)
+                k: TensorInfo(st if st and _mergeable(k, i.dtype) else i.dtype, i.shape)
                 for k, i in base.items()
             }
 
@@ -142,7 +144,14 @@ class FusedPass:
         out: dict[str, TensorInfo] = {}
         for k, info in a.items():
             st.tensors += 1
-            if not is_float(info.dtype):
+            if not _mergeable(k, info.dtype):
+                if is_float(info.dtype):
+                    warnings.warn(
+                        f"'{job.inputs[0]}' has damaged {k} ({info.dtype}, not int64): "
+                        f"'{job.name}' copies it unchanged; repair the input with "
+                        "`mergebuild doctor MODEL --fix OUT`",
+                        stacklevel=2,
+                    )
                 st.copied_non_float += 1
                 out[k] = info
                 continue
@@ -203,7 +212,7 @@ class FusedPass:
     def _compute(self, job: NodeJob, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
         info = self.layouts[job.name][u.key]
         a = self._value(job.inputs[0], u, memo)
-        if not is_float(info.dtype):
+        if not _mergeable(u.key, info.dtype):
             return a
         if any(
             u.key not in self.layouts[n] or not is_float(self.layouts[n][u.key].dtype)
@@ -332,6 +341,12 @@ class FusedPass:
                 for fut in in_flight:
                     fut.cancel()
                 raise
+
+
+def _mergeable(key: str, dtype: str) -> bool:
+    """Float weights merge; integer buffers — and position_ids even when a damaged file stores
+    them as floats — are copied from `a` unchanged (never interpolated, never re-cast)."""
+    return is_float(dtype) and not is_position_ids(key)
 
 
 def _direct(x: torch.Tensor) -> bool:
