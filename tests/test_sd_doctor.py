@@ -126,3 +126,26 @@ def test_damaged_a_is_copied_unchanged_with_a_warning(
     a = load_st(models["damaged"])
     assert out[POS].dtype == np.float32  # not cast to the fp16 output dtype
     np.testing.assert_array_equal(out[POS], a[POS])
+
+
+def test_doctor_sdxl_position_ids(tmp_path: Path) -> None:
+    import torch
+
+    from mergebuild.demo import synthesize
+
+    key = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+    x = torch.arange(77, dtype=torch.float32)
+    healthy = synthesize(tmp_path / "ok.safetensors", "x", arch="sdxl", scale=SCALE)
+    damaged = synthesize(
+        tmp_path / "bad.safetensors",
+        "x",
+        arch="sdxl",
+        scale=SCALE,
+        overrides={key: (x * (1 - 0.1) + x * 0.1)[None]},
+    )
+    r = run_cli("doctor", damaged, "--json")
+    assert r.code == 1 and r.json["architecture"]["family"] == "sdxl"
+    assert [f["keys"] for f in r.json["findings"]] == [[key]]
+    fixed = tmp_path / "fixed.safetensors"
+    assert run_cli("doctor", damaged, "--fix", fixed).code == 0
+    assert fixed.read_bytes() == healthy.read_bytes()
