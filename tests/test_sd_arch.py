@@ -122,13 +122,14 @@ def test_inspect_cli_does_not_import_torch(sd_models: dict) -> None:
         "assert 'torch' not in sys.modules, 'torch imported'; raise SystemExit(rc)"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    p = subprocess.run(
-        [sys.executable, "-c", probe, "inspect", str(sd_models["sd1"])],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, p.stderr
+    for cmd in ("inspect", "blocks"):
+        p = subprocess.run(
+            [sys.executable, "-c", probe, cmd, str(sd_models["sd1"])],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert p.returncode == 0, p.stderr
     missing = run_cli("inspect", sd_models["sd1"].parent / "nope.safetensors")
     assert missing.code == 1 and "no such file" in missing.err and "Traceback" not in missing.err
 

@@ -44,18 +44,19 @@ def test_example_inpainting_recipe_matches_numpy(workdir: Path, cache: Path) -> 
     assert "SD1.x inpainting" in inspect.out
 
 
-@pytest.fixture(scope="module")
-def p2p_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def p2p_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mergebuild.demo import synthesize
 
-    d = tmp_path_factory.mktemp("p2p")
-    synthesize(d / "p2p.safetensors", "p2p", scale=SCALE, in_channels=8)
-    synthesize(d / "target.safetensors", "target", scale=SCALE)
+    arch = request.param
+    d = tmp_path_factory.mktemp(f"p2p_{arch}")
+    synthesize(d / "p2p.safetensors", "p2p", arch=arch, scale=SCALE, in_channels=8)
+    synthesize(d / "target.safetensors", "target", arch=arch, scale=SCALE)
     return d
 
 
 def test_pix2pix_weighted_sum_chunked(p2p_dir: Path, tmp_path: Path, cache: Path) -> None:
-    """8 channels, weighted sum, and tiny chunks so every other key is chunked."""
+    """8 channels (SD1 and SDXL), weighted sum, tiny chunks so every other key is chunked."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "mergebuild: 1\n"

@@ -128,13 +128,18 @@ class Builder:
         okeys = {}
         for name in self.outputs:
             meta = output_metadata(self.recipe, name, keys, facts)
+            spec = self.recipe.outputs[name]
+            layout: dict[str, Any] = dict(spec.options)  # empty for plain outputs: keys unchanged
+            if spec.vae is not None:
+                layout["vae"] = keys[spec.vae]
             okeys[name] = xxh3_hex(
                 canonical_json(
                     {
                         "kind": "output",
                         "source": source_key(self.recipe, name, keys),
-                        "dtype": self.recipe.outputs[name].dtype,
+                        "dtype": spec.dtype,
                         "metadata": meta,
+                        **({"layout": layout} if layout else {}),
                     }
                 )
             )
@@ -167,7 +172,7 @@ class Builder:
                         or self._why_output(name, key, keys, journal),
                         True,
                     )
-                    needed.add(next(iter(self.graph.predecessors(("output", name)))))
+                    needed.update(self.graph.predecessors(("output", name)))
                 item.path = self.recipe.outputs[name].path
                 items.append(item)
             elif kind == "merge":
@@ -336,7 +341,8 @@ class Builder:
                 )
                 needed_sources.update(node.inputs.values())
             else:
-                needed_sources.add(self.recipe.outputs[item.name].source)
+                out = self.recipe.outputs[item.name]
+                needed_sources.update(n for n in (out.source, out.vae) if n is not None)
         built_names = {j.name for j in jobs}
         sources: dict[str, Any] = {}
         sinks: list[Sink] = []
@@ -369,6 +375,8 @@ class Builder:
                             fd,
                             out.dtype,
                             output_metadata(self.recipe, item.name, plan.keys, plan.facts),
+                            options=out.options,
+                            vae=out.vae,
                         )
                     )
             t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SD_COMMANDS = ("inspect", "blocks")
+SD_COMMANDS = ("inspect", "blocks", "doctor")
 
 
 def add_parsers(
@@ -35,7 +35,21 @@ def add_parsers(
     )
     b.add_argument("--json", action="store_true", help="print one JSON object")
     common(b)
-    return {"inspect": cmd_inspect, "blocks": cmd_blocks}
+    d = sub.add_parser(
+        "doctor",
+        help="check a model for damage (position_ids, NaN/Inf, fp16 overflow, keys, dtypes)",
+    )
+    d.add_argument("model", type=Path)
+    d.add_argument(
+        "--fix",
+        type=Path,
+        metavar="OUT",
+        help="write a repaired copy to OUT (.safetensors): position_ids reset to int64 arange, "
+        "everything else byte for byte",
+    )
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    common(d)
+    return {"inspect": cmd_inspect, "blocks": cmd_blocks, "doctor": cmd_doctor}
 
 
 def read_infos(path: Path) -> dict[str, Any]:
@@ -124,3 +138,52 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         extra = f" + {len(members) - len(unet)} non-UNet" if len(members) > len(unet) else ""
         print(f"  {blk:<6} {len(unet):>4} UNet tensors{extra:<18} {params:>14,} params  {first}")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 0: healthy (warnings allowed) or every damage repaired by --fix; 1: damage remains."""
+    from mergebuild.errors import BuildError
+    from mergebuild.sd.doctor import examine, findings_json, write_fixed
+
+    if not args.model.is_file():
+        raise BuildError(f"{args.model}: no such file")
+    fix = args.fix
+    if fix is not None:
+        if fix.suffix.lower() != ".safetensors":
+            raise BuildError(f"--fix {fix}: the repaired copy is written as .safetensors")
+        if fix.exists() and fix.resolve() == args.model.resolve():
+            raise BuildError(f"--fix {fix}: writes a copy; choose a path other than the input")
+    arch, n, findings = examine(args.model)
+    changes = write_fixed(args.model, fix) if fix is not None else []
+    errors = [f for f in findings if f.severity == "error"]
+    remaining = [f for f in errors if not (fix is not None and f.fixable)]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "path": str(args.model),
+                    "architecture": arch.as_json(),
+                    "tensors": n,
+                    "findings": findings_json(findings),
+                    "fixed": {"path": str(fix), "changes": changes} if fix else None,
+                    "healthy": not errors,
+                },
+                indent=1,
+            )
+        )
+        return 1 if remaining else 0
+    print(f"{args.model}: {arch.describe()}, {n:,} tensors checked")
+    for f in findings:
+        hint = "  [fix: --fix OUT]" if f.fixable and fix is None else ""
+        print(f"  {f.severity:<8} {f.check:<16} {f.message}{hint}")
+    if not findings:
+        print("  no problems found")
+    else:
+        warns = len(findings) - len(errors)
+        print(f"{len(errors)} error(s), {warns} warning(s)")
+    if fix is not None:
+        print(f"wrote {fix}: " + ("; ".join(changes) if changes else "no repair needed (copy)"))
+        print("  every other tensor and the metadata are unchanged")
+        for f in remaining:
+            print(f"  not repaired: {f.check} ({f.message})")
+    return 1 if remaining else 0

@@ -17,6 +17,8 @@ from typing import Any
 
 from mergebuild.errors import BuildError, MergebuildError
 
+OUTPUT_OPTIONS = ("prune", "components", "include", "exclude", "vae")
+
 
 class VerifyFailed(MergebuildError):
     """Outputs were built but differ from the lock file."""
@@ -267,6 +269,7 @@ def extract_recipe(prov: dict[str, Any]) -> str:
                 "from": out["from"],
                 "path": f"{name}.safetensors",
                 **({"dtype": out["dtype"]} if out.get("dtype") not in (None, "auto") else {}),
+                **{k: out[k] for k in OUTPUT_OPTIONS if k in out},
             }
         },
     }

@@ -46,6 +46,8 @@ def build_graph(recipe: Recipe) -> nx.DiGraph:
             g.add_edge(ref(recipe, src), ("merge", name), slot=slot)
     for name, out in recipe.outputs.items():
         g.add_edge(ref(recipe, out.source), ("output", name))
+        if out.vae is not None:
+            g.add_edge(("model", out.vae), ("output", name), slot="vae")
     return g
 
 
@@ -112,6 +114,8 @@ def render_text(recipe: Recipe) -> str:
             lines.append(
                 f"output {name:<24} ← {out.source} → {out.path}"
                 f"{f' dtype={out.dtype}' if out.dtype else ''}"
+                f"{f' vae={out.vae}' if out.vae else ''}"
+                f"{f' {canonical_json(out.options)}' if out.options else ''}"
             )
     return "\n".join(lines)
 

@@ -88,7 +88,13 @@ def output_provenance(
     return {
         "format": FORMAT,
         "mergebuild_version": __version__,
-        "output": {"name": output, "from": out.source, "dtype": out.dtype or "auto"},
+        "output": {
+            "name": output,
+            "from": out.source,
+            "dtype": out.dtype or "auto",
+            **out.options,  # prune / components / include / exclude, when not the default
+            **({"vae": out.vae} if out.vae else {}),
+        },
         "models": model_entries,
         "merges": {
             n: {
@@ -155,6 +161,8 @@ def webui_metadata(
         }
     else:
         top = _webui_recipe(recipe, out.source, keys, inputs, output)
+    top["bake_in_vae"] = out.vae or "None"
+    top["discard_weights"] = "|".join(out.options.get("exclude", []))
     models_field: dict[str, Any] = {}
     for m in models:
         facts = inputs[m]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import Params
 from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
 from mergebuild.errors import BuildError
+from mergebuild.sd.arch import is_position_ids
 
 if TYPE_CHECKING:
     import torch
@@ -61,8 +63,11 @@ class Sink:
     fd: int
     dtype: str | None  # recipe dtype for float tensors; None keeps the value's dtype
     metadata: dict[str, str]
+    options: dict[str, Any] = field(default_factory=dict)  # prune/components/include/exclude
+    vae: str | None = None  # source whose tensors replace first_stage_model.*
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     writer: StreamingWriter | None = None
+    vae_keys: dict[str, str] = field(default_factory=dict)  # output key → key in `vae`
 
 
 @dataclass
@@ -106,12 +111,38 @@ class FusedPass:
         for job in jobs:
             self._plan_job(job)
         for sink in sinks:
-            base = self.layouts[sink.source]
-            st = RECIPE_TO_ST[sink.dtype] if sink.dtype else None
-            sink.infos = {
-                k: TensorInfo(st if st and is_float(i.dtype) else i.dtype, i.shape)
-                for k, i in base.items()
-            }
+            self._plan_sink(sink)
+
+    def _plan_sink(self, sink: Sink) -> None:
+        """The output's tensors: its source's, a baked-in VAE's, then the options' selection."""
+        from mergebuild.sd.arch import unet_root
+        from mergebuild.sd.output import selector, vae_keys
+
+        base = dict(self.layouts[sink.source])
+        if sink.vae is not None:
+            vae = self.layouts[sink.vae]
+            sink.vae_keys = vae_keys(vae)
+            if not sink.vae_keys:
+                raise BuildError(f"output '{sink.label}': '{sink.vae}' holds no VAE tensors")
+            for k, vk in sink.vae_keys.items():
+                old = base.get(k)
+                if old is not None and old.shape != vae[vk].shape:
+                    raise BuildError(
+                        f"output '{sink.label}': VAE tensor '{vk}' of '{sink.vae}' has shape "
+                        f"{list(vae[vk].shape)} but '{k}' is {list(old.shape)} in '{sink.source}'"
+                    )
+                base[k] = vae[vk]
+        if sink.options:
+            keep = selector(sink.options, unet_root(base))
+            base = {k: i for k, i in base.items() if keep(k)}
+            sink.vae_keys = {k: v for k, v in sink.vae_keys.items() if k in base}
+            if not base:
+                raise BuildError(f"output '{sink.label}': the options leave no tensors to write")
+        st = RECIPE_TO_ST[sink.dtype] if sink.dtype else None
+        sink.infos = {
+            k: TensorInfo(st if st and _mergeable(k, i.dtype) else i.dtype, i.shape)
+            for k, i in base.items()
+        }
 
     def _plan_job(self, job: NodeJob) -> None:
         from mergebuild.sd.arch import detect, extra_channels, merge_compatibility, unet_root
@@ -143,7 +174,14 @@ class FusedPass:
         out: dict[str, TensorInfo] = {}
         for k, info in a.items():
             st.tensors += 1
-            if not is_float(info.dtype):
+            if not _mergeable(k, info.dtype):
+                if is_float(info.dtype):
+                    warnings.warn(
+                        f"'{job.inputs[0]}' has damaged {k} ({info.dtype}, not int64): "
+                        f"'{job.name}' copies it unchanged; repair the input with "
+                        "`mergebuild doctor MODEL --fix OUT`",
+                        stacklevel=2,
+                    )
                 st.copied_non_float += 1
                 out[k] = info
                 continue
@@ -201,10 +239,22 @@ class FusedPass:
         memo[name] = val
         return val
 
+    def _read_as(self, name: str, key: str, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
+        """Unit `u` of another key of a source (a baked-in VAE's tensor for an output key)."""
+        tag = f"\0{name}\0{key}"
+        if tag not in memo:
+            shape = self.layouts[name][key].shape
+            if u.whole:
+                val = self.sources[name].read_flat(key, 0, math.prod(shape)).reshape(shape)
+            else:
+                val = self.sources[name].read_flat(key, u.lo, u.hi)
+            memo[tag] = val
+        return memo[tag]
+
     def _compute(self, job: NodeJob, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
         info = self.layouts[job.name][u.key]
         a = self._value(job.inputs[0], u, memo)
-        if not is_float(info.dtype):
+        if not _mergeable(u.key, info.dtype):
             return a
         import torch
 
@@ -255,7 +305,11 @@ class FusedPass:
             info = sink.infos.get(u.key)
             if info is None:
                 continue
-            val = self._value(sink.source, u, memo)
+            vkey = sink.vae_keys.get(u.key)
+            if vkey is not None and sink.vae is not None:
+                val = self._read_as(sink.vae, vkey, u, memo)
+            else:
+                val = self._value(sink.source, u, memo)
             if val.dtype != to_torch(info.dtype):
                 val = val.to(to_torch(info.dtype))
             assert sink.writer is not None
@@ -338,6 +392,12 @@ class FusedPass:
                 for fut in in_flight:
                     fut.cancel()
                 raise
+
+
+def _mergeable(key: str, dtype: str) -> bool:
+    """Float weights merge; integer buffers — and position_ids even when a damaged file stores
+    them as floats — are copied from `a` unchanged (never interpolated, never re-cast)."""
+    return is_float(dtype) and not is_position_ids(key)
 
 
 def _direct(x: torch.Tensor) -> bool:

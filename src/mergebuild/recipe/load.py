@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from mergebuild.recipe.schema import (
 )
 from mergebuild.recipe.yamlpos import Positions, load_yaml
 from mergebuild.sd.blocks import AlphaError, canonical_alpha
+from mergebuild.sd.output import canonical as canonical_output
 
 GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache")
 
@@ -365,7 +367,25 @@ class _Resolver:
                     f"output '{name}' would overwrite input model '{model.name}' ({path})",
                     self.pos.of((*where, "path")),
                 )
-        self.recipe.outputs[name] = OutputSpec(name, out.source, path, dtype, self.pos.of(where))
+        for kind in ("include", "exclude"):
+            for i, pattern in enumerate(getattr(out, kind) or []):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    self.err(
+                        f"output '{name}': {kind} pattern {pattern!r} is not a valid regular "
+                        f"expression ({e})",
+                        self.pos.of((*where, kind, i)),
+                    )
+        if out.vae is not None and out.components is not None and "vae" not in out.components:
+            self.err(
+                f"output '{name}' bakes in a VAE but its components leave the VAE out",
+                self.pos.of((*where, "vae")),
+            )
+        options = canonical_output(out.prune, out.components, out.include, out.exclude)
+        self.recipe.outputs[name] = OutputSpec(
+            name, out.source, path, dtype, self.pos.of(where), options, out.vae
+        )
 
     def _check_output_place(self, name: str, path: Path) -> None:
         """Refuse outputs that land outside the recipe's directory or on an input's bytes.
@@ -403,6 +423,12 @@ class _Resolver:
                         path = ("merges", node.name, "inputs")
                     self.err(_unknown_ref(ref, models, merges), self.pos.of(path))
         for out in self.recipe.outputs.values():
+            if out.vae is not None and out.vae not in models:
+                self.err(
+                    f"output '{out.name}': vae '{out.vae}' must be one of the models"
+                    f"{did_you_mean(out.vae, models)}",
+                    self.pos.of(("outputs", out.name, "vae")),
+                )
             if out.source not in models and out.source not in merges:
                 self.err(
                     f"output '{out.name}' is from unknown node '{out.source}'"

@@ -38,6 +38,9 @@ class OutputSpec:
     path: Path
     dtype: str | None = None  # None: keep the source's dtype
     location: Location | None = None
+    # layout options in canonical form (sd/output.py): prune, components, include, exclude
+    options: dict[str, Any] = field(default_factory=dict)
+    vae: str | None = None  # model whose tensors replace first_stage_model.*
 
 
 @dataclass

@@ -68,6 +68,11 @@ class OutputEntry(_Strict):
     source: str = Field(alias="from", min_length=1)
     path: str = Field(min_length=1)
     dtype: str | None = None
+    prune: bool = False  # drop model_ema.*
+    components: list[Literal["unet", "text_encoder", "vae", "other"]] | None = None
+    include: list[str] | None = None  # regexes: keep only matching keys
+    exclude: list[str] | None = None  # regexes: drop matching keys
+    vae: str | None = None  # a model whose tensors replace first_stage_model.*
 
 
 class RecipeFile(_Strict):
@@ -81,7 +86,7 @@ class RecipeFile(_Strict):
 
 FIELD_NAMES = {
     (): ["mergebuild", "search_paths", "include", "models", "merges", "outputs"],
-    "output": ["from", "path", "dtype"],
+    "output": ["from", "path", "dtype", "prune", "components", "include", "exclude", "vae"],
     "model": ["path", "sha256"],
 }
 
@@ -138,6 +143,8 @@ def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str 
             got = e.get("input")
             got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
             subject = f"'{path[-1]}' of {_where(path[:-1], '')}" if len(path) > 2 else name
+            if len(path) > 3 and isinstance(path[-1], int):  # an item of a list field
+                subject = f"item {path[-1] + 1} of '{path[-2]}' of {_where(path[:-2], '')}"
             out.append(Problem(f"{subject}: {e['msg'].lower()}{got_s}", pos.of(path)))
     return out
 

@@ -148,6 +148,11 @@ def _unet_family(infos: Mapping[str, _Shaped], root: str) -> str:
     return "unknown"
 
 
+def is_position_ids(key: str) -> bool:
+    """CLIP's `position_ids` buffer: an index table (int64 arange), never a weight to merge."""
+    return key.endswith(".embeddings.position_ids")
+
+
 def component_of(key: str, root: str | None = UNET_PREFIX) -> str:
     """unet | text_encoder | vae | other, for a key of a file whose UNet lives under `root`."""
     if key.startswith(UNET_PREFIX) or (root == "" and key.startswith((*UNET_ROOTS, "out."))):
