@@ -304,7 +304,9 @@ def test_ambiguous_prefix_lists_the_candidates(tmp_path: Path) -> None:
     assert found.path.name == "y.safetensors"
 
 
-def test_extract_round_trips_block_weights(workdir: Path, tmp_path: Path) -> None:
+def test_extract_round_trips_block_weights_and_output_options(
+    workdir: Path, tmp_path: Path
+) -> None:
     recipe = workdir / "mbw.yaml"
     recipe.write_text(
         "mergebuild: 1\n"
@@ -316,9 +318,11 @@ def test_extract_round_trips_block_weights(workdir: Path, tmp_path: Path) -> Non
         '  x: a + (b - c) * preset("TRUE_CUBIC_HERMITE")\n'
         "  y: {method: weighted_sum, a: x, b: c, alpha: {unet: 0.5, vae: 0.25}}\n"
         "outputs:\n"
-        "  y: {from: y, path: out/mbw.safetensors}\n"
+        "  y: {from: y, path: out/mbw.safetensors, dtype: bf16, prune: true,\n"
+        "      exclude: ['^cond_stage_model[.].*[.]bias$'], vae: c}\n"
     )
-    assert run_cli(recipe, "-q", cache=tmp_path / "c").code == 0
+    r = run_cli(recipe, "-q", cache=tmp_path / "c")
+    assert r.code == 0, r.err
     extracted = tmp_path / "x" / "r.yaml"
     assert run_cli("extract", workdir / "out/mbw.safetensors", "-o", extracted).code == 0
     r = run_cli(extracted, "-q", "--models", workdir / "models", cache=tmp_path / "fresh")
