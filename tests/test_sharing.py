@@ -328,3 +328,85 @@ def test_extract_round_trips_block_weights_and_output_options(
     r = run_cli(extracted, "-q", "--models", workdir / "models", cache=tmp_path / "fresh")
     assert r.code == 0, r.err
     assert sha(extracted.parent / "y.safetensors") == sha(workdir / "out/mbw.safetensors")
+
+
+def test_included_outputs_are_what_the_recipe_publishes(workdir: Path, cache: Path) -> None:
+    inner = workdir / "inner" / "r.yaml"
+    inner.parent.mkdir()
+    inner.write_text(
+        "mergebuild: 1\n"
+        "models: {a: ../models/insta.safetensors, b: ../models/wd13.safetensors}\n"
+        "merges: {mix: a * 0.5 + b * 0.5}\n"
+        "outputs:\n"
+        "  mix: {from: mix, path: mix.safetensors}\n"  # same name as its node: an alias
+        "  a: {from: mix, path: a.safetensors, dtype: fp32}\n"  # same name as a model
+    )
+    outer = workdir / "outer.yaml"
+    outer.write_text(
+        "mergebuild: 1\n"
+        "include: {inner: inner/r.yaml}\n"
+        "merges: {both: inner.mix * 0.5 + inner.a * 0.5}\n"
+        "outputs:\n"
+        "  o_mix: {from: inner.mix, path: o/mix.safetensors}\n"
+        "  o_a: {from: inner.a, path: o/a.safetensors}\n"
+        "  both: {from: both, path: o/both.safetensors}\n"
+    )
+    r = run_cli(outer, "-q", cache=cache)
+    assert r.code == 0, r.err
+    assert run_cli(inner, "-q", cache=cache).code == 0
+    for mine, theirs in (("o/mix", "inner/mix"), ("o/a", "inner/a")):
+        got, want = (
+            load_st(workdir / f"{mine}.safetensors"),
+            load_st(workdir / f"{theirs}.safetensors"),
+        )
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+
+
+def test_lock_subsets_and_unused_nodes(workdir: Path, cache: Path) -> None:
+    recipe = workdir / "two.yaml"
+    recipe.write_text(
+        "mergebuild: 1\n"
+        "models: {a: models/insta.safetensors, b: models/wd13.safetensors,\n"
+        "         c: models/gape60.safetensors}\n"
+        "merges:\n"
+        "  m1: a * 0.5 + b * 0.5\n"
+        "  m2: a * 0.5 + c * 0.5\n"
+        "  unused: b * 0.5 + c * 0.5\n"
+        "outputs:\n"
+        "  o1: {from: m1, path: out/o1.safetensors}\n"
+        "  o2: {from: m2, path: out/o2.safetensors}\n"
+    )
+    assert run_cli("lock", recipe, "-q", cache=cache).code == 0
+    v = run_cli("verify", recipe, cache=cache)
+    assert v.code == 0, v.out + v.err  # a node no output uses is not "changed"
+    before = yaml.safe_load(recipe.with_suffix(".lock").read_text())
+    assert run_cli(recipe, "o1", "-q", "--update-lock", cache=cache).code == 0
+    after = yaml.safe_load(recipe.with_suffix(".lock").read_text())
+    assert after["models"]["c"] == before["models"]["c"] and "m2" in after["nodes"]
+    assert after["outputs"]["o2"] == before["outputs"]["o2"]
+
+
+def test_odd_inputs_and_command_lines(workdir: Path, cache: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    # metadata with NaN (json.loads accepts it; canonical JSON cannot carry it)
+    src = workdir / "models/insta.safetensors"
+    odd = workdir / "models/odd.safetensors"
+    save_file(load_file(str(src)), str(odd), metadata={"sd_merge_recipe": '{"m": NaN}'})
+    recipe = workdir / "odd.yaml"
+    recipe.write_text(
+        "mergebuild: 1\n"
+        "models: {a: models/odd.safetensors, b: models/wd13.safetensors}\n"
+        "merges:\n"
+        "  m: {method: linear, inputs: [a, b], weights: [0.5, 0.5]}\n"
+        "outputs: {o: {from: m, path: out/o.safetensors}}\n"
+    )
+    # options before the recipe: still the implicit `build`
+    r = run_cli("-q", "--cache-dir", cache, recipe)
+    assert r.code == 0, r.err
+    # `linear` takes inputs: [..]; a stray `a:` is an unknown parameter, not silently dropped
+    recipe.write_text(recipe.read_text().replace("inputs: [a, b]", "inputs: [a, b], a: a"))
+    r = run_cli(recipe, cache=cache)
+    assert r.code == 2 and "unknown parameter 'a'" in r.err

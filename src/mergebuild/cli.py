@@ -142,13 +142,15 @@ def _build_options(b: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `mergebuild [OPTIONS] RECIPE` means `mergebuild build [OPTIONS] RECIPE`; an option's
+    # value (`--cache-dir c`) may come before the recipe, so `build` goes first
     first = next((a for a in argv if not a.startswith("-")), None)
     if (
         first is not None
         and first not in COMMANDS
         and not any(a in ("-h", "--help", "--version") for a in argv[: argv.index(first)])
     ):
-        argv.insert(argv.index(first), "build")
+        argv.insert(0, "build")
     args = parser().parse_args(argv)
     warnings.showwarning = _show_warning
     if args.command is None:

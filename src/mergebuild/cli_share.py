@@ -57,13 +57,21 @@ def output_hashes(builder: Any, plan: Any) -> dict[str, tuple[str, int]]:
 def update_lock(builder: Any, plan: Any) -> Path:
     from mergebuild.lockfile import make_lock, read_lock, write_lock
 
+    recipe = builder.recipe
     outputs = output_hashes(builder, plan)
-    old = read_lock(builder.recipe) if builder.recipe.path.with_suffix(".lock").exists() else None
-    # outputs not built this time (a subset was asked for) keep their locked hashes
-    for name, entry in ((old or {}).get("outputs") or {}).items():
-        if name in builder.recipe.outputs and name not in outputs and isinstance(entry, dict):
-            outputs[name] = (entry.get("sha256"), entry.get("size"))
-    return write_lock(builder.recipe, make_lock(builder.recipe, plan, outputs))
+    old = read_lock(recipe) or {}
+    lock = make_lock(recipe, plan, outputs)
+    # a subset of outputs was built: what the others use keeps its locked entry
+    still = {
+        "outputs": set(recipe.outputs),
+        "models": set(recipe.models),
+        "nodes": set(recipe.nodes),
+    }
+    for section, names in still.items():
+        for name, entry in (old.get(section) or {}).items():
+            if name in names and name not in lock[section]:
+                lock[section][name] = entry
+    return write_lock(recipe, lock)
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -139,9 +147,10 @@ def _version() -> str:
 def _recipe_drift(builder: Any, plan: Any, lock: dict[str, Any]) -> list[str]:
     """Nodes whose canonical form differs from the lock (named, for the user)."""
     locked = lock.get("nodes") or {}
+    used = {n for n in builder.recipe.nodes if n in plan.keys}  # what the outputs depend on
     out = []
-    for name in sorted(set(locked) | set(builder.recipe.nodes)):
-        if name not in builder.recipe.nodes:
+    for name in sorted(set(locked) | used):
+        if name not in used:
             out.append(f"node '{name}' was removed")
         elif name not in locked:
             out.append(f"node '{name}' is new")

@@ -104,8 +104,9 @@ class HashMemo:
             found = hash_file(path, full)
         except OSError as e:
             raise BuildError(f"cannot read input model {path}: {e.strerror}") from None
-        if stat_signature(path.stat()) == sig:  # unchanged while we read it
-            self.remember(path, found, sig)
+        if stat_signature(path.stat()) != sig:
+            raise BuildError(f"{path} changed while it was being hashed; run the build again")
+        self.remember(path, found, sig)
         return found, False
 
     def content_key(self, path: Path) -> tuple[str, bool]:

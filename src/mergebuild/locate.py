@@ -19,7 +19,7 @@ from mergebuild.hashing import FileHashes, HashMemo, stat_signature
 from mergebuild.recipe.model import ModelInput, Recipe
 
 ENV_VAR = "MERGEBUILD_MODEL_PATH"
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)

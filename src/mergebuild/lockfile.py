@@ -72,7 +72,9 @@ def make_lock(recipe: Recipe, plan: Any, outputs: dict[str, tuple[str, int]]) ->
             name: {
                 "sha256": r.hashes.sha256,
                 "size": r.hashes.size,
-                "path": _rel(recipe, r.path),
+                # where the recipe says it is; a file found by hash elsewhere is the
+                # author's own business (the lock must be publishable)
+                "path": _rel(recipe, recipe.models[name].path),
             }
             for name, r in sorted(plan.inputs.items())
         },

@@ -46,7 +46,7 @@ class InputFacts:
 
 def read_input_metadata(path: Path) -> dict[str, Any]:
     """A safetensors input's `__metadata__`, JSON values parsed; {} for other formats."""
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() not in (".safetensors", ".sft"):
         return {}
     from mergebuild.engine.safetensors_io import read_header
     from mergebuild.errors import BuildError
@@ -58,10 +58,14 @@ def read_input_metadata(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in meta.items():
         try:
-            out[k] = json.loads(v) if v[:1] in "{[" else v
-        except ValueError:
+            out[k] = json.loads(v, parse_constant=_refuse) if v[:1] in "{[" else v
+        except ValueError:  # not JSON, or NaN/Infinity that canonical JSON cannot carry
             out[k] = v
     return out
+
+
+def _refuse(token: str) -> Any:
+    raise ValueError(token)
 
 
 def subgraph(recipe: Recipe, output: str) -> tuple[list[str], list[str]]:

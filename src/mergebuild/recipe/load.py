@@ -122,6 +122,8 @@ class _Resolver:
         # names references may use: this recipe's, plus `ns.name` from included recipes
         self.model_names: set[str] = set(rf.models)
         self.merge_names: set[str] = set(rf.merges)
+        self.included: set[str] = set()  # nodes from included recipes: checked there already
+        self.aliases: dict[str, str] = {}  # `ns.output` → the included name it stands for
 
     def err(self, message: str, loc: Location | None) -> None:
         self.problems.append(Problem(message, loc))
@@ -133,7 +135,7 @@ class _Resolver:
         for ns, text in self.rf.include.items():
             self._include(ns, text)
         for name in [*self.rf.models, *self.rf.merges]:
-            if name in self.recipe.models or name in self.recipe.nodes:
+            if name in self.recipe.models or name in self.recipe.nodes or name in self.aliases:
                 section = "models" if name in self.rf.models else "merges"
                 self.err(
                     f"duplicate name '{name}': already defined by include '{name.split('.')[0]}'",
@@ -166,6 +168,7 @@ class _Resolver:
         if not self.recipe.outputs and not self.problems:
             self.err("the recipe has no outputs: add one under 'outputs:'", self.pos.of(()))
         self._check_refs()
+        self._apply_aliases()
         if not self.problems:
             from mergebuild.graph import find_cycle
 
@@ -182,39 +185,76 @@ class _Resolver:
     def _include(self, ns: str, text: str) -> None:
         """Another recipe's graph, namespaced `ns.`; its outputs become models of this one.
 
-        An included output is a non-stored `copy` node (cast to the output's dtype) of the
-        included node, so its value is exactly the file the other recipe would publish.
+        `ns.<output>` is exactly what that recipe publishes: an alias of its source when the
+        output keeps the source's dtype, else a non-stored `copy` node cast to the output's
+        dtype. Its other models and nodes are `ns.<name>` (`ns._<name>` when an output of that
+        name stands for something else). Layout options (prune, vae, key filters) of an included
+        output are refused: reference its source node instead.
         """
         loc = self.pos.of(("include", ns))
-        path = Path(os.path.normpath(self._path(text, ("include", ns))))
+        path = self._path(text, ("include", ns)).resolve()
         if path in self.including:
             chain = " → ".join(p.name for p in (*self.including, path))
             self.err(f"include cycle: {chain}", loc)
             return
         try:
-            sub = load_recipe(path, (), self.allow_outside, self.including)
+            # its outputs are never written from here: where they point is not our concern
+            sub = load_recipe(path, (), True, self.including)
         except RecipeError as e:
             if not e.problems[0].location:
                 self.err(f"include '{ns}': {e.problems[0].message}", loc)
             self.problems += [p for p in e.problems if p.location]
             return
 
-        def rn(name: str) -> str:
-            return f"{ns}.{name}"
+        def is_alias(o: OutputSpec) -> bool:
+            return o.dtype is None and not o.options and o.vae is None
 
+        owned = {o.name for o in sub.outputs.values() if not (is_alias(o) and o.source == o.name)}
+        rename = {
+            n: f"{ns}._{n}" if n in owned else f"{ns}.{n}" for n in [*sub.models, *sub.nodes]
+        }
         for m in sub.models.values():
-            self.recipe.models[rn(m.name)] = replace(m, name=rn(m.name))
+            self.recipe.models[rename[m.name]] = replace(m, name=rename[m.name])
+            self.model_names.add(rename[m.name])
         for n in sub.nodes.values():
-            inputs = {slot: rn(src) for slot, src in n.inputs.items()}
-            self.recipe.nodes[rn(n.name)] = replace(n, name=rn(n.name), inputs=inputs)
+            inputs = {slot: rename[src] for slot, src in n.inputs.items()}
+            self.recipe.nodes[rename[n.name]] = replace(n, name=rename[n.name], inputs=inputs)
+            self.merge_names.add(rename[n.name])
+            self.included.add(rename[n.name])
         for o in sub.outputs.values():
-            self.recipe.nodes[rn(o.name)] = NodeSpec(
-                rn(o.name), "copy", {"a": rn(o.source)}, {}, o.dtype or "auto", False, o.location
-            )
+            name, src = f"{ns}.{o.name}", rename[o.source]
+            if o.options or o.vae is not None:
+                self.err(
+                    f"include '{ns}': output '{o.name}' uses prune/components/include/exclude/"
+                    f"vae, which an included output cannot carry; use its source '{src}'",
+                    loc,
+                )
+            elif is_alias(o):
+                if name != src:
+                    self.aliases[name] = src
+                    (self.model_names if src in self.recipe.models else self.merge_names).add(
+                        name
+                    )
+            else:
+                self.recipe.nodes[name] = NodeSpec(
+                    name, "copy", {"a": src}, {}, o.dtype or "auto", False, o.location
+                )
+                self.merge_names.add(name)
+                self.included.add(name)
         known = self.recipe.search_paths
         known += [p for p in sub.search_paths if p not in known]
-        self.model_names |= {rn(m) for m in sub.models}
-        self.merge_names |= {rn(n) for n in [*sub.nodes, *sub.outputs]}
+
+    def _apply_aliases(self) -> None:
+        """Point references to an aliased included output at what it stands for."""
+        if not self.aliases:
+            return
+        for name, node in list(self.recipe.nodes.items()):
+            inputs = {s: self.aliases.get(r, r) for s, r in node.inputs.items()}
+            if inputs != node.inputs:
+                self.recipe.nodes[name] = replace(node, inputs=inputs)
+        for name, out in list(self.recipe.outputs.items()):
+            if out.source in self.aliases:
+                self.recipe.outputs[name] = replace(out, source=self.aliases[out.source])
 
     def _path(self, text: str, where: tuple) -> Path:
         if "\0" in text:
@@ -274,7 +314,8 @@ class _Resolver:
                 self.pos.of((*where, "method")),
             )
             return None
-        params = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS and k not in method.slots}
+        slots = () if method.variadic else method.slots
+        params = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS and k not in slots}
         inputs: dict[str, str] = {}
         if method.variadic:
             if not entry.inputs:
@@ -414,7 +455,7 @@ class _Resolver:
     def _check_refs(self) -> None:
         models, merges = self.model_names, self.merge_names
         for node in self.recipe.nodes.values():
-            if node.expression is not None or "." in node.name:
+            if node.expression is not None or node.name in self.included:
                 continue  # reported with a precise column while lowering
             for slot, ref in node.inputs.items():
                 if ref not in models and ref not in merges:
