@@ -299,3 +299,18 @@ def test_blocks_command(sdxl_dir: Path) -> None:
             assert rows[key] == block
     j = run_cli("blocks", sdxl_dir / "one.safetensors", "--json").json
     assert j["layout"] == "sd1" and j["keys"]["model.diffusion_model.out.2.bias"] == "OUT11"
+
+
+def test_changing_a_preset_rebuilds_with_a_short_reason(workdir: Path, cache: Path) -> None:
+    recipe = workdir / "r.yaml"
+    recipe.write_text(
+        HEAD
+        + "  m: {method: weighted_sum, a: insta, b: wd13, alpha: {preset: GRAD_V}}\n"
+        + "  n: {method: weighted_sum, a: m, b: anything, alpha: 0.5}\n"
+        + "outputs: {o: {from: n, path: out/o.safetensors}}\n"
+    )
+    assert run_cli(recipe, cache=cache).code == 0
+    recipe.write_text(recipe.read_text().replace("GRAD_V", "GRAD_A"))
+    dry = run_cli(recipe, "--dry-run", "--json", cache=cache).json
+    m = next(n for n in dry["nodes"] if n["name"] == "m")
+    assert m["status"] == "build" and m["reason"] == "parameter changed: alpha (block weights)"
