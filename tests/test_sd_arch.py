@@ -134,6 +134,29 @@ def test_inspect_cli_does_not_import_torch(sd_models: dict) -> None:
     assert missing.code == 1 and "no such file" in missing.err and "Traceback" not in missing.err
 
 
+def test_prefixed_and_bare_unet_files_do_not_merge(
+    sd_models: dict, tmp_path: Path, cache: Path
+) -> None:
+    from safetensors.numpy import save_file
+
+    from conftest import load_st
+
+    full = load_st(sd_models["sd1"])
+    prefix = "model.diffusion_model."
+    bare = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+    save_file(bare, str(tmp_path / "unet.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "mergebuild: 1\n"
+        f"models: {{full: {sd_models['sd1']}, unet: {tmp_path / 'unet.safetensors'}}}\n"
+        "merges: {m: full * 0.5 + unet * 0.5}\n"
+        "outputs: {o: {from: m, path: out.safetensors}}\n"
+    )
+    r = run_cli(recipe, cache=cache)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert "'unet' is SD1.x (unet only, no ldm prefix)" in r.err and "no key would match" in r.err
+
+
 def test_merging_different_architectures_is_an_error(
     sd_models: dict, tmp_path: Path, cache: Path
 ) -> None:

@@ -77,6 +77,12 @@ def test_vae_bake_in_replaces_exactly_the_vae(files: dict, tmp_path: Path, cache
         else:
             np.testing.assert_array_equal(baked[k], merged, err_msg=k)
     assert n_vae == len(vae) - 1 == 248 and "first_stage_model.loss.logvar" not in baked
+    import json
+
+    from mergebuild.engine.safetensors_io import read_header
+
+    prov = json.loads(read_header(tmp_path / "baked.safetensors").metadata["mergebuild"])
+    assert prov["output"]["vae"] == "myvae" and "myvae" in prov["models"]
     # only the baked output's key depends on the VAE: another VAE rebuilds that output alone
     dry = run_cli(recipe, "--dry-run", "--json", cache=cache)
     assert all(n["status"] == "cached" for n in dry.json["nodes"])

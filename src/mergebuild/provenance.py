@@ -30,7 +30,12 @@ def output_provenance(recipe: Recipe, output: str, keys: dict[str, str]) -> dict
     return {
         "format": 1,
         "mergebuild_version": __version__,
-        "output": {"from": out.source, "dtype": out.dtype or "auto"},
+        "output": {
+            "from": out.source,
+            "dtype": out.dtype or "auto",
+            **({"options": out.options} if out.options else {}),
+            **({"vae": out.vae} if out.vae else {}),
+        },
         "models": {m: {"xxh3": keys[m]} for m in models},
         "merges": {
             n: {

@@ -173,6 +173,13 @@ def merge_compatibility(names: list[str], archs: list[Arch]) -> str | None:
                 f"'{a_name}' is {a.describe()} but '{name}' is {other.describe()}: "
                 "models of different architectures cannot be merged"
             )
+        shared = set(a.components) & set(other.components)
+        if a.known and other.known and shared and a.prefixed != other.prefixed:
+            return (
+                f"'{a_name}' is {a.describe()} but '{name}' is {other.describe()}: one file uses "
+                "the ldm key prefixes (model.diffusion_model., first_stage_model.) and the "
+                "other does not, so no key would match"
+            )
         if a.in_channels == 4 and other.in_channels in (8, 9):
             return (
                 f"'{name}' is {other.describe()} ({other.in_channels} UNet input channels) but "
