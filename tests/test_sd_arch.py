@@ -11,7 +11,7 @@ import pytest
 
 from conftest import SCALE, SRC, run_cli
 from mergebuild.engine.safetensors_io import TensorInfo, read_header
-from mergebuild.sd.arch import component_of, detect, unet_root
+from mergebuild.sd.arch import component_of, detect, merge_compatibility, unet_root
 
 
 @pytest.fixture(scope="session")
@@ -172,3 +172,17 @@ def test_merging_different_architectures_is_an_error(
     assert "'one' is SD1.x but 'xl' is SDXL base" in r.err
     assert "different architectures" in r.err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sdxl_refiner_is_not_sdxl_base(sd_models: dict) -> None:
+    """The refiner has only OpenCLIP-G (conditioner.embedders.0.model.*) and no CLIP-L."""
+    refiner = {}
+    for k, v in infos_of(sd_models["sdxl"]).items():
+        if k.startswith("conditioner.embedders.0."):
+            continue
+        refiner[k.replace("conditioner.embedders.1.", "conditioner.embedders.0.")] = v
+    arch = detect(refiner)
+    assert arch.family == "sdxl_refiner" and arch.describe() == "SDXL refiner"
+    assert arch.block_layout is None
+    base = detect(infos_of(sd_models["sdxl"]))
+    assert "different architectures" in (merge_compatibility(["b", "r"], [base, arch]) or "")
