@@ -11,7 +11,7 @@ import pytest
 
 from conftest import SCALE, SRC, run_cli
 from mergebuild.engine.safetensors_io import TensorInfo, read_header
-from mergebuild.sd.arch import component_of, detect, unet_root
+from mergebuild.sd.arch import component_of, detect, merge_compatibility, unet_root
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +134,29 @@ def test_inspect_cli_does_not_import_torch(sd_models: dict) -> None:
     assert missing.code == 1 and "no such file" in missing.err and "Traceback" not in missing.err
 
 
+def test_prefixed_and_bare_unet_files_do_not_merge(
+    sd_models: dict, tmp_path: Path, cache: Path
+) -> None:
+    from safetensors.numpy import save_file
+
+    from conftest import load_st
+
+    full = load_st(sd_models["sd1"])
+    prefix = "model.diffusion_model."
+    bare = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+    save_file(bare, str(tmp_path / "unet.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "mergebuild: 1\n"
+        f"models: {{full: {sd_models['sd1']}, unet: {tmp_path / 'unet.safetensors'}}}\n"
+        "merges: {m: full * 0.5 + unet * 0.5}\n"
+        "outputs: {o: {from: m, path: out.safetensors}}\n"
+    )
+    r = run_cli(recipe, cache=cache)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert "'unet' is SD1.x (unet only, no ldm prefix)" in r.err and "no key would match" in r.err
+
+
 def test_merging_different_architectures_is_an_error(
     sd_models: dict, tmp_path: Path, cache: Path
 ) -> None:
@@ -149,3 +172,17 @@ def test_merging_different_architectures_is_an_error(
     assert "'one' is SD1.x but 'xl' is SDXL base" in r.err
     assert "different architectures" in r.err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sdxl_refiner_is_not_sdxl_base(sd_models: dict) -> None:
+    """The refiner has only OpenCLIP-G (conditioner.embedders.0.model.*) and no CLIP-L."""
+    refiner = {}
+    for k, v in infos_of(sd_models["sdxl"]).items():
+        if k.startswith("conditioner.embedders.0."):
+            continue
+        refiner[k.replace("conditioner.embedders.1.", "conditioner.embedders.0.")] = v
+    arch = detect(refiner)
+    assert arch.family == "sdxl_refiner" and arch.describe() == "SDXL refiner"
+    assert arch.block_layout is None
+    base = detect(infos_of(sd_models["sdxl"]))
+    assert "different architectures" in (merge_compatibility(["b", "r"], [base, arch]) or "")

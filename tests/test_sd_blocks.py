@@ -299,3 +299,49 @@ def test_blocks_command(sdxl_dir: Path) -> None:
             assert rows[key] == block
     j = run_cli("blocks", sdxl_dir / "one.safetensors", "--json").json
     assert j["layout"] == "sd1" and j["keys"]["model.diffusion_model.out.2.bias"] == "OUT11"
+
+
+def test_changing_a_preset_rebuilds_with_a_short_reason(workdir: Path, cache: Path) -> None:
+    recipe = workdir / "r.yaml"
+    recipe.write_text(
+        HEAD
+        + "  m: {method: weighted_sum, a: insta, b: wd13, alpha: {preset: GRAD_V}}\n"
+        + "  n: {method: weighted_sum, a: m, b: anything, alpha: 0.5}\n"
+        + "outputs: {o: {from: n, path: out/o.safetensors}}\n"
+    )
+    assert run_cli(recipe, cache=cache).code == 0
+    recipe.write_text(recipe.read_text().replace("GRAD_V", "GRAD_A"))
+    dry = run_cli(recipe, "--dry-run", "--json", cache=cache).json
+    m = next(n for n in dry["nodes"] if n["name"] == "m")
+    assert m["status"] == "build" and m["reason"] == "parameter changed: alpha (block weights)"
+
+
+def test_block_weight_dry_run_does_not_import_torch(workdir: Path, cache: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    recipe = workdir / "r.yaml"
+    recipe.write_text(
+        HEAD
+        + "  m: insta * (1 - blocks(unet=0.3, vae=1)) + wd13 * blocks(unet=0.3, vae=1)\n"
+        + "  p: anything + (nai_full - nai_sfw) * preset('SMOOTHSTEP*2')\n"
+        + "outputs: {o: {from: m, path: out/o.safetensors}, q: {from: p, path: out/p.st}}\n"
+    )
+    probe = (
+        "import sys; from mergebuild.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; raise SystemExit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CACHE_DIR": str(cache)}
+    for args in ([str(recipe), "--dry-run", "--json"], ["graph", str(recipe)]):
+        p = subprocess.run(
+            [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True
+        )
+        assert p.returncode == 0, p.stderr
+    r = run_cli(recipe, "--dry-run", "--json", cache=cache)
+    assert r.code == 0, r.err
+    nodes = {n["name"]: n for n in r.json["nodes"]}
+    assert nodes["m"]["status"] == "build" and nodes["p"]["status"] == "build"
+    graph = run_cli("graph", recipe).out
+    assert "weighted_sum(a=insta, b=wd13, alpha={" in graph
+    assert "'text_encoder': 0.0, 'vae': 1.0" in graph

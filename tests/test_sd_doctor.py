@@ -149,3 +149,20 @@ def test_doctor_sdxl_position_ids(tmp_path: Path) -> None:
     fixed = tmp_path / "fixed.safetensors"
     assert run_cli("doctor", damaged, "--fix", fixed).code == 0
     assert fixed.read_bytes() == healthy.read_bytes()
+
+
+def test_large_finite_values_are_not_reported_as_nan(models: dict, tmp_path: Path) -> None:
+    """The fast check sums each chunk; a sum that overflows must not be mistaken for Inf."""
+    from safetensors.numpy import save_file
+
+    from mergebuild.sd.doctor import examine
+
+    t = {
+        k: (v.astype(np.float32) if v.dtype.kind == "f" else v)
+        for k, v in load_st(models["healthy"]).items()
+    }
+    key = "first_stage_model.decoder.conv_out.bias"
+    t[key] = np.full(t[key].shape, 3e38, np.float32)  # finite; their float32 sum is inf
+    save_file(t, str(tmp_path / "big.safetensors"))
+    _, _, findings = examine(tmp_path / "big.safetensors")
+    assert [(f.check, f.keys) for f in findings] == [("fp16_overflow", [key])]

@@ -77,6 +77,12 @@ def test_vae_bake_in_replaces_exactly_the_vae(files: dict, tmp_path: Path, cache
         else:
             np.testing.assert_array_equal(baked[k], merged, err_msg=k)
     assert n_vae == len(vae) - 1 == 248 and "first_stage_model.loss.logvar" not in baked
+    import json
+
+    from mergebuild.engine.safetensors_io import read_header
+
+    prov = json.loads(read_header(tmp_path / "baked.safetensors").metadata["mergebuild"])
+    assert prov["output"]["vae"] == "myvae" and "myvae" in prov["models"]
     # only the baked output's key depends on the VAE: another VAE rebuilds that output alone
     dry = run_cli(recipe, "--dry-run", "--json", cache=cache)
     assert all(n["status"] == "cached" for n in dry.json["nodes"])
@@ -180,3 +186,31 @@ def test_output_option_errors(
     r = run_cli(recipe, "--dry-run", cache=cache)
     assert r.code == 2 and message in r.err and "Traceback" not in r.err, r.err
     assert ":4:" in r.err or ":5:" in r.err or ":6:" in r.err, r.err
+
+
+def test_sdxl_vae_bake_and_components(tmp_path: Path, cache: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from mergebuild.demo import synthesize
+
+    xl = synthesize(tmp_path / "xl.safetensors", "xl", arch="sdxl", scale=SCALE)
+    donor = load_st(synthesize(tmp_path / "d.safetensors", "d", arch="sdxl", scale=SCALE))
+    vae = {k[len(VAE) :]: v for k, v in donor.items() if k.startswith(VAE)}
+    save_file(vae, str(tmp_path / "vae.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "mergebuild: 1\n"
+        f"models: {{xl: {xl}, v: {tmp_path / 'vae.safetensors'}}}\n"
+        "outputs:\n"
+        "  baked: {from: xl, path: baked.safetensors, vae: v}\n"
+        "  te: {from: xl, path: te.safetensors, components: [text_encoder]}\n"
+    )
+    r = run_cli(recipe, cache=cache)
+    assert r.code == 0, r.err
+    src = load_st(xl)
+    baked, te = load_st(tmp_path / "baked.safetensors"), load_st(tmp_path / "te.safetensors")
+    assert set(baked) == set(src)
+    for k, x in src.items():
+        want = vae[k[len(VAE) :]] if k.startswith(VAE) else x
+        np.testing.assert_array_equal(baked[k], want, err_msg=k)
+    assert set(te) == {k for k in src if k.startswith("conditioner.")}

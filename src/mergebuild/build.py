@@ -248,7 +248,11 @@ class Builder:
             old = prev.get("params", {})
             for p in sorted(set(old) | set(node.params)):
                 if old.get(p) != node.params.get(p):
-                    why.append(f"parameter changed: {p} {old.get(p)} → {node.params.get(p)}")
+                    was, now = old.get(p), node.params.get(p)
+                    if isinstance(was, dict) or isinstance(now, dict):  # block weights: long
+                        why.append(f"parameter changed: {p} (block weights)")
+                    else:
+                        why.append(f"parameter changed: {p} {was} → {now}")
         if prev.get("dtype") != node.dtype:
             why.append(f"dtype changed: {prev.get('dtype')} → {node.dtype}")
         old_inputs = prev.get("inputs", {})

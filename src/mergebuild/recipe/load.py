@@ -210,9 +210,7 @@ class _Resolver:
             return o.dtype is None and not o.options and o.vae is None
 
         owned = {o.name for o in sub.outputs.values() if not (is_alias(o) and o.source == o.name)}
-        rename = {
-            n: f"{ns}._{n}" if n in owned else f"{ns}.{n}" for n in [*sub.models, *sub.nodes]
-        }
+        rename = {n: f"{ns}._{n}" if n in owned else f"{ns}.{n}" for n in [*sub.models, *sub.nodes]}
         for m in sub.models.values():
             self.recipe.models[rename[m.name]] = replace(m, name=rename[m.name])
             self.model_names.add(rename[m.name])
@@ -232,9 +230,7 @@ class _Resolver:
             elif is_alias(o):
                 if name != src:
                     self.aliases[name] = src
-                    (self.model_names if src in self.recipe.models else self.merge_names).add(
-                        name
-                    )
+                    (self.model_names if src in self.recipe.models else self.merge_names).add(name)
             else:
                 self.recipe.nodes[name] = NodeSpec(
                     name, "copy", {"a": src}, {}, o.dtype or "auto", False, o.location

@@ -18,7 +18,14 @@ VAE_PREFIX = "first_stage_model."
 UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.")
 VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 CONV_IN = "input_blocks.0.0.weight"
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "vae": "VAE", "unknown": "unknown"}
+FAMILY_NAMES = {
+    "sd1": "SD1.x",
+    "sd2": "SD2.x",
+    "sdxl": "SDXL",
+    "sdxl_refiner": "SDXL refiner",
+    "vae": "VAE",
+    "unknown": "unknown",
+}
 VARIANTS = {4: "base", 9: "inpainting", 8: "pix2pix"}
 COMPONENTS = ("unet", "text_encoder", "vae")
 _INPUT_BLOCK = re.compile(r"input_blocks\.(\d+)\.")
@@ -30,7 +37,7 @@ class _Shaped(Protocol):
 
 @dataclass(frozen=True)
 class Arch:
-    family: str  # sd1 | sd2 | sdxl | vae (VAE-only file) | unknown
+    family: str  # sd1 | sd2 | sdxl | sdxl_refiner | vae (VAE-only file) | unknown
     variant: str  # base | inpainting | pix2pix | "N-channel" | "" (no UNet)
     components: tuple[str, ...]  # which of unet, text_encoder, vae the file holds
     prefixed: bool  # ldm single-file prefixes (model.diffusion_model., first_stage_model.)
@@ -43,7 +50,7 @@ class Arch:
     @property
     def known(self) -> bool:
         """A model family whose layout merges are checked against (not VAE-only, not unknown)."""
-        return self.family in ("sd1", "sd2", "sdxl")
+        return self.family in ("sd1", "sd2", "sdxl", "sdxl_refiner")
 
     @property
     def block_layout(self) -> str | None:
@@ -113,6 +120,8 @@ def detect(infos: Mapping[str, _Shaped]) -> Arch:
         comps.append("vae")
         if family == "unknown":
             family = "vae"
+    if te == "sdxl_refiner" and family == "sdxl":
+        family = te  # its UNet also has label_emb; only the text encoders tell them apart
     prefixed = root == UNET_PREFIX or has_vae or (root is None and te is not None)
     return Arch(family, variant, tuple(comps), prefixed, in_ch)
 
@@ -120,7 +129,9 @@ def detect(infos: Mapping[str, _Shaped]) -> Arch:
 def _text_encoder_family(infos: Mapping[str, Any]) -> str | None:
     for k in infos:
         if k.startswith("conditioner.embedders."):
-            return "sdxl"
+            # base: CLIP-L (embedders.0.transformer) + OpenCLIP-G; refiner: OpenCLIP-G alone
+            refiner = not any(k.startswith("conditioner.embedders.0.transformer.") for k in infos)
+            return "sdxl_refiner" if refiner else "sdxl"
         if k.startswith("cond_stage_model.model."):
             return "sd2"
         if k.startswith("cond_stage_model.transformer."):
@@ -172,6 +183,13 @@ def merge_compatibility(names: list[str], archs: list[Arch]) -> str | None:
             return (
                 f"'{a_name}' is {a.describe()} but '{name}' is {other.describe()}: "
                 "models of different architectures cannot be merged"
+            )
+        shared = set(a.components) & set(other.components)
+        if a.known and other.known and shared and a.prefixed != other.prefixed:
+            return (
+                f"'{a_name}' is {a.describe()} but '{name}' is {other.describe()}: one file uses "
+                "the ldm key prefixes (model.diffusion_model., first_stage_model.) and the "
+                "other does not, so no key would match"
             )
         if a.in_channels == 4 and other.in_channels in (8, 9):
             return (

@@ -173,11 +173,6 @@ class BlockAlpha(BaseModel):
         names = LAYOUTS[self.layout]
         return self.unet[names.index(block_of(key, self.layout, root))]
 
-    def summary(self) -> str:
-        if isinstance(self.unet, list):
-            return f"per block ({LAYOUT_NAMES[self.layout or 'sd1']})"
-        return f"unet {self.unet}, text_encoder {self.text_encoder}, vae {self.vae}"
-
 
 def resolve_params(params: BaseModel, key: str, root: str | None = UNET_PREFIX) -> BaseModel:
     """`params` with every `BlockAlpha` field replaced by its plain value for `key`."""

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
 
 FP16_MAX = 65504.0
+FP16_SAFE = ("F16", "F8_E5M2", "F8_E4M3")  # dtypes whose values always fit fp16's range
+SCAN_ELEMENTS = 1 << 22  # tensors are checked in chunks of this many elements
 TABLE_COMPONENTS = {
     "diffuser": "unet",
     "clip_l": "text_encoder",
@@ -82,7 +84,6 @@ def _listed(keys: list[str]) -> str:
 
 def examine(path: Path) -> tuple[Arch, int, list[Finding]]:
     """(architecture, tensors checked, findings) for the model at `path`."""
-    import torch
 
     from mergebuild.engine.readers import open_model
 
@@ -104,14 +105,11 @@ def examine(path: Path) -> tuple[Arch, int, list[Finding]]:
                 continue
             if not is_float(info.dtype) or numel == 0:
                 continue
-            t = src.read_flat(k, 0, numel)
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
+            bad, big = _scan(src, k, numel, fp16_check=info.dtype not in FP16_SAFE)
+            if bad:
                 nonfinite.append(k)
-            if info.dtype not in ("F16", "F8_E5M2", "F8_E4M3"):
-                big = t.abs().masked_fill(~finite, 0).max().item()
-                if big > FP16_MAX:
-                    overflow.append(k)
+            if big > FP16_MAX:
+                overflow.append(k)
         if nonfinite:
             findings.append(
                 Finding(
@@ -142,6 +140,27 @@ def examine(path: Path) -> tuple[Arch, int, list[Finding]]:
         return arch, len(infos), findings
     finally:
         src.close()
+
+
+def _scan(src: Any, key: str, numel: int, fp16_check: bool) -> tuple[bool, float]:
+    """(holds NaN/Inf, largest finite |value|) of one tensor, read in bounded chunks."""
+    import torch
+
+    bad, big = False, 0.0
+    for lo in range(0, numel, SCAN_ELEMENTS):
+        t = src.read_flat(key, lo, min(lo + SCAN_ELEMENTS, numel))
+        # NaN or Inf anywhere makes the sum non-finite, so a finite float32 sum (one fast pass)
+        # settles the common case; a non-finite one is checked element by element, since large
+        # finite values can overflow the sum too.
+        if not math.isfinite(t.to(torch.float32).sum().item()):
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad = True
+                t = t.masked_fill(~finite, 0)
+        if fp16_check:
+            lo_v, hi_v = torch.aminmax(t)
+            big = max(big, -float(lo_v), float(hi_v))
+    return bad, big
 
 
 def _key_findings(arch: Arch, infos: dict[str, Any]) -> list[Finding]:
