@@ -214,3 +214,50 @@ def test_sdxl_vae_bake_and_components(tmp_path: Path, cache: Path) -> None:
         want = vae[k[len(VAE) :]] if k.startswith(VAE) else x
         np.testing.assert_array_equal(baked[k], want, err_msg=k)
     assert set(te) == {k for k in src if k.startswith("conditioner.")}
+
+
+def test_vae_from_a_full_checkpoint_takes_only_its_vae(
+    files: dict, tmp_path: Path, cache: Path
+) -> None:
+    """A whole model given as `vae:` contributes first_stage_model.* and nothing else."""
+    recipe = write(
+        tmp_path,
+        files,
+        "  m: a * 0.5 + b * 0.5",
+        "  baked: {from: m, path: baked.safetensors, vae: b}",
+    )
+    r = run_cli(recipe, "-q", cache=cache)
+    assert r.code == 0, r.err
+    baked, a, b = (load_st(p) for p in (tmp_path / "baked.safetensors", files["a"], files["b"]))
+    assert set(baked) == set(a)  # no first_stage_model.model.diffusion_model.* strays
+    for k in baked:
+        if k.startswith(VAE):
+            np.testing.assert_array_equal(baked[k], b[k], k)
+
+
+def test_alpha_zero_keeps_a_exactly_even_next_to_inf(
+    files: dict, tmp_path: Path, cache: Path
+) -> None:
+    """Components left out of a per-component alpha are a's tensors: an inf in b stays out."""
+    from safetensors.numpy import save_file
+
+    b = load_st(files["b"])
+    key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    b[key] = b[key].copy()
+    b[key][0] = np.inf
+    save_file(b, str(tmp_path / "b_inf.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "mergebuild: 1\n"
+        f"models: {{a: {files['a']}, b: {tmp_path / 'b_inf.safetensors'}}}\n"
+        "merges:\n"
+        "  m: {method: weighted_sum, a: a, b: b, alpha: {unet: 0.5}}\n"
+        "outputs: {o: {from: m, path: o.safetensors}}\n"
+    )
+    r = run_cli(recipe, "-q", cache=cache)
+    assert r.code == 0, r.err
+    out, a = load_st(tmp_path / "o.safetensors"), load_st(files["a"])
+    assert np.array_equal(out[key], a[key]) and np.isfinite(out[key]).all()
+    unet = "model.diffusion_model.out.2.weight"
+    want = f32(a[unet]) * np.float32(0.5) + f32(b[unet]) * np.float32(0.5)
+    assert np.array_equal(out[unet], want.astype(a[unet].dtype))

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mergebuild.sd.arch import VAE_PREFIX, component_of
+from mergebuild.sd.arch import VAE_PREFIX, VAE_ROOTS, component_of
 
 OUTPUT_COMPONENTS = ("unet", "text_encoder", "vae", "other")
 
@@ -55,10 +55,16 @@ def vae_keys(vae_layout: Mapping[str, Any]) -> dict[str, str]:
     """Output key → key in a VAE file. VAE files usually lack the `first_stage_model.` prefix
     (either spelling is accepted); training-only `loss.*` entries are skipped, as the web UI
     does."""
+    prefixed = any(k.startswith(VAE_PREFIX) for k in vae_layout)
     out = {}
     for k in vae_layout:
+        # a full checkpoint given as `vae:` contributes its first_stage_model.* only; a bare
+        # VAE file contributes its encoder/decoder/quant_conv keys; nothing else ever lands
+        # under first_stage_model.
+        if prefixed and not k.startswith(VAE_PREFIX):
+            continue
         bare = k.removeprefix(VAE_PREFIX)
-        if bare.startswith(("loss.", "model_ema.")):
+        if not bare.startswith(VAE_ROOTS):
             continue
         out[VAE_PREFIX + bare] = k
     return out

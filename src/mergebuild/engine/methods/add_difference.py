@@ -21,10 +21,13 @@ class AddDifference(Method):
     Params = AddDifferenceParams
     block_params = ("alpha",)
     summary = "a + (b - c) * alpha"
+    version = 2  # 2: alpha 0 gives exactly a (an inf in b or c no longer makes NaN)
 
     @staticmethod
     def compute(params: AddDifferenceParams, xs: list[torch.Tensor]) -> torch.Tensor:
         a, b, c = xs
+        if params.alpha == 0:  # "kept from a" (e.g. a block weighted 0) means exactly a
+            return f32(a)
         out = f32(b)
         out.sub_(c)
         out.mul_(params.alpha)

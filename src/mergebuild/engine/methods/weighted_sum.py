@@ -21,9 +21,14 @@ class WeightedSum(Method):
     Params = WeightedSumParams
     block_params = ("alpha",)
     summary = "a * (1 - alpha) + b * alpha"
+    version = 2  # 2: alpha 0 / 1 give exactly a / b (an inf elsewhere no longer makes NaN)
 
     @staticmethod
     def compute(params: WeightedSumParams, xs: list[torch.Tensor]) -> torch.Tensor:
         a, b = xs
+        if params.alpha == 0:  # "kept from a" (e.g. a component left out) means exactly a
+            return f32(a)
+        if params.alpha == 1:
+            return f32(b)
         out = f32(a).mul_(1.0 - params.alpha)
         return out.add_(f32(b).mul_(params.alpha))
