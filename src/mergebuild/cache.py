@@ -82,11 +82,13 @@ class CacheStore:
         path = self.object_path(key)
         try:
             info = json.loads(path.with_suffix(".json").read_text())
-            want, size = info[CHECKSUM], info["size"]
         except FileNotFoundError:
             return "no sidecar (interrupted write)"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "sidecar unreadable or without checksum"
+        except (OSError, ValueError):
+            return "sidecar unreadable"
+        if not isinstance(info, dict) or CHECKSUM not in info or "size" not in info:
+            return "no checksum in its sidecar (written by an older mergebuild?)"
+        want, size = info[CHECKSUM], info["size"]
         try:
             st = path.stat()
         except FileNotFoundError:
