@@ -158,3 +158,19 @@ def test_cached_build_does_not_rehash_objects(
     monkeypatch.setattr(mergebuild.hashing, "hash_file", no_reads)
     plan = Builder(load_recipe(recipe), CacheStore(cache)).plan()
     assert not plan.to_build() and not plan.corrupt
+
+
+def test_entry_without_checksum_is_rebuilt(workdir: Path, cache: Path, reference: bytes) -> None:
+    """Sidecars written before checksums existed cannot vouch for their object."""
+    recipe = setup(workdir)
+    first, _ = build(recipe, cache)
+    out_obj = objects(first)["anything-nsfw-gape"]
+    sidecar = out_obj.with_suffix(".json")
+    info = json.loads(sidecar.read_text())
+    del info["xxh3_128"]
+    sidecar.write_text(json.dumps(info))
+    assert run_cli("cache", "verify", cache=cache).code == 1
+    report, err = build(recipe, cache)
+    assert "no checksum" in err and statuses(report)["anything-nsfw-gape"] == "built"
+    assert (workdir / OUT).read_bytes() == reference
+    assert run_cli("cache", "verify", cache=cache).code == 0
