@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,21 @@ def test_entry_without_checksum_is_rebuilt(workdir: Path, cache: Path, reference
     assert "no checksum" in err and statuses(report)["anything-nsfw-gape"] == "built"
     assert (workdir / OUT).read_bytes() == reference
     assert run_cli("cache", "verify", cache=cache).code == 0
+
+
+def test_gc_sweeps_stale_publish_temps_in_output_dirs(workdir: Path, cache: Path) -> None:
+    """A build killed between linking and renaming an output leaves a temp hardlink next to it
+    (tested in test_faults); `cache gc` removes such files once they are a day old."""
+    recipe = setup(workdir)
+    build(recipe, cache)
+    out_dir = (workdir / OUT).parent
+    old, young = out_dir / ".mergebuild-tmp-old.safetensors", out_dir / ".mergebuild-tmp-y"
+    other = out_dir / "keep.safetensors"
+    for p in (old, young, other):
+        p.write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    os.utime(other, (two_days_ago, two_days_ago))
+    assert run_cli("cache", "gc", cache=cache).code == 0
+    assert not old.exists() and young.exists() and other.exists()
+    assert (workdir / OUT).exists()

@@ -194,6 +194,9 @@ def test_sigkill_at_exact_point(kill_setup: dict, tmp_path: Path, what: str, nth
     print(f"\n{what} #{nth}: " + (p.stderr.strip().splitlines()[-1] if killed else "completed"))
     assert killed or p.returncode == 0, p.stderr
     assert out.read_bytes() in (kill_setup["prev"], kill_setup["new"]), "partial output"
+    for tmp in temps(out.parent):  # killed mid-publish: a complete hardlink, swept by gc
+        assert tmp.read_bytes() == kill_setup["new"], "partial temp file next to the output"
+        tmp.unlink()
     if not killed:
         assert out.read_bytes() == kill_setup["new"]
     v = run_cli("cache", "verify", cache=cache)
