@@ -64,7 +64,23 @@ def empty(tmp: Path) -> Path:
     return p
 
 
+def deep_json(tmp: Path) -> Path:
+    """Found by this suite: json.loads raised RecursionError, which escaped as a crash."""
+    p = tmp / "x.safetensors"
+    p.write_bytes(hdr(b"[" * 100_000))
+    return p
+
+
+def surrogate_name(tmp: Path) -> Path:
+    """Valid JSON, but the name cannot be written back out as UTF-8 (crashed the writer)."""
+    p = tmp / "x.safetensors"
+    p.write_bytes(hdr(b'{"\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}') + bytes(4))
+    return p
+
+
 EXTRA = {
+    "deeply nested json": (deep_json, "nested too deeply"),
+    "lone surrogate name": (surrogate_name, "not valid Unicode"),
     "overlapping offsets": (overlapping, "overlaps"),
     "negative offsets": (negative_offsets, "outside the file"),
     "huge shape": (huge_shape, "needs"),
