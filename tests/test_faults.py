@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import os
 import random
 import shutil
@@ -342,7 +343,7 @@ def concurrent_same(workdir: Path, tmp_path: Path, pairs: int) -> None:
         procs = [spawn(recipe, "--json", cache=cache, env=SLOW_CHUNKS) for _ in range(2)]
         results = [p.communicate() for p in procs]
         assert [p.returncode for p in procs] == [0, 0], [e for _, e in results]
-        reports = [__import__("json").loads(o) for o, _ in results]
+        reports = [json.loads(o) for o, _ in results]
         counts = built_counts(*reports)
         assert counts == {"anything_nsfw": 1, "anything_nsfw_gape": 1, "anything-nsfw-gape": 1}
         assert (workdir / OUT).read_bytes() == new
@@ -356,6 +357,28 @@ def test_two_concurrent_builds_same_recipe(workdir: Path, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_concurrent_builds_same_recipe_many(workdir: Path, tmp_path: Path) -> None:
     concurrent_same(workdir, tmp_path, pairs=12)
+
+
+def test_killed_builder_releases_its_lock(workdir: Path, tmp_path: Path) -> None:
+    """A build waiting on a key's lock takes over when the holder is SIGKILLed mid-write."""
+    recipe = setup(workdir)
+    assert run_cli(recipe, "-q", cache=tmp_path / "ref").code == 0
+    new = (workdir / OUT).read_bytes()
+    (workdir / OUT).unlink()
+    cache = tmp_path / "c"
+    first = spawn(recipe, "--json", cache=cache, env={"MERGEBUILD_CHUNK_ELEMENTS": "16"})
+    while not temps(cache / "objects") and first.poll() is None:
+        time.sleep(0.01)
+    second = spawn(recipe, "--json", cache=cache, env=SLOW_CHUNKS)
+    time.sleep(0.5)  # let it reach the lock (if not, it simply finds the work undone)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    out, err = second.communicate()
+    assert first.returncode == -signal.SIGKILL, "the first build finished before the kill"
+    assert second.returncode == 0, err
+    assert built_counts(json.loads(out))["anything-nsfw-gape"] == 1
+    assert (workdir / OUT).read_bytes() == new
+    assert run_cli("cache", "verify", cache=cache).code == 0
 
 
 OTHER = """mergebuild: 1
@@ -384,7 +407,7 @@ def concurrent_sharing(workdir: Path, tmp_path: Path, pairs: int) -> None:
         procs = [spawn(r, "--json", cache=cache, env=SLOW_CHUNKS) for r in (a, b)]
         results = [p.communicate() for p in procs]
         assert [p.returncode for p in procs] == [0, 0], [e for _, e in results]
-        reports = [__import__("json").loads(o) for o, _ in results]
+        reports = [json.loads(o) for o, _ in results]
         key = {n["name"]: n["key"] for n in reports[0]["nodes"]}["anything_nsfw"]
         assert {n["name"]: n["key"] for n in reports[1]["nodes"]}["shared"] == key
         counts = built_counts(*reports)
