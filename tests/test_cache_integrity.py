@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,37 @@ def test_cached_build_does_not_rehash_objects(
     monkeypatch.setattr(mergebuild.hashing, "hash_file", no_reads)
     plan = Builder(load_recipe(recipe), CacheStore(cache)).plan()
     assert not plan.to_build() and not plan.corrupt
+
+
+def test_entry_without_checksum_is_rebuilt(workdir: Path, cache: Path, reference: bytes) -> None:
+    """Sidecars written before checksums existed cannot vouch for their object."""
+    recipe = setup(workdir)
+    first, _ = build(recipe, cache)
+    out_obj = objects(first)["anything-nsfw-gape"]
+    sidecar = out_obj.with_suffix(".json")
+    info = json.loads(sidecar.read_text())
+    del info["xxh3_128"]
+    sidecar.write_text(json.dumps(info))
+    assert run_cli("cache", "verify", cache=cache).code == 1
+    report, err = build(recipe, cache)
+    assert "no checksum" in err and statuses(report)["anything-nsfw-gape"] == "built"
+    assert (workdir / OUT).read_bytes() == reference
+    assert run_cli("cache", "verify", cache=cache).code == 0
+
+
+def test_gc_sweeps_stale_publish_temps_in_output_dirs(workdir: Path, cache: Path) -> None:
+    """A build killed between linking and renaming an output leaves a temp hardlink next to it
+    (tested in test_faults); `cache gc` removes such files once they are a day old."""
+    recipe = setup(workdir)
+    build(recipe, cache)
+    out_dir = (workdir / OUT).parent
+    old, young = out_dir / ".mergebuild-tmp-old.safetensors", out_dir / ".mergebuild-tmp-y"
+    other = out_dir / "keep.safetensors"
+    for p in (old, young, other):
+        p.write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    os.utime(other, (two_days_ago, two_days_ago))
+    assert run_cli("cache", "gc", cache=cache).code == 0
+    assert not old.exists() and young.exists() and other.exists()
+    assert (workdir / OUT).exists()

@@ -69,6 +69,11 @@ elif kind == "evil_lightning_name":
     mod.Evil = Evil
     sys.modules[mod.__name__] = mod
     obj = {"state_dict": sd, "payload": Evil()}
+elif kind == "expand_bomb":
+    sd = dict(sd)
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[k] = torch.zeros(1, dtype=sd[k].dtype).expand(10**10)
+    obj = {"state_dict": sd}
 elif kind == "lightning":
     for parent in ("pytorch_lightning", "pytorch_lightning.callbacks"):
         sys.modules[parent] = types.ModuleType(parent)
@@ -170,3 +175,14 @@ def test_lightning_named_payload_stays_inert(workdir: Path, cache: Path) -> None
     r = run_cli(recipe_with(workdir, "models/l.ckpt"), cache=cache)
     assert "Traceback" not in r.err
     assert not marker.exists(), "the pickle's payload ran"
+
+
+def test_checkpoint_view_claiming_more_than_stored_is_refused(workdir: Path, cache: Path) -> None:
+    """Found by this suite: a stride-0 view in a 2 KB pickle claimed 10^10 elements; reading it
+    would allocate (and write) tens of gigabytes."""
+    make_ckpt(
+        workdir / "models" / "insta.safetensors", workdir / "models" / "b.ckpt", "expand_bomb"
+    )
+    r = run_cli(recipe_with(workdir, "models/b.ckpt"), cache=cache, timeout=120)
+    assert r.code == 1 and "Traceback" not in r.err, r.err
+    assert "claims" in r.err and "b.ckpt" in r.err, r.err

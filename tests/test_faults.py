@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import os
 import random
 import shutil
@@ -118,6 +119,93 @@ def test_sigkill_at_varied_moments(workdir: Path, tmp_path: Path) -> None:
 def test_sigkill_many(workdir: Path, tmp_path: Path) -> None:
     phases = kill_campaign(workdir, tmp_path, n=40, seed=int(os.environ.get("KILL_SEED", 1)))
     assert phases["while writing"] > 0  # the campaign did reach the merge itself
+
+
+# Deterministic kill points: a wrapper runs the real CLI in a subprocess that SIGKILLs itself
+# on the n-th call of one step of the write protocol (no test hooks in mergebuild itself).
+KILL_AT = r"""
+import os, signal, sys
+what, nth = sys.argv[1], int(sys.argv[2])
+sys.argv = ["mergebuild", *sys.argv[3:]]
+import mergebuild.cache
+from mergebuild.cli import main
+owner, name = (os, what[3:]) if what.startswith("os.") else (mergebuild.cache.CacheStore, what)
+real = getattr(owner, name)
+calls = 0
+def wrapper(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == nth:
+        shown = [str(a) for a in args if isinstance(a, (str, os.PathLike))]
+        print(f"KILLED at {what} #{nth} {shown[-1:]}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(owner, name, wrapper)
+sys.exit(main())
+"""
+# every rename (memo, objects, sidecars, publish, journal), links, fsyncs, some data writes
+POINTS = [
+    *[("os.replace", n) for n in range(1, 14)],
+    ("os.link", 1),
+    *[("os.fsync", n) for n in (1, 2, 3, 4, 6)],
+    *[("os.pwrite", n) for n in (1, 2, 300, 2000)],
+    *[("write_sidecar", n) for n in (1, 2, 3)],
+]
+FAST_POINTS = {("os.replace", 7), ("os.link", 1), ("write_sidecar", 2), ("os.pwrite", 300)}
+
+
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict:
+    """A recipe, the correct new bytes, and the output of a previous build."""
+    base = tmp_path_factory.mktemp("killpoints")
+    workdir = base / "work"
+    shutil.copytree(model_dir, workdir / "models")
+    recipe = setup(workdir)
+    assert run_cli(recipe, "-q", cache=base / "ref").code == 0
+    new = (workdir / OUT).read_bytes()
+    assert (
+        run_cli(recipe, "-q", "--set", "anything_nsfw_gape.alpha=0.5", cache=base / "p").code == 0
+    )
+    return {
+        "recipe": recipe,
+        "new": new,
+        "prev": (workdir / OUT).read_bytes(),
+        "prev_cache": base / "p",
+    }
+
+
+@pytest.mark.parametrize(
+    ("what", "nth"),
+    [p if p in FAST_POINTS else pytest.param(*p, marks=pytest.mark.slow) for p in POINTS],
+    ids=[f"{w}-{n}" for w, n in POINTS],
+)
+def test_sigkill_at_exact_point(kill_setup: dict, tmp_path: Path, what: str, nth: int) -> None:
+    recipe, out = kill_setup["recipe"], kill_setup["recipe"].parent / OUT
+    cache = tmp_path / "cache"  # empty: every step of every write is on the way
+    out.unlink()
+    out.write_bytes(kill_setup["prev"])
+    env = {**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CACHE_DIR": str(cache)}
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_AT, what, str(nth), str(recipe), "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    killed = p.returncode == -signal.SIGKILL
+    print(f"\n{what} #{nth}: " + (p.stderr.strip().splitlines()[-1] if killed else "completed"))
+    assert killed or p.returncode == 0, p.stderr
+    assert out.read_bytes() in (kill_setup["prev"], kill_setup["new"]), "partial output"
+    for tmp in temps(out.parent):  # killed mid-publish: a complete hardlink, swept by gc
+        assert tmp.read_bytes() == kill_setup["new"], "partial temp file next to the output"
+        tmp.unlink()
+    if not killed:
+        assert out.read_bytes() == kill_setup["new"]
+    v = run_cli("cache", "verify", cache=cache)
+    assert v.code == 0, v.out + v.err
+    r = run_cli(recipe, "-q", cache=cache)
+    assert r.code == 0 and "Traceback" not in r.err, r.err
+    assert out.read_bytes() == kill_setup["new"]
+    assert run_cli("cache", "verify", cache=cache).code == 0
 
 
 # -- disk full ---------------------------------------------------------------------------------
@@ -255,7 +343,7 @@ def concurrent_same(workdir: Path, tmp_path: Path, pairs: int) -> None:
         procs = [spawn(recipe, "--json", cache=cache, env=SLOW_CHUNKS) for _ in range(2)]
         results = [p.communicate() for p in procs]
         assert [p.returncode for p in procs] == [0, 0], [e for _, e in results]
-        reports = [__import__("json").loads(o) for o, _ in results]
+        reports = [json.loads(o) for o, _ in results]
         counts = built_counts(*reports)
         assert counts == {"anything_nsfw": 1, "anything_nsfw_gape": 1, "anything-nsfw-gape": 1}
         assert (workdir / OUT).read_bytes() == new
@@ -269,6 +357,28 @@ def test_two_concurrent_builds_same_recipe(workdir: Path, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_concurrent_builds_same_recipe_many(workdir: Path, tmp_path: Path) -> None:
     concurrent_same(workdir, tmp_path, pairs=12)
+
+
+def test_killed_builder_releases_its_lock(workdir: Path, tmp_path: Path) -> None:
+    """A build waiting on a key's lock takes over when the holder is SIGKILLed mid-write."""
+    recipe = setup(workdir)
+    assert run_cli(recipe, "-q", cache=tmp_path / "ref").code == 0
+    new = (workdir / OUT).read_bytes()
+    (workdir / OUT).unlink()
+    cache = tmp_path / "c"
+    first = spawn(recipe, "--json", cache=cache, env={"MERGEBUILD_CHUNK_ELEMENTS": "16"})
+    while not temps(cache / "objects") and first.poll() is None:
+        time.sleep(0.01)
+    second = spawn(recipe, "--json", cache=cache, env=SLOW_CHUNKS)
+    time.sleep(0.5)  # let it reach the lock (if not, it simply finds the work undone)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    out, err = second.communicate()
+    assert first.returncode == -signal.SIGKILL, "the first build finished before the kill"
+    assert second.returncode == 0, err
+    assert built_counts(json.loads(out))["anything-nsfw-gape"] == 1
+    assert (workdir / OUT).read_bytes() == new
+    assert run_cli("cache", "verify", cache=cache).code == 0
 
 
 OTHER = """mergebuild: 1
@@ -297,7 +407,7 @@ def concurrent_sharing(workdir: Path, tmp_path: Path, pairs: int) -> None:
         procs = [spawn(r, "--json", cache=cache, env=SLOW_CHUNKS) for r in (a, b)]
         results = [p.communicate() for p in procs]
         assert [p.returncode for p in procs] == [0, 0], [e for _, e in results]
-        reports = [__import__("json").loads(o) for o, _ in results]
+        reports = [json.loads(o) for o, _ in results]
         key = {n["name"]: n["key"] for n in reports[0]["nodes"]}["anything_nsfw"]
         assert {n["name"]: n["key"] for n in reports[1]["nodes"]}["shared"] == key
         counts = built_counts(*reports)

@@ -64,7 +64,23 @@ def empty(tmp: Path) -> Path:
     return p
 
 
+def deep_json(tmp: Path) -> Path:
+    """Found by this suite: json.loads raised RecursionError, which escaped as a crash."""
+    p = tmp / "x.safetensors"
+    p.write_bytes(hdr(b"[" * 100_000))
+    return p
+
+
+def surrogate_name(tmp: Path) -> Path:
+    """Valid JSON, but the name cannot be written back out as UTF-8 (crashed the writer)."""
+    p = tmp / "x.safetensors"
+    p.write_bytes(hdr(b'{"\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}') + bytes(4))
+    return p
+
+
 EXTRA = {
+    "deeply nested json": (deep_json, "nested too deeply"),
+    "lone surrogate name": (surrogate_name, "not valid Unicode"),
     "overlapping offsets": (overlapping, "overlaps"),
     "negative offsets": (negative_offsets, "outside the file"),
     "huge shape": (huge_shape, "needs"),
@@ -152,3 +168,28 @@ def test_nan_and_inf_inputs_warn_with_keys(workdir: Path, cache: Path) -> None:
     assert nan_key in r.err and inf_key in r.err
     node = next(n for n in r.json["nodes"] if n["name"] == "m")
     assert node["nonfinite_keys"] == sorted([nan_key, inf_key])
+
+
+@pytest.mark.parametrize("kind", ["directory", "device", "fifo", "symlink_loop", "unreadable"])
+def test_model_path_that_is_not_a_model_file(workdir: Path, cache: Path, kind: str) -> None:
+    import os
+
+    target = workdir / "models" / "a.safetensors"
+    if kind == "directory":
+        target.mkdir()
+    elif kind == "device":
+        target.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "symlink_loop":
+        target.symlink_to(target)
+    else:
+        target.write_bytes(b"x")
+        target.chmod(0)
+        if os.geteuid() == 0:
+            pytest.skip("root reads any file")
+    recipe = workdir / "r.yaml"
+    recipe.write_text(RECIPE)
+    r = run_cli(recipe, cache=cache, timeout=60)
+    assert r.code == 1 and "Traceback" not in r.err and "a.safetensors" in r.err, r.err
+    assert "unexpected" not in r.err, r.err

@@ -120,9 +120,13 @@ CASES: dict[str, tuple[bytes, str]] = {
         ).encode(),
         "day is out of range",
     ),
-    "python_tag": (  # the walker builds plain lists/dicts: the tag is inert
+    "python_tag": (
         (HEAD + "merges:\n  m: !!python/object/apply:os.system ['touch PWNED']\n" + OUT).encode(),
-        "must be an expression string",
+        "is not allowed in a recipe",
+    ),
+    "set_tag": (
+        (HEAD + "merges:\n  m: anything\n" + OUT.replace("o: {", "o: !!set {")).encode(),
+        "is not allowed in a recipe",
     ),
     "python_tag_scalar": (
         (HEAD + "merges:\n  m: !!python/name:os.system ''\n" + OUT).encode(),

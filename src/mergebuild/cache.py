@@ -10,6 +10,7 @@ Layout under the cache root:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -82,11 +83,13 @@ class CacheStore:
         path = self.object_path(key)
         try:
             info = json.loads(path.with_suffix(".json").read_text())
-            want, size = info[CHECKSUM], info["size"]
         except FileNotFoundError:
             return "no sidecar (interrupted write)"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "sidecar unreadable or without checksum"
+        except (OSError, ValueError):
+            return "sidecar unreadable"
+        if not isinstance(info, dict) or CHECKSUM not in info or "size" not in info:
+            return "no checksum in its sidecar (written by an older mergebuild?)"
+        want, size = info[CHECKSUM], info["size"]
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -164,10 +167,23 @@ class CacheStore:
                 self.remove(e.key)
             # temp files of killed builds; a day's margin spares ones a running build still writes
             stale = time.time() - STALE_TMP_SECONDS
-            for tmp in self.objects.glob(f"*/{TMP_PREFIX}*") if self.objects.is_dir() else []:
-                if tmp.stat().st_mtime < stale:
-                    tmp.unlink(missing_ok=True)
+            tmps = list(self.objects.glob(f"*/{TMP_PREFIX}*")) if self.objects.is_dir() else []
+            for d in self._output_dirs():  # a build killed while publishing leaves one there
+                tmps += d.glob(f"{TMP_PREFIX}*")
+            for tmp in tmps:
+                with contextlib.suppress(OSError):
+                    if tmp.lstat().st_mtime < stale:
+                        tmp.unlink()
         return removed
+
+    def _output_dirs(self) -> set[Path]:
+        """Directories the journaled builds published outputs into."""
+        dirs: set[Path] = set()
+        for j in self.journal_dir.glob("*.json") if self.journal_dir.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+                for out in json.loads(j.read_text()).get("outputs", {}).values():
+                    dirs.add(Path(out["path"]).parent)
+        return {d for d in dirs if d.is_dir()}
 
     def verify(self, remove: bool = False) -> tuple[list[tuple[Entry, str]], list[Path]]:
         """Re-hash every entry: (bad entries with why, leftovers of interrupted writes).

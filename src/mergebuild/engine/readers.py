@@ -117,6 +117,16 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise BuildError(f"{path}: checkpoint contains no tensors")
+    for k, t in tensors.items():
+        # a view (e.g. stride 0) can claim far more elements than the file stores: a 2 KB
+        # file would otherwise make us allocate and write gigabytes
+        need = t.numel() * t.element_size()
+        have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+        if need > have:
+            raise BuildError(
+                f"{path}: tensor '{k}' claims {need} bytes but the file stores {max(have, 0)} "
+                "for it (a crafted or damaged checkpoint)"
+            )
     return tensors
 
 

@@ -72,6 +72,8 @@ def read_header(path: Path) -> Header:
         doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise bad(f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise bad("header JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise bad("header is not a JSON object")
     meta = doc.pop("__metadata__", None) or {}
@@ -81,6 +83,11 @@ def read_header(path: Path) -> Header:
         raise bad("__metadata__ must map strings to strings")
     data_len = size - 8 - n
     tensors: dict[str, tuple[TensorInfo, int, int]] = {}
+    for text in [*doc, *meta, *meta.values()]:
+        try:
+            text.encode("utf-8")  # JSON escapes can smuggle lone surrogates into names
+        except UnicodeEncodeError:
+            raise bad(f"name {text[:80]!r} is not valid Unicode") from None
     for name, entry in doc.items():
         if not isinstance(entry, dict):
             raise bad(f"entry for '{name}' is not an object")

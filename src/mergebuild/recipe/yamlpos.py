@@ -15,6 +15,7 @@ from mergebuild.errors import Location, Problem, RecipeError
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_NODES = 100_000
+PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 Path = tuple[str | int, ...]
 
@@ -94,6 +95,16 @@ class _Walker:
                 ]
             )
         self.pos.values.setdefault(path, self.pos.mark(node.start_mark))
+        if not isinstance(node, yaml.ScalarNode) and node.tag not in PLAIN_TAGS:
+            # the walk builds plain dicts and lists: a tag would be silently dropped
+            raise RecipeError(
+                [
+                    Problem(
+                        f"YAML tag {node.tag!r} is not allowed in a recipe",
+                        self.pos.mark(node.start_mark),
+                    )
+                ]
+            )
         if isinstance(node, yaml.MappingNode):
             self.loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
             out: dict[str, Any] = {}
