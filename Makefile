@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/mergebuild examples/anything_nsfw_gape.yaml --cache-dir $(DEMO)/cache --dry-run
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-reliability: install
 	$(BIN)/python -m pytest -q -m slow
