@@ -57,10 +57,16 @@ def reference(workdir: Path, tmp_path: Path) -> bytes:
     return data
 
 
-def test_sidecar_records_size_and_checksum(workdir: Path, cache: Path) -> None:
+@pytest.mark.parametrize("jobs,chunk", [("1", None), ("2", "1000")])
+def test_sidecar_records_size_and_checksum(
+    workdir: Path, cache: Path, jobs: str, chunk: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checksum is computed while writing (chunks may land out of order with -j2)."""
     import xxhash
 
-    report, _ = build(setup(workdir), cache)
+    if chunk:
+        monkeypatch.setenv("MERGEBUILD_CHUNK_ELEMENTS", chunk)
+    report, _ = build(setup(workdir), cache, "-j", jobs)
     for name, obj in objects(report).items():
         if name == "anything_nsfw_gape":  # feeds only the output: not stored
             continue

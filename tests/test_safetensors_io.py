@@ -115,3 +115,26 @@ def test_overlapping_offsets_refused(tmp_path: Path) -> None:
     p.write_bytes(hdr(text) + bytes(12))
     with pytest.raises(BuildError, match="overlaps"):
         read_header(p)
+
+
+def test_running_checksum_equals_file_hash_in_any_write_order(tmp_path: Path) -> None:
+    """Tensors and chunks written out of order: the writer's xxh3 is the finished file's."""
+    import random
+
+    import xxhash
+
+    g = torch.Generator().manual_seed(0)
+    ts = {f"t{i}": torch.randn(37 * (i + 1), generator=g).half() for i in range(6)}
+    infos = {k: TensorInfo("F16", tuple(v.shape)) for k, v in ts.items()}
+    pieces = [(k, lo) for k, v in ts.items() for lo in range(0, v.numel(), 10)]
+    random.Random(1).shuffle(pieces)
+    path = tmp_path / "out.safetensors"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        w = StreamingWriter(fd, infos, {"m": "x"})
+        for k, lo in pieces:
+            w.write(k, ts[k][lo : lo + 10], lo)
+        w.check_complete()
+        assert w.checksum() == xxhash.xxh3_128_hexdigest(path.read_bytes())
+    finally:
+        os.close(fd)

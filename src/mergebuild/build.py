@@ -403,6 +403,7 @@ class Builder:
                         "recipe": str(self.recipe.path),
                         "mergebuild_version": __version__,
                     },
+                    checksum=sink.writer.checksum() if sink.writer else None,
                 )
             seconds = time.perf_counter() - t0
             for item in building:

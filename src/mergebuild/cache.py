@@ -25,7 +25,7 @@ from filelock import FileLock
 
 from mergebuild.atomic import TMP_PREFIX, write_bytes
 from mergebuild.errors import BuildError
-from mergebuild.hashing import HashMemo, hash_file, stat_signature
+from mergebuild.hashing import FileHashes, HashMemo, hash_file, stat_signature
 
 ENV_VAR = "MERGEBUILD_CACHE_DIR"
 STALE_TMP_SECONDS = 86400
@@ -64,11 +64,12 @@ class CacheStore:
         path = self.object_path(key)
         return path.is_file() and path.with_suffix(".json").is_file()
 
-    def write_sidecar(self, key: str, info: dict[str, Any]) -> None:
-        """Record the object's size and checksum (read back right after it was written)."""
+    def write_sidecar(self, key: str, info: dict[str, Any], checksum: str | None = None) -> None:
+        """Record the object's size and checksum: the one computed while writing, else read
+        back right after it was written."""
         path = self.object_path(key)
         sig = stat_signature(path.stat())
-        found = hash_file(path, full=False)
+        found = FileHashes(checksum, "", "", sig[2]) if checksum else hash_file(path, full=False)
         info = {**info, "key": key, "size": sig[2], CHECKSUM: found.xxh3, "created": time.time()}
         write_bytes(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
         if stat_signature(path.stat()) == sig:

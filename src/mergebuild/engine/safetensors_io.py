@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import xxhash
+
 from mergebuild.engine.dtypes import ITEMSIZE, RANK, to_torch
 from mergebuild.errors import BuildError
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_EARLY_BYTES = 512 << 20  # written-ahead bytes kept for the running checksum
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,12 @@ class StreamingWriter:
         self.total = self.data_start + sum(i.nbytes for i in infos.values())
         self.missing = {k: i.nbytes for k, i in infos.items()}  # bytes not yet written
         self._lock = threading.Lock()
+        # xxh3 of the file as it is written, so the cache need not read it back: ranges that
+        # arrive ahead of the next expected offset wait (bounded) until the gap is filled
+        self._hash: xxhash.xxh3_128 | None = xxhash.xxh3_128(head)
+        self._hashed = len(head)
+        self._early: dict[int, memoryview] = {}
+        self._early_bytes = 0
         os.ftruncate(fd, self.total)
         try:
             os.posix_fallocate(fd, 0, self.total)  # a full disk fails now, not mid-build
@@ -230,15 +239,39 @@ class StreamingWriter:
         size = ITEMSIZE[info.dtype]
         if (lo + data.numel()) * size > info.nbytes or to_torch(info.dtype) != data.dtype:
             raise ValueError(f"{key}: {data.dtype}[{data.numel()}] at {lo} does not fit {info}")
-        if data.numel():
-            view = memoryview(data.view(torch.uint8).numpy())
-            offset = self.data_start + self.offsets[key] + lo * size
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view, offset = view[n:], offset + n
+        start = self.data_start + self.offsets[key] + lo * size
+        whole = memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+        view, offset = whole, start
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
         with self._lock:
             self.missing[key] -= data.numel() * size
+            self._advance_hash(start, whole)
         return data.numel() * size
+
+    def _advance_hash(self, start: int, data: memoryview) -> None:
+        if self._hash is None or not len(data):
+            return
+        if start != self._hashed:
+            self._early[start] = data
+            self._early_bytes += len(data)
+            if self._early_bytes > MAX_EARLY_BYTES:  # give up: the cache reads the file back
+                self._hash, self._early = None, {}
+            return
+        self._hash.update(data)
+        self._hashed += len(data)
+        while self._hashed in self._early:
+            nxt = self._early.pop(self._hashed)
+            self._early_bytes -= len(nxt)
+            self._hash.update(nxt)
+            self._hashed += len(nxt)
+
+    def checksum(self) -> str | None:
+        """xxh3-128 of the whole file, if every byte went through `write` in a hashable way."""
+        if self._hash is None or self._hashed != self.total:
+            return None
+        return self._hash.hexdigest()
 
     def check_complete(self) -> None:
         short = [k for k, n in self.missing.items() if n]
