@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from mergebuild import __version__
-from mergebuild.cli_sd import SD_COMMANDS, add_parsers
+from mergebuild.cli_sd import SD_HANDLERS, add_parsers
 from mergebuild.errors import EXIT_RECIPE, MergebuildError
 
 COMMANDS = (
-    "build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract", *SD_COMMANDS,
+    "build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract", *SD_HANDLERS,
 )  # fmt: skip
-_SD_HANDLERS: dict[str, Any] = {}
 
 
 def _size(text: str) -> int:
@@ -98,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     _common(d)
-    _SD_HANDLERS.update(add_parsers(sub, _common))
+    add_parsers(sub, _common)
     return top
 
 
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "cache": cmd_cache,
             "demo-models": cmd_demo,
             **share_commands(),
-            **_SD_HANDLERS,
+            **SD_HANDLERS,
         }[args.command](args)
     except MergebuildError as e:
         if args.debug:
@@ -262,7 +261,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.update_lock:
             from mergebuild.cli_share import update_lock
 
-            progress.log(f"wrote {update_lock(builder, plan)}")
+            progress.log(f"wrote {update_lock(builder, plan)[0]}")
     report = build_report(args, builder, plan, seconds)
     built = sum(i.status in ("built", "build") for i in plan.items)
     if args.json:

@@ -14,13 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SD_COMMANDS = ("inspect", "blocks", "doctor")
 
-
-def add_parsers(
-    sub: Any, common: Callable[[argparse.ArgumentParser], None]
-) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add the SD subcommands to `sub`; return command name → handler."""
+def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add the SD subcommands (handlers: SD_HANDLERS) to `sub`."""
     i = sub.add_parser("inspect", help="show a model's architecture, components and dtypes")
     i.add_argument("model", type=Path)
     i.add_argument("--json", action="store_true", help="print one JSON object")
@@ -49,7 +45,6 @@ def add_parsers(
     )
     d.add_argument("--json", action="store_true", help="print one JSON object")
     common(d)
-    return {"inspect": cmd_inspect, "blocks": cmd_blocks, "doctor": cmd_doctor}
 
 
 def read_infos(path: Path) -> dict[str, Any]:
@@ -187,3 +182,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for f in remaining:
             print(f"  not repaired: {f.check} ({f.message})")
     return 1 if remaining else 0
+
+
+SD_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "inspect": cmd_inspect,
+    "blocks": cmd_blocks,
+    "doctor": cmd_doctor,
+}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,8 @@ def output_hashes(builder: Any, plan: Any) -> dict[str, tuple[str, int]]:
     return out
 
 
-def update_lock(builder: Any, plan: Any) -> Path:
+def update_lock(builder: Any, plan: Any) -> tuple[Path, dict[str, tuple[str, int]]]:
+    """Write the lock of this build; returns its path and the outputs' (sha256, size)."""
     from mergebuild.lockfile import make_lock, read_lock, write_lock
 
     recipe = builder.recipe
@@ -71,7 +71,7 @@ def update_lock(builder: Any, plan: Any) -> Path:
         for name, entry in (old.get(section) or {}).items():
             if name in names and name not in lock[section]:
                 lock[section][name] = entry
-    return write_lock(recipe, lock)
+    return write_lock(recipe, lock), outputs
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -79,11 +79,11 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
     builder = make_builder(args, None, check_lock=False)
     plan, _ = builder.run()
-    path = update_lock(builder, plan)
+    path, outputs = update_lock(builder, plan)
     if args.json:
-        print(json.dumps({"lock": str(path), "outputs": output_hashes(builder, plan)}, indent=1))
+        print(json.dumps({"lock": str(path), "outputs": outputs}, indent=1))
     elif not args.quiet:
-        for name, (sha, size) in output_hashes(builder, plan).items():
+        for name, (sha, size) in outputs.items():
             print(f"{name:<28} sha256 {sha}  {size:,} bytes")
         print(f"wrote {path}")
     return 0
@@ -163,23 +163,22 @@ def _recipe_drift(builder: Any, plan: Any, lock: dict[str, Any]) -> list[str]:
 
 
 def describe(path: Path, memo_dir: Path | None) -> dict[str, Any]:
+    """`inspect`'s summary plus the three hashes and the provenance the file carries."""
     from mergebuild.cache import CacheStore
-    from mergebuild.engine.safetensors_io import read_header
+    from mergebuild.cli_sd import summary
     from mergebuild.provenance import METADATA_KEY, read_input_metadata
-    from mergebuild.sd.arch import detect
 
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() not in (".safetensors", ".sft"):
         raise BuildError(f"{path}: `show` reads safetensors files (convert a .ckpt first)")
-    header = read_header(path)
+    s = summary(path)
     hashes, _ = CacheStore(memo_dir).hashes.hashes(path)
     meta = read_input_metadata(path)
-    dtypes = Counter(info.dtype for info, _, _ in header.tensors.values())
     return {
         "path": str(path),
-        "architecture": detect({k: info for k, (info, _, _) in header.tensors.items()}).describe(),
-        "tensors": len(header.tensors),
-        "parameters": sum(_numel(info.shape) for info, _, _ in header.tensors.values()),
-        "dtypes": dict(sorted(dtypes.items())),
+        "architecture": s["architecture"]["description"],
+        "tensors": s["tensors"],
+        "parameters": s["parameters"],
+        "dtypes": s["dtypes"],
         "size": hashes.size,
         "sha256": hashes.sha256,
         "autov2": hashes.autov2,
@@ -187,13 +186,6 @@ def describe(path: Path, memo_dir: Path | None) -> dict[str, Any]:
         "provenance": meta.get(METADATA_KEY),
         "sd_merge_recipe": meta.get("sd_merge_recipe"),
     }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _tree(prov: dict[str, Any], indent: str = "  ") -> list[str]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -60,13 +61,15 @@ class Method:
     # a method that needs whole tensors (norms, top-k) sets this False.
     elementwise: ClassVar[bool] = True
 
-    @staticmethod
-    def compute(params: Params, xs: list[torch.Tensor]) -> torch.Tensor:
-        """Merge `xs` (same shape, slot order; fp16/bf16/fp32) into a NEW float32 tensor.
+    # compute(params, xs) -> tensor: merge `xs` (same shape, slot order; fp16/bf16/fp32) into
+    # a NEW float32 tensor. Arithmetic is float32 whatever the input dtypes (fp16/bf16 → fp32
+    # is exact, so mixing dtypes in an op equals converting first). It must not modify `xs`,
+    # and must evaluate a fixed order of single IEEE operations (no fused multiply-add) so
+    # results are bit-identical on every machine and thread count.
+    compute: ClassVar[Callable[[Any, list[torch.Tensor]], torch.Tensor]]
 
-        Arithmetic is float32 whatever the input dtypes (fp16/bf16 → fp32 is exact, so mixing
-        dtypes in an op equals converting first). Must not modify `xs`, and must evaluate in a
-        fixed order of single IEEE operations (no fused multiply-add) so results are
-        bit-identical on every machine and thread count.
-        """
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A method without `compute` is refused when its module is imported, not mid-build."""
+        super().__init_subclass__(**kwargs)
+        if not callable(getattr(cls, "compute", None)):
+            raise TypeError(f"merge method {cls.__name__} defines no compute()")
