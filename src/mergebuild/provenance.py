@@ -76,10 +76,15 @@ def subgraph(recipe: Recipe, output: str) -> tuple[list[str], list[str]]:
 
 
 def output_provenance(
-    recipe: Recipe, output: str, keys: dict[str, str], inputs: dict[str, InputFacts]
+    recipe: Recipe,
+    output: str,
+    keys: dict[str, str],
+    inputs: dict[str, InputFacts],
+    models: list[str],
+    merges: list[str],
 ) -> dict[str, Any]:
+    """mergebuild's own record; `models`/`merges` is the output's subgraph()."""
     out = recipe.outputs[output]
-    models, merges = subgraph(recipe, output)
     model_entries: dict[str, Any] = {}
     for m in models:
         facts = inputs[m]
@@ -148,10 +153,15 @@ def _webui_recipe(
 
 
 def webui_metadata(
-    recipe: Recipe, output: str, keys: dict[str, str], inputs: dict[str, InputFacts]
+    recipe: Recipe,
+    output: str,
+    keys: dict[str, str],
+    inputs: dict[str, InputFacts],
+    models: list[str],
+    merges: list[str],
 ) -> dict[str, str]:
+    """The web UI merger's two fields; `models`/`merges` is the output's subgraph()."""
     out = recipe.outputs[output]
-    models, merges = subgraph(recipe, output)
     if out.source in recipe.models:  # an output straight from a model: a conversion
         src = out.source
         top: dict[str, Any] = {
@@ -195,9 +205,12 @@ def webui_metadata(
 def output_metadata(
     recipe: Recipe, output: str, keys: dict[str, str], inputs: dict[str, InputFacts]
 ) -> dict[str, str]:
+    models, merges = subgraph(recipe, output)  # one graph walk for both views
     return {
-        METADATA_KEY: canonical_json(output_provenance(recipe, output, keys, inputs)),
-        **webui_metadata(recipe, output, keys, inputs),
+        METADATA_KEY: canonical_json(
+            output_provenance(recipe, output, keys, inputs, models, merges)
+        ),
+        **webui_metadata(recipe, output, keys, inputs, models, merges),
     }
 
 
