@@ -24,7 +24,7 @@ import pytest
 from conftest import EXAMPLES, SRC, run_cli
 
 OUT = Path("out/anything-nsfw-gape.safetensors")
-SLOW_CHUNKS = {"MERGEBUILD_CHUNK_ELEMENTS": "32"}
+SLOW_CHUNKS = {"MERGEBUILD_CHUNK_ELEMENTS": "32", "MERGEBUILD_WRITE_BLOCK": "4096"}
 TMP = ".mergebuild-tmp-"
 
 
@@ -184,7 +184,12 @@ def test_sigkill_at_exact_point(kill_setup: dict, tmp_path: Path, what: str, nth
     cache = tmp_path / "cache"  # empty: every step of every write is on the way
     out.unlink()
     out.write_bytes(kill_setup["prev"])
-    env = {**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CACHE_DIR": str(cache)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(SRC),
+        "MERGEBUILD_CACHE_DIR": str(cache),
+        "MERGEBUILD_WRITE_BLOCK": "4096",  # many data writes to be killed at
+    }
     p = subprocess.run(
         [sys.executable, "-c", KILL_AT, what, str(nth), str(recipe), "-q"],
         env=env,
@@ -301,16 +306,19 @@ def test_disk_full_at_output(workdir: Path, cache: Path, small_fs, size: str) ->
 def test_disk_full_injected_mid_write(
     workdir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, after_writes: int
 ) -> None:
-    """Where no tmpfs can be mounted: pwrite fails with ENOSPC after some writes (as on a
-    filesystem without fallocate)."""
+    """Where no tmpfs can be mounted: pwrite fails with ENOSPC after some writes (the free
+    space looked sufficient when the build started)."""
     from mergebuild.build import Builder
     from mergebuild.cache import CacheStore
     from mergebuild.errors import BuildError
     from mergebuild.recipe import load_recipe
 
+    from mergebuild.engine import stream_writer
+
     recipe = setup(workdir)
     assert run_cli(recipe, "-q", "--set", "anything_nsfw_gape.alpha=0.5", cache=cache).code == 0
     prev = (workdir / OUT).read_bytes()
+    monkeypatch.setattr(stream_writer, "BLOCK_BYTES", 4096)  # many writes in a tiny build
     real = os.pwrite
     calls = 0
 

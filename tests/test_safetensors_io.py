@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from mergebuild.engine.dtypes import from_torch
-from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo, read_header
+from mergebuild.engine.safetensors_io import TensorInfo, read_header
+from mergebuild.engine.stream_writer import StreamingWriter
 from mergebuild.errors import BuildError
 
 
@@ -39,7 +40,7 @@ def test_streaming_writer_equals_save_file(tmp_path: Path, metadata: dict | None
     w = StreamingWriter(fd, infos, metadata or {})
     for k in reversed(list(ts)):  # any order
         w.write(k, ts[k])
-    w.check_complete()
+    w.finish()
     os.close(fd)
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "ref.safetensors").read_bytes()
@@ -58,6 +59,7 @@ def test_multiple_metadata_entries_sorted_not_hash_ordered(tmp_path: Path) -> No
     w = StreamingWriter(fd, infos, meta)
     for k, t in ts.items():
         w.write(k, t)
+    w.finish()
     os.close(fd)
     ours, ref = (
         (tmp_path / "ours.safetensors").read_bytes(),
@@ -134,7 +136,118 @@ def test_running_checksum_equals_file_hash_in_any_write_order(tmp_path: Path) ->
         w = StreamingWriter(fd, infos, {"m": "x"})
         for k, lo in pieces:
             w.write(k, ts[k][lo : lo + 10], lo)
-        w.check_complete()
+        w.finish()
         assert w.checksum() == xxhash.xxh3_128_hexdigest(path.read_bytes())
     finally:
         os.close(fd)
+
+
+def big_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {f"t{i:02d}": torch.randn(1000 + 777 * i, generator=g).half() for i in range(24)}
+
+
+def write_pieces(path: Path, ts: dict[str, torch.Tensor], order: str) -> StreamingWriter:
+    import random
+
+    infos = {k: TensorInfo("F16", tuple(v.shape)) for k, v in ts.items()}
+    pieces = [(k, lo) for k, v in ts.items() for lo in range(0, v.numel(), 500)]
+    if order == "reversed":
+        pieces.reverse()
+    elif order == "shuffled":
+        random.Random(1).shuffle(pieces)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        with StreamingWriter(fd, infos, {"m": "x"}) as w:
+            for k, lo in pieces:
+                w.write(k, ts[k][lo : lo + 500], lo)
+            w.finish()
+    finally:
+        os.close(fd)
+    return w
+
+
+@pytest.mark.parametrize("order", ["in order", "reversed", "shuffled"])
+@pytest.mark.parametrize("staged", ["plenty", "scarce"])
+def test_block_writer_bytes_and_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str, staged: str
+) -> None:
+    """Many 4 KiB blocks, fed in order or not; with few staged blocks allowed, pieces far ahead
+    are written in place: same bytes, and then no running checksum (the cache hashes)."""
+    import xxhash
+
+    from mergebuild.engine import stream_writer
+
+    monkeypatch.setattr(stream_writer, "BLOCK_BYTES", 4096)
+    if staged == "scarce":
+        monkeypatch.setattr(stream_writer, "MAX_STAGED_BYTES", 3 * 4096)
+    ts = big_tensors()
+    save_file(ts, str(tmp_path / "ref.safetensors"), metadata={"m": "x"})
+    w = write_pieces(tmp_path / "ours.safetensors", ts, order)
+    ours = (tmp_path / "ours.safetensors").read_bytes()
+    assert ours == (tmp_path / "ref.safetensors").read_bytes()
+    assert len(ours) > 50 * 4096
+    if staged == "scarce" and order != "in order":
+        assert w.checksum() is None
+    else:
+        assert w.checksum() == xxhash.xxh3_128_hexdigest(ours)
+
+
+def test_block_writer_falls_back_when_direct_io_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that wants another alignment answers O_DIRECT writes with EINVAL: the writer
+    continues buffered, and the file is still exact."""
+    import errno
+
+    from mergebuild.engine import stream_writer
+
+    monkeypatch.setattr(stream_writer, "BLOCK_BYTES", 8192)
+    direct_writes = 0
+    real = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        nonlocal direct_writes
+        if os.get_blocking(fd) and fcntl_flags(fd) & getattr(os, "O_DIRECT", 0):
+            direct_writes += 1
+            if direct_writes > 2:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    ts = big_tensors()
+    save_file(ts, str(tmp_path / "ref.safetensors"), metadata={"m": "x"})
+    write_pieces(tmp_path / "ours.safetensors", ts, "in order")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (
+        tmp_path / "ref.safetensors"
+    ).read_bytes()
+    if hasattr(os, "O_DIRECT"):
+        assert direct_writes == 3  # two direct blocks, then the refusal, then buffered
+
+
+def fcntl_flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def test_block_writer_reports_a_disk_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC in the writer thread surfaces in the caller, as the OSError it was."""
+    import errno
+
+    from mergebuild.engine import stream_writer
+
+    monkeypatch.setattr(stream_writer, "BLOCK_BYTES", 4096)
+    calls = 0
+    real = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_pieces(tmp_path / "ours.safetensors", big_tensors(), "in order")

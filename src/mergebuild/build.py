@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -349,14 +348,6 @@ class Builder:
                 out = self.recipe.outputs[item.name]
                 needed_sources.update(n for n in (out.source, out.vae) if n is not None)
         built_names = {j.name for j in jobs}
-        prefetch(
-            [plan.inputs[n].path for n in needed_sources if n in plan.inputs]
-            + [
-                by_name[("merge", n)].path
-                for n in needed_sources - built_names
-                if n not in plan.inputs
-            ]
-        )
         sources: dict[str, Any] = {}
         sinks: list[Sink] = []
         temps: list[tuple[Path, Path, Item]] = []
@@ -496,30 +487,6 @@ def _warn_nonfinite(name: str, keys: set[str]) -> None:
 
 def _corrupt_reason(found: tuple[str, str] | None) -> str | None:
     return f"cache entry corrupted: {found[1]}" if found else None
-
-
-PREFETCH_BYTES = 512 << 20  # per input file
-
-
-def prefetch(paths: list[Any]) -> None:
-    """Start the kernel reading the head of every input now, in the background: importing
-    torch takes about a second, during which the disk would otherwise sit idle on a cold
-    build. Only a bounded head of each file is asked for, so memory pressure stays low."""
-
-    def run() -> None:
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except (OSError, TypeError):
-                continue
-            try:
-                os.posix_fadvise(fd, 0, PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
-            except (OSError, AttributeError):
-                pass  # an optimisation only
-            finally:
-                os.close(fd)
-
-    threading.Thread(target=run, name="prefetch", daemon=True).start()
 
 
 def _check_device(device: str) -> str:

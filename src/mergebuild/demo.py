@@ -100,7 +100,8 @@ def synthesize(
     import torch
 
     from mergebuild.engine.dtypes import RECIPE_TO_ST, to_torch
-    from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
+    from mergebuild.engine.safetensors_io import TensorInfo
+    from mergebuild.engine.stream_writer import StreamingWriter
 
     st = RECIPE_TO_ST[dtype]
     lay = model_layout(arch, scale, st, ema, in_channels)
@@ -115,21 +116,22 @@ def synthesize(
         else:
             infos[k] = TensorInfo(dt, shape)
     with atomic_file(path) as (fd, _):
-        writer = StreamingWriter(fd, infos, {"mergebuild.synthetic": f"{arch}:{name}:{seed}"})
-        for k, info in infos.items():
-            if k in overrides:
-                t = overrides[k]
-            elif not info.dtype.startswith(("F", "B")):
-                numel = math.prod(info.shape)
-                t = torch.arange(numel, dtype=to_torch(info.dtype)).reshape(info.shape)
-            else:
-                g = torch.Generator().manual_seed(_seed(seed, "base", k))
-                t = torch.randn(info.shape, generator=g)
-                g.manual_seed(_seed(seed, name, k))
-                t.add_(torch.randn(info.shape, generator=g), alpha=0.5)
-                t = t.to(to_torch(info.dtype))
-            writer.write(k, t)
-        writer.check_complete()
+        meta = {"mergebuild.synthetic": f"{arch}:{name}:{seed}"}
+        with StreamingWriter(fd, infos, meta) as writer:
+            for k, info in infos.items():
+                if k in overrides:
+                    t = overrides[k]
+                elif not info.dtype.startswith(("F", "B")):
+                    numel = math.prod(info.shape)
+                    t = torch.arange(numel, dtype=to_torch(info.dtype)).reshape(info.shape)
+                else:
+                    g = torch.Generator().manual_seed(_seed(seed, "base", k))
+                    t = torch.randn(info.shape, generator=g)
+                    g.manual_seed(_seed(seed, name, k))
+                    t.add_(torch.randn(info.shape, generator=g), alpha=0.5)
+                    t = t.to(to_torch(info.dtype))
+                writer.write(k, t)
+            writer.finish()
     return path
 
 

@@ -5,15 +5,14 @@ and cast to the node's dtype (exactly what a consumer reading the cached file wo
 result is written to every file that wants it. Large tensors of elementwise methods are cut into
 flat chunks, so memory holds a few chunks per worker whatever the model size, and `-j` workers
 share even a single huge key. Every chunk lands at a fixed file offset, so bytes never depend on
-timing or thread count. A flusher thread pushes written data to disk while compute goes on, so
-the final fsync has little left to do.
+timing or thread count. Reading ahead (readahead.py) and writing (stream_writer.py) run in
+their own threads, so the disk streams while the workers compute.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -24,7 +23,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import Params
-from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
+from mergebuild.engine.readahead import Readahead, default_window
+from mergebuild.engine.safetensors_io import TensorInfo
+from mergebuild.engine.stream_writer import StreamingWriter, check_space
+from mergebuild.engine.tuning import merging
 from mergebuild.errors import BuildError
 from mergebuild.sd.arch import is_position_ids
 
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 # 2 Mi elements (8 MB as float32); the variable exists so tests can exercise chunking on tiny models
 CHUNK_ELEMENTS = int(os.environ.get("MERGEBUILD_CHUNK_ELEMENTS", 1 << 21))
-FLUSH_BYTES = 256 << 20  # start writeback after this many new bytes
+TILE_ELEMENTS = 1 << 18  # 1 MB as float32: a method's temporaries stay in L2 (see _tiled)
 DIRECT_DTYPES = {"F16", "BF16", "F32"}  # methods take these as they are (exact in float32 ops)
 
 
@@ -223,6 +225,38 @@ class FusedPass:
             for lo in range(0, numel, CHUNK_ELEMENTS):
                 yield Unit(key, lo, min(lo + CHUNK_ELEMENTS, numel), False)
 
+    def _ranges(self, u: Unit) -> list[tuple[int, int, int]]:
+        """The file byte ranges unit `u` will read, for the readahead thread."""
+        reads: dict[tuple[str, str], None] = {}
+
+        def visit(name: str, key: str) -> None:
+            if name in self.sources:
+                reads[(name, key)] = None
+                return
+            job = self.jobs[name]
+            visit(job.inputs[0], key)
+            if _mergeable(key, self.layouts[name][key].dtype) and all(
+                key in self.layouts[n] and is_float(self.layouts[n][key].dtype)
+                for n in job.inputs[1:]
+            ):
+                for n in job.inputs[1:]:
+                    visit(n, key)
+
+        for sink in self.sinks:
+            if u.key in sink.infos:
+                vkey = sink.vae_keys.get(u.key)
+                if vkey is not None and sink.vae is not None:
+                    visit(sink.vae, vkey)
+                else:
+                    visit(sink.source, u.key)
+        out = []
+        for name, key in reads:
+            src = self.sources[name]
+            if hasattr(src, "byte_range"):
+                hi = math.prod(self.layouts[name][key].shape) if u.whole else u.hi
+                out.append(src.byte_range(key, 0 if u.whole else u.lo, hi))
+        return out
+
     # -- evaluation ---------------------------------------------------------------------------
 
     def _value(self, name: str, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
@@ -273,6 +307,11 @@ class FusedPass:
             if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back
                 xs = [x.to(self.device, non_blocking=True) for x in xs]
                 out = job.method.compute(params, xs).cpu()
+            elif job.method.elementwise and n is None:
+                out, bad = _tiled(job.method, params, xs, to_torch(info.dtype))
+                if bad:
+                    self.stats[job.name].nonfinite.add(u.key)
+                return out
             else:
                 out = job.method.compute(params, xs)
             if n is not None:
@@ -333,38 +372,60 @@ class FusedPass:
 
         `on_unit(unit, key_done)` is called from the driver thread after each unit is written.
         """
-        import torch
-
+        writers = []
         for sink in self.sinks:
-            sink.writer = StreamingWriter(sink.fd, sink.infos, sink.metadata)
-        flusher = _Flusher([s.fd for s in self.sinks])
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # parallelism comes from workers on independent units
+            sink.writer = StreamingWriter(sink.fd, sink.infos, sink.metadata, start=False)
+            writers.append(sink.writer)
         try:
-            units = list(self.units())
-            remaining: dict[str, int] = {}
-            for u in units:
-                remaining[u.key] = remaining.get(u.key, 0) + 1
-
-            def done(u: Unit, n: int) -> None:
-                flusher.add(n)
-                remaining[u.key] -= 1
-                if on_unit:
-                    on_unit(u, remaining[u.key] == 0)
-
-            if jobs <= 1:
-                for u in units:
-                    done(u, self._do_unit(u))
-            else:
-                self._run_parallel(units, jobs, max_memory, done)
+            check_space(writers)
+            for w in writers:
+                w.start()
+            with merging():
+                self._run_units(jobs, max_memory, on_unit)
+            for w in writers:
+                w.finish()
         finally:
-            torch.set_num_threads(threads)
-            flusher.stop()
-        for sink in self.sinks:
-            sink.writer.check_complete()
+            for w in writers:
+                w.close()
+
+    def _run_units(
+        self, jobs: int, max_memory: int, on_unit: Callable[[Unit, bool], None] | None
+    ) -> None:
+        units = list(self.units())
+        readahead = Readahead([self._ranges(u) for u in units], default_window()).start()
+        try:
+            import torch  # imported once the disk is already busy: it takes about a second
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # parallelism comes from workers on independent units
+            try:
+                remaining: dict[str, int] = {}
+                for u in units:
+                    remaining[u.key] = remaining.get(u.key, 0) + 1
+
+                def done(u: Unit, n: int) -> None:
+                    remaining[u.key] -= 1
+                    if on_unit:
+                        on_unit(u, remaining[u.key] == 0)
+
+                if jobs <= 1:
+                    for i, u in enumerate(units):
+                        readahead.advance(i)
+                        done(u, self._do_unit(u))
+                else:
+                    self._run_parallel(units, jobs, max_memory, done, readahead)
+            finally:
+                torch.set_num_threads(threads)
+        finally:
+            readahead.stop()
 
     def _run_parallel(
-        self, units: list[Unit], jobs: int, budget: int, done: Callable[[Unit, int], None]
+        self,
+        units: list[Unit],
+        jobs: int,
+        budget: int,
+        done: Callable[[Unit, int], None],
+        readahead: Readahead,
     ) -> None:
         in_flight: dict[Future[int], tuple[Unit, int]] = {}
         used = 0
@@ -379,10 +440,11 @@ class FusedPass:
 
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="merge") as pool:
             try:
-                for u in units:
+                for i, u in enumerate(units):
                     cost = self._cost(u)
                     while in_flight and (used + cost > budget or len(in_flight) >= 2 * jobs):
                         reap(block=True)
+                    readahead.advance(i)
                     in_flight[pool.submit(self._do_unit, u)] = (u, cost)
                     used += cost
                 while in_flight:
@@ -397,6 +459,30 @@ def _mergeable(key: str, dtype: str) -> bool:
     """Float weights merge; integer buffers — and position_ids even when a damaged file stores
     them as floats — are copied from `a` unchanged (never interpolated, never re-cast)."""
     return is_float(dtype) and not is_position_ids(key)
+
+
+def _tiled(
+    method: type[Method], params: Params, xs: list[torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.Tensor, bool]:
+    """An elementwise merge computed in cache-sized tiles, each cast into one result tensor.
+
+    Why: a method's float32 temporaries for a whole 2 Mi-element chunk (8 MB each) spill out of
+    the L2 cache, so every op streams through main memory; in 256 Ki-element tiles the same
+    ops ran 1.8x faster on one core and 2.2x faster on two. Elementwise ops on a slice give the
+    same bits as on the whole, so tiling never changes a result. Also returns whether any
+    value is NaN/Inf, checked per tile while it is still in cache.
+    """
+    import torch
+
+    flat = [x.reshape(-1) for x in xs]
+    numel = flat[0].numel()
+    out = torch.empty(numel, dtype=dtype)
+    bad = False
+    for lo in range(0, numel, TILE_ELEMENTS):
+        part = out[lo : lo + TILE_ELEMENTS]
+        part.copy_(method.compute(params, [x[lo : lo + TILE_ELEMENTS] for x in flat]))
+        bad = _has_nonfinite(part) or bad
+    return out.reshape(xs[0].shape), bad
 
 
 def _has_nonfinite(x: torch.Tensor) -> bool:
@@ -415,41 +501,6 @@ def _direct(x: torch.Tensor) -> bool:
     import torch
 
     return x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
-class _Flusher:
-    """Calls fdatasync in the background every FLUSH_BYTES written, so writeback overlaps
-    compute instead of piling up for the final fsync."""
-
-    def __init__(self, fds: list[int]) -> None:
-        self.fds, self.pending = fds, 0
-        self.wake = threading.Event()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="flusher", daemon=True)
-        self.thread.start()
-
-    def add(self, n: int) -> None:
-        self.pending += n
-        if self.pending >= FLUSH_BYTES:
-            self.pending = 0
-            self.wake.set()
-
-    def _loop(self) -> None:
-        while True:
-            self.wake.wait()
-            self.wake.clear()
-            if self.stopping:
-                return
-            for fd in self.fds:
-                try:
-                    os.fdatasync(fd)
-                except OSError:
-                    return  # the writer will meet the same error and report it
-
-    def stop(self) -> None:
-        self.stopping = True
-        self.wake.set()
-        self.thread.join()
 
 
 def _key_order(sinks: list[Sink]) -> list[str]:

@@ -4,25 +4,20 @@ Reading: the header is parsed and checked here (bounds, overlaps, sizes, dtypes)
 tensor is touched, so a hostile or truncated file is refused with a precise message and no
 large allocation; tensors are then read with `pread` into a fresh buffer, one at a time.
 
-Writing: every tensor's shape and dtype is known before merging starts, so the header is
-written first, the file is preallocated (a full disk fails up front), and tensors are written
-at their offsets in any order — the layout, and hence the bytes, match
-`safetensors.torch.save_file` for the same tensors and metadata.
+Writing (stream_writer.py) uses `layout`: every tensor's shape and dtype is known before
+merging starts, so offsets are fixed up front and match `safetensors.torch.save_file` for the
+same tensors and metadata.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import xxhash
 
 from mergebuild.engine.dtypes import ITEMSIZE, RANK, to_torch
 from mergebuild.errors import BuildError
@@ -31,7 +26,6 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-MAX_EARLY_BYTES = 512 << 20  # written-ahead bytes kept for the running checksum
 
 
 @dataclass(frozen=True)
@@ -159,6 +153,12 @@ class SafetensorsSource:
         info = self.header.tensors[key][0]
         return self.read_flat(key, 0, math.prod(info.shape)).reshape(info.shape)
 
+    def byte_range(self, key: str, lo: int, hi: int) -> tuple[int, int, int]:
+        """(fd, file offset, length) that `read_flat(key, lo, hi)` reads: for readahead."""
+        info, begin, _ = self.header.tensors[key]
+        size = ITEMSIZE[info.dtype]
+        return self.fd, self.header.data_start + begin + lo * size, (hi - lo) * size
+
     def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of the flattened tensor, read straight into a new tensor."""
         import torch
@@ -202,78 +202,3 @@ def layout(infos: dict[str, TensorInfo], metadata: dict[str, str] | None) -> tup
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, offsets
-
-
-class StreamingWriter:
-    """Writes one safetensors file whose layout is fixed up front; tensors arrive in any order."""
-
-    def __init__(self, fd: int, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> None:
-        self.fd = fd
-        self.infos = infos
-        head, self.offsets = layout(infos, metadata)
-        self.data_start = len(head)
-        self.total = self.data_start + sum(i.nbytes for i in infos.values())
-        self.missing = {k: i.nbytes for k, i in infos.items()}  # bytes not yet written
-        self._lock = threading.Lock()
-        # xxh3 of the file as it is written, so the cache need not read it back: ranges that
-        # arrive ahead of the next expected offset wait (bounded) until the gap is filled
-        self._hash: xxhash.xxh3_128 | None = xxhash.xxh3_128(head)
-        self._hashed = len(head)
-        self._early: dict[int, memoryview] = {}
-        self._early_bytes = 0
-        os.ftruncate(fd, self.total)
-        try:
-            os.posix_fallocate(fd, 0, self.total)  # a full disk fails now, not mid-build
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            # filesystems without fallocate (EOPNOTSUPP): space is claimed as we write
-        os.pwrite(fd, head, 0)
-
-    def write(self, key: str, tensor: torch.Tensor, lo: int = 0) -> int:
-        """Write `tensor` as flat elements starting at element `lo` of `key`; returns bytes."""
-        import torch
-
-        info = self.infos[key]
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        size = ITEMSIZE[info.dtype]
-        if (lo + data.numel()) * size > info.nbytes or to_torch(info.dtype) != data.dtype:
-            raise ValueError(f"{key}: {data.dtype}[{data.numel()}] at {lo} does not fit {info}")
-        start = self.data_start + self.offsets[key] + lo * size
-        whole = memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
-        view, offset = whole, start
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-        with self._lock:
-            self.missing[key] -= data.numel() * size
-            self._advance_hash(start, whole)
-        return data.numel() * size
-
-    def _advance_hash(self, start: int, data: memoryview) -> None:
-        if self._hash is None or not len(data):
-            return
-        if start != self._hashed:
-            self._early[start] = data
-            self._early_bytes += len(data)
-            if self._early_bytes > MAX_EARLY_BYTES:  # give up: the cache reads the file back
-                self._hash, self._early = None, {}
-            return
-        self._hash.update(data)
-        self._hashed += len(data)
-        while self._hashed in self._early:
-            nxt = self._early.pop(self._hashed)
-            self._early_bytes -= len(nxt)
-            self._hash.update(nxt)
-            self._hashed += len(nxt)
-
-    def checksum(self) -> str | None:
-        """xxh3-128 of the whole file, if every byte went through `write` in a hashable way."""
-        if self._hash is None or self._hashed != self.total:
-            return None
-        return self._hash.hexdigest()
-
-    def check_complete(self) -> None:
-        short = [k for k, n in self.missing.items() if n]
-        if short:
-            raise AssertionError(f"{len(short)} tensors were not fully written, e.g. {short[0]}")

@@ -202,7 +202,8 @@ def write_fixed(path: Path, out: Path) -> list[str]:
 
     from mergebuild.atomic import atomic_file
     from mergebuild.engine.readers import open_model
-    from mergebuild.engine.safetensors_io import StreamingWriter, TensorInfo
+    from mergebuild.engine.safetensors_io import TensorInfo
+    from mergebuild.engine.stream_writer import StreamingWriter
 
     src = open_model(path)
     try:
@@ -221,13 +222,14 @@ def write_fixed(path: Path, out: Path) -> list[str]:
             new_infos[k] = TensorInfo("I64", info.shape)
             changes.append(f"{k}: {info.dtype} → I64 arange({n})")
         with atomic_file(out) as (fd, _):
-            writer = StreamingWriter(fd, new_infos, dict(getattr(src, "metadata", {}) or {}))
-            for k, info in infos.items():
-                t = fixed.get(k)
-                if t is None:
-                    t = src.read_flat(k, 0, math.prod(info.shape))
-                writer.write(k, t)
-            writer.check_complete()
+            meta = dict(getattr(src, "metadata", {}) or {})
+            with StreamingWriter(fd, new_infos, meta) as writer:
+                for k, info in infos.items():
+                    t = fixed.get(k)
+                    if t is None:
+                        t = src.read_flat(k, 0, math.prod(info.shape))
+                    writer.write(k, t)
+                writer.finish()
         return changes
     finally:
         src.close()

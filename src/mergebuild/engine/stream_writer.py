@@ -1,0 +1,296 @@
+"""Write one safetensors file whose layout is known up front, tensors arriving in any order.
+
+The file is assembled in aligned blocks (8 MiB) in memory and each complete block is written by
+a background thread with O_DIRECT, bypassing the page cache. Why: copying into fresh page-cache
+pages cost more CPU than the merge arithmetic here (writing 2 GB buffered: 0.4-4.9 s of CPU,
+depending on the VM's memory state; with O_DIRECT: 0.06 s, and 3x the throughput), and the CPU
+is needed for the merge. Where O_DIRECT is unavailable (some filesystems, other systems) the
+same blocks are written buffered and their writeback is started at once.
+
+Blocks complete roughly in file order, because the merge visits keys in file order; the xxh3 of
+the file is computed block by block as they complete, so the cache never reads the file back.
+Pieces arriving far ahead of the rest (a writer fed in an unrelated key order) would need many
+staged blocks: past MAX_STAGED_BYTES their blocks are written in place, buffered, and the
+checksum is left to the cache. Bytes on disk are the same either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from mergebuild.engine.dtypes import ITEMSIZE, to_torch
+from mergebuild.engine.safetensors_io import TensorInfo, layout
+
+if TYPE_CHECKING:
+    import torch
+
+ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of any disk's logical block
+BLOCK_BYTES = max(ALIGN, int(os.environ.get("MERGEBUILD_WRITE_BLOCK", 8 << 20)) // ALIGN * ALIGN)
+MAX_STAGED_BYTES = 256 << 20
+QUEUED_BLOCKS = 4  # complete blocks waiting for the disk; more makes the merge wait
+
+
+class _Block:
+    __slots__ = ("buf", "filled", "hashed", "index", "size", "written")
+
+    def __init__(self, index: int, size: int, buf: mmap.mmap) -> None:
+        self.index, self.size, self.buf = index, size, buf
+        self.filled = 0
+        self.written = self.hashed = False
+
+
+class StreamingWriter:
+    """`write()` from any thread; `finish()` once every tensor is written; `close()` always."""
+
+    def __init__(
+        self, fd: int, infos: dict[str, TensorInfo], metadata: dict[str, str], start: bool = True
+    ) -> None:
+        self.fd = fd
+        self.infos = infos
+        self.head, self.offsets = layout(infos, metadata)
+        self.data_start = len(self.head)
+        self.total = self.data_start + sum(i.nbytes for i in infos.values())
+        self.missing = {k: i.nbytes for k, i in infos.items()}  # bytes not yet written
+        self._nblocks = -(-self.total // BLOCK_BYTES)
+        self._lock = threading.Lock()
+        self._blocks: dict[int, _Block] = {}
+        self._in_place: set[int] = set()  # blocks written buffered, piece by piece
+        self._pool: list[mmap.mmap] = []
+        self._hash: xxhash.xxh3_128 | None = xxhash.xxh3_128()
+        self._hashed = 0  # blocks hashed so far (in order)
+        self._queue: queue.Queue[_Block | None] = queue.Queue(QUEUED_BLOCKS)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._direct = -1
+        self._writeback: Callable[[int, int, int], None] | None = None
+        if start:
+            self.start()
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        os.ftruncate(self.fd, self.total)
+        self._direct = _open_direct(self.fd)
+        self._writeback = None if self._direct >= 0 else _sync_file_range()
+        self._thread = threading.Thread(target=self._drain, name="writer", daemon=True)
+        self._thread.start()
+        self._put(0, memoryview(self.head))
+
+    # -- filling blocks ---------------------------------------------------------------------
+
+    def write(self, key: str, tensor: torch.Tensor, lo: int = 0) -> int:
+        """Write `tensor` as flat elements starting at element `lo` of `key`; returns bytes."""
+        import torch
+
+        info = self.infos[key]
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        size = ITEMSIZE[info.dtype]
+        if (lo + data.numel()) * size > info.nbytes or to_torch(info.dtype) != data.dtype:
+            raise ValueError(f"{key}: {data.dtype}[{data.numel()}] at {lo} does not fit {info}")
+        n = data.numel() * size
+        if n:
+            start = self.data_start + self.offsets[key] + lo * size
+            self._put(start, memoryview(data.view(torch.uint8).numpy()))
+        with self._lock:
+            self.missing[key] -= n
+        return n
+
+    def _put(self, pos: int, view: memoryview) -> None:
+        complete: list[_Block] = []
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            while len(view):
+                index = pos // BLOCK_BYTES
+                offset = pos - index * BLOCK_BYTES
+                n = min(len(view), self._block_size(index) - offset)
+                block = self._block(index)
+                if block is None:
+                    _pwrite_all(self.fd, view[:n], pos)
+                else:
+                    block.buf[offset : offset + n] = view[:n]
+                    block.filled += n
+                    if block.filled == block.size:
+                        complete.append(block)
+                        self._hash_ready()
+                view, pos = view[n:], pos + n
+        for block in complete:  # outside the lock: a full queue makes this worker wait
+            self._queue.put(block)
+
+    def _block_size(self, index: int) -> int:
+        return min(BLOCK_BYTES, self.total - index * BLOCK_BYTES)
+
+    def _block(self, index: int) -> _Block | None:
+        """The staging block `index`, new if need be; None: write this piece in place."""
+        block = self._blocks.get(index)
+        if block is not None or index in self._in_place:
+            return block
+        if len(self._blocks) * BLOCK_BYTES >= MAX_STAGED_BYTES and index != self._hashed:
+            self._in_place.add(index)
+            self._hash = None  # the cache will hash the finished file instead
+            return None
+        buf = self._pool.pop() if self._pool else mmap.mmap(-1, BLOCK_BYTES)
+        block = self._blocks[index] = _Block(index, self._block_size(index), buf)
+        return block
+
+    def _hash_ready(self) -> None:
+        """Hash complete blocks in file order (called with the lock held)."""
+        while True:
+            if self._hashed in self._in_place:  # (the hash is abandoned already)
+                self._hashed += 1
+                continue
+            block = self._blocks.get(self._hashed)
+            if block is None or block.filled != block.size:
+                return
+            if self._hash is not None:
+                self._hash.update(memoryview(block.buf)[: block.size])
+            block.hashed = True
+            self._hashed += 1
+            self._release(block)
+
+    def _release(self, block: _Block) -> None:
+        if block.written and block.hashed:
+            del self._blocks[block.index]
+            self._pool.append(block.buf)
+
+    # -- the disk side ------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        while (block := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    self._write_block(block)
+            except BaseException as e:  # reported by the next write, or by finish()
+                self._error = e
+            with self._lock:
+                block.written = True
+                self._release(block)
+
+    def _write_block(self, block: _Block) -> None:
+        pos = block.index * BLOCK_BYTES
+        if self._direct >= 0:
+            padded = -(-block.size // ALIGN) * ALIGN  # the tail block: cut by finish()
+            try:
+                if os.pwrite(self._direct, memoryview(block.buf)[:padded], pos) == padded:
+                    return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+            self._stop_direct()  # this disk wants other alignment: go buffered from here
+        _pwrite_all(self.fd, memoryview(block.buf)[: block.size], pos)
+        if self._writeback is not None:
+            self._writeback(self.fd, pos, block.size)
+
+    def _stop_direct(self) -> None:
+        os.close(self._direct)
+        self._direct = -1
+        self._writeback = _sync_file_range()
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Wait for the disk writes, check that every byte arrived; raise a write error."""
+        self._stop_thread()
+        if self._error is not None:
+            raise self._error
+        short = [k for k, n in self.missing.items() if n]
+        if short or self._blocks:
+            raise AssertionError(f"{len(short)} tensors were not fully written, e.g. {short[:1]}")
+        os.ftruncate(self.fd, self.total)  # drop the padding of the last direct write
+        self.close()
+
+    def close(self) -> None:
+        """Stop the writer thread and free the blocks (also after an error)."""
+        if self._error is None:
+            self._error = RuntimeError("writer closed")  # the thread skips what is queued
+        self._stop_thread()
+        if self._direct >= 0:
+            os.close(self._direct)
+            self._direct = -1
+        for buf in [*self._pool, *(b.buf for b in self._blocks.values())]:
+            with contextlib.suppress(BufferError):  # a view may outlive us in a traceback
+                buf.close()
+        self._pool, self._blocks = [], {}
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
+
+    def checksum(self) -> str | None:
+        """xxh3-128 of the whole file, if every block went through the running hash."""
+        if self._hash is None or self._hashed != self._nblocks:
+            return None
+        return self._hash.hexdigest()
+
+
+def check_space(writers: list[StreamingWriter]) -> None:
+    """Refuse to start when the files cannot fit, rather than fail at 90%; raises ENOSPC.
+
+    A best-effort check (other writers may fill the disk meanwhile; then a write fails with
+    ENOSPC and the build still cleans up), counting every file bound for the same filesystem.
+    """
+    need: dict[int, tuple[int, int]] = {}  # st_dev → (bytes, an fd on it)
+    for w in writers:
+        dev = os.fstat(w.fd).st_dev
+        total, _ = need.get(dev, (0, w.fd))
+        need[dev] = (total + w.total, w.fd)
+    for total, fd in need.values():
+        st = os.fstatvfs(fd)
+        free = st.f_bavail * st.f_frsize
+        if total > free:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device: the build writes {total / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB are free",
+            )
+
+
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    while len(view):
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+def _open_direct(fd: int) -> int:
+    """A second descriptor on `fd`'s file opened with O_DIRECT, or -1 where there is none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or not os.path.exists(f"/proc/self/fd/{fd}"):
+        return -1
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | flag)
+    except OSError:
+        return -1  # e.g. tmpfs before Linux 6.6
+
+
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """`(fd, offset, length) → start writeback of that range` (Linux); None elsewhere.
+
+    SYNC_FILE_RANGE_WRITE only queues the dirty pages: unlike fdatasync it neither waits for
+    the disk nor forces a journal commit, so the final fsync finds little left to do.
+    """
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+    def start(fd: int, offset: int, length: int) -> None:
+        fn(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; errors resurface at fsync
+
+    return start

@@ -1,0 +1,116 @@
+"""Engine I/O pieces that only change speed must not change what is read, computed or written:
+the readahead asks for exactly the bytes the merge reads, tiled arithmetic equals numpy on the
+same values, and a disk without room for the build is refused before anything is written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES
+
+
+def test_readahead_advises_exactly_the_bytes_the_merge_reads(
+    workdir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergebuild.build import Builder
+    from mergebuild.cache import CacheStore
+    from mergebuild.engine import executor
+    from mergebuild.engine.safetensors_io import SafetensorsSource
+    from mergebuild.recipe import load_recipe
+
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 4096)  # many chunked units
+    read: list[tuple[str, int, int]] = []
+    advised: list[tuple[str, int, int]] = []
+    names: dict[int, str] = {}
+    real_read, real_open = SafetensorsSource.read_flat, SafetensorsSource.__init__
+
+    def opening(self: SafetensorsSource, path: Path) -> None:
+        real_open(self, path)
+        names[self.fd] = path.name
+
+    def reading(self: SafetensorsSource, key: str, lo: int, hi: int):
+        info, begin, _ = self.header.tensors[key]
+        size = info.nbytes // max(1, int(np.prod(info.shape)))
+        read.append((self.path.name, self.header.data_start + begin + lo * size, (hi - lo) * size))
+        return real_read(self, key, lo, hi)
+
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED and fd in names:
+            advised.append((names[fd], offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(SafetensorsSource, "__init__", opening)
+    monkeypatch.setattr(SafetensorsSource, "read_flat", reading)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    recipe = workdir / "seed.yaml"
+    recipe.write_text((EXAMPLES / "anything_nsfw_gape.yaml").read_text())
+    plan, _ = Builder(load_recipe(recipe), CacheStore(cache), jobs=2).run()
+    assert [i.status for i in plan.items] == ["built"] * 3
+    assert len(read) > 1000 and len({f for f, _, _ in read}) == 4
+    assert sorted(advised) == sorted(read)  # every byte read was asked for ahead, nothing else
+    assert len(advised) == len(set(advised))
+
+
+def test_tiled_arithmetic_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from mergebuild.engine import executor
+    from mergebuild.engine.methods import REGISTRY
+
+    monkeypatch.setattr(executor, "TILE_ELEMENTS", 1000)  # 7 tiles and a ragged end
+    rng = np.random.default_rng(7)
+    a, b, c = (rng.standard_normal((65, 101)).astype(np.float16) for _ in range(3))
+    method = REGISTRY["add_difference"]
+    params = method.Params(alpha=0.3)
+    out, bad = executor._tiled(
+        method, params, [torch.from_numpy(x) for x in (a, b, c)], torch.float16
+    )
+    f32 = np.float32
+    want = (a.astype(f32) + (b.astype(f32) - c.astype(f32)) * f32(0.3)).astype(np.float16)
+    assert out.shape == (65, 101) and not bad
+    assert out.numpy().tobytes() == want.tobytes()
+    b[40, 3] = np.inf  # in the 5th tile only
+    _, bad = executor._tiled(
+        method, params, [torch.from_numpy(x) for x in (a, b, c)], torch.float16
+    )
+    assert bad
+
+
+def test_build_that_cannot_fit_is_refused_before_writing(
+    workdir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergebuild.build import Builder
+    from mergebuild.cache import CacheStore
+    from mergebuild.errors import BuildError
+    from mergebuild.recipe import load_recipe
+
+    recipe = workdir / "seed.yaml"
+    recipe.write_text((EXAMPLES / "anything_nsfw_gape.yaml").read_text())
+    real = os.fstatvfs
+
+    def nearly_full(fd: int) -> os.statvfs_result:
+        st = list(real(fd))
+        st[4] = 10  # f_bavail: ten blocks
+        return os.statvfs_result(st)
+
+    writes = 0
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        nonlocal writes
+        writes += 1
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "fstatvfs", nearly_full)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(BuildError, match="No space left on device: the build writes"):
+        Builder(load_recipe(recipe), CacheStore(cache), jobs=2).run()
+    assert writes == 0
+    assert not list(cache.rglob(".mergebuild-tmp-*"))
+    assert not (workdir / "out").exists() or not any((workdir / "out").iterdir())
