@@ -10,6 +10,7 @@ A file found at `path` whose hash differs from the pin is refused: it is a diffe
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,11 +111,21 @@ def resolve_models(
     dirs = search_dirs(recipe, extra_dirs)
     out: dict[str, ResolvedInput] = {}
     problems: list[str] = []
-    for name in names:
+
+    def resolve(name: str) -> ResolvedInput | str:
         try:
-            out[name] = resolve_model(recipe.models[name], memo, dirs)
+            return resolve_model(recipe.models[name], memo, dirs)
         except BuildError as e:
-            problems.append(str(e))
+            return str(e)
+
+    # new inputs are hashed at once, one per core: SHA-256 is CPU-bound (and frees the GIL)
+    workers = max(1, min(len(names), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
+        for name, got in zip(names, pool.map(resolve, names), strict=True):
+            if isinstance(got, str):
+                problems.append(got)
+            else:
+                out[name] = got
     if len(problems) == 1:
         raise BuildError(problems[0])
     if problems:

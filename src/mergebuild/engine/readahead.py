@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Sequence
 
-MAX_WINDOW = 1 << 30
+MAX_WINDOW = 3 << 30
 
 
 def default_window() -> int:
@@ -23,7 +23,7 @@ def default_window() -> int:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return max(64 << 20, min(MAX_WINDOW, int(line.split()[1]) * 1024 // 8))
+                    return max(64 << 20, min(MAX_WINDOW, int(line.split()[1]) * 1024 // 4))
     except (OSError, ValueError, IndexError):
         pass
     return 256 << 20
