@@ -112,13 +112,34 @@ def digest(path: Path) -> str:
 
 
 FLOOR = """
-import mmap, os, sys
+import mmap, os, sys, threading
 mode, inputs, out, size = sys.argv[1], sys.argv[2:-2], sys.argv[-2], int(sys.argv[-1])
-buf = mmap.mmap(-1, 64 << 20)  # page-aligned, as O_DIRECT needs
-for p in inputs:
-    with open(p, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
+step, window = 64 << 20, 1 << 30
+fds = [os.open(p, os.O_RDONLY) for p in inputs]
+ends = [os.fstat(fd).st_size for fd in fds]
+done = [0]  # bytes consumed by the reader
+cond = threading.Condition()
+
+def ahead():  # the kernel reads a window ahead on every input at once (deep queue)
+    issued = 0
+    for off in range(0, max(ends), step):
+        for fd, end in zip(fds, ends):
+            if off < end:
+                with cond:
+                    while issued - done[0] > window:
+                        cond.wait()
+                os.posix_fadvise(fd, off, step, os.POSIX_FADV_WILLNEED)
+                issued += min(step, end - off)
+
+threading.Thread(target=ahead, daemon=True).start()
+buf = mmap.mmap(-1, step)  # page-aligned, as O_DIRECT needs
+for off in range(0, max(ends), step):
+    for fd, end in zip(fds, ends):
+        if off < end:
+            n = os.preadv(fd, [buf], off)
+            with cond:
+                done[0] += n
+                cond.notify()
 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if mode == "direct" else 0)
 fd = os.open(out, flags, 0o644)
 pos = 0
@@ -341,9 +362,10 @@ def main() -> None:
     header = (
         f"# mergebuild benchmark\n\nMachine: {os.cpu_count()} cores. Page cache emptied "
         "(posix_fadvise DONTNEED) before every run; wall time and peak RSS of the child "
-        "process (VmHWM); best of the runs per row. Floor = reading the inputs once + writing "
-        "the output with fsync, in the same run: the faster of a buffered and an O_DIRECT "
-        "write (× floor is against that faster one).\n\n"
+        "process (VmHWM); best of the runs per row. Floor = reading the inputs once (all at "
+        "once, a 1 GiB posix_fadvise window ahead: the fastest reads measured here) + then "
+        "writing the output with fsync, in the same run: the faster of a buffered and an "
+        "O_DIRECT write (× floor is against that faster one).\n\n"
     )
     (HERE / "results.md").write_text(
         header + table + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n"
