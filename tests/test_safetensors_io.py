@@ -222,7 +222,7 @@ def test_block_writer_falls_back_when_direct_io_is_refused(
         tmp_path / "ref.safetensors"
     ).read_bytes()
     if hasattr(os, "O_DIRECT"):
-        assert direct_writes == 3  # two direct blocks, then the refusal, then buffered
+        assert direct_writes >= 3  # two direct blocks, then refusals (writers run in parallel)
 
 
 def fcntl_flags(fd: int) -> int:
