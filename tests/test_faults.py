@@ -310,10 +310,9 @@ def test_disk_full_injected_mid_write(
     space looked sufficient when the build started)."""
     from mergebuild.build import Builder
     from mergebuild.cache import CacheStore
+    from mergebuild.engine import stream_writer
     from mergebuild.errors import BuildError
     from mergebuild.recipe import load_recipe
-
-    from mergebuild.engine import stream_writer
 
     recipe = setup(workdir)
     assert run_cli(recipe, "-q", "--set", "anything_nsfw_gape.alpha=0.5", cache=cache).code == 0
