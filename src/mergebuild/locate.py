@@ -118,14 +118,24 @@ def resolve_models(
         except BuildError as e:
             return str(e)
 
-    # new inputs are hashed at once, one per core: SHA-256 is CPU-bound (and frees the GIL)
-    workers = max(1, min(len(names), os.cpu_count() or 1))
+    # Models given by an existing path are hashed at once, one per core (SHA-256 is CPU-bound
+    # and frees the GIL), each distinct file once. The rest (a second name for the same file,
+    # a search by sha256) then resolves in order and finds those hashes memoized.
+    first: dict[Path, str] = {}
+    for name in names:
+        path = recipe.models[name].path
+        if path is not None and path.is_file():
+            first.setdefault(path.resolve(), name)
+    early = list(first.values())
+    workers = max(1, min(len(early), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
-        for name, got in zip(names, pool.map(resolve, names), strict=True):
-            if isinstance(got, str):
-                problems.append(got)
-            else:
-                out[name] = got
+        done = dict(zip(early, pool.map(resolve, early), strict=True))
+    for name in names:
+        got = done[name] if name in done else resolve(name)
+        if isinstance(got, str):
+            problems.append(got)
+        else:
+            out[name] = got
     if len(problems) == 1:
         raise BuildError(problems[0])
     if problems:

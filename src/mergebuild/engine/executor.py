@@ -235,10 +235,7 @@ class FusedPass:
                 return
             job = self.jobs[name]
             visit(job.inputs[0], key)
-            if _mergeable(key, self.layouts[name][key].dtype) and all(
-                key in self.layouts[n] and is_float(self.layouts[n][key].dtype)
-                for n in job.inputs[1:]
-            ):
+            if _mergeable(key, self.layouts[name][key].dtype) and self._others_have(job, key):
                 for n in job.inputs[1:]:
                     visit(n, key)
 
@@ -292,10 +289,7 @@ class FusedPass:
             return a
         import torch
 
-        if any(
-            u.key not in self.layouts[n] or not is_float(self.layouts[n][u.key].dtype)
-            for n in job.inputs[1:]
-        ):
+        if not self._others_have(job, u.key):
             out = a.to(to_torch(info.dtype))
         else:
             params = self._params(job, u.key)
@@ -323,6 +317,12 @@ class FusedPass:
             self.stats[job.name].nonfinite.add(u.key)  # set.add: atomic across workers
         return out
 
+    def _others_have(self, job: NodeJob, key: str) -> bool:
+        """Every input after `a` has a float tensor `key`: else `a`'s tensor is kept as is."""
+        return all(
+            key in self.layouts[n] and is_float(self.layouts[n][key].dtype) for n in job.inputs[1:]
+        )
+
     def _params(self, job: NodeJob, key: str) -> Params:
         """The job's parameters for one key: block weights become that key's plain number."""
         entry = self.key_params.get(job.name)
@@ -336,9 +336,8 @@ class FusedPass:
             p = memo[key] = resolve_params(job.params, key, root)  # type: ignore[assignment]
         return p
 
-    def _do_unit(self, u: Unit) -> int:
+    def _do_unit(self, u: Unit) -> None:
         memo: dict[str, Any] = {}
-        written = 0
         for sink in self.sinks:
             info = sink.infos.get(u.key)
             if info is None:
@@ -351,8 +350,7 @@ class FusedPass:
             if val.dtype != to_torch(info.dtype):
                 val = val.to(to_torch(info.dtype))
             assert sink.writer is not None
-            written += sink.writer.write(u.key, val, u.lo)
-        return written
+            sink.writer.write(u.key, val, u.lo)
 
     def _cost(self, u: Unit) -> int:
         """Rough peak bytes for one unit: raw reads plus float32 temporaries of every node."""
@@ -403,7 +401,7 @@ class FusedPass:
                 for u in units:
                     remaining[u.key] = remaining.get(u.key, 0) + 1
 
-                def done(u: Unit, n: int) -> None:
+                def done(u: Unit) -> None:
                     remaining[u.key] -= 1
                     if on_unit:
                         on_unit(u, remaining[u.key] == 0)
@@ -411,7 +409,8 @@ class FusedPass:
                 if jobs <= 1:
                     for i, u in enumerate(units):
                         readahead.advance(i)
-                        done(u, self._do_unit(u))
+                        self._do_unit(u)
+                        done(u)
                 else:
                     self._run_parallel(units, jobs, max_memory, done, readahead)
             finally:
@@ -424,10 +423,10 @@ class FusedPass:
         units: list[Unit],
         jobs: int,
         budget: int,
-        done: Callable[[Unit, int], None],
+        done: Callable[[Unit], None],
         readahead: Readahead,
     ) -> None:
-        in_flight: dict[Future[int], tuple[Unit, int]] = {}
+        in_flight: dict[Future[None], tuple[Unit, int]] = {}
         used = 0
 
         def reap(block: bool) -> None:
@@ -436,7 +435,8 @@ class FusedPass:
             for fut in list(ready):
                 u, c = in_flight.pop(fut)
                 used -= c
-                done(u, fut.result())
+                fut.result()
+                done(u)
 
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="merge") as pool:
             try:
