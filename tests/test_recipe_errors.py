@@ -135,6 +135,12 @@ CASES = [
     ),
     ("yaml_syntax", HEAD + "merges:\n  m: [unclosed\n" + OUT, ":", "invalid YAML"),
     ("hyphen_name", HEAD + "merges:\n  my-merge: anything\n" + OUT, ":7:3:", "(e.g. 'my_merge')"),
+    (
+        "empty_model_path",
+        HEAD + "  blank: ''\nmerges:\n  m: anything\n" + OUT,
+        ":6:10:",
+        "model 'blank' has an empty path",
+    ),
     ("no_outputs", HEAD + "merges:\n  m: anything\noutputs: {}\n", ":", "has no outputs"),
     (
         "unknown_top_field",

@@ -143,6 +143,13 @@ class _Resolver:
                 )
         for name, entry in self.rf.models.items():
             if isinstance(entry, str):
+                if not entry.strip():
+                    self.err(
+                        f"model '{name}' has an empty path: give a file path, or "
+                        "{sha256: ...} to find the file by content",
+                        self.pos.of(("models", name)),
+                    )
+                    continue
                 entry = ModelEntry(path=entry)
             self.recipe.models[name] = ModelInput(
                 name,
