@@ -1,5 +1,6 @@
 """Engine I/O pieces that only change speed must not change what is read, computed or written:
-the readahead asks for exactly the bytes the merge reads, tiled arithmetic equals numpy on the
+the readahead asks for exactly the bytes the merge reads, direct (O_DIRECT) reads give the same
+bytes as page-cache reads and fall back when they fail, tiled arithmetic equals numpy on the
 same values, and a disk without room for the build is refused before anything is written."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def test_readahead_advises_exactly_the_bytes_the_merge_reads(
     from mergebuild.recipe import load_recipe
 
     monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 4096)  # many chunked units
+    monkeypatch.setenv("MERGEBUILD_READ", "buffered")  # the page-cache route: fadvise
     read: list[tuple[str, int, int]] = []
     advised: list[tuple[str, int, int]] = []
     names: dict[int, str] = {}
@@ -55,6 +57,90 @@ def test_readahead_advises_exactly_the_bytes_the_merge_reads(
     assert len(read) > 1000 and len({f for f, _, _ in read}) == 4
     assert sorted(advised) == sorted(read)  # every byte read was asked for ahead, nothing else
     assert len(advised) == len(set(advised))
+
+
+def _build_seed(workdir: Path, cache: Path) -> bytes:
+    from mergebuild.build import Builder
+    from mergebuild.cache import CacheStore
+    from mergebuild.recipe import load_recipe
+
+    recipe = workdir / "seed.yaml"
+    recipe.write_text((EXAMPLES / "anything_nsfw_gape.yaml").read_text())
+    plan, _ = Builder(load_recipe(recipe), CacheStore(cache), jobs=2).run()
+    assert [i.status for i in plan.items] == ["built"] * 3
+    return (workdir / "out" / "anything-nsfw-gape.safetensors").read_bytes()
+
+
+def test_direct_reads_give_the_same_file_as_page_cache_reads(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergebuild.engine import executor, readahead
+
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 4096)  # many chunked units
+    monkeypatch.setattr(readahead, "DIRECT_RING", 256 << 10)  # units wait for room, or skip it
+    direct: list[int] = []
+    real_stop = readahead.Readahead.stop
+
+    def stop(self: readahead.Readahead) -> None:
+        real_stop(self)
+        direct.append(self.direct_bytes)
+
+    monkeypatch.setattr(readahead.Readahead, "stop", stop)
+    monkeypatch.setenv("MERGEBUILD_READ", "buffered")
+    buffered = _build_seed(workdir, tmp_path / "c1")
+    assert direct == [0]
+    monkeypatch.setenv("MERGEBUILD_READ", "direct")
+    (workdir / "out" / "anything-nsfw-gape.safetensors").unlink()
+    assert _build_seed(workdir, tmp_path / "c2") == buffered
+    models = sum(f.stat().st_size for f in (workdir / "models").glob("*.safetensors"))
+    assert direct[1] > models // 2  # most input bytes came the direct way (tmp_path is ext4)
+
+
+def test_direct_reads_of_unaligned_ranges_and_their_fallbacks(tmp_path: Path) -> None:
+    from mergebuild.engine.readahead import Readahead, open_direct
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, 8 * 4096 + 777, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    twin = open_direct(fd)
+    if twin < 0:
+        pytest.skip("no O_DIRECT on this filesystem")
+    units = [
+        [(fd, 5, 100), (fd, 4100, 5000)],  # aligned: 3 pages
+        [(fd, 9200, 9000)],  # 3 pages
+        [(fd, 20500, 12000)],  # 3 pages: no room while units 0 and 1 are held
+        [(fd, 32500, len(data) - 32500)],  # ends in the file's last, partial page
+    ]
+    try:
+        ra = Readahead(units, window=0, direct={fd: twin}, ring=8 * 4096).start()
+        ra.advance(0)
+        first = [ra.take(*r) for r in units[0]]
+        assert [bytes(a) for a in first] == [data[5:105], data[4100:9100]]
+        ra.advance(1)
+        second = ra.take(*units[1][0])
+        assert bytes(second) == data[9200:18200]
+        ra.advance(2)  # the ring is full while those arrays live: unit 2 is left to its worker
+        assert ra.take(*units[2][0]) is None
+        del first, second
+        ra.advance(3)  # room again; a short read at the end of the file is fine
+        last = ra.take(*units[3][0])
+        assert bytes(last) == data[32500:]
+        del last
+        ra.stop()
+        assert ra.ring is not None and ra.ring.used == 0
+        assert ra.direct_bytes > 0
+
+        bad = os.open(path, os.O_WRONLY)  # reads on it fail: the caller reads the range itself
+        ra = Readahead(units, window=0, direct={fd: bad}).start()
+        ra.advance(0)
+        assert ra.take(*units[0][0]) is None
+        ra.stop()
+        os.close(bad)
+    finally:
+        os.close(twin)
+        os.close(fd)
 
 
 def test_tiled_arithmetic_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:

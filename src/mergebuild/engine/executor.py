@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import Params
-from mergebuild.engine.readahead import Readahead, default_window
-from mergebuild.engine.safetensors_io import TensorInfo
+from mergebuild.engine.readahead import Readahead, default_window, open_direct, read_mode
+from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo
 from mergebuild.engine.stream_writer import StreamingWriter, check_space
 from mergebuild.engine.tuning import merging
 from mergebuild.errors import BuildError
@@ -110,6 +110,7 @@ class FusedPass:
         self.key_params: dict[str, tuple[dict[str, Params], str | None]] = {}
         # (job, key) → n: merge only the first n input channels, the rest come from `a`
         self.channel_merge: dict[tuple[str, str], int] = {}
+        self.readahead: Readahead | None = None  # set during run()
         for job in jobs:
             self._plan_job(job)
         for sink in sinks:
@@ -260,11 +261,8 @@ class FusedPass:
         if name in memo:
             return memo[name]
         if name in self.sources:
-            if u.whole:  # this input's own shape (an inpainting `a` is wider than b and c)
-                shape = self.layouts[name][u.key].shape
-                val = self.sources[name].read_flat(u.key, 0, math.prod(shape)).reshape(shape)
-            else:
-                val = self.sources[name].read_flat(u.key, u.lo, u.hi)
+            val = self._read(name, u.key, u)  # whole: this input's own shape (an inpainting
+            # `a` is wider than b and c)
         else:
             val = self._compute(self.jobs[name], u, memo)
         memo[name] = val
@@ -274,13 +272,23 @@ class FusedPass:
         """Unit `u` of another key of a source (a baked-in VAE's tensor for an output key)."""
         tag = f"\0{name}\0{key}"
         if tag not in memo:
-            shape = self.layouts[name][key].shape
-            if u.whole:
-                val = self.sources[name].read_flat(key, 0, math.prod(shape)).reshape(shape)
-            else:
-                val = self.sources[name].read_flat(key, u.lo, u.hi)
-            memo[tag] = val
+            memo[tag] = self._read(name, key, u)
         return memo[tag]
+
+    def _read(self, name: str, key: str, u: Unit) -> torch.Tensor:
+        """Unit `u` of `key` in source `name`: from the direct-read buffers when the readahead
+        fetched it, else read now. A whole unit comes back in the source's own shape."""
+        src = self.sources[name]
+        shape = self.layouts[name][key].shape
+        lo, hi = (0, math.prod(shape)) if u.whole else (u.lo, u.hi)
+        val = None
+        if self.readahead is not None and isinstance(src, SafetensorsSource):
+            data = self.readahead.take(*src.byte_range(key, lo, hi))
+            if data is not None:
+                val = src.tensor_from(key, data)
+        if val is None:
+            val = src.read_flat(key, lo, hi)
+        return val.reshape(shape) if u.whole else val
 
     def _compute(self, job: NodeJob, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
         info = self.layouts[job.name][u.key]
@@ -390,7 +398,14 @@ class FusedPass:
         self, jobs: int, max_memory: int, on_unit: Callable[[Unit, bool], None] | None
     ) -> None:
         units = list(self.units())
-        readahead = Readahead([self._ranges(u) for u in units], default_window()).start()
+        direct = {}  # fd → O_DIRECT twin, for inputs mostly outside the page cache
+        for src in self.sources.values():
+            if isinstance(src, SafetensorsSource) and read_mode(src.fd) == "direct":
+                twin = open_direct(src.fd)
+                if twin >= 0:
+                    direct[src.fd] = twin
+        readahead = Readahead([self._ranges(u) for u in units], default_window(), direct)
+        self.readahead = readahead.start()
         try:
             import torch  # imported once the disk is already busy: it takes about a second
 
@@ -417,6 +432,9 @@ class FusedPass:
                 torch.set_num_threads(threads)
         finally:
             readahead.stop()
+            self.readahead = None
+            for twin in direct.values():
+                os.close(twin)
 
     def _run_parallel(
         self,

@@ -177,6 +177,17 @@ class SafetensorsSource:
                 raise BuildError(f"cannot read {self.path}: {e.strerror}") from None
         return out
 
+    def tensor_from(self, key: str, data: object) -> torch.Tensor:
+        """A flat tensor of `key`'s dtype over bytes already read (a numpy uint8 array), shared
+        rather than copied unless their address does not suit the element size."""
+        import torch
+
+        info = self.header.tensors[key][0]
+        raw = torch.from_numpy(data)  # type: ignore[arg-type]
+        if raw.data_ptr() % ITEMSIZE[info.dtype]:
+            raw = raw.clone()
+        return raw.view(to_torch(info.dtype))
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

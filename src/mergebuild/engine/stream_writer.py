@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from mergebuild.engine.dtypes import ITEMSIZE, to_torch
+from mergebuild.engine.readahead import open_direct
 from mergebuild.engine.safetensors_io import TensorInfo, layout
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class StreamingWriter:
 
     def start(self) -> None:
         os.ftruncate(self.fd, self.total)
-        self._direct = _open_direct(self.fd)
+        self._direct = open_direct(self.fd, os.O_WRONLY)
         self._use_direct = self._direct >= 0
         self._writeback = None if self._use_direct else _sync_file_range()
         self._threads = [
@@ -272,17 +273,6 @@ def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
     while len(view):
         n = os.pwrite(fd, view, pos)
         view, pos = view[n:], pos + n
-
-
-def _open_direct(fd: int) -> int:
-    """A second descriptor on `fd`'s file opened with O_DIRECT, or -1 where there is none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag or not os.path.exists(f"/proc/self/fd/{fd}"):
-        return -1
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | flag)
-    except OSError:
-        return -1  # e.g. tmpfs before Linux 6.6
 
 
 def _sync_file_range() -> Callable[[int, int, int], None] | None:
