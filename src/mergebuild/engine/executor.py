@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import Params
-from mergebuild.engine.readahead import Readahead, default_window, open_direct, read_mode
+from mergebuild.engine.readahead import (
+    DIRECT_RING,
+    Readahead,
+    default_window,
+    open_direct,
+    read_mode,
+)
 from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo
 from mergebuild.engine.stream_writer import StreamingWriter, check_space
 from mergebuild.engine.tuning import merging
@@ -404,7 +410,12 @@ class FusedPass:
                 twin = open_direct(src.fd)
                 if twin >= 0:
                     direct[src.fd] = twin
-        readahead = Readahead([self._ranges(u) for u in units], default_window(), direct)
+        readahead = Readahead(
+            [self._ranges(u) for u in units],
+            default_window(),
+            direct,
+            ring=min(DIRECT_RING, max_memory // 2),  # read-ahead buffers count as memory too
+        )
         self.readahead = readahead.start()
         try:
             import torch  # imported once the disk is already busy: it takes about a second
