@@ -77,7 +77,7 @@ def test_direct_reads_give_the_same_file_as_page_cache_reads(
     from mergebuild.engine import executor, readahead
 
     monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 4096)  # many chunked units
-    monkeypatch.setattr(readahead, "DIRECT_RING", 256 << 10)  # units wait for room, or skip it
+    monkeypatch.setattr(executor, "DIRECT_BUFFERS", 256 << 10)  # units wait for room, or skip it
     direct: list[int] = []
     real_stop = readahead.Readahead.stop
 
@@ -114,14 +114,14 @@ def test_direct_reads_of_unaligned_ranges_and_their_fallbacks(tmp_path: Path) ->
         [(fd, 32500, len(data) - 32500)],  # ends in the file's last, partial page
     ]
     try:
-        ra = Readahead(units, window=0, direct={fd: twin}, ring=8 * 4096).start()
+        ra = Readahead(units, window=0, direct={fd: twin}, buffer_bytes=8 * 4096).start()
         ra.advance(0)
         first = [ra.take(*r) for r in units[0]]
         assert [bytes(a) for a in first] == [data[5:105], data[4100:9100]]
         ra.advance(1)
         second = ra.take(*units[1][0])
         assert bytes(second) == data[9200:18200]
-        ra.advance(2)  # the ring is full while those arrays live: unit 2 is left to its worker
+        ra.advance(2)  # the buffers are taken while those arrays live: unit 2 is left to its worker
         assert ra.take(*units[2][0]) is None
         del first, second
         ra.advance(3)  # room again; a short read at the end of the file is fine
@@ -129,7 +129,7 @@ def test_direct_reads_of_unaligned_ranges_and_their_fallbacks(tmp_path: Path) ->
         assert bytes(last) == data[32500:]
         del last
         ra.stop()
-        assert ra.ring is not None and ra.ring.used == 0
+        assert ra.buffers is not None and ra.buffers.used == 0
         assert ra.direct_bytes > 0
 
         bad = os.open(path, os.O_WRONLY)  # reads on it fail: the caller reads the range itself

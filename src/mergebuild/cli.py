@@ -124,7 +124,7 @@ def _build_options(b: argparse.ArgumentParser) -> None:
         "--max-memory",
         type=_size,
         default=_size("2G"),
-        help="bound on tensor bytes in flight (default 2G); read buffers: min(128M, half)",
+        help="bound on tensor bytes in flight (default 2G); read buffers: min(96M, half)",
     )
     b.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
     b.add_argument(

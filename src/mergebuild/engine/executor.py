@@ -24,7 +24,7 @@ from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, is_float, to_torch,
 from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import Params
 from mergebuild.engine.readahead import (
-    DIRECT_RING,
+    DIRECT_BUFFERS,
     Readahead,
     default_window,
     open_direct,
@@ -267,8 +267,7 @@ class FusedPass:
         if name in memo:
             return memo[name]
         if name in self.sources:
-            val = self._read(name, u.key, u)  # whole: this input's own shape (an inpainting
-            # `a` is wider than b and c)
+            val = self._read(name, u.key, u)  # in its own shape: an inpainting `a` is wider
         else:
             val = self._compute(self.jobs[name], u, memo)
         memo[name] = val
@@ -410,12 +409,9 @@ class FusedPass:
                 twin = open_direct(src.fd)
                 if twin >= 0:
                     direct[src.fd] = twin
-        readahead = Readahead(
-            [self._ranges(u) for u in units],
-            default_window(),
-            direct,
-            ring=min(DIRECT_RING, max_memory // 2),  # read-ahead buffers count as memory too
-        )
+        budget = min(DIRECT_BUFFERS, max_memory // 2)  # read-ahead buffers are memory too
+        ranges = [self._ranges(u) for u in units]
+        readahead = Readahead(ranges, default_window(), direct, buffer_bytes=budget)
         self.readahead = readahead.start()
         try:
             import torch  # imported once the disk is already busy: it takes about a second

@@ -32,9 +32,9 @@ from typing import Any
 
 MAX_WINDOW = 3 << 30
 # Memory for direct reads: bytes read ahead plus those of the units being merged. Measured on
-# SD1 with interleaved cold runs: 64 MB left the merge waiting for reads; 128 MB with 16
-# requests in flight was the steadiest (4.3-4.7 s), against 4.6-5.3 s for 96 MB with 12.
-DIRECT_RING = 128 << 20
+# SD1 with interleaved cold runs: 64 MB left the merge waiting for reads; 96 and 128 MB were
+# equally fast within the noise (two-step 6.6-7.0 s against 6.9-7.2 s), 128 MB held 40 MB more.
+DIRECT_BUFFERS = 96 << 20
 DIRECT_REQUEST = 4 << 20  # the largest single request this disk queue takes (max_sectors_kb)
 DIRECT_THREADS = 16  # one request in flight each
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses
@@ -101,7 +101,7 @@ def open_direct(fd: int, flags: int = os.O_RDONLY) -> int:
         return -1  # e.g. tmpfs before Linux 6.6
 
 
-class _Ring:
+class _BufferBudget:
     """A budget of `size` bytes for direct-read buffers: one region per unit, in unit order.
 
     A region is given back when the last array viewing it dies (a weakref finalizer on the
@@ -151,8 +151,8 @@ class Readahead:
     """`units[i]` lists the (fd, offset, length) ranges unit i reads; `advance(i)` says unit i
     is being worked on; `take(fd, offset, length)` hands over a directly read range.
 
-    Ranges on a descriptor in `direct` (fd → its O_DIRECT twin) are read into a ring of
-    `ring` bytes, whole units ahead while it has room; the others are advised at most `window`
+    Ranges on a descriptor in `direct` (fd → its O_DIRECT twin) are read into buffers of at most
+    `buffer_bytes`, whole units ahead while there is room; the others are advised at most `window`
     bytes ahead. A unit that finds no room when it starts is read by its worker as usual."""
 
     def __init__(
@@ -160,11 +160,11 @@ class Readahead:
         units: Sequence[Sequence[tuple[int, int, int]]],
         window: int,
         direct: dict[int, int] | None = None,
-        ring: int = DIRECT_RING,
+        buffer_bytes: int = DIRECT_BUFFERS,
     ) -> None:
         self.units, self.window, self.direct = units, window, direct or {}
-        self.ring_size = ring
-        self.ring: _Ring | None = None
+        self.buffer_bytes = buffer_bytes
+        self.buffers: _BufferBudget | None = None
         self.ends: list[int] = []  # bytes through unit i, cumulative
         total = 0
         for ranges in units:
@@ -188,7 +188,7 @@ class Readahead:
         ):
             self.threads.append(threading.Thread(target=self._advise, name="readahead"))
         if self.direct:
-            self.ring = _Ring(self.ring_size)
+            self.buffers = _BufferBudget(self.buffer_bytes)
             self.threads += [
                 threading.Thread(target=self._read_direct, name="direct-read")
                 for _ in range(DIRECT_THREADS)
@@ -252,11 +252,11 @@ class Readahead:
     # -- direct route -------------------------------------------------------------------------
 
     def _issue(self) -> None:
-        """Queue the direct reads of the next units, in order, while the ring has room.
+        """Queue the direct reads of the next units, in order, while the buffer budget has room.
 
         Runs on the driver thread only, so a unit's ranges are registered before its worker
         can ask for them."""
-        assert self.ring is not None
+        assert self.buffers is not None
         while self.next_unit < len(self.units):
             spans = []  # (fd, twin, offset, length, aligned start, aligned end)
             for fd, offset, length in self.units[self.next_unit]:
@@ -267,10 +267,10 @@ class Readahead:
                         (fd, twin, offset, length, lo, -(-(offset + length) // ALIGN) * ALIGN)
                     )
             need = sum(hi - lo for *_, lo, hi in spans)
-            if need > self.ring.size // 2:  # a huge whole tensor: its worker reads it
+            if need > self.buffers.size // 2:  # a huge whole tensor: its worker reads it
                 self.next_unit += 1
                 continue
-            region = self.ring.alloc(need) if need else None
+            region = self.buffers.alloc(need) if need else None
             if need and region is None:
                 return  # no room until earlier units are merged; retried at the next advance
             at = 0
@@ -305,4 +305,4 @@ class Readahead:
                 fetch.parts -= 1
                 if fetch.parts == 0:
                     fetch.done.set()
-            del item, fetch  # holding it while idle would keep its ring region from reuse
+            del item, fetch  # holding it while idle would keep its buffer from reuse
