@@ -288,21 +288,19 @@ class Readahead:
     def _read_direct(self) -> None:
         while (item := self.requests.get()) is not None:
             fetch, twin, at, n = item
-            ok = not fetch.failed and not self.stopping
-            if ok:
-                try:
+            got = -1
+            try:
+                if not fetch.failed and not self.stopping:
                     got = os.preadv(twin, [memoryview(fetch.array)[at : at + n]], fetch.start + at)
-                except OSError:
-                    got = -1
+            except Exception:  # whatever went wrong, the worker reads the range itself
+                got = -1
+            finally:
                 # a short read is fine only at the end of the file, past the range's bytes
                 ok = got == n or (got >= 0 and at + got >= fetch.skip + fetch.length)
-                if ok:
-                    with self.cond:
-                        self.direct_bytes += got
-            with self.cond:
-                if not ok:
-                    fetch.failed = True
-                fetch.parts -= 1
-                if fetch.parts == 0:
-                    fetch.done.set()
+                with self.cond:
+                    self.direct_bytes += max(got, 0) if ok else 0
+                    fetch.failed = fetch.failed or not ok
+                    fetch.parts -= 1
+                    if fetch.parts == 0:  # never left waiting: take() would hang
+                        fetch.done.set()
             del item, fetch  # holding it while idle would keep its buffer from reuse
