@@ -112,40 +112,70 @@ def digest(path: Path) -> str:
 
 
 FLOOR = """
-import mmap, os, sys, threading
-mode, inputs, out, size = sys.argv[1], sys.argv[2:-2], sys.argv[-2], int(sys.argv[-1])
+import ctypes, mmap, os, sys, threading
+read, mode = sys.argv[1], sys.argv[2]
+inputs, out, size = sys.argv[3:-2], sys.argv[-2], int(sys.argv[-1])
 step, window = 64 << 20, 1 << 30
-fds = [os.open(p, os.O_RDONLY) for p in inputs]
-ends = [os.fstat(fd).st_size for fd in fds]
-done = [0]  # bytes consumed by the reader
-cond = threading.Condition()
+ends = [os.path.getsize(p) for p in inputs]
 
-def ahead():  # the kernel reads a window ahead on every input at once (deep queue)
-    issued = 0
+def aligned(n):  # malloc'd and 4 KiB-aligned, as O_DIRECT needs
+    raw = (ctypes.c_char * (n + 4096))()
+    pad = -ctypes.addressof(raw) % 4096
+    return memoryview(raw).cast("B")[pad : pad + n]
+
+if read == "buffered":  # the kernel reads a window ahead on every input at once (deep queue)
+    fds = [os.open(p, os.O_RDONLY) for p in inputs]
+    done = [0]  # bytes consumed by the reader
+    cond = threading.Condition()
+
+    def ahead():
+        issued = 0
+        for off in range(0, max(ends), step):
+            for fd, end in zip(fds, ends):
+                if off < end:
+                    with cond:
+                        while issued - done[0] > window:
+                            cond.wait()
+                    os.posix_fadvise(fd, off, step, os.POSIX_FADV_WILLNEED)
+                    issued += min(step, end - off)
+
+    threading.Thread(target=ahead, daemon=True).start()
+    buf = mmap.mmap(-1, step)
     for off in range(0, max(ends), step):
         for fd, end in zip(fds, ends):
             if off < end:
+                n = os.preadv(fd, [buf], off)
                 with cond:
-                    while issued - done[0] > window:
-                        cond.wait()
-                os.posix_fadvise(fd, off, step, os.POSIX_FADV_WILLNEED)
-                issued += min(step, end - off)
+                    done[0] += n
+                    cond.notify()
+else:  # O_DIRECT: 16 threads, 4 MiB requests, all inputs interleaved
+    fds = [os.open(p, os.O_RDONLY | os.O_DIRECT) for p in inputs]
+    req = 4 << 20
+    work = iter([(fd, off) for off in range(0, max(ends), req)
+                 for fd, end in zip(fds, ends) if off < end])
+    lock = threading.Lock()
 
-threading.Thread(target=ahead, daemon=True).start()
-buf = mmap.mmap(-1, step)  # page-aligned, as O_DIRECT needs
-for off in range(0, max(ends), step):
-    for fd, end in zip(fds, ends):
-        if off < end:
-            n = os.preadv(fd, [buf], off)
-            with cond:
-                done[0] += n
-                cond.notify()
+    def reader():
+        b = aligned(req)
+        while True:
+            with lock:
+                w = next(work, None)
+            if w is None:
+                return
+            os.preadv(w[0], [b], w[1])
+
+    ts = [threading.Thread(target=reader) for _ in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if mode == "direct" else 0)
 fd = os.open(out, flags, 0o644)
+buf = aligned(step)
 pos = 0
 while pos < size:
     n = min(len(buf), size - pos)
-    pos += os.pwrite(fd, memoryview(buf)[: -(-n // 4096) * 4096 if mode == "direct" else n], pos)
+    pos += os.pwrite(fd, buf[: -(-n // 4096) * 4096 if mode == "direct" else n], pos)
 os.ftruncate(fd, size)
 os.fsync(fd)
 os.close(fd)
@@ -231,11 +261,19 @@ def run_arch(arch: str, rows: list[dict], others: bool, repeat: int) -> None:
     abc = [str(m[k]) for k in "abc"]
 
     def floor_rows(label: str, inputs: list[str]) -> dict:
-        """The floor is the faster of two ways to write: buffered, and O_DIRECT as mergebuild
-        does (on this VM buffered writes into fresh page-cache pages are CPU-bound)."""
+        """The floor is the fastest of three ways to do the I/O: reads through the page cache
+        (a deep fadvise window) or with O_DIRECT, writes buffered or with O_DIRECT (on this VM
+        filling fresh page-cache pages is CPU-bound, and which is faster varies)."""
         rows_ = [
-            run(f"{label} ({mode} write)", [PY, "-c", FLOOR, mode, *inputs, str(out), str(size)])
-            for mode in ("buffered", "direct")
+            run(
+                f"{label} ({read} read, {mode} write)",
+                [PY, "-c", FLOOR, read, mode, *inputs, str(out), str(size)],
+            )
+            for read, mode in (
+                ("buffered", "buffered"),
+                ("buffered", "direct"),
+                ("direct", "direct"),
+            )
         ]
         best = min(rows_, key=lambda r: r["wall"])
         for r in rows_:
@@ -321,14 +359,19 @@ def run_arch(arch: str, rows: list[dict], others: bool, repeat: int) -> None:
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| model | job | wall (s) | × floor | peak RSS (GB) |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | job | wall (s) | × floor | × single job | peak RSS (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "ok" in r:
-            lines.append(f"| {r['arch']} | {r['job']} | {'yes' if r['ok'] else 'NO'} | | |")
+            lines.append(f"| {r['arch']} | {r['job']} | {'yes' if r['ok'] else 'NO'} | | | |")
             continue
         ratio = r["wall"] / r["floor"] if r.get("floor") else float("nan")
+        single = f"{r['vs_single']:.2f}" if "vs_single" in r else ""
         lines.append(
-            f"| {r['arch']} | {r['job']} | {r['wall']:.1f} | {ratio:.2f} | {r['rss']:.2f} |"
+            f"| {r['arch']} | {r['job']} | {r['wall']:.1f} | {ratio:.2f} | {single} "
+            f"| {r['rss']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -362,10 +405,11 @@ def main() -> None:
     header = (
         f"# mergebuild benchmark\n\nMachine: {os.cpu_count()} cores. Page cache emptied "
         "(posix_fadvise DONTNEED) before every run; wall time and peak RSS of the child "
-        "process (VmHWM); best of the runs per row. Floor = reading the inputs once (all at "
-        "once, a 1 GiB posix_fadvise window ahead: the fastest reads measured here) + then "
-        "writing the output with fsync, in the same run: the faster of a buffered and an "
-        "O_DIRECT write (× floor is against that faster one).\n\n"
+        "process (VmHWM); best of the runs per row. Floor = reading the inputs once, all at "
+        "once (through the page cache with a 1 GiB posix_fadvise window ahead, or with O_DIRECT "
+        "and 16 requests in flight) + then writing the output with fsync (buffered or "
+        "O_DIRECT), in the same run; × floor is against the fastest of these. × single job: "
+        "against `mergebuild add_difference -j2` (the same command on the one-step recipe).\n\n"
     )
     (HERE / "results.md").write_text(
         header + table + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n"
