@@ -78,6 +78,7 @@ def test_direct_reads_give_the_same_file_as_page_cache_reads(
 
     monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 4096)  # many chunked units
     monkeypatch.setattr(executor, "DIRECT_BUFFERS", 256 << 10)  # units wait for room, or skip it
+    monkeypatch.setattr(readahead, "HEAD_BYTES", 64 << 10)  # the page-cache head, then direct
     direct: list[int] = []
     real_stop = readahead.Readahead.stop
 
@@ -114,7 +115,7 @@ def test_direct_reads_of_unaligned_ranges_and_their_fallbacks(tmp_path: Path) ->
         [(fd, 32500, len(data) - 32500)],  # ends in the file's last, partial page
     ]
     try:
-        ra = Readahead(units, window=0, direct={fd: twin}, buffer_bytes=8 * 4096).start()
+        ra = Readahead(units, 0, {fd: twin}, buffer_bytes=8 * 4096, head=0).start()
         ra.advance(0)
         first = [ra.take(*r) for r in units[0]]
         assert [bytes(a) for a in first] == [data[5:105], data[4100:9100]]
@@ -133,7 +134,7 @@ def test_direct_reads_of_unaligned_ranges_and_their_fallbacks(tmp_path: Path) ->
         assert ra.direct_bytes > 0
 
         bad = os.open(path, os.O_WRONLY)  # reads on it fail: the caller reads the range itself
-        ra = Readahead(units, window=0, direct={fd: bad}).start()
+        ra = Readahead(units, 0, {fd: bad}, head=0).start()
         ra.advance(0)
         assert ra.take(*units[0][0]) is None
         ra.stop()
