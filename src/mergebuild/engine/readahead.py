@@ -44,7 +44,7 @@ DIRECT_BUFFERS = 96 << 20
 HEAD_BYTES = 1 << 30
 DIRECT_REQUEST = 4 << 20  # the largest single request this disk queue takes (max_sectors_kb)
 DIRECT_THREADS = 16  # one request in flight each
-ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses
+ALIGN = 4096  # O_DIRECT offsets, lengths, buffers: a multiple of any disk's logical block
 CACHED_ENOUGH = 0.5  # a file at least this resident in the page cache is read buffered
 SYS_CACHESTAT = 451  # Linux >= 6.5, same number on every architecture
 

@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from mergebuild.engine.dtypes import ITEMSIZE, to_torch
-from mergebuild.engine.readahead import open_direct
+from mergebuild.engine.readahead import ALIGN, open_direct
 from mergebuild.engine.safetensors_io import TensorInfo, layout
 
 if TYPE_CHECKING:
     import torch
 
-ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of any disk's logical block
 # 4 MiB: the largest request this disk queue takes (max_sectors_kb). 8 MiB blocks were no faster
 # (interleaved cold SD1 two-step runs: 6.55-6.76 s against 6.46-6.72 s) and held 50 MB more.
 BLOCK_BYTES = max(ALIGN, int(os.environ.get("MERGEBUILD_WRITE_BLOCK", 4 << 20)) // ALIGN * ALIGN)
