@@ -26,6 +26,7 @@ from filelock import FileLock
 from mergebuild.atomic import TMP_PREFIX, write_bytes
 from mergebuild.errors import BuildError
 from mergebuild.hashing import FileHashes, HashMemo, hash_file, stat_signature
+from mergebuild.textfile import JSON_CAP, read_capped
 
 ENV_VAR = "MERGEBUILD_CACHE_DIR"
 STALE_TMP_SECONDS = 86400
@@ -83,7 +84,7 @@ class CacheStore:
         """
         path = self.object_path(key)
         try:
-            info = json.loads(path.with_suffix(".json").read_text())
+            info = json.loads(read_capped(path.with_suffix(".json"), JSON_CAP))
         except FileNotFoundError:
             return "no sidecar (interrupted write)"
         except (OSError, ValueError):
@@ -121,7 +122,7 @@ class CacheStore:
 
     def read_journal(self, recipe: Path) -> dict[str, Any]:
         try:
-            data = json.loads(self._journal_path(recipe).read_text())
+            data = json.loads(read_capped(self._journal_path(recipe), JSON_CAP))
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
@@ -149,7 +150,7 @@ class CacheStore:
             return keep
         for j in self.journal_dir.glob("*.json"):
             try:
-                data = json.loads(j.read_text())
+                data = json.loads(read_capped(j, JSON_CAP))
             except (OSError, ValueError):
                 continue
             if not Path(data.get("recipe", "")).is_file():
@@ -182,7 +183,7 @@ class CacheStore:
         dirs: set[Path] = set()
         for j in self.journal_dir.glob("*.json") if self.journal_dir.is_dir() else []:
             with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-                for out in json.loads(j.read_text()).get("outputs", {}).values():
+                for out in json.loads(read_capped(j, JSON_CAP)).get("outputs", {}).values():
                     dirs.add(Path(out["path"]).parent)
         return {d for d in dirs if d.is_dir()}
 
@@ -226,7 +227,7 @@ class CacheStore:
 
 def _sidecar(path: Path) -> dict[str, Any]:
     try:
-        info = json.loads(path.with_suffix(".json").read_text())
+        info = json.loads(read_capped(path.with_suffix(".json"), JSON_CAP))
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}

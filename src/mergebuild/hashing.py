@@ -21,6 +21,7 @@ import xxhash
 
 from mergebuild.atomic import write_bytes
 from mergebuild.errors import BuildError
+from mergebuild.textfile import JSON_CAP, read_capped
 
 CHUNK = 1 << 22
 LEGACY_OFFSET, LEGACY_SIZE = 0x100000, 0x10000
@@ -93,7 +94,7 @@ class HashMemo:
             raise BuildError(f"input model is not a file: {path}")
         sig = stat_signature(st)
         try:
-            memo = json.loads(self._entry(path).read_text())
+            memo = json.loads(read_capped(self._entry(path), JSON_CAP))
             if (
                 memo.get("format") == MEMO_FORMAT
                 and memo.get("path") == str(path)

@@ -18,6 +18,7 @@ from mergebuild import __version__
 from mergebuild.atomic import write_bytes
 from mergebuild.errors import BuildError
 from mergebuild.recipe.model import Recipe
+from mergebuild.textfile import LOCK_CAP, read_capped_text
 
 LOCK_FORMAT = 1
 
@@ -29,7 +30,7 @@ def lock_path(recipe: Recipe) -> Path:
 def read_lock(recipe: Recipe) -> dict[str, Any] | None:
     path = lock_path(recipe)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped_text(path, LOCK_CAP, "lock file")
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as e:

@@ -25,6 +25,7 @@ from mergebuild.recipe.schema import (
 from mergebuild.recipe.yamlpos import Positions, load_yaml
 from mergebuild.sd.blocks import AlphaError, canonical_alpha
 from mergebuild.sd.output import canonical as canonical_output
+from mergebuild.textfile import RECIPE_CAP, TextFileError, read_capped
 
 GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache")
 
@@ -42,7 +43,9 @@ def load_recipe(
     """
     shown = str(path)
     try:
-        raw = Path(path).read_bytes()
+        raw = read_capped(path, RECIPE_CAP, "recipe")
+    except TextFileError as e:
+        raise RecipeError([Problem(f"cannot read recipe {shown}: {e}")]) from None
     except OSError as e:
         raise RecipeError([Problem(f"cannot read recipe {shown}: {e.strerror}")]) from None
     data, pos = load_yaml(raw, shown)
