@@ -83,7 +83,7 @@ EXTRA = {
     "lone surrogate name": (surrogate_name, "not valid Unicode"),
     "overlapping offsets": (overlapping, "overlaps"),
     "negative offsets": (negative_offsets, "outside the file"),
-    "huge shape": (huge_shape, "needs"),
+    "huge shape": (huge_shape, "too large"),
     "header not an object": (not_an_object, "not a JSON object"),
     "empty file": (empty, "shorter than"),
 }

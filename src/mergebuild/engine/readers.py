@@ -4,7 +4,7 @@
 torch's weights-only unpickler (tensors and plain containers). Old training checkpoints also
 pickle pytorch-lightning callback objects; those few names are mapped to inert stand-ins
 (their state is discarded) so the weights load without importing lightning. Any other global
-is refused with its name — never retried with full unpickling.
+is refused with its name — never retried with full unpickling, and no message ever suggests it.
 """
 
 from __future__ import annotations
@@ -12,19 +12,25 @@ from __future__ import annotations
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo
+from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo, shape_problem
 from mergebuild.errors import BuildError
 
 if TYPE_CHECKING:
     import torch
 
+    from mergebuild.engine.ckpt_zip import TensorRef, ZipArchive
+
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LIGHTNING_PREFIXES = ("pytorch_lightning.", "lightning.pytorch.", "lightning_fabric.")
 _UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+)")
 MAX_STANDINS = 32
+# torch's advice in its refusals: to load with weights_only=False, or to allowlist globals
+# "if you trust" the file. Neither may reach a mergebuild message.
+_ADVICE = re.compile(r"weights_only|trust|safe_globals|file an issue|documentation", re.I)
 
 
 class LegacyFormatWarning(UserWarning):
@@ -39,47 +45,93 @@ class _Inert(dict):
 
 
 class CheckpointSource:
-    """A torch checkpoint's state dict, tensors memory-mapped when the file is zip-format."""
+    """A torch checkpoint's state dict. Zip-format files (all torch.save has written since
+    torch 1.6) are read tensor by tensor with `pread` (ckpt_zip.py), never memory-mapped;
+    legacy pickles are loaded whole."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        state = _find_state_dict(_safe_load(path), path)
-        self.tensors: dict[str, torch.Tensor] = state
         self.metadata: dict[str, str] = {}
+        self.archive: ZipArchive | None = None
+        self.refs: dict[str, TensorRef] = {}
+        self.swap = False
+        self.tensors: dict[str, torch.Tensor] = {}  # legacy files only: held in memory
+        if zipfile.is_zipfile(path):
+            self._open_zip()
+        else:
+            warnings.warn(
+                f"{path.name} is a legacy (non-zip) torch pickle: it is loaded fully into "
+                "memory; convert it once with a `copy` node to a .safetensors file",
+                LegacyFormatWarning,
+                stacklevel=3,
+            )
+            self.tensors = _find_state_dict(_legacy_load(path), path)
+            _check_in_memory(self.tensors, path)
+
+    def _open_zip(self) -> None:
+        from mergebuild.engine.ckpt_zip import (
+            ZipArchive,
+            byteorder,
+            needs_swap,
+            tensor_ref,
+            unpickle,
+        )
+
+        self.archive = archive = ZipArchive(self.path)
+        try:
+            self.swap = needs_swap(byteorder(archive))
+            obj, backing = _with_standins(self.path, lambda ok: unpickle(archive, ok))
+            state = _find_state_dict(obj, self.path)
+            self.refs = {k: tensor_ref(archive, k, t, backing) for k, t in state.items()}
+        except BaseException:
+            self.close()
+            raise
 
     def infos(self) -> dict[str, TensorInfo]:
         from mergebuild.engine.dtypes import from_torch
 
+        if self.archive is not None:
+            return {k: r.info for k, r in self.refs.items()}
         return {k: TensorInfo(from_torch(t.dtype), tuple(t.shape)) for k, t in self.tensors.items()}
 
     def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        if self.archive is not None:
+            from mergebuild.engine.ckpt_zip import read_flat
+
+            return read_flat(self.archive, self.refs[key], lo, hi, self.swap)
         t = self.tensors[key]
         if not t.is_contiguous():
             t = self.tensors[key] = t.contiguous()
         return t.reshape(-1)[lo:hi]
 
     def close(self) -> None:
-        self.tensors = {}
+        self.tensors, self.refs = {}, {}
+        if self.archive is not None:
+            self.archive.close()
+            self.archive = None
 
 
-def _safe_load(path: Path) -> Any:
-    import pickle
-
+def _legacy_load(path: Path) -> Any:
     import torch
 
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip:
-        warnings.warn(
-            f"{path.name} is a legacy (non-zip) torch pickle: it is loaded fully into "
-            "memory; convert it once with a `copy` node to a .safetensors file",
-            LegacyFormatWarning,
-            stacklevel=3,
-        )
+    def load(ok: list[Any]) -> Any:
+        with torch.serialization.safe_globals(ok):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+
+    return _with_standins(path, load)
+
+
+def _with_standins(path: Path, load: Callable[[list[Any]], Any]) -> Any:
+    """`load(allowed)`, retried with an inert stand-in for each lightning name it refuses.
+    Any other refused global, or any other failure, is one message."""
+    import pickle
+
     standins: list[tuple[Any, str]] = []
     for _ in range(MAX_STANDINS):
         try:
-            with torch.serialization.safe_globals(standins):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            return load(standins)
+        except BuildError:
+            raise
         except pickle.UnpicklingError as e:
             m = _UNSUPPORTED.search(str(e))
             name = m.group(1) if m else None
@@ -93,18 +145,27 @@ def _safe_load(path: Path) -> Any:
                     "trust it, convert it to .safetensors with another tool."
                 ) from None
             raise BuildError(
-                f"{path}: refused to load: not a weights-only checkpoint ({_first_line(e)})"
+                f"{path}: refused to load: not a weights-only checkpoint ({_reason(e)})"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        except RecursionError:
             raise BuildError(
-                f"{path}: not a readable torch checkpoint ({_first_line(e)})"
+                f"{path}: not a readable torch checkpoint (nested too deeply)"
             ) from None
+        except Exception as e:  # torch's unpickler on hostile bytes: any failure is a refusal
+            raise BuildError(f"{path}: not a readable torch checkpoint ({_reason(e)})") from None
     raise BuildError(f"{path}: refused to load: too many unknown objects in the pickle")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+def _reason(e: BaseException) -> str:
+    """The defect torch names, without its advice: torch suggests `weights_only=False`, which
+    would run the file's code, and mergebuild never repeats that."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
+    if m:
+        text = m.group(1)
+    sentences = re.split(r"(?<=\.)\s+|\n+", text.strip())
+    kept = " ".join(s for s in sentences if s and not _ADVICE.search(s))
+    return kept[:200] or type(e).__name__
 
 
 def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +178,23 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise BuildError(f"{path}: checkpoint contains no tensors")
+    return tensors
+
+
+def _check_in_memory(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A loaded legacy file's tensors: types and sizes mergebuild can store and read."""
+    from mergebuild.engine.dtypes import from_torch
+
     for k, t in tensors.items():
+        try:
+            from_torch(t.dtype)
+        except ValueError:
+            raise BuildError(
+                f"{path}: tensor '{k}' has dtype {t.dtype}, which mergebuild cannot store"
+            ) from None
+        why = shape_problem(tuple(t.shape), t.element_size())
+        if why:
+            raise BuildError(f"{path}: tensor '{k}' {why}")
         # a view (e.g. stride 0) can claim far more elements than the file stores: a 2 KB
         # file would otherwise make us allocate and write gigabytes
         need = t.numel() * t.element_size()
@@ -127,7 +204,6 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: tensor '{k}' claims {need} bytes but the file stores {max(have, 0)} "
                 "for it (a crafted or damaged checkpoint)"
             )
-    return tensors
 
 
 def open_model(path: Path) -> SafetensorsSource | CheckpointSource:

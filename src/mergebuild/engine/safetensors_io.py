@@ -26,6 +26,26 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_RANK = 64
+INT64_LIMIT = 1 << 63
+
+
+def shape_problem(shape: object, itemsize: int) -> str | None:
+    """Why `shape` cannot be a tensor torch can hold, or None. torch sizes, strides and byte
+    counts are int64: a zero-size tensor with a dimension of 2**70 has 0 bytes and matches its
+    offsets, yet overflows (with C++ frames) the moment torch builds it."""
+    if not isinstance(shape, (list, tuple)):
+        return f"has an invalid shape {str(shape)[:80]} (not a list)"
+    if len(shape) > MAX_RANK:
+        return f"has {len(shape)} dimensions (limit {MAX_RANK})"
+    span = itemsize
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < INT64_LIMIT:
+            return f"has an invalid shape {str(list(shape))[:120]} (dimension {str(d)[:40]})"
+        span *= max(d, 1)  # torch's contiguous strides multiply sizes of at least 1
+        if span >= INT64_LIMIT:
+            return f"has a shape too large for any tensor {str(list(shape))[:120]}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -91,10 +111,9 @@ def read_header(path: Path) -> Header:
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in ITEMSIZE:
             raise bad(f"tensor '{name}' has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise bad(f"tensor '{name}' has an invalid shape {shape!r}")
+        why = shape_problem(shape, ITEMSIZE[dtype])
+        if why or not isinstance(shape, list):
+            raise bad(f"tensor '{name}' {why or 'has an invalid shape (not a list)'}")
         if (
             not isinstance(offs, list)
             or len(offs) != 2
