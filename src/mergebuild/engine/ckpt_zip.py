@@ -25,7 +25,6 @@ import os
 import struct
 import sys
 import threading
-import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -41,12 +40,9 @@ if TYPE_CHECKING:
 
 PICKLE_CAP = 256 * 1024 * 1024  # data.pkl holds names and numbers only: a few MB at most
 COMPRESSED_MEMBER_CAP = 1 << 30  # a compressed storage is held whole in memory while in use
-SUPPORTED_METHODS = {
-    zipfile.ZIP_STORED: "stored",
-    zipfile.ZIP_DEFLATED: "deflate",
-    zipfile.ZIP_BZIP2: "bzip2",
-    zipfile.ZIP_LZMA: "lzma",
-}
+# what torch's own zip reader (miniz) reads; bzip2 or lzma members are no torch checkpoint
+SUPPORTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header, 30 bytes
 _LOCAL_SIG = b"PK\x03\x04"
 
@@ -145,9 +141,10 @@ class ZipArchive:
                 f"header but {info.compress_type} in the central directory"
             )
         if info.compress_type not in SUPPORTED_METHODS:
+            method_name = METHOD_NAMES.get(info.compress_type, "unknown")
             raise self.bad(
-                f"member '{info.filename}' uses compression method {info.compress_type}, "
-                "which mergebuild does not read"
+                f"member '{info.filename}' uses compression method {info.compress_type} "
+                f"({method_name}), which neither torch nor mergebuild reads"
             )
         if not flags & 0x8:  # sizes are in the local header (else in a trailing descriptor)
             for what, loc, cen in (
@@ -273,10 +270,8 @@ def unpickle(archive: ZipArchive, globals_ok: list[Any]) -> tuple[Any, dict[int,
 
     unpickler = Unpickler(io.BytesIO(data), encoding="utf-8")
     unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        with torch.serialization.safe_globals(globals_ok):
-            obj = unpickler.load()
+    with torch.serialization.safe_globals(globals_ok):
+        obj = unpickler.load()
     return obj, backing
 
 

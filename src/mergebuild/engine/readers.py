@@ -9,6 +9,7 @@ is refused with its name — never retried with full unpickling, and no message 
 
 from __future__ import annotations
 
+import pickle
 import re
 import warnings
 import zipfile
@@ -31,6 +32,7 @@ MAX_STANDINS = 32
 # torch's advice in its refusals: to load with weights_only=False, or to allowlist globals
 # "if you trust" the file. Neither may reach a mergebuild message.
 _ADVICE = re.compile(r"weights_only|trust|safe_globals|file an issue|documentation", re.I)
+_ALLOWLIST = re.compile(r",?\s*(?:or )?(?:types|classes) allowlisted via `add_safe_globals`,?")
 
 
 class LegacyFormatWarning(UserWarning):
@@ -124,12 +126,13 @@ def _legacy_load(path: Path) -> Any:
 def _with_standins(path: Path, load: Callable[[list[Any]], Any]) -> Any:
     """`load(allowed)`, retried with an inert stand-in for each lightning name it refuses.
     Any other refused global, or any other failure, is one message."""
-    import pickle
-
     standins: list[tuple[Any, str]] = []
     for _ in range(MAX_STANDINS):
         try:
-            return load(standins)
+            with warnings.catch_warnings():
+                # torch asks to "file an issue" for protocols other than 2: not for our users
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                return load(standins)
         except BuildError:
             raise
         except pickle.UnpicklingError as e:
@@ -164,7 +167,11 @@ def _reason(e: BaseException) -> str:
     if m:
         text = m.group(1)
     sentences = re.split(r"(?<=\.)\s+|\n+", text.strip())
+    sentences = [_ALLOWLIST.sub("", s) for s in sentences]
     kept = " ".join(s for s in sentences if s and not _ADVICE.search(s))
+    kept = kept.split(" Exception raised from ")[0]  # torch's C++ frames follow
+    if not isinstance(e, (pickle.UnpicklingError, RuntimeError)):
+        kept = f"{type(e).__name__}: {kept}" if kept else type(e).__name__
     return kept[:200] or type(e).__name__
 
 
