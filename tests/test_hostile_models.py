@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,39 @@ def surrogate_name(tmp: Path) -> Path:
     return p
 
 
+def shape_case(shape: str, dtype: str = "F32", nbytes: int = 0) -> Callable[[Path], Path]:
+    """One tensor whose `shape` JSON is hostile; offsets match the byte count torch would
+    compute if it ignored overflow (0 for a zero-size tensor), so only the shape is wrong."""
+
+    def make(tmp: Path) -> Path:
+        p = tmp / "x.safetensors"
+        text = f'{{"a":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[0,{nbytes}]}}}}'
+        p.write_bytes(hdr(text.encode()) + bytes(nbytes))
+        return p
+
+    return make
+
+
+# Found by the red team: [0, 2**70] matched its 0 bytes, then overflowed inside torch
+# ("unexpected TypeError ... Overflow" with C++ frames). Every dimension is checked up front.
+SHAPES = {
+    "zero size, dim 2**70": (shape_case(f"[0,{2**70}]"), "dimension"),
+    "zero size, dim 2**63": (shape_case(f"[0,{2**63}]"), "dimension"),
+    "zero size, byte stride 2**64": (shape_case(f"[0,{2**62}]"), "too large"),
+    "zero size, strides overflow": (shape_case(f"[0,{2**61},8]", "F16"), "too large"),
+    "zero size last, huge first": (shape_case(f"[{2**62},4,0]"), "too large"),
+    "negative dim": (shape_case("[-1,4]"), "dimension -1"),
+    "negative dims cancel": (shape_case("[-2,-2]", nbytes=16), "dimension -2"),
+    "float dim": (shape_case("[2.0]", nbytes=8), "dimension 2.0"),
+    "string dim": (shape_case('["2"]', nbytes=8), "dimension 2"),
+    "bool dim": (shape_case("[true]", nbytes=4), "dimension True"),
+    "null dim": (shape_case("[null]"), "dimension None"),
+    "nested dim": (shape_case("[[2]]", nbytes=8), "invalid shape"),
+    "shape not a list": (shape_case("4", nbytes=16), "not a list"),
+    "shape an object": (shape_case('{"0":4}', nbytes=16), "not a list"),
+    "huge rank": (shape_case("[" + ",".join(["1"] * 100) + "]", nbytes=4), "100 dimensions"),
+}
+
 EXTRA = {
     "deeply nested json": (deep_json, "nested too deeply"),
     "lone surrogate name": (surrogate_name, "not valid Unicode"),
@@ -86,6 +120,7 @@ EXTRA = {
     "huge shape": (huge_shape, "too large"),
     "header not an object": (not_an_object, "not a JSON object"),
     "empty file": (empty, "shorter than"),
+    **SHAPES,
 }
 
 
@@ -193,3 +228,25 @@ def test_model_path_that_is_not_a_model_file(workdir: Path, cache: Path, kind: s
     r = run_cli(recipe, cache=cache, timeout=60)
     assert r.code == 1 and "Traceback" not in r.err and "a.safetensors" in r.err, r.err
     assert "unexpected" not in r.err, r.err
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [([0, 3], "F32"), ([5, 0], "F16"), ([0, 2**40], "F32"), ([2**61 - 1, 0], "U8"), ([], "F64")],
+)
+def test_edge_shapes_that_torch_holds_are_accepted(
+    tmp_path: Path, shape: list[int], dtype: str
+) -> None:
+    """The dimension checks refuse only what overflows int64: these build in torch."""
+    import torch
+
+    from mergebuild.engine.dtypes import ITEMSIZE, to_torch
+    from mergebuild.engine.safetensors_io import read_header
+
+    n = ITEMSIZE[dtype] * (1 if not shape else 0)
+    text = f'{{"a":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[0,{n}]}}}}'
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(hdr(text.encode()) + bytes(n))
+    info = read_header(p).tensors["a"][0]
+    assert list(info.shape) == shape
+    assert tuple(torch.empty(info.shape, dtype=to_torch(dtype)).shape) == tuple(shape)
