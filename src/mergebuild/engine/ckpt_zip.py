@@ -93,11 +93,10 @@ class ZipArchive:
 
     def _check_members(self) -> dict[str, Member]:
         infos = self.zf.infolist()
-        dup = [n for n, c in Counter(i.filename for i in infos).items() if c > 1]
+        counts = Counter(i.filename for i in infos)
+        dup = [n for n, c in counts.items() if c > 1]
         if dup:
-            raise self.bad(
-                f"member '{dup[0]}' appears {Counter(i.filename for i in infos)[dup[0]]} times"
-            )
+            raise self.bad(f"member {dup[0][:120]!r} appears {counts[dup[0]]} times")
         size = os.fstat(self.fd).st_size
         end_of_data = min(self.zf.start_dir, size)
         members: dict[str, Member] = {}
@@ -107,12 +106,12 @@ class ZipArchive:
             end = m.data_offset + info.compress_size
             if end > end_of_data:
                 raise self.bad(
-                    f"member '{info.filename}' ends at byte {end}, beyond the end of the member "
-                    f"data ({end_of_data}; truncated?)"
+                    f"member {info.filename[:120]!r} ends at byte {end}, beyond the end of "
+                    f"the member data ({end_of_data}; truncated?)"
                 )
             if not m.compressed and info.compress_size != info.file_size:
                 raise self.bad(
-                    f"member '{info.filename}' is stored uncompressed but declares "
+                    f"member {info.filename[:120]!r} is stored uncompressed but declares "
                     f"{info.compress_size} bytes in the file and {info.file_size} uncompressed"
                 )
             spans.append((info.header_offset, end, info.filename))
@@ -120,30 +119,34 @@ class ZipArchive:
         spans.sort()
         for (_, end, name), (start, _, nxt) in itertools.pairwise(spans):
             if start < end:
-                raise self.bad(f"members '{name}' and '{nxt}' overlap (a truncated or crafted zip)")
+                raise self.bad(
+                    f"members {name[:120]!r} and {nxt[:120]!r} overlap (a truncated or crafted zip)"
+                )
         return members
 
     def _member(self, info: zipfile.ZipInfo) -> Member:
         """Read and check `info`'s local header against the central directory."""
         raw = os.pread(self.fd, _LOCAL.size, info.header_offset)
         if len(raw) < _LOCAL.size or raw[:4] != _LOCAL_SIG:
-            raise self.bad(f"member '{info.filename}' has no local header at its offset")
+            raise self.bad(f"member {info.filename[:120]!r} has no local header at its offset")
         _, _, flags, method, _, _, crc, csize, usize, nlen, xlen = _LOCAL.unpack(raw)
         name = os.pread(self.fd, nlen, info.header_offset + _LOCAL.size)
         local = name.decode("utf-8" if flags & 0x800 else "cp437", "replace")
         if local != info.orig_filename:
-            raise self.bad(f"member '{info.filename}' is named '{local}' in its local header")
+            raise self.bad(
+                f"member {info.filename[:120]!r} is named {local[:120]!r} in its local header"
+            )
         if flags & 0x1 or info.flag_bits & 0x1:
-            raise self.bad(f"member '{info.filename}' is encrypted")
+            raise self.bad(f"member {info.filename[:120]!r} is encrypted")
         if method != info.compress_type:
             raise self.bad(
-                f"member '{info.filename}' has compression method {method} in its local "
+                f"member {info.filename[:120]!r} has compression method {method} in its local "
                 f"header but {info.compress_type} in the central directory"
             )
         if info.compress_type not in SUPPORTED_METHODS:
             method_name = METHOD_NAMES.get(info.compress_type, "unknown")
             raise self.bad(
-                f"member '{info.filename}' uses compression method {info.compress_type} "
+                f"member {info.filename[:120]!r} uses compression method {info.compress_type} "
                 f"({method_name}), which neither torch nor mergebuild reads"
             )
         if not flags & 0x8:  # sizes are in the local header (else in a trailing descriptor)
@@ -154,7 +157,7 @@ class ZipArchive:
             ):
                 if loc != cen and loc != 0xFFFFFFFF:
                     raise self.bad(
-                        f"member '{info.filename}' has {what} {loc} in its local header but "
+                        f"member {info.filename[:120]!r} has {what} {loc} in its local header but "
                         f"{cen} in the central directory"
                     )
         return Member(
@@ -171,7 +174,7 @@ class ZipArchive:
         if m is None:
             return None
         if m.size > cap:
-            raise self.bad(f"member '{m.name}' is {m.size} bytes (limit {cap})")
+            raise self.bad(f"member {m.name[:120]!r} is {m.size} bytes (limit {cap})")
         return self._unpack(m)
 
     def _unpack(self, m: Member) -> bytes:
@@ -179,11 +182,13 @@ class ZipArchive:
             with self.zf.open(m.info) as f:
                 data = f.read(m.size + 1)
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-            raise self.changed(f"member '{m.name}': {e}") from None
+            raise self.changed(f"member {m.name[:120]!r}: {e}") from None
         except Exception as e:  # zlib/bz2/lzma errors on a damaged stream
-            raise self.changed(f"member '{m.name}': {type(e).__name__}: {e}") from None
+            raise self.changed(f"member {m.name[:120]!r}: {type(e).__name__}: {e}") from None
         if len(data) != m.size:
-            raise self.changed(f"member '{m.name}' holds {len(data)} bytes, declares {m.size}")
+            raise self.changed(
+                f"member {m.name[:120]!r} holds {len(data)} bytes, declares {m.size}"
+            )
         return data
 
     def changed(self, why: str) -> BuildError:
@@ -211,7 +216,8 @@ class ZipArchive:
             if got == 0:
                 now = os.fstat(self.fd).st_size
                 raise self.changed(
-                    f"member '{m.name}' needs bytes up to {pos + len(view)}, the file now has {now}"
+                    f"member {m.name[:120]!r} needs bytes up to {pos + len(view)}, "
+                    f"the file now has {now}"
                 )
             view, pos = view[got:], pos + got
 
@@ -233,7 +239,7 @@ def unpickle(archive: ZipArchive, globals_ok: list[Any]) -> tuple[Any, dict[int,
 
     data = archive.record("data.pkl", PICKLE_CAP)
     if data is None:
-        raise archive.bad(f"no '{archive.prefix}/data.pkl' member")
+        raise archive.bad(f"no {archive.prefix[:120] + '/data.pkl'!r} member")
     loaded: dict[str, Any] = {}
     backing: dict[int, Member] = {}
 
@@ -247,19 +253,21 @@ def unpickle(archive: ZipArchive, globals_ok: list[Any]) -> tuple[Any, dict[int,
             return loaded[key]
         dtype = torch.uint8 if stype is torch.UntypedStorage else getattr(stype, "dtype", None)
         if not isinstance(dtype, torch.dtype):
-            raise archive.bad(f"storage '{key}' has no known element type")
+            raise archive.bad(f"storage {key[:120]!r} has no known element type")
         nbytes = numel * torch._utils._element_size(dtype)
         m = archive.members.get(f"{archive.prefix}/data/{key}")
         if m is None:
-            raise archive.bad(f"the pickle uses storage '{key}' but there is no member for it")
+            raise archive.bad(
+                f"the pickle uses storage {key[:120]!r} but there is no member for it"
+            )
         if m.size != nbytes:
             raise archive.bad(
-                f"member '{m.name}' declares {m.size} bytes but its storage needs {nbytes} "
+                f"member {m.name[:120]!r} declares {m.size} bytes but its storage needs {nbytes} "
                 "(truncated or crafted)"
             )
         if m.compressed and m.size > COMPRESSED_MEMBER_CAP:
             raise archive.bad(
-                f"member '{m.name}' is compressed and {m.size} bytes unpacked (limit "
+                f"member {m.name[:120]!r} is compressed and {m.size} bytes unpacked (limit "
                 f"{COMPRESSED_MEMBER_CAP}); re-save the checkpoint uncompressed (torch.save "
                 "does) or convert it to .safetensors"
             )
@@ -327,7 +335,7 @@ def tensor_ref(
     if numel:
         last = offset + sum((d - 1) * s for d, s in zip(shape, stride, strict=True))
         if (last + 1) * size > m.size:
-            raise BuildError(f"{where} reaches past the end of its storage '{m.name}'")
+            raise BuildError(f"{where} reaches past the end of its storage {m.name[:120]!r}")
     return TensorRef(TensorInfo(dtype, shape), m, offset, stride, _is_contiguous(shape, stride))
 
 
