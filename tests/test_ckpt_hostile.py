@@ -370,7 +370,7 @@ STRUCTURE = {
     "unknown compression": (unknown_method, "compression method 99"),
     "bzip2 member": (bzip2_member, "(bzip2)"),
     "lzma members": (lzma_members, "(lzma)"),
-    "file cut in half": (cut_file, "not a readable"),
+    "file cut in half": (cut_file, "truncated?"),
     "no data.pkl": (no_pickle, "data.pkl"),
     "unknown byte order": (bad_byteorder, "byte order"),
 }

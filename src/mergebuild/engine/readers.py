@@ -60,6 +60,11 @@ class CheckpointSource:
         self.tensors: dict[str, torch.Tensor] = {}  # legacy files only: held in memory
         if zipfile.is_zipfile(path):
             self._open_zip()
+        elif _starts_like_zip(path):
+            raise BuildError(
+                f"{path}: not a readable torch checkpoint: a zip archive without its central "
+                "directory (truncated?)"
+            )
         else:
             warnings.warn(
                 f"{path.name} is a legacy (non-zip) torch pickle: it is loaded fully into "
@@ -111,6 +116,14 @@ class CheckpointSource:
         if self.archive is not None:
             self.archive.close()
             self.archive = None
+
+
+def _starts_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError as e:
+        raise BuildError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _legacy_load(path: Path) -> Any:
