@@ -460,8 +460,10 @@ class CacheStore:
                             report.unknown.append(f"{sub}/{name}")
             _rmdirs(root, list(SUBDIRS))
             for name in _names(root):
-                if TEMP.match(name):
-                    report.files += unlink_file(root, name)
+                if TEMP.match(name) and unlink_file(root, name):
+                    report.files += 1
+                elif name != MARKER:
+                    report.unknown.append(name)
             if _names(root) == [MARKER]:
                 unlink_file(root, MARKER)
                 with contextlib.suppress(OSError):
@@ -479,7 +481,7 @@ def _subdir(
     if fd is None and unknown is not None:
         with contextlib.suppress(FileNotFoundError):
             os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-            unknown.append(f"{prefix}{name} (not a directory: left alone)")
+            unknown.append(f"{prefix}{name} (a symlink or not a directory)")
     try:
         yield fd
     finally:
