@@ -1,11 +1,15 @@
 """The content-addressed store: one safetensors file per key, plus what a build remembers.
 
 Layout under the cache root:
+  CACHEDIR.TAG                   marks the root as a cache (see cacheroot.py): no deletion without
   objects/ab/<key>.safetensors   a node's or output's bytes (outputs are hardlinks to these)
   objects/ab/<key>.json          sidecar: what it is, size, checksum, which recipe built it
   hashes/                        memo of input content keys (see hashing.py)
   journal/<recipe>.json          last build of each recipe: keys and params, for "why" and gc
   locks/<key>.lock               one builder per key across processes
+
+Every deletion goes through cacheroot's rules: a marked root, no symlink followed below it,
+only regular files named like the cache's own; anything else is reported and left alone.
 """
 
 from __future__ import annotations
@@ -13,17 +17,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import xxhash
 from filelock import FileLock
 
-from mergebuild.atomic import TMP_PREFIX, write_bytes
+from mergebuild.atomic import write_bytes
+from mergebuild.cacheroot import (
+    FLAT,
+    KEY,
+    MARKER,
+    SHARD,
+    SUBDIRS,
+    TEMP,
+    NotACacheError,
+    ensure_marker,
+    object_key,
+    open_dir,
+    open_for_delete,
+    open_subdir,
+    unlink_file,
+)
 from mergebuild.errors import BuildError
 from mergebuild.hashing import FileHashes, HashMemo, hash_file, stat_signature
 from mergebuild.textfile import JSON_CAP, read_capped
@@ -50,12 +69,59 @@ class Entry:
     info: dict[str, Any]
 
 
+@dataclass
+class Report:
+    """What a maintenance command found and did."""
+
+    missing: bool = False  # no directory at the root: nothing to do
+    removed: list[Entry] = field(default_factory=list)
+    bad: list[tuple[Entry, str]] = field(default_factory=list)
+    leftovers: list[Path] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # not named like ours: left alone
+    files: int = 0  # files deleted
+
+
+@dataclass
+class _Shard:
+    """One objects/ shard: its descriptor and regular files by key ({suffix: stat})."""
+
+    name: str
+    fd: int
+    keys: dict[str, dict[str, os.stat_result]]
+    temps: list[tuple[str, os.stat_result]]
+
+
+class _StoreMemo(HashMemo):
+    """The input hash memo, written only into a marked cache and forgotten without symlinks."""
+
+    def __init__(self, store: CacheStore) -> None:
+        super().__init__(store.root / "hashes")
+        self._store = store
+
+    def remember(self, path: Path, found: FileHashes, sig: list[int]) -> None:
+        try:
+            self._store.ensure_marker()
+        except BuildError:
+            return  # the memo is an optimisation: no cache, no memo
+        super().remember(path, found, sig)
+
+    def forget(self, path: Path) -> None:
+        self._store._forget_memo(self._entry(path).name)
+
+
 class CacheStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or default_root()).expanduser().absolute()
         self.objects = self.root / "objects"
         self.journal_dir = self.root / "journal"
-        self.hashes = HashMemo(self.root / "hashes")
+        self.hashes: HashMemo = _StoreMemo(self)
+        self._marked = False
+
+    def ensure_marker(self) -> None:
+        """Called before every write: the root is created marked, or adopted (cacheroot)."""
+        if not self._marked:
+            ensure_marker(self.root)
+            self._marked = True
 
     def object_path(self, key: str) -> Path:
         return self.objects / key[:2] / f"{key}.safetensors"
@@ -68,6 +134,7 @@ class CacheStore:
     def write_sidecar(self, key: str, info: dict[str, Any], checksum: str | None = None) -> None:
         """Record the object's size and checksum: the one computed while writing, else read
         back right after it was written."""
+        self.ensure_marker()
         path = self.object_path(key)
         sig = stat_signature(path.stat())
         found = FileHashes(checksum, "", "", sig[2]) if checksum else hash_file(path, full=False)
@@ -104,14 +171,59 @@ class CacheStore:
             return f"unreadable ({e})"
         return None if got == want else "checksum mismatch (bytes changed on disk)"
 
-    def remove(self, key: str) -> None:
-        """Delete an entry: object first, so a half-removed entry is already 'not present'."""
-        path = self.object_path(key)
-        path.unlink(missing_ok=True)
-        path.with_suffix(".json").unlink(missing_ok=True)
-        self.hashes.forget(path)
+    def remove(self, key: str) -> bool:
+        """Delete a corrupted entry during a build (False: not deleted, the rebuild replaces it).
+
+        The user's root may be a symlink (followed); nothing below it is, and the root must
+        carry the marker.
+        """
+        if not KEY.match(key):
+            return False
+        try:
+            root = open_for_delete(self.root, follow_root=True)
+        except NotACacheError:
+            return False
+        if root is None:
+            return False
+        try:
+            with _subdir(root, "objects") as objects:
+                if objects is None:
+                    return False
+                with _subdir(objects, key[:2]) as shard:
+                    if shard is None:
+                        return False
+                    done = self._remove_entry(shard, key)
+            self._forget_memo(self.hashes._entry(self.object_path(key)).name, root)
+            return done
+        finally:
+            os.close(root)
+
+    def _remove_entry(self, shard_fd: int, key: str) -> bool:
+        """Object first, so a half-removed entry is already 'not present'."""
+        done = unlink_file(shard_fd, f"{key}.safetensors")
+        return unlink_file(shard_fd, f"{key}.json") or done
+
+    def _forget_memo(self, name: str, root_fd: int | None = None) -> None:
+        if not FLAT["hashes"].match(name):
+            return
+        own = root_fd is None
+        if own:
+            try:
+                root_fd = open_for_delete(self.root, follow_root=True)
+            except NotACacheError:
+                return
+            if root_fd is None:
+                return
+        try:
+            with _subdir(root_fd, "hashes") as hashes:
+                if hashes is not None:
+                    unlink_file(hashes, name)
+        finally:
+            if own:
+                os.close(root_fd)
 
     def lock(self, key: str) -> FileLock:
+        self.ensure_marker()
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         return FileLock(self.root / "locks" / f"{key}.lock")
 
@@ -128,6 +240,7 @@ class CacheStore:
             return {}
 
     def write_journal(self, recipe: Path, data: dict[str, Any]) -> None:
+        self.ensure_marker()
         write_bytes(
             self._journal_path(recipe),
             json.dumps({"recipe": str(recipe), **data}, indent=1).encode(),
@@ -135,94 +248,282 @@ class CacheStore:
 
     # -- maintenance -----------------------------------------------------------------------
 
-    def entries(self) -> Iterator[Entry]:
-        if not self.objects.is_dir():
-            return
-        for path in sorted(self.objects.glob("*/*.safetensors")):
-            if path.name.startswith(TMP_PREFIX):
-                continue
-            yield Entry(path.stem, path, path.stat().st_size, _sidecar(path))
+    @contextlib.contextmanager
+    def _read_root(self) -> Iterator[int | None]:
+        """The root for read-only commands: a symlinked root is followed, nothing below it."""
+        try:
+            fd = open_dir(self.root, follow=True)
+        except FileNotFoundError:
+            fd = None
+        except OSError as e:
+            raise NotACacheError(f"{self.root} is not a cache directory: {e.strerror}") from None
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
 
-    def live_keys(self) -> set[str]:
-        """Keys used by the latest build of every recipe that still exists."""
+    @contextlib.contextmanager
+    def _delete_root(self, report: Report) -> Iterator[int | None]:
+        fd = open_for_delete(self.root)
+        report.missing = fd is None
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _shards(self, root_fd: int, unknown: list[str]) -> Iterator[_Shard]:
+        """Each real shard directory under objects/, its regular files named like ours;
+        anything else goes to `unknown` (never followed, never deleted)."""
+        with _subdir(root_fd, "objects", unknown) as objects:
+            if objects is None:
+                return
+            with os.scandir(objects) as it:
+                names = sorted(e.name for e in it)
+            for name in names:
+                if not SHARD.match(name):
+                    unknown.append(f"objects/{name}")
+                    continue
+                with _subdir(objects, name, unknown, "objects/") as fd:
+                    if fd is None:
+                        continue
+                    shard = _Shard(name, fd, {}, [])
+                    with os.scandir(fd) as it:
+                        files = sorted(it, key=lambda e: e.name)
+                    for e in files:
+                        key = object_key(name, e.name)
+                        regular = e.is_file(follow_symlinks=False)
+                        if key and regular:
+                            shard.keys.setdefault(key, {})[e.name[33:]] = e.stat(
+                                follow_symlinks=False
+                            )
+                        elif TEMP.match(e.name) and regular:
+                            shard.temps.append((e.name, e.stat(follow_symlinks=False)))
+                        else:
+                            unknown.append(f"objects/{name}/{e.name}")
+                    yield shard
+
+    def _entry(self, key: str, st: os.stat_result) -> Entry:
+        path = self.object_path(key)
+        return Entry(key, path, st.st_size, _sidecar(path))
+
+    def entries(self) -> Iterator[Entry]:
+        with self._read_root() as root:
+            if root is None:
+                return
+            for shard in self._shards(root, []):
+                for key, files in shard.keys.items():
+                    if "safetensors" in files:
+                        yield self._entry(key, files["safetensors"])
+
+    def live_keys(self, root_fd: int, dry_run: bool, report: Report) -> set[str]:
+        """Keys used by the latest build of every recipe that still exists (the journals of
+        vanished recipes are deleted, unless `dry_run`)."""
         keep: set[str] = set()
-        if not self.journal_dir.is_dir():
-            return keep
-        for j in self.journal_dir.glob("*.json"):
-            try:
-                data = json.loads(read_capped(j, JSON_CAP))
-            except (OSError, ValueError):
-                continue
-            if not Path(data.get("recipe", "")).is_file():
-                j.unlink(missing_ok=True)
+        for name, data in self._journals(root_fd, report):
+            recipe = data.get("recipe")
+            if not isinstance(recipe, str) or not Path(recipe).is_file():
+                if not dry_run:
+                    with _subdir(root_fd, "journal") as journal:
+                        if journal is not None and unlink_file(journal, name):
+                            report.files += 1
                 continue
             for section in ("nodes", "outputs"):
-                keep |= {v["key"] for v in data.get(section, {}).values() if "key" in v}
+                items = data.get(section)
+                for v in items.values() if isinstance(items, dict) else ():
+                    if isinstance(v, dict) and isinstance(v.get("key"), str):
+                        keep.add(v["key"])
         return keep
 
-    def gc(self, dry_run: bool = False) -> list[Entry]:
+    def _journals(self, root_fd: int, report: Report) -> list[tuple[str, dict[str, Any]]]:
+        """(name, content) of every readable journal. A journal/ that is not a real directory
+        stops gc: without journals every object would look unused."""
+        try:
+            st = os.stat("journal", dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return []
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotACacheError(
+                f"{self.journal_dir} is not a directory (a symlink?): gc cannot tell which "
+                "objects are in use; nothing was deleted"
+            )
+        found = []
+        with _subdir(root_fd, "journal", report.unknown) as journal:
+            if journal is None:
+                return []
+            with os.scandir(journal) as it:
+                for e in sorted(it, key=lambda e: e.name):
+                    if not (FLAT["journal"].match(e.name) and e.is_file(follow_symlinks=False)):
+                        if not TEMP.match(e.name):
+                            report.unknown.append(f"journal/{e.name}")
+                        continue
+                    with contextlib.suppress(OSError, ValueError):
+                        data = json.loads(read_capped(self.journal_dir / e.name, JSON_CAP))
+                        if isinstance(data, dict):
+                            found.append((e.name, data))
+        return found
+
+    def gc(self, dry_run: bool = False) -> Report:
         """Delete objects no known recipe's latest build uses, and stray temp files."""
-        keep = self.live_keys()
-        removed = [e for e in self.entries() if e.key not in keep]
-        if not dry_run:
-            for e in removed:
-                self.remove(e.key)
-            # temp files of killed builds; a day's margin spares ones a running build still writes
+        report = Report()
+        with self._delete_root(report) as root:
+            if root is None:
+                return report
+            keep = self.live_keys(root, dry_run, report)
             stale = time.time() - STALE_TMP_SECONDS
-            tmps = list(self.objects.glob(f"*/{TMP_PREFIX}*")) if self.objects.is_dir() else []
-            for d in self._output_dirs():  # a build killed while publishing leaves one there
-                tmps += d.glob(f"{TMP_PREFIX}*")
-            for tmp in tmps:
-                with contextlib.suppress(OSError):
-                    if tmp.lstat().st_mtime < stale:
-                        tmp.unlink()
-        return removed
+            for shard in self._shards(root, report.unknown):
+                for key, files in shard.keys.items():
+                    if key in keep:
+                        continue
+                    if "safetensors" in files:
+                        report.removed.append(self._entry(key, files["safetensors"]))
+                    if not dry_run:
+                        report.files += self._remove_entry(shard.fd, key)
+                        self._forget_memo(self.hashes._entry(self.object_path(key)).name, root)
+                # temp files of killed builds; a day's margin spares ones a running build writes
+                for name, st in shard.temps:
+                    if not dry_run and st.st_mtime < stale:
+                        report.files += unlink_file(shard.fd, name)
+            if not dry_run:
+                for d in self._output_dirs():  # a build killed while publishing leaves one there
+                    report.files += _sweep_temps(d, stale)
+        return report
 
     def _output_dirs(self) -> set[Path]:
-        """Directories the journaled builds published outputs into."""
+        """Directories the journaled builds published outputs into (absolute paths only)."""
         dirs: set[Path] = set()
         for j in self.journal_dir.glob("*.json") if self.journal_dir.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
                 for out in json.loads(read_capped(j, JSON_CAP)).get("outputs", {}).values():
-                    dirs.add(Path(out["path"]).parent)
+                    path = Path(out["path"]) if isinstance(out["path"], str) else None
+                    if path is not None and path.is_absolute():
+                        dirs.add(path.parent)
         return {d for d in dirs if d.is_dir()}
 
-    def verify(self, remove: bool = False) -> tuple[list[tuple[Entry, str]], list[Path]]:
-        """Re-hash every entry: (bad entries with why, leftovers of interrupted writes).
+    def verify(self, remove: bool = False) -> Report:
+        """Re-hash every entry: bad entries with why, and leftovers of interrupted writes.
 
         Leftovers (objects without sidecar, sidecars without object, temp files) are never
         used, so they are not failures; with `remove`, both kinds are deleted.
         """
-        bad: list[tuple[Entry, str]] = []
-        leftovers: list[Path] = []
-        if not self.objects.is_dir():
-            return bad, leftovers
-        for sub in sorted(p for p in self.objects.iterdir() if p.is_dir()):
-            for path in sorted(sub.iterdir()):
-                orphan = path.suffix == ".json" and not path.with_suffix(".safetensors").exists()
-                if orphan or path.name.startswith(TMP_PREFIX):
-                    leftovers.append(path)
-                elif path.suffix == ".safetensors":
-                    if not path.with_suffix(".json").exists():
-                        leftovers.append(path)
-                        continue
-                    why = self.problem(path.stem, memo=False)
-                    if why is not None:
-                        entry = Entry(path.stem, path, path.stat().st_size, _sidecar(path))
-                        bad.append((entry, why))
-        if remove:
-            for e, _ in bad:
-                self.remove(e.key)
+        report = Report()
+        with self._delete_root(report) if remove else self._read_root() as root:
+            if root is None:
+                report.missing = True
+                return report
             stale = time.time() - STALE_TMP_SECONDS
-            for path in leftovers:
-                # a running build's temp file is young: leave it alone
-                if not path.name.startswith(TMP_PREFIX) or path.stat().st_mtime < stale:
-                    path.unlink(missing_ok=True)
-        return bad, leftovers
+            for shard in self._shards(root, report.unknown):
+                for key, files in shard.keys.items():
+                    path = self.object_path(key)
+                    if len(files) == 1:
+                        leftover = path if "safetensors" in files else path.with_suffix(".json")
+                        report.leftovers.append(leftover)
+                        if remove:
+                            report.files += unlink_file(shard.fd, leftover.name)
+                        continue
+                    why = self.problem(key, memo=False)
+                    if why is not None:
+                        report.bad.append((self._entry(key, files["safetensors"]), why))
+                        if remove:
+                            report.files += self._remove_entry(shard.fd, key)
+                            self._forget_memo(self.hashes._entry(path).name, root)
+                for name, st in shard.temps:
+                    report.leftovers.append(self.objects / shard.name / name)
+                    # a running build's temp file is young: leave it alone
+                    if remove and st.st_mtime < stale:
+                        report.files += unlink_file(shard.fd, name)
+        return report
 
-    def clean(self) -> None:
-        if self.root.is_dir():
-            shutil.rmtree(self.root)
+    def clean(self) -> Report:
+        """Delete every file of the cache by shape, then the marker and the root if empty."""
+        report = Report()
+        with self._delete_root(report) as root:
+            if root is None:
+                return report
+            for shard in self._shards(root, report.unknown):
+                for key in shard.keys:
+                    report.files += self._remove_entry(shard.fd, key)
+                for name, _ in shard.temps:
+                    report.files += unlink_file(shard.fd, name)
+            with _subdir(root, "objects") as objects:
+                if objects is not None:
+                    _rmdirs(objects, [n for n in _names(objects) if SHARD.match(n)])
+            for sub in SUBDIRS[1:]:
+                with _subdir(root, sub, report.unknown) as fd:
+                    if fd is None:
+                        continue
+                    for name in _names(fd):
+                        if (FLAT[sub].match(name) or TEMP.match(name)) and unlink_file(fd, name):
+                            report.files += 1
+                        else:
+                            report.unknown.append(f"{sub}/{name}")
+            _rmdirs(root, list(SUBDIRS))
+            for name in _names(root):
+                if TEMP.match(name) and unlink_file(root, name):
+                    report.files += 1
+                elif name != MARKER:
+                    report.unknown.append(name)
+            if _names(root) == [MARKER]:
+                unlink_file(root, MARKER)
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.root)
+        return report
+
+
+@contextlib.contextmanager
+def _subdir(
+    parent_fd: int, name: str, unknown: list[str] | None = None, prefix: str = ""
+) -> Iterator[int | None]:
+    """`name` as a real directory (None if absent; a symlink or non-directory is reported in
+    `unknown` and never followed)."""
+    fd = open_subdir(parent_fd, name)
+    if fd is None and unknown is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            unknown.append(f"{prefix}{name} (a symlink or not a directory)")
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _names(dir_fd: int) -> list[str]:
+    with os.scandir(dir_fd) as it:
+        return sorted(e.name for e in it)
+
+
+def _rmdirs(parent_fd: int, names: list[str]) -> None:
+    """Remove the empty real directories among `names` (rmdir never follows a symlink)."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=parent_fd)
+
+
+def _sweep_temps(directory: Path, stale: float) -> int:
+    """Delete `.mergebuild-tmp-*` regular files older than `stale` in an output directory
+    (which may be a symlink the user made; its entries are never followed)."""
+    try:
+        fd = open_dir(directory, follow=True)
+    except OSError:
+        return 0
+    removed = 0
+    try:
+        with os.scandir(fd) as it:
+            old = [
+                e.name
+                for e in it
+                if TEMP.match(e.name)
+                and e.is_file(follow_symlinks=False)
+                and e.stat(follow_symlinks=False).st_mtime < stale
+            ]
+        for name in old:
+            with contextlib.suppress(OSError):
+                removed += unlink_file(fd, name)
+    finally:
+        os.close(fd)
+    return removed
 
 
 def _sidecar(path: Path) -> dict[str, Any]:
