@@ -57,7 +57,11 @@ def update_lock(builder: Any, plan: Any) -> tuple[Path, dict[str, tuple[str, int
 
     recipe = builder.recipe
     outputs = output_hashes(builder, plan)
-    old = read_lock(recipe) or {}
+    try:
+        old = read_lock(recipe) or {}
+    except BuildError as e:  # rewriting is how a broken lock gets fixed: start afresh
+        print(f"warning: replacing it: {e}", file=sys.stderr)
+        old = {}
     lock = make_lock(recipe, plan, outputs)
     # a subset of outputs was built: what the others use keeps its locked entry
     still = {
