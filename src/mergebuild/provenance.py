@@ -55,7 +55,8 @@ class InputFacts:
 PARSED_KEYS = (METADATA_KEY, "sd_merge_recipe", "sd_merge_models")
 FOREIGN_CAP = 4 << 20  # a metadata value parsed as JSON; a larger one stays an opaque string
 MAX_JSON_DEPTH = 128  # nesting of a parsed value (json.loads recurses; ~1000 is a crash)
-EMBED_CAP = 256 << 10  # one input's provenance (or web UI field) embedded in an output
+EMBED_CAP = 256 << 10  # one input's provenance embedded in an output
+WEBUI_CAP = 64 << 10  # one input's web UI field (opaque to us) carried over
 MAX_GENERATIONS = 8  # nested provenance kept below an output; deeper ancestors are cut
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 _BRACKET_RUNS = re.compile(r"[\[{]+|[\]}]+")
@@ -146,9 +147,9 @@ def embeddable_metadata(meta: dict[str, Any], label: str) -> dict[str, Any]:
         v = meta[k]
         if k == "sd_merge_models" and not isinstance(v, dict):
             warnings.warn(f"{label}: its {k} is not a JSON object; not carried over", stacklevel=2)
-        elif len(canonical_json(v)) > EMBED_CAP:
+        elif len(canonical_json(v)) > WEBUI_CAP:
             warnings.warn(
-                f"{label}: its {k} is larger than {EMBED_CAP >> 10} KiB; not carried over",
+                f"{label}: its {k} is larger than {WEBUI_CAP >> 10} KiB; not carried over",
                 stacklevel=2,
             )
         else:
