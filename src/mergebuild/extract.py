@@ -59,7 +59,9 @@ class Extracted:
         import yaml
 
         head = "".join(f"# {one_line(c, 200)}\n" for c in self.comments)
-        return head + yaml.safe_dump(self.doc, sort_keys=False, allow_unicode=True)
+        # ASCII only: PyYAML's allow_unicode writes U+0085 raw, which reads back as a line
+        # break (a different string); escaped, every string reads back exactly
+        return head + yaml.safe_dump(self.doc, sort_keys=False, allow_unicode=False)
 
 
 def _malformed(where: str, why: str) -> BuildError:

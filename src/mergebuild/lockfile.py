@@ -184,7 +184,10 @@ def make_lock(recipe: Recipe, plan: Any, outputs: dict[str, tuple[str, int]]) ->
 def write_lock(recipe: Recipe, data: dict[str, Any]) -> Path:
     path = lock_path(recipe)
     text = "# written by `mergebuild lock`; commit it next to the recipe\n" + yaml.safe_dump(
-        data, sort_keys=True, allow_unicode=True, width=100
+        data,
+        sort_keys=True,
+        allow_unicode=False,  # escaped: a raw U+0085 in a path would read back as a break
+        width=100,
     )
     write_bytes(path, text.encode())
     return path
