@@ -331,3 +331,41 @@ def test_large_provenance_is_cut_or_omitted_by_size(workdir: Path, cache: Path) 
     r = run_cli(recipe, "-q", cache=cache)
     assert r.code == 0 and "sd_merge_recipe is larger than" in r.err
     assert sum(len(v) for v in metadata_of(out).values()) < 64 << 10
+
+
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ('{"a": 1e400}', "out of range"),
+        ("[-1e309]", "out of range"),
+        ('{"a": NaN}', "NaN"),
+        ("[Infinity]", "Infinity"),
+        ("[" * 129 + "]" * 129, "nested deeper"),
+        ('{"a":' * 129 + "1" + "}" * 129, "nested deeper"),
+        ("[" + "[]," * 100_000 + "[]]", "arrays and objects"),
+        ('["' + "x" * (2 << 20) + '"]', "larger than"),
+        ('["\\udc00"]', "surrogates"),
+        ("[1] [2]", "Extra data"),
+    ],
+)
+def test_parse_foreign_json_bounds(text: str, why: str) -> None:
+    from mergebuild.provenance import parse_foreign_json
+
+    with pytest.raises(ValueError, match=why):
+        parse_foreign_json(text)
+
+
+def test_parse_foreign_json_accepts_what_is_within_bounds() -> None:
+    from mergebuild.provenance import json_depth, parse_foreign_json
+
+    # brackets inside strings (escaped quotes too) do not count as nesting
+    text = '{"a": "[[[[\\"[[[[", "b": ' + "[" * 120 + '"]]]]"' + "]" * 120 + "}"
+    assert json_depth("[" * 130 + "]" * 130) == 130
+    assert json_depth(text) == 121
+    value = parse_foreign_json(text)
+    assert value["a"] == '[[[["[[[['
+    assert parse_foreign_json("[1e308, -0.0, 12345678901234567890]") == [
+        1e308,
+        -0.0,
+        12345678901234567890,
+    ]
