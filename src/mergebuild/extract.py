@@ -19,23 +19,21 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mergebuild.errors import BuildError
 from mergebuild.graph import canonical_json
-from mergebuild.provenance import FORMAT, OMITTED, ProvenanceRecord, check_provenance
+from mergebuild.provenance import (
+    FORMAT,
+    OMITTED,
+    ProvenanceRecord,
+    check_provenance,
+    one_line,
+)
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # recipe's DottedName
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # also a file name: no `/`, no `..`
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 NAME_CAP = 64
-TEXT_CAP = 120
 VALUE_DEPTH = 16  # parameter values: numbers, block-weight mappings, weight lists
 TREE_LINES = 2000
 OUTPUT_OPTIONS = ("prune", "components", "include", "exclude", "vae")
-
-
-def one_line(text: object, cap: int = TEXT_CAP) -> str:
-    """`text` as one printable line of at most `cap` characters (for comments and terminals):
-    newlines, `\\r`, U+0085/U+2028, escapes and other control or format characters go."""
-    s = "".join(c for c in str(text)[: cap * 4] if c.isprintable())
-    return s if len(s) <= cap else s[: cap - 1] + "…"
 
 
 class _OutputOptions(BaseModel):

@@ -133,7 +133,7 @@ def embeddable_metadata(meta: dict[str, Any], label: str) -> dict[str, Any]:
 
     `mergebuild`: kept when it has the structure of mergebuild provenance, ancestors beyond
     MAX_GENERATIONS cut (fewer when it is larger than EMBED_CAP); otherwise dropped with a
-    warning and `mergebuild_omitted` says why. The web UI's fields are opaque: kept when small.
+    warning and `provenance_omitted` says why. The web UI's fields are opaque: kept when small.
     """
     out: dict[str, Any] = {}
     if METADATA_KEY in meta:
@@ -196,6 +196,14 @@ class ProvenanceRecord(_Record):
     merges: dict[str, MergeRecord] = Field(default_factory=dict)
 
 
+def one_line(text: object, cap: int = 120) -> str:
+    """`text` as one printable line of at most `cap` characters (for comments, messages and
+    terminals): newlines, `\\r`, U+0085/U+2028, escapes and other control or format characters
+    go."""
+    s = "".join(c for c in str(text)[: cap * 4] if c.isprintable())
+    return s if len(s) <= cap else s[: cap - 1] + "…"
+
+
 def check_provenance(prov: Any) -> str | None:
     """None when `prov` has the structure of mergebuild provenance, else what is wrong (the
     first problem, located like `models.x.sha256`)."""
@@ -205,8 +213,8 @@ def check_provenance(prov: Any) -> str | None:
         ProvenanceRecord.model_validate(prov)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "provenance"
-        return f"{where}: {first['msg'].lower()}"
+        where = one_line(".".join(str(x) for x in first["loc"]), 100) or "provenance"
+        return f"{where}: {one_line(first['msg'].lower(), 100)}"
     return None
 
 
