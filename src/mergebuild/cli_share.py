@@ -16,8 +16,6 @@ from typing import Any
 
 from mergebuild.errors import BuildError, MergebuildError
 
-OUTPUT_OPTIONS = ("prune", "components", "include", "exclude", "vae")
-
 
 class VerifyFailed(MergebuildError):
     """Outputs were built but differ from the lock file."""
@@ -59,7 +57,11 @@ def update_lock(builder: Any, plan: Any) -> tuple[Path, dict[str, tuple[str, int
 
     recipe = builder.recipe
     outputs = output_hashes(builder, plan)
-    old = read_lock(recipe) or {}
+    try:
+        old = read_lock(recipe) or {}
+    except BuildError as e:  # rewriting is how a broken lock gets fixed: start afresh
+        print(f"warning: replacing it: {e}", file=sys.stderr)
+        old = {}
     lock = make_lock(recipe, plan, outputs)
     # a subset of outputs was built: what the others use keeps its locked entry
     still = {
@@ -159,20 +161,20 @@ def _recipe_drift(builder: Any, plan: Any, lock: dict[str, Any]) -> list[str]:
     return out
 
 
-# -- show / extract -----------------------------------------------------------------------------
+# -- show / extract (foreign provenance is handled in extract.py) --------------------------------
 
 
 def describe(path: Path, memo_dir: Path | None) -> dict[str, Any]:
     """`inspect`'s summary plus the three hashes and the provenance the file carries."""
     from mergebuild.cache import CacheStore
     from mergebuild.cli_sd import summary
-    from mergebuild.provenance import METADATA_KEY, read_input_metadata
+    from mergebuild.provenance import METADATA_KEY, read_metadata_values
 
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise BuildError(f"{path}: `show` reads safetensors files (convert a .ckpt first)")
     s = summary(path)
     hashes, _ = CacheStore(memo_dir).hashes.hashes(path)
-    meta = read_input_metadata(path)
+    meta = read_metadata_values(path)
     return {
         "path": str(path),
         "architecture": s["architecture"]["description"],
@@ -188,34 +190,9 @@ def describe(path: Path, memo_dir: Path | None) -> dict[str, Any]:
     }
 
 
-def _tree(prov: dict[str, Any], indent: str = "  ") -> list[str]:
-    """The provenance as an indented tree, output first, down to pinned inputs."""
-    merges, models = prov.get("merges", {}), prov.get("models", {})
-    out = prov.get("output", {})
-    lines = [f"{indent}{out.get('name', 'output')} ← {out.get('from')} (dtype {out.get('dtype')})"]
-
-    def walk(name: str, depth: int) -> None:
-        pad = indent * (depth + 1)
-        if name in merges:
-            m = merges[name]
-            params = ", ".join(f"{k}={v}" for k, v in m.get("params", {}).items())
-            args = ", ".join(f"{s}={src}" for s, src in m.get("inputs", {}).items())
-            lines.append(f"{pad}{name} = {m.get('method')}({args}{', ' if params else ''}{params})")
-            for src in m.get("inputs", {}).values():
-                walk(src, depth + 1)
-        elif name in models:
-            m = models[name]
-            lines.append(f"{pad}{name}: sha256 {m.get('sha256')}")
-            if isinstance(m.get("provenance"), dict):
-                lines.extend(_tree(m["provenance"], indent=pad + indent))
-            elif m.get("sd_merge_recipe"):
-                lines.append(f"{pad}{indent}web UI merge: {json.dumps(m['sd_merge_recipe'])}")
-
-    walk(str(out.get("from")), 1)
-    return lines
-
-
 def cmd_show(args: argparse.Namespace) -> int:
+    from mergebuild.extract import one_line, provenance_tree
+
     info = describe(args.model, args.cache_dir)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -230,73 +207,38 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"  legacy hash   {info['legacy_hash']}")
     if isinstance(info["provenance"], dict):
         print("  provenance (mergebuild):")
-        for line in _tree(info["provenance"], "  "):
-            print(f"  {line}")
+        for line in provenance_tree(info["provenance"], 2):
+            print(line)
+    elif info["provenance"] is not None:
+        print("  provenance (mergebuild): not well-formed bounded JSON; ignored")
     elif info["sd_merge_recipe"]:
-        print(f"  provenance (web UI): {json.dumps(info['sd_merge_recipe'])}")
+        text = json.dumps(info["sd_merge_recipe"], ensure_ascii=False)
+        print(f"  provenance (web UI): {one_line(text, 1000)}")
     else:
         print("  provenance    none recorded")
     return 0
 
 
-def extract_recipe(prov: dict[str, Any]) -> str:
-    """A recipe that rebuilds the file: the same names, methods, parameters and dtypes, with
-    inputs pinned by SHA-256 (found through search paths)."""
-    import yaml
-
-    from mergebuild.engine.methods import REGISTRY
-
-    merges: dict[str, Any] = {}
-    for name, m in sorted(prov.get("merges", {}).items()):
-        method = REGISTRY.get(m.get("method"))
-        if method is None:
-            raise BuildError(f"node '{name}' uses method '{m.get('method')}', unknown here")
-        entry: dict[str, Any] = {"method": m["method"]}
-        if method.variadic:
-            entry["inputs"] = list(m["inputs"].values())
-        else:
-            entry.update(m["inputs"])
-        entry.update(m.get("params", {}))
-        entry["dtype"] = m.get("dtype", "auto")
-        merges[name] = entry
-    out = prov.get("output", {})
-    name = out.get("name", "output")
-    doc = {
-        "mergebuild": 1,
-        "models": {n: {"sha256": m["sha256"]} for n, m in sorted(prov["models"].items())},
-        "merges": merges,
-        "outputs": {
-            name: {
-                "from": out["from"],
-                "path": f"{name}.safetensors",
-                **({"dtype": out["dtype"]} if out.get("dtype") not in (None, "auto") else {}),
-                **{k: out[k] for k in OUTPUT_OPTIONS if k in out},
-            }
-        },
-    }
-    nested = [n for n, m in prov["models"].items() if "provenance" in m]
-    head = [
-        f"# extracted by mergebuild {prov.get('mergebuild_version')} from a model it built",
-        "# inputs are pinned by sha256: build with --models DIR (or MERGEBUILD_MODEL_PATH)",
-    ]
-    if nested:
-        head.append(f"# {', '.join(nested)} were merges too: `mergebuild extract` them as well")
-    return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
-
-
 def cmd_extract(args: argparse.Namespace) -> int:
     from mergebuild.atomic import write_bytes
-    from mergebuild.provenance import METADATA_KEY, read_input_metadata
+    from mergebuild.extract import extract
+    from mergebuild.provenance import METADATA_KEY, read_metadata_values
 
     if not args.model.is_file():
         raise BuildError(f"no such file: {args.model}")
-    prov = read_input_metadata(args.model).get(METADATA_KEY)
+    prov = read_metadata_values(args.model).get(METADATA_KEY)
     if not isinstance(prov, dict) or prov.get("format") != 2:
         raise BuildError(
             f"{args.model} carries no mergebuild provenance (format 2): it was not built by "
             "this version of mergebuild"
         )
-    text = extract_recipe(prov)
+    try:
+        result = extract(prov)
+    except BuildError as e:
+        raise BuildError(f"{args.model}: {e}") from None
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    text = result.text()
     if args.output:
         write_bytes(args.output, text.encode())
         print(f"wrote {args.output}", file=sys.stderr)

@@ -14,18 +14,24 @@ hostnames — so two machines, checkouts or cache directories produce identical 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergebuild import __version__
 from mergebuild.graph import build_graph, canonical_json, ref
 from mergebuild.recipe.model import Recipe
 
 METADATA_KEY = "mergebuild"
+OMITTED = "provenance_omitted"  # why an input's provenance is not embedded (it was bad or big)
 FORMAT = 2
 WEBUI_METHODS = {
     "weighted_sum": "Weighted sum",
@@ -41,11 +47,64 @@ class InputFacts:
     sha256: str
     legacy: str
     size: int
-    metadata: dict[str, Any] = field(default_factory=dict)  # its own header metadata, parsed
+    metadata: dict[str, Any] = field(default_factory=dict)  # read_input_metadata(): bounded
 
 
-def read_input_metadata(path: Path) -> dict[str, Any]:
-    """A safetensors input's `__metadata__`, JSON values parsed; {} for other formats."""
+# Foreign metadata is parsed, validated and embedded within these bounds, so a hostile input
+# can neither break a build nor grow its outputs' headers without limit.
+PARSED_KEYS = (METADATA_KEY, "sd_merge_recipe", "sd_merge_models")
+FOREIGN_CAP = 2 << 20  # a metadata value parsed as JSON; a larger one stays an opaque string
+MAX_CONTAINERS = 100_000  # arrays and objects in one value (a real provenance: ~10 a node)
+MAX_JSON_DEPTH = 128  # nesting of a parsed value (json.loads recurses; ~1000 is a crash)
+EMBED_CAP = 256 << 10  # one input's provenance embedded in an output
+WEBUI_CAP = 64 << 10  # one input's web UI field (opaque to us) carried over
+MAX_GENERATIONS = 8  # nested provenance kept below an output; deeper ancestors are cut
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def parse_foreign_json(text: str) -> Any:
+    """A JSON value from someone else's file, or ValueError: size and nesting are bounded,
+    numbers finite (`1e400`, NaN and Infinity are refused), strings valid Unicode."""
+    if len(text) > FOREIGN_CAP:
+        raise ValueError(f"larger than {FOREIGN_CAP >> 20} MiB")
+    if text.count("[") + text.count("{") > MAX_CONTAINERS:  # what makes json.loads slow
+        raise ValueError(f"more than {MAX_CONTAINERS:,} arrays and objects")
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    value = json.loads(text, parse_constant=_refuse, parse_float=_finite)
+    canonical_json(value).encode("utf-8")  # a lone surrogate (from a \\ud800 escape): ValueError
+    return value
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting of JSON text, outside strings, without recursing (vectorised:
+    a hostile 4 MiB of brackets costs milliseconds, not a Python loop per bracket)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than that: the common case costs two counts
+    import numpy as np
+
+    brackets = _JSON_STRING.sub("", text).encode("utf-8", "replace").translate(None, _NOT_BRACKET)
+    steps = np.frombuffer(brackets, dtype=np.uint8)
+    depth = np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1))
+    return int(depth.max(initial=0))
+
+
+def _refuse(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite(token: str) -> float:
+    x = float(token)
+    if not math.isfinite(x):
+        raise ValueError(f"{token[:40]} is out of range")
+    return x
+
+
+def read_metadata_values(path: Path) -> dict[str, Any]:
+    """A safetensors input's `__metadata__`: the provenance fields parsed when they are
+    well-formed bounded JSON, everything else as the opaque string it is; {} for other
+    formats or unreadable headers (the engine reports those)."""
     if path.suffix.lower() not in (".safetensors", ".sft"):
         return {}
     from mergebuild.engine.safetensors_io import read_header
@@ -55,17 +114,141 @@ def read_input_metadata(path: Path) -> dict[str, Any]:
         meta = read_header(path).metadata
     except BuildError:
         return {}  # reported properly when the engine opens the file
+    out: dict[str, Any] = dict(meta)
+    for k in PARSED_KEYS:
+        v = meta.get(k)
+        if isinstance(v, str) and v[:1] in ("{", "["):
+            with contextlib.suppress(ValueError, RecursionError):  # else: an opaque string
+                out[k] = parse_foreign_json(v)
+    return out
+
+
+def read_input_metadata(path: Path) -> dict[str, Any]:
+    """What an output built from `path` may embed of its metadata (see embeddable_metadata)."""
+    return embeddable_metadata(read_metadata_values(path), str(path))
+
+
+def embeddable_metadata(meta: dict[str, Any], label: str) -> dict[str, Any]:
+    """The provenance fields of an input, checked and bounded for embedding in outputs.
+
+    `mergebuild`: kept when it has the structure of mergebuild provenance, ancestors beyond
+    MAX_GENERATIONS cut (fewer when it is larger than EMBED_CAP); otherwise dropped with a
+    warning and `provenance_omitted` says why. The web UI's fields are opaque: kept when small.
+    """
     out: dict[str, Any] = {}
-    for k, v in meta.items():
-        try:
-            out[k] = json.loads(v, parse_constant=_refuse) if v[:1] in "{[" else v
-        except ValueError:  # not JSON, or NaN/Infinity that canonical JSON cannot carry
+    if METADATA_KEY in meta:
+        prov, why = bounded_provenance(meta[METADATA_KEY], MAX_GENERATIONS - 1)
+        if prov is not None:
+            out[METADATA_KEY] = prov
+        else:
+            out[OMITTED] = why
+            warnings.warn(
+                f"{label}: its mergebuild provenance is {why}; outputs record it as omitted",
+                stacklevel=2,
+            )
+    for k in ("sd_merge_recipe", "sd_merge_models"):
+        if k not in meta:
+            continue
+        v = meta[k]
+        if k == "sd_merge_models" and not isinstance(v, dict):
+            warnings.warn(f"{label}: its {k} is not a JSON object; not carried over", stacklevel=2)
+        elif len(canonical_json(v)) > WEBUI_CAP:
+            warnings.warn(
+                f"{label}: its {k} is larger than {WEBUI_CAP >> 10} KiB; not carried over",
+                stacklevel=2,
+            )
+        else:
             out[k] = v
     return out
 
 
-def _refuse(token: str) -> Any:
-    raise ValueError(token)
+# -- the structure of mergebuild provenance (format 2), as far as anything relies on it ----------
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+
+class ModelRecord(_Record):
+    sha256: str | None = None
+    size: int | None = None
+    provenance: dict[str, Any] | None = None
+
+
+class MergeRecord(_Record):
+    method: str
+    inputs: dict[str, str]
+    params: dict[str, Any] = Field(default_factory=dict)
+    dtype: str = "auto"
+
+
+class OutputRecord(_Record):
+    name: str = "output"
+    source: str = Field(alias="from")
+    dtype: str | None = None
+
+
+class ProvenanceRecord(_Record):
+    format: int
+    mergebuild_version: str | None = None
+    output: OutputRecord
+    models: dict[str, ModelRecord]
+    merges: dict[str, MergeRecord] = Field(default_factory=dict)
+
+
+def one_line(text: object, cap: int = 120) -> str:
+    """`text` as one printable line of at most `cap` characters (for comments, messages and
+    terminals): newlines, `\\r`, U+0085/U+2028, escapes and other control or format characters
+    go."""
+    s = "".join(c for c in str(text)[: cap * 4] if c.isprintable())
+    return s if len(s) <= cap else s[: cap - 1] + "…"
+
+
+def check_provenance(prov: Any) -> str | None:
+    """None when `prov` has the structure of mergebuild provenance, else what is wrong (the
+    first problem, located like `models.x.sha256`)."""
+    if not isinstance(prov, dict):
+        return f"not a JSON object ({type(prov).__name__})"
+    try:
+        ProvenanceRecord.model_validate(prov)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = one_line(".".join(str(x) for x in first["loc"]), 100) or "provenance"
+        return f"{where}: {one_line(first['msg'].lower(), 100)}"
+    return None
+
+
+def bounded_provenance(prov: Any, generations: int) -> tuple[dict[str, Any] | None, str]:
+    """(`prov` with at most `generations` nested levels below it and at most EMBED_CAP bytes,
+    or None; why it is None). Deterministic: it depends on the provenance only."""
+    if isinstance(prov, str):
+        return None, "not well-formed bounded JSON"
+    problem = check_provenance(prov)
+    if problem is not None:
+        return None, f"malformed ({problem})"
+    for g in sorted({generations, min(generations, 2), min(generations, 1), 0}, reverse=True):
+        cut = _cut(prov, g)
+        if len(canonical_json(cut)) <= EMBED_CAP:
+            return cut, ""
+    return None, f"larger than {EMBED_CAP >> 10} KiB"
+
+
+def _cut(prov: dict[str, Any], generations: int) -> dict[str, Any]:
+    """`prov` (already checked) with nested provenance below `generations` levels replaced by
+    `provenance_omitted` (recursion depth is `generations`, a small constant)."""
+    models: dict[str, Any] = {}
+    for name, entry in prov["models"].items():
+        entry = dict(entry)
+        if "provenance" in entry and entry["provenance"] is not None:
+            nested = entry.pop("provenance")
+            if generations <= 0:
+                entry[OMITTED] = "deeper than the nesting kept"
+            elif (problem := check_provenance(nested)) is not None:
+                entry[OMITTED] = f"malformed ({problem})"
+            else:
+                entry["provenance"] = _cut(nested, generations - 1)
+        models[name] = entry
+    return {**prov, "models": models}
 
 
 def subgraph(recipe: Recipe, output: str) -> tuple[list[str], list[str]]:
@@ -91,7 +274,9 @@ def output_provenance(
         entry: dict[str, Any] = {"sha256": facts.sha256, "size": facts.size, "xxh3": keys[m]}
         if isinstance(facts.metadata.get(METADATA_KEY), dict):
             entry["provenance"] = facts.metadata[METADATA_KEY]
-        elif "sd_merge_recipe" in facts.metadata:
+        elif OMITTED in facts.metadata:
+            entry[OMITTED] = facts.metadata[OMITTED]
+        if "provenance" not in entry and "sd_merge_recipe" in facts.metadata:
             entry["sd_merge_recipe"] = facts.metadata["sd_merge_recipe"]
         model_entries[m] = entry
     return {
