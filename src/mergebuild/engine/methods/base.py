@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     import torch
@@ -40,9 +41,9 @@ class Params(BaseModel):
             if isinstance(x, PlainNumber) and float in allowed:
                 return x.number()  # unquoted 1e-3: a number in YAML 1.2
             if isinstance(x, bool) and bool not in allowed:
-                raise ValueError(f"must be a number, not the boolean {str(x).lower()}")
+                raise _not_a_number(f"the boolean {str(x).lower()}")
             if isinstance(x, str) and str not in allowed:
-                raise ValueError(f"must be a number, not the string {x!r}")
+                raise _not_a_number(f"the string {x!r}")
             return x
 
         if isinstance(value, list | tuple):
@@ -57,6 +58,12 @@ class Params(BaseModel):
             if isinstance(x, float) and abs(x) > FLOAT32_MAX:
                 raise ValueError(f"{x:g} is too large: float32 arithmetic stops at ±3.4e38")
         return value
+
+
+def _not_a_number(what: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "not_a_number", "Input should be a valid number, not {what}", {"what": what}
+    )
 
 
 def _leaf_types(annotation: Any) -> set[Any]:
