@@ -166,7 +166,9 @@ def test_recipe_named_like_a_lock_file_is_refused(workdir: Path, cache: Path) ->
     recipe = workdir / "r.lock"
     recipe.write_text(recipe_text("o.safetensors"))
     before = recipe.read_bytes()
-    for args in (("lock", recipe), (recipe, "-n"), ("graph", recipe)):
+    link = workdir / "r.yaml"  # a recipe that is a link to such a file: its lock is the file
+    link.symlink_to(recipe)
+    for args in (("lock", recipe), (recipe, "-n"), ("graph", recipe), ("lock", link)):
         r = run_cli(*args, cache=cache)
         refused(r, "cannot end in .lock")
     assert recipe.read_bytes() == before

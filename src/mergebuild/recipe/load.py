@@ -42,7 +42,7 @@ def load_recipe(
     (after resolving symlinks) are refused unless `allow_outside_paths`.
     """
     shown = str(path)
-    if not _including and Path(path).suffix == ".lock":
+    if not _including and ".lock" in (Path(path).suffix, Path(path).resolve().suffix):
         raise RecipeError(
             [
                 Problem(
