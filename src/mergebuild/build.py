@@ -200,14 +200,33 @@ class Builder:
         return Plan(items, all_keys, models, hashed, resolved, facts, corrupt)
 
     def _check_outputs_spare_inputs(self, resolved: dict[str, ResolvedInput]) -> None:
-        """A model found by hash may live where an output goes: never write over it."""
+        """A model found by hash may live where an output goes: never write over it. Nor over
+        the cache's own files (objects, sidecars, journals, memos: `cache gc` would delete the
+        output, or the output would corrupt the cache). And `lock` writes RECIPE.lock: it must
+        not be an input."""
+        from mergebuild.lockfile import lock_path
+
         real = {os.path.realpath(r.path): n for n, r in resolved.items()}
+        lock = os.path.realpath(lock_path(self.recipe))
+        if lock in real:
+            raise BuildError(
+                f"input model '{real[lock]}' is the recipe's lock file path {lock}; "
+                "rename the model"
+            )
+        cache = [os.path.realpath(self.store.root / d) for d in _CACHE_DIRS]
         for name in self.outputs:
-            hit = real.get(os.path.realpath(self.recipe.outputs[name].path))
+            path = self.recipe.outputs[name].path
+            hit = real.get(os.path.realpath(path))
             if hit is not None:
                 raise BuildError(
-                    f"output '{name}' ({self.recipe.outputs[name].path}) is the file of input "
-                    f"model '{hit}'; writing it would destroy the input"
+                    f"output '{name}' ({path}) is the file of input model '{hit}'; writing it "
+                    "would destroy the input"
+                )
+            lands = os.path.join(os.path.realpath(path.parent), path.name)
+            if any(lands == d or lands.startswith(d + os.sep) for d in cache):
+                raise BuildError(
+                    f"output '{name}' ({path}) is inside the cache's own files "
+                    f"({self.store.root}); write outputs elsewhere"
                 )
 
     def _check_lock(self, resolved: dict[str, ResolvedInput]) -> None:
@@ -470,6 +489,9 @@ class Builder:
         outputs = {k: v for k, v in outputs.items() if k in self.recipe.outputs}
         with contextlib.suppress(OSError):
             self.store.write_journal(self.recipe.path, {"nodes": nodes, "outputs": outputs})
+
+
+_CACHE_DIRS = ("objects", "hashes", "journal", "locks")  # cache.py's layout
 
 
 def _warn_nonfinite(name: str, keys: set[str]) -> None:

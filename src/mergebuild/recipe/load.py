@@ -42,6 +42,15 @@ def load_recipe(
     (after resolving symlinks) are refused unless `allow_outside_paths`.
     """
     shown = str(path)
+    if not _including and ".lock" in (Path(path).suffix, Path(path).resolve().suffix):
+        raise RecipeError(
+            [
+                Problem(
+                    f"{shown}: a recipe's name cannot end in .lock: `mergebuild lock` writes its "
+                    "lock file there (RECIPE.lock), which would replace the recipe; rename it"
+                )
+            ]
+        )
     try:
         raw = read_capped(path, RECIPE_CAP, "recipe")
     except TextFileError as e:
@@ -99,12 +108,29 @@ def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] |
                 )
                 continue
         try:
-            entry[field] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            entry[field] = value
+            parsed = _set_value(value)
+        except RecipeError as e:
+            problems += [Problem(f"--set {item!r}: {p.message}", p.location) for p in e.problems]
+            continue
+        entry[field], sub = parsed
+        for path, loc in sub.values.items():
+            pos.values[(section, name, field, *path)] = loc
         pos.values[(section, name, field)] = Location("--set", 1, 1)
     if problems:
         raise RecipeError(problems)
+
+
+def _set_value(value: str) -> tuple[Any, Positions]:
+    """A `--set` VALUE read like the recipe: the same loader, caps and refusals (duplicate
+    keys, tags, alias bombs). Text that is not YAML at all (`@x`, `a: b: c`) stays a string,
+    as before; only the parser decides that, nothing is constructed."""
+    if not value.strip():
+        return None, Positions("--set")
+    try:
+        yaml.compose(value, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return value, Positions("--set")
+    return load_yaml(value.encode(), "--set")
 
 
 class _Resolver:
@@ -117,7 +143,8 @@ class _Resolver:
         allow_outside: bool = False,
         including: tuple[Path, ...] = (),
     ) -> None:
-        self.recipe = Recipe(path=path)
+        self.recipe = Recipe(path=path, sources=[path])
+        self.landing: dict[str, str] = {}  # output name → where its file really lands
         self.rf, self.data, self.pos = rf, data, pos
         self.allow_outside = allow_outside
         self.including = (*including, path)
@@ -133,7 +160,7 @@ class _Resolver:
 
     def resolve(self) -> Recipe:
         self.recipe.search_paths = [
-            self._path(p, ("search_paths", i)) for i, p in enumerate(self.rf.search_paths)
+            self._search_path(p, ("search_paths", i)) for i, p in enumerate(self.rf.search_paths)
         ]
         for ns, text in self.rf.include.items():
             self._include(ns, text)
@@ -249,6 +276,7 @@ class _Resolver:
                 self.included.add(name)
         known = self.recipe.search_paths
         known += [p for p in sub.search_paths if p not in known]
+        self.recipe.sources += [p for p in sub.sources if p not in self.recipe.sources]
 
     def _apply_aliases(self) -> None:
         """Point references to an aliased included output at what it stands for."""
@@ -268,6 +296,22 @@ class _Resolver:
             text = text.replace("\0", "")
         p = Path(os.path.expanduser(text))
         return Path(os.path.normpath(self.recipe.directory / p))
+
+    def _search_path(self, text: str, where: tuple) -> Path:
+        """A recipe is data, often downloaded: it may point at a models folder anywhere (its
+        own, `../models`, `/data/sd`), but not at a whole filesystem, the home directory or a
+        virtual filesystem; the user can still pass those with --models DIR."""
+        from mergebuild.locate import too_broad  # locate imports the recipe model
+
+        path = self._path(text, where)
+        why = too_broad(path)
+        if why:
+            self.err(
+                f"search path {text!r} is {why}: a recipe may only name folders that hold "
+                "models (pass a broader folder yourself with --models DIR if you mean it)",
+                self.pos.of(where),
+            )
+        return path
 
     def _dtype(self, value: str | None, where: tuple, allow_auto: bool) -> str | None:
         if value is None or (allow_auto and value == "auto"):
@@ -402,12 +446,6 @@ class _Resolver:
         dtype = self._dtype(out.dtype, (*where, "dtype"), allow_auto=False)
         path = self._path(out.path, (*where, "path"))
         self._check_output_place(name, path)
-        for other in self.recipe.outputs.values():
-            if other.path == path:
-                self.err(
-                    f"outputs '{other.name}' and '{name}' write the same file {path}",
-                    self.pos.of((*where, "path")),
-                )
         for model in self.recipe.models.values():
             if model.path == path:
                 self.err(
@@ -435,10 +473,13 @@ class _Resolver:
         )
 
     def _check_output_place(self, name: str, path: Path) -> None:
-        """Refuse outputs that land outside the recipe's directory or on an input's bytes.
+        """Refuse outputs that land outside the recipe's directory, on an input's bytes, on
+        this recipe, a recipe it includes or their lock files, or on another output's file.
 
         Symlinks are resolved: in the directories (which decide where the file lands) and in
-        the output itself (a link to an input model would name the input).
+        the output itself (a link to an input model would name the input). Names are compared
+        case-folded too (a case-insensitive filesystem), and existing files by inode (a
+        hardlink of the recipe is the recipe).
         """
         loc = self.pos.of(("outputs", name, "path"))
         lands = Path(os.path.realpath(path.parent)) / path.name
@@ -449,6 +490,16 @@ class _Resolver:
                 f"not under {home}); pass --allow-outside-paths if that is intended",
                 loc,
             )
+        if os.path.isdir(path):
+            self.err(f"output '{name}' ({path}) is a directory; give a file name", loc)
+            return
+        parent = _nearest_existing(path.parent)
+        if parent is not None and not parent.is_dir():
+            self.err(
+                f"output '{name}' ({path}) cannot be written: {parent} is a file, not a directory",
+                loc,
+            )
+            return
         real = os.path.realpath(path)
         for model in self.recipe.models.values():
             if model.path and model.path != path and os.path.realpath(model.path) == real:
@@ -457,6 +508,33 @@ class _Resolver:
                     "through a symlink; writing it would destroy the input",
                     loc,
                 )
+        for what, protected in self._protected():
+            if _same_place(path, lands, protected):
+                self.err(
+                    f"output '{name}' ({path}) is {what} ({protected}); writing it would "
+                    "destroy it: choose another output path",
+                    loc,
+                )
+                return
+        for other, place in self.landing.items():
+            # not by inode: outputs are hardlinks of cache objects, equal outputs share one
+            if _same_place(path, lands, Path(place), inode=False):
+                self.err(
+                    f"outputs '{other}' and '{name}' write the same file {path}"
+                    + (f" (through a link: {place})" if place != str(lands) else ""),
+                    loc,
+                )
+        self.landing[name] = str(lands)
+
+    def _protected(self) -> list[tuple[str, Path]]:
+        """Files a build must never write over: recipes and their lock files."""
+        out: list[tuple[str, Path]] = []
+        for i, src in enumerate(self.recipe.sources):
+            kind = "the recipe itself" if i == 0 else f"included recipe {src.name}"
+            out.append((kind, src))
+            lock = src.with_suffix(".lock")  # lockfile.lock_path of that recipe
+            out.append(("the recipe's lock file" if i == 0 else f"the lock file of {kind}", lock))
+        return out
 
     def _check_refs(self) -> None:
         models, merges = self.model_names, self.merge_names
@@ -482,6 +560,33 @@ class _Resolver:
                     f"{did_you_mean(out.source, sorted([*merges, *models]))}",
                     self.pos.of(("outputs", out.name, "from")),
                 )
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    """`path` or its closest ancestor that exists (following symlinks)."""
+    for p in (path, *path.parents):
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def _same_place(path: Path, lands: Path, other: Path, inode: bool = True) -> bool:
+    """Would writing `path` (whose directory entry is `lands`) replace or be `other`?"""
+    real_other = os.path.realpath(other)
+    if str(lands) == real_other or os.path.realpath(path) == real_other:
+        return True
+    if (
+        lands.parent == Path(real_other).parent
+        and lands.name.casefold() == Path(real_other).name.casefold()
+    ):
+        return True  # the same name on a case-insensitive filesystem
+    if not inode:
+        return False
+    try:
+        a, b = os.stat(path), os.stat(other)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _unknown_ref(ref: str, models: set[str], merges: set[str]) -> str:

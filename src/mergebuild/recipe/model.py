@@ -50,6 +50,9 @@ class Recipe:
     nodes: dict[str, NodeSpec] = field(default_factory=dict)
     outputs: dict[str, OutputSpec] = field(default_factory=dict)
     search_paths: list[Path] = field(default_factory=list)
+    # this file and every recipe it includes, transitively: a build must never write over
+    # them (nor over their lock files)
+    sources: list[Path] = field(default_factory=list)
 
     @property
     def directory(self) -> Path:

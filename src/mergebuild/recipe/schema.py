@@ -8,8 +8,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -61,14 +63,14 @@ class MergeEntry(_Strict):
     expr: str | None = None
     inputs: list[str] | None = None
     dtype: str = "auto"
-    cache: bool | None = None
+    cache: StrictBool | None = None  # not 1, "yes" or "false": YAML true/false only
 
 
 class OutputEntry(_Strict):
     source: str = Field(alias="from", min_length=1)
     path: str = Field(min_length=1)
     dtype: str | None = None
-    prune: bool = False  # drop model_ema.*
+    prune: StrictBool = False  # drop model_ema.*
     components: list[Literal["unet", "text_encoder", "vae", "other"]] | None = None
     include: list[str] | None = None  # regexes: keep only matching keys
     exclude: list[str] | None = None  # regexes: drop matching keys
@@ -82,6 +84,13 @@ class RecipeFile(_Strict):
     models: dict[DottedName, str | ModelEntry] = Field(default_factory=dict)
     merges: dict[DottedName, Any] = Field(default_factory=dict)
     outputs: dict[str, OutputEntry]
+
+    @field_validator("mergebuild", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int):  # `true` == 1 in Python
+            raise ValueError(f"unsupported recipe version {value!r}")
+        return value
 
 
 FIELD_NAMES = {

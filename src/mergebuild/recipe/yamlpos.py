@@ -7,6 +7,7 @@ last one) and caps the number of nodes so an alias bomb cannot exhaust memory.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -18,6 +19,17 @@ MAX_NODES = 100_000
 PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 Path = tuple[str | int, ...]
+# numbers with an exponent that YAML 1.1 (PyYAML) leaves as text: 1e-3, 1.5e3, 2E+10
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+")
+
+
+class PlainNumber(str):
+    """An unquoted scalar like `1e-3` that PyYAML reads as text but YAML 1.2 (and the user)
+    read as a number. It stays text (an AutoV2 pin `12e4567890` is text), and is taken as a
+    number only where a number belongs; a quoted "0.5" is plain text and refused there."""
+
+    def number(self) -> float:
+        return float(self.replace("_", ""))
 
 
 class Positions:
@@ -142,4 +154,6 @@ class _Walker:
             ) from None
         if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
             self.pos.values[(*path, "__quoted__")] = self.pos.mark(node.start_mark)
+        elif type(value) is str and _EXPONENT_NUMBER.fullmatch(value):
+            value = PlainNumber(value)
         return value

@@ -194,6 +194,10 @@ def block_alphas(params: BaseModel) -> list[tuple[str, BlockAlpha]]:
 
 
 def _num(v: Any, path: tuple[str | int, ...], what: str) -> Fraction:
+    from mergebuild.recipe.yamlpos import PlainNumber
+
+    if isinstance(v, PlainNumber):  # unquoted 1e-3 (text to PyYAML): exact from its digits
+        v = Fraction(v.replace("_", ""))
     if isinstance(v, bool) or not isinstance(v, int | float | Fraction):
         raise AlphaError(f"{what} must be a number (got {v!r})", path)
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +27,29 @@ class Params(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
+    @field_validator("*", mode="before", check_fields=False)
+    @classmethod
+    def _numbers_are_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """pydantic's lax mode reads `yes`/`true` as 1 and "0.5" as 0.5: a YAML boolean or a
+        quoted string where a number belongs is a mistake in the recipe, said so."""
+        from mergebuild.recipe.yamlpos import PlainNumber
+
+        field = cls.model_fields.get(info.field_name or "")
+        allowed = _leaf_types(field.annotation) if field else set()
+
+        def check(x: object) -> object:
+            if isinstance(x, PlainNumber) and float in allowed:
+                return x.number()  # unquoted 1e-3: a number in YAML 1.2
+            if isinstance(x, bool) and bool not in allowed:
+                raise _not_a_number(f"the boolean {str(x).lower()}")
+            if isinstance(x, str) and str not in allowed:
+                raise _not_a_number(f"the string {x!r}")
+            return x
+
+        if isinstance(value, list | tuple):
+            return [check(x) for x in value]
+        return check(value)
+
     @field_validator("*", mode="after", check_fields=False)
     @classmethod
     def _float32_range(cls, value: object) -> object:
@@ -33,6 +58,20 @@ class Params(BaseModel):
             if isinstance(x, float) and abs(x) > FLOAT32_MAX:
                 raise ValueError(f"{x:g} is too large: float32 arithmetic stops at ±3.4e38")
         return value
+
+
+def _not_a_number(what: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "not_a_number", "Input should be a valid number, not {what}", {"what": what}
+    )
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """Every type an annotation names: `float | list[float]` → {float, list}."""
+    out = {typing.get_origin(annotation) or annotation}
+    for arg in typing.get_args(annotation):
+        out |= _leaf_types(arg)
+    return out
 
 
 def cls_name(params: Params) -> str:
