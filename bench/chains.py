@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 SHAPES = ("chain", "diamond", "wide", "outputs")
+CPU_SECONDS: list[float] = []  # of each run(), in order
 
 
 def write_models(directory: Path, keys: int = 4, numel: int = 64, seed: int = 0) -> None:
@@ -107,7 +109,11 @@ def recipe_text(shape: str, n: int, no_cache: bool = False, explicit: bool = Fal
 
 
 def run(args: list[str], cache: Path, cwd: Path, timeout: float = 3600) -> float:
+    """Wall seconds of one CLI run; its CPU seconds (user + system) go to CPU_SECONDS.
+
+    CPU time is the steadier figure on a shared machine: wall time counts other processes."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CACHE_DIR": str(cache)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(
         [sys.executable, "-m", "mergebuild", *args],
@@ -118,6 +124,8 @@ def run(args: list[str], cache: Path, cwd: Path, timeout: float = 3600) -> float
         timeout=timeout,
     )
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"{' '.join(args)}: exit {p.returncode}: {' | '.join(tail)}")
@@ -134,11 +142,14 @@ def measure(
         cache = Path(tmp) / "cache"
         row = {"shape": shape, "n": n, "cache": "false" if no_cache else "default"}
         row["dry"] = run(["r.yaml", "-n", "-q"], cache, work, timeout)
+        row["dry_cpu"] = CPU_SECONDS[-1]
         if dry_only:
             return row
         try:
             row["cold"] = run(["r.yaml", "-q"], cache, work, timeout)
+            row["cold_cpu"] = CPU_SECONDS[-1]
             row["cached"] = run(["r.yaml", "-q"], cache, work, timeout)
+            row["cached_cpu"] = CPU_SECONDS[-1]
         except subprocess.TimeoutExpired:
             row.setdefault("cold", f">{timeout:.0f}")
         except RuntimeError as e:
@@ -148,9 +159,7 @@ def measure(
         return row
 
 
-def profile(
-    shape: str, n: int, no_cache: bool, what: str, top: int, size: tuple[int, int]
-) -> None:
+def profile(shape: str, n: int, no_cache: bool, what: str, top: int, size: tuple[int, int]) -> None:
     """cProfile of one `-n`, cold build or cached rebuild, run in a child process."""
     with tempfile.TemporaryDirectory(prefix="mb-chains-") as tmp:
         work = Path(tmp) / "work"
@@ -170,7 +179,15 @@ def profile(
         pstats.Stats(str(prof)).sort_stats("tottime").print_stats(top)
 
 
+def _cell(row: dict, k: str) -> str:
+    v, cpu = row.get(k), row.get(f"{k}_cpu")
+    if isinstance(v, float):
+        return f"{v:7.2f} ({cpu:5.1f})" if cpu is not None else f"{v:14.2f}"
+    return f"{v or '-':>14}"
+
+
 def main() -> None:
+    global SRC
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, default="chain")
     ap.add_argument("--n", type=int, nargs="+", default=[100, 300, 1000])
@@ -182,25 +199,22 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--keys", type=int, default=4, help="tensors per model")
     ap.add_argument("--numel", type=int, default=64, help="elements per tensor (fp16)")
+    ap.add_argument("--src", type=Path, default=SRC, help="mergebuild sources to measure")
     a = ap.parse_args()
+    SRC = a.src.resolve()
     size = (a.keys, a.numel)
     variants = [True] if a.only_false else [False] if a.no_false else [False, True]
     if a.profile:
         profile(a.shape, a.n[0], variants[0], a.profile, a.top, size)
         return
-    print(f"{'shape':<8} {'n':>6} {'cache':<8} {'-n':>8} {'cold':>8} {'cached':>8}")
+    print("wall seconds (CPU seconds: user + system)")
+    print(f"{'shape':<8} {'n':>6} {'cache':<8} {'-n':>14} {'cold':>14} {'cached':>14}")
     for n in a.n:
         for no_cache in variants:
             r = measure(a.shape, n, no_cache, a.dry_only, a.timeout, size)
 
-            def f(v: object) -> str:
-                return f"{v:8.2f}" if isinstance(v, float) else f"{v or '-':>8}"
-
-            print(
-                f"{r['shape']:<8} {r['n']:>6} {r['cache']:<8} {f(r['dry'])} "
-                f"{f(r.get('cold'))} {f(r.get('cached'))}",
-                flush=True,
-            )
+            cells = " ".join(_cell(r, k) for k in ("dry", "cold", "cached"))
+            print(f"{r['shape']:<8} {r['n']:>6} {r['cache']:<8} {cells}", flush=True)
             if "error" in r:
                 print(f"  {r['error']}", flush=True)
 
