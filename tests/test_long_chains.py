@@ -9,13 +9,17 @@ uncached nodes alike; it never calls mergebuild code. No timing is asserted.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_st, run_cli
+from conftest import SRC, load_st, run_cli
 
 FLOAT_KEYS = {"w0": (4, 8), "w1": (16,), "w2": (2, 3, 4)}
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -84,9 +88,7 @@ def recipe(nodes: list[Node], expressions: bool) -> str:
             slots = f"a: {prev}, b: b" + (", c: a" if nd.method == "add_difference" else "")
             extra = f", dtype: {nd.dtype}" if nd.dtype != "auto" else ""
             extra += ", cache: false" if nd.cache is False else ""
-            lines.append(
-                f"  {nd.name}: {{method: {nd.method}, {slots}, alpha: {nd.alpha}{extra}}}"
-            )
+            lines.append(f"  {nd.name}: {{method: {nd.method}, {slots}, alpha: {nd.alpha}{extra}}}")
         prev = nd.name
     lines += ["outputs:", f"  final: {{from: {prev}, path: out/final.safetensors}}"]
     return "\n".join(lines) + "\n"
@@ -119,6 +121,23 @@ def header_bytes(path: Path) -> int:
         return struct.unpack("<Q", f.read(8))[0]
 
 
+def run_with_file_limit(
+    recipe_path: Path, cache: Path, soft: int = 1024
+) -> subprocess.CompletedProcess[str]:
+    """A build under the soft open-file limit many systems default to (1024), where the
+    hard limit allows more: a lock held per node must not exhaust it."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
+    return subprocess.run(
+        [sys.executable, "-m", "mergebuild", str(recipe_path), "--json", "-q"],
+        env={**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard)),
+    )
+
+
 @pytest.fixture
 def chain_dir(tmp_path: Path) -> tuple[Path, dict]:
     work = tmp_path / "work"
@@ -136,10 +155,10 @@ def test_1000_node_chain_builds_and_matches_numpy(
     work, models = chain_dir
     nodes = chain(1000, pattern)
     (work / "r.yaml").write_text(recipe(nodes, expressions))
-    r = run_cli(work / "r.yaml", "--json", "-q", cache=cache, timeout=900)
-    assert r.code == 0, r.err[-2000:]
-    assert "RecursionError" not in r.err
-    report = r.json
+    r = run_with_file_limit(work / "r.yaml", cache)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RecursionError" not in r.stderr
+    report = json.loads(r.stdout)
     assert report["summary"]["built"] == 1001
     out = load_st(work / "out" / "final.safetensors")
     want = reference(models, nodes)

@@ -33,6 +33,9 @@ from mergebuild.recipe.model import Recipe
 # lags) and two descriptors while it is written: a 1000-node cached chain in one pass held
 # ~2.4 MB per node of 2.4 MB models (1.1 GB at 300 nodes). Typical recipes stay in one pass.
 MAX_FILES_PER_PASS = 32
+# descriptors a pass may hold besides the locks: two per file written, inputs, and slack
+# for the interpreter, torch and the readahead
+FILES_PER_PASS_FDS = 4 * MAX_FILES_PER_PASS + 256
 
 
 @dataclass
@@ -291,7 +294,8 @@ class Builder:
         t0 = time.perf_counter()
         plan = self.plan()
         if plan.to_build():
-            with self._locked([i.key for i in plan.to_build()]):
+            # only what gets a cache file: a `cache: false` node is never shared through it
+            with self._locked([i.key for i in plan.to_build() if i.kind == "output" or i.stored]):
                 hashed = plan.hashed
                 plan = self.plan()  # another process may have built some while we waited
                 plan.hashed = [*hashed, *(n for n in plan.hashed if n not in hashed)]
@@ -321,8 +325,10 @@ class Builder:
 
     @contextlib.contextmanager
     def _locked(self, keys: list[str]) -> Iterator[None]:
+        keys = sorted(set(keys))  # fixed order: no deadlock between two builds
+        _allow_files(len(keys) + FILES_PER_PASS_FDS)  # each held lock is an open file
         with contextlib.ExitStack() as stack:
-            for key in sorted(set(keys)):  # fixed order: no deadlock between two builds
+            for key in keys:
                 stack.enter_context(self.store.lock(key))
             yield
 
@@ -513,6 +519,24 @@ class Builder:
         outputs = {k: v for k, v in outputs.items() if k in self.recipe.outputs}
         with contextlib.suppress(OSError):
             self.store.write_journal(self.recipe.path, {"nodes": nodes, "outputs": outputs})
+
+
+def _allow_files(n: int) -> None:
+    """Raise this process's open-file limit (soft, up to the hard one) to hold `n` files.
+
+    A 1000-node chain holds a lock file per node for the whole build; 1024, a common default
+    soft limit, then failed with "Too many open files" well before the hard limit.
+    """
+    try:
+        import resource
+    except ImportError:  # not a Unix: no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= n:
+        return
+    want = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _warn_nonfinite(name: str, keys: set[str]) -> None:
