@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import SRC, load_st, run_cli
 
 FLOAT_KEYS = {"w0": (4, 8), "w1": (16,), "w2": (2, 3, 4)}
