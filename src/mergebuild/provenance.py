@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergebuild import __version__
-from mergebuild.graph import build_graph, canonical_json, ref
+from mergebuild.graph import canonical_json, ref
 from mergebuild.recipe.model import Recipe
 
 METADATA_KEY = "mergebuild"
@@ -252,10 +251,21 @@ def _cut(prov: dict[str, Any], generations: int) -> dict[str, Any]:
 
 
 def subgraph(recipe: Recipe, output: str) -> tuple[list[str], list[str]]:
-    """(models, merge nodes) the output depends on, sorted by name."""
-    g = build_graph(recipe)
-    anc = nx.ancestors(g, ("output", output))
-    return (sorted(n for k, n in anc if k == "model"), sorted(n for k, n in anc if k == "merge"))
+    """(models, merge nodes) the output depends on, sorted by name.
+
+    A walk up from this output alone: building the whole graph for each output made a recipe
+    of N outputs cost N² (1000 outputs: 70 s for `-n`)."""
+    out = recipe.outputs[output]
+    models, merges = set(), set()
+    stack = [out.source, *([out.vae] if out.vae is not None else [])]
+    while stack:
+        name = stack.pop()
+        if name in recipe.models:
+            models.add(name)
+        elif name not in merges:
+            merges.add(name)
+            stack.extend(recipe.nodes[name].inputs.values())
+    return sorted(models), sorted(merges)
 
 
 def output_provenance(

@@ -100,6 +100,25 @@ class Unit:
     whole: bool
 
 
+@dataclass(frozen=True)
+class Step:
+    """One value of a key plan: a source's tensor or a job's result, in slot `i` for step i."""
+
+    name: str
+    key: str  # the key read (a baked-in VAE's own key) or the unit's key for a job
+    is_job: bool
+    args: tuple[int, ...]  # slots of the job's inputs, `a` first (only `a`: key not merged)
+    sinks: tuple[int, ...]  # sinks written with this value
+    free: tuple[int, ...]  # slots no later step needs: dropped after this step
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    steps: tuple[Step, ...]
+    reads: tuple[tuple[str, str], ...]  # (source, key) in the order the steps read them
+    peak: int  # most computed values alive at once
+
+
 class FusedPass:
     def __init__(
         self,
@@ -117,6 +136,7 @@ class FusedPass:
         # (job, key) → n: merge only the first n input channels, the rest come from `a`
         self.channel_merge: dict[tuple[str, str], int] = {}
         self.readahead: Readahead | None = None  # set during run()
+        self._key_plans: dict[str, KeyPlan] = {}
         for job in jobs:
             self._plan_job(job)
         for sink in sinks:
@@ -234,27 +254,8 @@ class FusedPass:
 
     def _ranges(self, u: Unit) -> list[tuple[int, int, int]]:
         """The file byte ranges unit `u` will read, for the readahead thread."""
-        reads: dict[tuple[str, str], None] = {}
-
-        def visit(name: str, key: str) -> None:
-            if name in self.sources:
-                reads[(name, key)] = None
-                return
-            job = self.jobs[name]
-            visit(job.inputs[0], key)
-            if _mergeable(key, self.layouts[name][key].dtype) and self._others_have(job, key):
-                for n in job.inputs[1:]:
-                    visit(n, key)
-
-        for sink in self.sinks:
-            if u.key in sink.infos:
-                vkey = sink.vae_keys.get(u.key)
-                if vkey is not None and sink.vae is not None:
-                    visit(sink.vae, vkey)
-                else:
-                    visit(sink.source, u.key)
         out = []
-        for name, key in reads:
+        for name, key in self.key_plan(u.key).reads:
             src = self.sources[name]
             if hasattr(src, "byte_range"):
                 hi = math.prod(self.layouts[name][key].shape) if u.whole else u.hi
@@ -263,22 +264,73 @@ class FusedPass:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def _value(self, name: str, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
-        if name in memo:
-            return memo[name]
-        if name in self.sources:
-            val = self._read(name, u.key, u)  # in its own shape: an inpainting `a` is wider
-        else:
-            val = self._compute(self.jobs[name], u, memo)
-        memo[name] = val
-        return val
+    def key_plan(self, key: str) -> KeyPlan:
+        """The evaluation steps of one key (made once, shared by its units and workers)."""
+        plan = self._key_plans.get(key)
+        if plan is None:  # two workers racing here build equal plans: either one is fine
+            plan = self._key_plans[key] = self._make_key_plan(key)
+        return plan
 
-    def _read_as(self, name: str, key: str, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
-        """Unit `u` of another key of a source (a baked-in VAE's tensor for an output key)."""
-        tag = f"\0{name}\0{key}"
-        if tag not in memo:
-            memo[tag] = self._read(name, key, u)
-        return memo[tag]
+    def _deps(self, name: str, key: str) -> list[tuple[str, str]]:
+        """The values node `name` needs for `key`: only `a` when the key is not merged."""
+        if name in self.sources:
+            return []
+        job = self.jobs[name]
+        if _mergeable(key, self.layouts[name][key].dtype) and self._others_have(job, key):
+            return [(n, key) for n in job.inputs]
+        return [(job.inputs[0], key)]
+
+    def _make_key_plan(self, key: str) -> KeyPlan:
+        """Every value the sinks need for `key`, ordered so inputs come first (an explicit
+        stack, not recursion: a chain may be thousands of nodes deep), each freed after its
+        last use so a long chain holds a few values at a time, not one per node."""
+        roots: dict[tuple[str, str], list[int]] = {}
+        for i, sink in enumerate(self.sinks):
+            if key in sink.infos:
+                vkey = sink.vae_keys.get(key)
+                if vkey is not None and sink.vae is not None:
+                    roots.setdefault((sink.vae, vkey), []).append(i)
+                else:
+                    roots.setdefault((sink.source, key), []).append(i)
+        slot: dict[tuple[str, str], int] = {}
+        deps: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        order: list[tuple[str, str]] = []
+        for root in roots:
+            stack = [(root, False)]
+            while stack:
+                v, expanded = stack.pop()
+                if expanded:
+                    slot[v] = len(order)
+                    order.append(v)
+                elif v not in deps:
+                    deps[v] = self._deps(*v)
+                    stack.append((v, True))
+                    stack.extend((d, False) for d in reversed(deps[v]) if d not in deps)
+        last = list(range(len(order)))  # the step after which each value is dead
+        for i, v in enumerate(order):
+            for d in deps[v]:
+                last[slot[d]] = i
+        frees: list[list[int]] = [[] for _ in order]
+        for s, i in enumerate(last):
+            frees[i].append(s)
+        steps, alive, peak = [], 0, 0
+        for i, (name, k) in enumerate(order):
+            is_job = name in self.jobs
+            alive += is_job
+            peak = max(peak, alive)  # computed values held at once: what _cost charges for
+            steps.append(
+                Step(
+                    name,
+                    k,
+                    is_job,
+                    tuple(slot[d] for d in deps[(name, k)]),
+                    tuple(roots.get((name, k), ())),
+                    tuple(frees[i]),
+                )
+            )
+            alive -= sum(order[f][0] in self.jobs for f in frees[i])
+        reads = tuple(v for v in order if v[0] in self.sources)
+        return KeyPlan(tuple(steps), reads, peak)
 
     def _read(self, name: str, key: str, u: Unit) -> torch.Tensor:
         """Unit `u` of `key` in source `name`: from the direct-read buffers when the readahead
@@ -295,18 +347,19 @@ class FusedPass:
             val = src.read_flat(key, lo, hi)
         return val.reshape(shape) if u.whole else val
 
-    def _compute(self, job: NodeJob, u: Unit, memo: dict[str, Any]) -> torch.Tensor:
+    def _compute(self, job: NodeJob, u: Unit, args: list[torch.Tensor]) -> torch.Tensor:
+        """Job's value for unit `u` from its inputs' values (`a` alone: the key is not merged)."""
         info = self.layouts[job.name][u.key]
-        a = self._value(job.inputs[0], u, memo)
+        a = args[0]
         if not _mergeable(u.key, info.dtype):
             return a
         import torch
 
-        if not self._others_have(job, u.key):
+        if len(args) < len(job.inputs):  # another input lacks the key: a's tensor, cast
             out = a.to(to_torch(info.dtype))
         else:
             params = self._params(job, u.key)
-            xs = [a, *(self._value(n, u, memo) for n in job.inputs[1:])]
+            xs = list(args)
             xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
             n = self.channel_merge.get((job.name, u.key))
             if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
@@ -350,26 +403,29 @@ class FusedPass:
         return p
 
     def _do_unit(self, u: Unit) -> None:
-        memo: dict[str, Any] = {}
-        for sink in self.sinks:
-            info = sink.infos.get(u.key)
-            if info is None:
-                continue
-            vkey = sink.vae_keys.get(u.key)
-            if vkey is not None and sink.vae is not None:
-                val = self._read_as(sink.vae, vkey, u, memo)
-            else:
-                val = self._value(sink.source, u, memo)
-            if val.dtype != to_torch(info.dtype):
-                val = val.to(to_torch(info.dtype))
-            assert sink.writer is not None
-            sink.writer.write(u.key, val, u.lo)
+        plan = self.key_plan(u.key)
+        vals: list[Any] = [None] * len(plan.steps)
+        for i, step in enumerate(plan.steps):
+            if step.is_job:
+                val = self._compute(self.jobs[step.name], u, [vals[j] for j in step.args])
+            else:  # in its own shape: an inpainting `a` is wider
+                val = self._read(step.name, step.key, u)
+            vals[i] = val
+            for s in step.sinks:
+                sink = self.sinks[s]
+                want = to_torch(sink.infos[u.key].dtype)
+                assert sink.writer is not None
+                sink.writer.write(u.key, val if val.dtype == want else val.to(want), u.lo)
+            for j in step.free:
+                vals[j] = None
 
     def _cost(self, u: Unit) -> int:
-        """Rough peak bytes for one unit: raw reads plus float32 temporaries of every node."""
+        """Rough peak bytes for one unit: raw reads plus float32 temporaries of the computed
+        values it holds at once (a long chain frees each value after its consumer)."""
         n = u.hi - u.lo
-        raw = sum(n * ITEMSIZE[lay[u.key].dtype] for lay in self.layouts.values() if u.key in lay)
-        return raw + 12 * n * max(1, len(self.jobs))
+        plan = self.key_plan(u.key)
+        raw = sum(n * ITEMSIZE[self.layouts[name][key].dtype] for name, key in plan.reads)
+        return raw + 12 * n * max(1, plan.peak)
 
     # -- driver -------------------------------------------------------------------------------
 
