@@ -222,7 +222,7 @@ def test_two_outputs_writing_one_file_are_refused(workdir: Path, cache: Path, se
 def test_output_inside_the_cache_is_refused(workdir: Path) -> None:
     cache = workdir / "c"
     recipe = workdir / "r.yaml"
-    for out in ("c/objects/x.safetensors", "c/journal/j.safetensors", "c/hashes/h.safetensors"):
+    for out in ("c/objects/x.safetensors", "c/journal/j.safetensors", "c/CACHEDIR.TAG"):
         recipe.write_text(recipe_text(out))
         r = run_cli(recipe, "-n", cache=cache)
         assert r.code == 1 and "Traceback" not in r.err, r.err

@@ -20,6 +20,7 @@ from typing import Any
 from mergebuild import __version__
 from mergebuild.atomic import fsync_dir, make_temp, publish
 from mergebuild.cache import CacheStore
+from mergebuild.cacheroot import MARKER, SUBDIRS
 from mergebuild.engine.methods import REGISTRY
 from mergebuild.errors import BuildError, Problem, RecipeError, did_you_mean
 from mergebuild.graph import build_graph, canonical_json, node_identity, schedule, xxh3_hex
@@ -221,7 +222,7 @@ class Builder:
                 f"input model '{real[lock]}' is the recipe's lock file path {lock}; "
                 "rename the model"
             )
-        cache = [os.path.realpath(self.store.root / d) for d in _CACHE_DIRS]
+        cache = [os.path.realpath(self.store.root / d) for d in _CACHE_NAMES]
         for name in self.outputs:
             path = self.recipe.outputs[name].path
             hit = real.get(os.path.realpath(path))
@@ -540,7 +541,7 @@ class Builder:
             self.store.write_journal(self.recipe.path, {"nodes": nodes, "outputs": outputs})
 
 
-_CACHE_DIRS = ("objects", "hashes", "journal", "locks")  # cache.py's layout
+_CACHE_NAMES = (*SUBDIRS, MARKER)  # the cache's own layout: never an output
 
 
 def _allow_files(n: int) -> None:
