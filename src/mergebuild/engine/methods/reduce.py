@@ -1,0 +1,68 @@
+"""Whole-tensor sums in float64 with a fixed summation order.
+
+Why not `torch.sum`: its split of the work across threads (and its vectorisation) may differ
+with the thread count or device, so the last bits of a norm could depend on `-j`. Here every
+sum runs in numpy float64 over fixed blocks of rows, each block summed by `np.add.reduce`
+(pairwise, deterministic for a given array), the block results added in order: the same
+tensor gives the same bits on every run, whatever the chunking or thread count.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+BLOCK = 1 << 16  # elements converted to float64 at a time: bounded temporaries
+
+
+def _f64(x: torch.Tensor) -> np.ndarray:
+    import torch
+
+    return x.to(torch.float64).numpy()
+
+
+def _rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """`x` as 2-D (rows, cols): the reduction runs over cols (axis -1 / None) or rows (0)."""
+    if axis is None:
+        return x.reshape(1, -1)
+    if x.dim() <= 1:
+        return x.reshape(-1, 1) if axis == 0 else x.reshape(1, -1)
+    if axis == 0:
+        return x.reshape(x.shape[0], -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def dots(x: torch.Tensor, y: torch.Tensor, axis: int | None = None) -> np.ndarray:
+    """Σ x·y in float64: over everything (axis None, a 1-element array), over dim 0 (one
+    value per position of the other dims) or over the last dim (one value per row)."""
+    xr, yr = _rows(x, axis), _rows(y, axis)
+    n_rows, n_cols = xr.shape
+    if axis == 0:  # sum over rows, blocks of whole rows added in row order
+        acc = np.zeros(n_cols, dtype=np.float64)
+        step = max(1, BLOCK // max(n_cols, 1))
+        for lo in range(0, n_rows, step):
+            a, b = _f64(xr[lo : lo + step]), _f64(yr[lo : lo + step])
+            acc += np.add.reduce(a * b, axis=0)
+        return acc
+    out = np.zeros(n_rows, dtype=np.float64)
+    if n_cols <= BLOCK:  # many short rows: each summed pairwise
+        step = max(1, BLOCK // max(n_cols, 1))
+        for lo in range(0, n_rows, step):
+            a, b = _f64(xr[lo : lo + step]), _f64(yr[lo : lo + step])
+            out[lo : lo + step] = np.add.reduce(a * b, axis=1)
+        return out
+    for r in range(n_rows):  # long rows (a whole tensor): blocks summed in order
+        total = 0.0
+        for lo in range(0, n_cols, BLOCK):
+            a, b = _f64(xr[r, lo : lo + BLOCK]), _f64(yr[r, lo : lo + BLOCK])
+            total += float(np.add.reduce(a * b))
+        out[r] = total
+    return out
+
+
+def dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(dots(x, y)[0])
