@@ -482,7 +482,7 @@ class _Resolver:
         loc = self.pos.of(vpath)
         quoted = (*vpath, "__quoted__") in self.pos.values
         try:
-            low = lower(text)
+            low = lower(text, name)
         except ExpressionError as e:
             self.err(f"in merge '{name}': {e}", _shift(loc, e.offset, quoted))
             return None
@@ -492,6 +492,17 @@ class _Resolver:
                     _unknown_ref(ref, self.model_names, self.merge_names),
                     _shift(loc, off, quoted),
                 )
+        for call in low.subnodes:  # methods called inside: anonymous nodes `name/1`…
+            at = _At(_shift(loc, call.offset, quoted))
+            method = REGISTRY[call.method]
+            sub = self._method_node(call.name, method, call.raw, "auto", None, at, text)
+            if sub is not None:
+                self.recipe.nodes[call.name] = sub
+                self.merge_names.add(call.name)
+        if low.call is not None:  # the whole expression is one method call
+            at = _At(_shift(loc, low.call.offset, quoted))
+            method = REGISTRY[low.call.method]
+            return self._method_node(name, method, low.call.raw, dtype, entry.cache, at, text)
         return NodeSpec(name, low.method, low.inputs, low.params, dtype, entry.cache, loc, text)
 
     def _output(self, name: str, out: Any) -> None:
