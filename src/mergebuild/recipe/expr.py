@@ -357,7 +357,7 @@ class _Calls:
         method = REGISTRY[fname]
         name = self.parent if top else self._name()
         inputs = method.input_names()
-        params = list(method.Params.model_fields)
+        params = method.param_order()
         sig = method.signature()
         raw: dict[str, Any] = {}
         if len(node.args) > len(inputs) + len(params):

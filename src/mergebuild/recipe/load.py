@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -423,9 +424,11 @@ class _Resolver:
                     )
                 self.problems.append(Problem(f"{prob.message}; signature: {sig}", prob.location))
             return None
-        msg = method.check(p, len(inputs)) or _block_range(method, p)
+        msg = method.check(p, len(inputs))
         if msg:
             self.err(f"merge '{name}': {msg}; signature: {sig}", loc)
+        for field, msg in _block_range(method, p):
+            self.err(f"merge '{name}': {msg}; signature: {sig}", pos.of((*where, field)))
         if len(inputs) < len(method.slots) or (form == "base_models" and "base" not in inputs):
             return None
         return NodeSpec(name, method.name, inputs, p.model_dump(), dtype, cache, loc, expression)
@@ -594,7 +597,7 @@ class _Resolver:
                 )
 
 
-def _block_range(method: type[Method], params: Any) -> str | None:
+def _block_range(method: type[Method], params: Any) -> Iterator[tuple[str, str]]:
     """Block weights of a bounded parameter must each lie in its range, like one number."""
     from mergebuild.sd.blocks import BlockAlpha
 
@@ -605,8 +608,8 @@ def _block_range(method: type[Method], params: Any) -> str | None:
             vals = [*(w.unet if isinstance(w.unet, list) else [w.unet])]
             for v in [*vals, w.text_encoder, w.vae, w.other]:
                 if not in_bounds(v, b):
-                    return f"block value {v:g} of '{field}' is out of its range"
-    return None
+                    yield field, f"block value {v:g} of '{field}' is out of its range"
+                    break
 
 
 class _At(Positions):

@@ -130,6 +130,12 @@ class Method:
         return cls.slots
 
     @classmethod
+    def param_order(cls) -> list[str]:
+        """Parameters in declared order, `seed` last: what positional call arguments fill."""
+        names = list(cls.Params.model_fields)
+        return [n for n in names if n != "seed"] + (["seed"] if "seed" in names else [])
+
+    @classmethod
     def signature(cls) -> str:
         """`ties(base, models=[..], k=0.2 in (0, 1], ...)`: quoted by every parameter error."""
         parts = [
@@ -137,7 +143,8 @@ class Method:
                 cls.inputs_form, ", ".join(cls.slots)
             )
         ]
-        for name, f in cls.Params.model_fields.items():
+        for name in cls.param_order():
+            f = cls.Params.model_fields[name]
             text = name if f.is_required() else f"{name}={_show(f.default)}"
             lo, lo_incl, hi, hi_incl = bounds(cls.Params, name)
             if lo is not None or hi is not None:

@@ -50,18 +50,6 @@ block weights; gamma ≥ 0 is one number."""
   beta: 0.0
   gamma: 2.0"""
 
-    @classmethod
-    def check(cls, params: ExtractParams, n_inputs: int) -> str | None:
-        for field in ("alpha", "beta"):
-            w = getattr(params, field)
-            if isinstance(w, BlockAlpha):
-                vals = [*(w.unet if isinstance(w.unet, list) else [w.unet])]
-                vals += [w.text_encoder, w.vae, w.other]
-                bad = [v for v in vals if not 0 <= v <= 1]
-                if bad:
-                    return f"'{field}' takes values in [0, 1]: block value {bad[0]:g} is outside"
-        return None
-
     @staticmethod
     def compute(params: ExtractParams, xs: list[torch.Tensor]) -> torch.Tensor:
         import numpy as np
