@@ -308,7 +308,8 @@ def test_base_models_form_in_process(tmp_path: Path) -> None:
             "  m: {method: tv_probe, base: a, models: [b, c], seed: -1}\n": "'seed'",
             "  m: {method: tv_probe, base: a, models: [b, c], seed: true}\n": "'seed'",
             "  m: {method: tv_probe, base: a, models: [b, c], weights: [1]}\n": "1 values for 2",
-            "  m: {method: tv_probe, a: a, b: b}\n": "unknown parameter 'a'",
+            "  m: {method: tv_probe, base: a, models: [b, c], c: d}\n": "unknown parameter 'c'",
+            "  m: {method: tv_probe, a: a, b: b}\n": "(tv_probe) is missing 'base:'",
             "  m: tv_probe(base=a, models=[b])\n": "at least 2 models",
             "  m: tv_probe(base=a, models=b)\n": "models= takes a list",
         }
@@ -395,3 +396,21 @@ def test_methods_command_does_not_import_torch() -> None:
     )
     assert p.returncode == 0, p.stderr
     assert "slerp" in p.stdout
+
+
+def test_extract_rebuilds_a_recipe_with_expression_calls(workdir: Path, tmp_path: Path) -> None:
+    """`mergebuild extract` turns the anonymous `m/1` into a valid name and the same tensors."""
+    merges = "  m: slerp(anything, insta, 0.3) * 0.5 + sd15 * 0.5\n"
+    recipe = write_recipe(workdir, merges, "  o: {from: m, path: out/o.safetensors}")
+    assert run_cli(recipe, "-q", cache=tmp_path / "c").code == 0
+    extracted = tmp_path / "x" / "recipe.yaml"
+    r = run_cli("extract", workdir / "out" / "o.safetensors", "-o", extracted)
+    assert r.code == 0, r.err
+    doc = yaml.safe_load(extracted.read_text())
+    assert doc["merges"]["m__1"]["method"] == "slerp"
+    b = run_cli(extracted, "--json", "--models", workdir / "models", cache=tmp_path / "c2")
+    assert b.code == 0, b.err
+    rebuilt = load_st(Path(next(n for n in b.json["nodes"] if n["kind"] == "output")["path"]))
+    first = load_st(workdir / "out" / "o.safetensors")
+    assert rebuilt.keys() == first.keys()
+    assert all(np.array_equal(rebuilt[k], first[k]) for k in first)

@@ -246,19 +246,26 @@ def extract_recipe(prov: dict[str, Any]) -> str:
 
     from mergebuild.engine.methods import REGISTRY
 
+    def plain(n: str) -> str:  # a method called in an expression: node `m/1` → `m__1`
+        return n.replace("/", "__")
+
     merges: dict[str, Any] = {}
     for name, m in sorted(prov.get("merges", {}).items()):
         method = REGISTRY.get(m.get("method"))
         if method is None:
             raise BuildError(f"node '{name}' uses method '{m.get('method')}', unknown here")
         entry: dict[str, Any] = {"method": m["method"]}
-        if method.variadic:
-            entry["inputs"] = list(m["inputs"].values())
+        refs = {slot: plain(r) for slot, r in m["inputs"].items()}
+        if method.inputs_form == "base_models":
+            entry["base"] = refs.pop("base")
+            entry["models"] = list(refs.values())
+        elif method.variadic:
+            entry["inputs"] = list(refs.values())
         else:
-            entry.update(m["inputs"])
+            entry.update(refs)
         entry.update(m.get("params", {}))
         entry["dtype"] = m.get("dtype", "auto")
-        merges[name] = entry
+        merges[plain(name)] = entry
     out = prov.get("output", {})
     name = out.get("name", "output")
     doc = {
@@ -267,7 +274,7 @@ def extract_recipe(prov: dict[str, Any]) -> str:
         "merges": merges,
         "outputs": {
             name: {
-                "from": out["from"],
+                "from": plain(out["from"]),
                 "path": f"{name}.safetensors",
                 **({"dtype": out["dtype"]} if out.get("dtype") not in (None, "auto") else {}),
                 **{k: out[k] for k in OUTPUT_OPTIONS if k in out},

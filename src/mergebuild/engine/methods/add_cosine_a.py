@@ -53,8 +53,8 @@ def blend(
 
     k = np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
     shape = (1, *a.shape[1:]) if a.dim() > 1 else (1,) * a.dim()
-    kt = torch.from_numpy(k.astype(np.float32)).reshape(shape)
-    rest = torch.from_numpy((1.0 - k).astype(np.float32)).reshape(shape)
+    kt = torch.from_numpy(k.astype(np.float32)).reshape(shape).to(a.device)
+    rest = torch.from_numpy((1.0 - k).astype(np.float32)).reshape(shape).to(a.device)
     return (a.to(torch.float32) * kt).add_(b.to(torch.float32) * rest)
 
 

@@ -66,6 +66,6 @@ block weights; gamma ≥ 0 is one number."""
         d = ((cos + 1.0) / 2.0) ** params.gamma
         m = d + beta * (1.0 - 2.0 * d)
         shape = (*a.shape[:-1], 1) if a.dim() > 0 else ()
-        mt = torch.from_numpy(m.astype(np.float32)).reshape(shape)
+        mt = torch.from_numpy(m.astype(np.float32)).reshape(shape).to(a.device)
         mix = u.mul_(1.0 - alpha).add_(v.mul_(alpha))
         return mix.mul_(mt).add_(a)

@@ -22,7 +22,7 @@ BLOCK = 1 << 16  # elements converted to float64 at a time: bounded temporaries
 def _f64(x: torch.Tensor) -> np.ndarray:
     import torch
 
-    return x.to(torch.float64).numpy()
+    return x.to(torch.float64).cpu().numpy()  # a GPU tensor too: the sums stay on the CPU
 
 
 def _rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:

@@ -53,11 +53,12 @@ alpha 0 gives exactly a."""
         alpha = float(params.alpha)  # type: ignore[arg-type]
         if alpha == 0:
             return f32(a)
-        d = f32(b).sub_(c).numpy()
+        d = f32(b).sub_(c).cpu().numpy()
         if d.ndim == 0:
             d = d.reshape(1)
         d = ndimage.median_filter(d, size=params.size, mode="reflect")
         if params.sigma > 0:
             d = ndimage.gaussian_filter(d, sigma=params.sigma, mode="reflect")
         s = torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)).reshape(a.shape)
+        s = s.to(a.device)
         return s.mul_(alpha).add_(a)
