@@ -83,11 +83,13 @@ def test_train_difference(dtype: torch.dtype, alpha: float) -> None:
     a[8, :] = 0
     b[8, :] = 0
     c[8, :] = 0  # all zero: s == 0
+    a[0, :3] = -0.0  # b == c there: a's −0.0 kept, sign included
     out = run("train_difference", [a, b, c], alpha=alpha)
     A, B, C = f64(a), f64(b), f64(c)
     ref = train_difference_ref(A, B, C, alpha)
     assert_close(out, ref, np.abs(A) + 1.8 * abs(alpha) * np.abs(B - C))
     assert np.array_equal(out[:5], A[:5]) and np.array_equal(out[8], A[8])
+    assert np.array_equal(np.signbit(out[:5]), np.signbit(A[:5]))
 
 
 def test_train_difference_b_equals_c_whole_tensor() -> None:

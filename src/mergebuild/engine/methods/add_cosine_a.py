@@ -29,18 +29,20 @@ class CosineParams(Params):
         return self
 
 
-def column_cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def column_cosines(
+    a: torch.Tensor, b: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """cos_j over dim 0 for every position j of the other dims (0 where a column is all
-    zeros), and each column's squared norms in a and b; all float64, fixed summation order."""
+    zeros), each column's squared norms in a and b and its ⟨a, b⟩; float64, fixed order."""
     import numpy as np
 
-    from mergebuild.engine.methods.reduce import dots
+    from mergebuild.engine.methods.reduce import gram
 
-    ab, aa, bb = dots(a, b, 0), dots(a, a, 0), dots(b, b, 0)
+    aa, bb, ab = gram(a, b, 0)
     den = np.sqrt(aa) * np.sqrt(bb)
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = np.where(den > 0, ab / np.where(den > 0, den, 1.0), 0.0)
-    return cos, aa, bb
+    return cos, aa, bb, ab
 
 
 def blend(
@@ -91,7 +93,7 @@ alpha may be block weights."""
         import numpy as np
 
         a, b = xs
-        cos, aa, bb = column_cosines(a, b)
+        cos, aa, bb, _ = column_cosines(a, b)
         na, nb = np.count_nonzero(aa > 0), np.count_nonzero(bb > 0)
         mean = float(np.add.reduce(cos)) / np.sqrt(na * nb) if na and nb else 0.0
         alpha = abs(float(params.alpha))  # type: ignore[arg-type]

@@ -38,11 +38,10 @@ sim_max (default 0..1, sd-mecha's add_cosine_b). alpha may be block weights."""
     def compute(params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
         import numpy as np
 
-        from mergebuild.engine.methods.reduce import dot
-
         a, b = xs
-        cos, _, _ = column_cosines(a, b)
-        den = np.sqrt(dot(a, a)) * np.sqrt(dot(b, b))
-        whole = dot(a, b) / den if den > 0 else 0.0
+        cos, aa, bb, ab_cols = column_cosines(a, b)
+        ab = float(np.add.reduce(ab_cols))
+        den = np.sqrt(float(np.add.reduce(aa))) * np.sqrt(float(np.add.reduce(bb)))
+        whole = ab / den if den > 0 else 0.0
         alpha = float(params.alpha)  # type: ignore[arg-type]
         return blend(a, b, (cos + whole) / 2.0, params, alpha)

@@ -55,13 +55,13 @@ block weights; gamma ≥ 0 is one number."""
         import numpy as np
         import torch
 
-        from mergebuild.engine.methods.reduce import dots
+        from mergebuild.engine.methods.reduce import gram
 
         a, b, c = xs
         alpha, beta = float(params.alpha), float(params.beta)  # type: ignore[arg-type]
         u = b.to(torch.float32) - a
         v = c.to(torch.float32) - a
-        uv, uu, vv = dots(u, v, -1), dots(u, u, -1), dots(v, v, -1)
+        uu, vv, uv = gram(u, v, -1)
         cos = np.clip(uv / (np.maximum(np.sqrt(uu), EPS) * np.maximum(np.sqrt(vv), EPS)), -1, 1)
         d = ((cos + 1.0) / 2.0) ** params.gamma
         m = d + beta * (1.0 - 2.0 * d)

@@ -48,7 +48,7 @@ give exactly a / b; alpha may be block weights."""
     def compute(params: SlerpParams, xs: list[torch.Tensor]) -> torch.Tensor:
         import torch
 
-        from mergebuild.engine.methods.reduce import dot
+        from mergebuild.engine.methods.reduce import gram1
 
         a, b = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
@@ -56,10 +56,11 @@ give exactly a / b; alpha may be block weights."""
             return f32(a)
         if alpha == 1:
             return f32(b)
-        na, nb = math.sqrt(dot(a, a)), math.sqrt(dot(b, b))
+        aa, bb, ab = gram1(a, b)
+        na, nb = math.sqrt(aa), math.sqrt(bb)
         if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)):
             return lerp(a, b, alpha)
-        cos = min(1.0, max(-1.0, dot(a, b) / (na * nb)))
+        cos = min(1.0, max(-1.0, ab / (na * nb)))
         omega = math.acos(cos)
         sin = math.sin(omega)
         if not sin >= PARALLEL:

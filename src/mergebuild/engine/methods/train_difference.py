@@ -39,7 +39,6 @@ be block weights; alpha 0 gives exactly a."""
 
     @staticmethod
     def compute(params: TrainDifferenceParams, xs: list[torch.Tensor]) -> torch.Tensor:
-        import torch
 
         a, b, c = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
@@ -47,9 +46,8 @@ be block weights; alpha 0 gives exactly a."""
             return f32(a)
         d = f32(b).sub_(c)
         n = f32(b).sub_(a).abs_()
-        dabs = d.abs()
-        s = dabs + n
-        q = torch.where(s != 0, n / s, torch.zeros((), dtype=torch.float32))
-        t = q.mul_(dabs).mul_(torch.sign(d)).mul_(alpha * 1.8)
-        out = t.add_(a)
-        return torch.where(d == 0, a.to(torch.float32), out)
+        q = n.div_(d.abs().add_(n))  # NaN only where |d| + n == 0, i.e. where d == 0 (masked)
+        # sign(d)·q·|d| is q·d bit for bit (rounding is symmetric): fewer temporaries
+        t = q.mul_(d).mul_(alpha * 1.8)
+        t.masked_fill_(d == 0, -0.0)  # −0.0 + a is a exactly, −0.0 included: b == c keeps a
+        return t.add_(a)
