@@ -343,7 +343,8 @@ class _Resolver:
         loc = pos.of(where)
         sig = method.signature()
         form = method.inputs_form
-        spelled = {*method.slots, "base", "models", "inputs"}
+        slots = method.slots if form == "slots" else ()  # a variadic method has no `a:`
+        spelled = {*slots, "base", "models", "inputs"}
         params = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS and k not in spelled}
         inputs: dict[str, str] = {}
         n_models = -1
