@@ -422,6 +422,7 @@ class Builder:
                     method.Params.model_validate(node.params),
                     node.dtype,
                     list(node.inputs.values()),
+                    key=plan.keys[item.name],
                 )
             )
             needed_sources.update(node.inputs.values())

@@ -15,7 +15,8 @@ from mergebuild.cli_sd import SD_HANDLERS, add_parsers
 from mergebuild.errors import EXIT_RECIPE, MergebuildError
 
 COMMANDS = (
-    "build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract", *SD_HANDLERS,
+    "build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract", "methods",
+    *SD_HANDLERS,
 )  # fmt: skip
 
 
@@ -104,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     _common(d)
     add_parsers(sub, _common)
+    from mergebuild.cli_methods import add_parser as add_methods_parser
+
+    add_methods_parser(sub)
     return top
 
 
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo-models": cmd_demo,
             **share_commands(),
             **SD_HANDLERS,
+            "methods": _cmd_methods,
         }[args.command](args)
     except MergebuildError as e:
         if args.debug:
@@ -188,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from mergebuild.cli_methods import cmd_methods
+
+    return cmd_methods(args)
 
 
 def _show_warning(

@@ -172,10 +172,17 @@ def extract(prov: Any) -> Extracted:
         if method is None:
             unknown = one_line(m.method, 40)
             raise BuildError(f"node '{names[raw]}' uses method '{unknown}', unknown here")
-        if method.variadic:
-            slots = sorted(m.inputs, key=_slot_index)
-            if slots != [f"m{i}" for i in range(len(slots))] or not slots:
-                raise _malformed(f"{where}.inputs", f"{method.name} takes inputs m0, m1, …")
+        if method.inputs_form in ("variadic", "base_models"):
+            base = ["base"] if method.inputs_form == "base_models" else []
+            slots = sorted((s for s in m.inputs if s not in base), key=_slot_index)
+            if (
+                slots != [f"m{i}" for i in range(len(slots))]
+                or not slots
+                or (base and "base" not in m.inputs)
+            ):
+                takes = "base, m0, m1, …" if base else "m0, m1, …"
+                raise _malformed(f"{where}.inputs", f"{method.name} takes inputs {takes}")
+            slots = base + slots
         else:
             slots = list(method.slots)
             if sorted(m.inputs) != sorted(slots):
@@ -186,7 +193,10 @@ def extract(prov: Any) -> Extracted:
                 raise _malformed(f"{where}.inputs", f"'{r}' is neither a model nor a merge")
         edges[raw] = refs
         entry: dict[str, Any] = {"method": method.name}
-        if method.variadic:
+        if method.inputs_form == "base_models":
+            entry["base"] = names[refs[0]]
+            entry["models"] = [names[r] for r in refs[1:]]
+        elif method.variadic:
             entry["inputs"] = [names[r] for r in refs]
         else:
             entry.update({s: names[r] for s, r in zip(slots, refs, strict=True)})

@@ -16,13 +16,13 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
-from mergebuild.engine.methods.base import Params
+from mergebuild.engine.methods.base import ComputeContext, Params
 from mergebuild.engine.readahead import (
     DIRECT_BUFFERS,
     Readahead,
@@ -60,6 +60,7 @@ class NodeJob:
     params: Params
     dtype: str  # recipe dtype ("fp16"...) or "auto"
     inputs: list[str]  # names of sources or earlier jobs, in slot order
+    key: str = ""  # the node's content key: with the key name, what seeds a random method
 
 
 @dataclass
@@ -364,16 +365,17 @@ class FusedPass:
             n = self.channel_merge.get((job.name, u.key))
             if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
                 xs = [x if x.shape[1] == n else x[:, :n] for x in xs]
+            ctx = _context(job, params, u, info.shape)
             if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back
                 xs = [x.to(self.device, non_blocking=True) for x in xs]
-                out = job.method.compute(params, xs).cpu()
+                out = _call(job.method, params, xs, ctx).cpu()
             elif job.method.elementwise and n is None:
-                out, bad = _tiled(job.method, params, xs, to_torch(info.dtype))
+                out, bad = _tiled(job.method, params, xs, to_torch(info.dtype), ctx)
                 if bad:
                     self.stats[job.name].nonfinite.add(u.key)
                 return out
             else:
-                out = job.method.compute(params, xs)
+                out = _call(job.method, params, xs, ctx)
             if n is not None:
                 full = a.to(torch.float32, copy=True)
                 full[:, :n] = out
@@ -542,8 +544,28 @@ def _mergeable(key: str, dtype: str) -> bool:
     return is_float(dtype) and not is_position_ids(key)
 
 
+def _context(job: NodeJob, params: Params, u: Unit, shape: Any) -> ComputeContext | None:
+    """What a `needs_context` method learns about the values it gets (None for the others)."""
+    if not job.method.needs_context:
+        return None
+    seed = getattr(params, "seed", 0)
+    return ComputeContext(u.key, 0 if u.whole else u.lo, math.prod(shape), job.key, seed)
+
+
+def _call(
+    method: type[Method], params: Params, xs: list[torch.Tensor], ctx: ComputeContext | None
+) -> torch.Tensor:
+    if ctx is None:
+        return method.compute(params, xs)
+    return method.compute(params, xs, ctx)  # type: ignore[call-arg]
+
+
 def _tiled(
-    method: type[Method], params: Params, xs: list[torch.Tensor], dtype: torch.dtype
+    method: type[Method],
+    params: Params,
+    xs: list[torch.Tensor],
+    dtype: torch.dtype,
+    ctx: ComputeContext | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """An elementwise merge computed in cache-sized tiles, each cast into one result tensor.
 
@@ -561,7 +583,9 @@ def _tiled(
     bad = False
     for lo in range(0, numel, TILE_ELEMENTS):
         part = out[lo : lo + TILE_ELEMENTS]
-        part.copy_(method.compute(params, [x[lo : lo + TILE_ELEMENTS] for x in flat]))
+        tile = [x[lo : lo + TILE_ELEMENTS] for x in flat]
+        at = None if ctx is None else replace(ctx, offset=ctx.offset + lo)
+        part.copy_(_call(method, params, tile, at))
         bad = _has_nonfinite(part) or bad
     return out.reshape(xs[0].shape), bad
 

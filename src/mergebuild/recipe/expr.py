@@ -8,6 +8,13 @@ and the equivalent explicit node get the same cache key and the same bytes.
 A coefficient may also be block weights — `preset("TRUE_CUBIC_HERMITE")`, `blocks(...)` — exact
 per-block values (`sd.blocks.Weights`) folded with the same arithmetic group by group, so
 `a + (b - c) * preset("X")` lowers to add_difference with the same alpha as `alpha: {preset: X}`.
+
+A merge method may be called like a function: `slerp(a, b, 0.3)`, `ties(base=sd15,
+models=[a, b], k=0.2)`. Positional arguments fill the method's inputs, then its parameters in
+declared order; keywords go by name. A call that is the whole expression is the node itself;
+a call used as a term (`slerp(a, b, 0.3) * 0.5 + c * 0.5`), or an input that is itself an
+expression, becomes an anonymous node `<parent>/<n>` (numbered in order of appearance) in
+the explicit form, so it gets the same cache key as the same node written out by hand.
 """
 
 from __future__ import annotations
@@ -89,30 +96,86 @@ class Lowered:
     inputs: dict[str, str]
     params: dict[str, object]
     refs: dict[str, int]  # referenced name → offset of first mention (for error locations)
+    call: Call | None = None  # the expression is one method call: this node, explicit form
+    subnodes: tuple[Call, ...] = ()  # anonymous nodes the expression needs, inputs first
+
+
+@dataclass(frozen=True)
+class Call:
+    """A node in the recipe's explicit form (`{a: x, b: y, alpha: 0.3}` or `{base: …,
+    models: [..], …}`), validated by the loader like one written by hand."""
+
+    name: str
+    method: str
+    raw: dict[str, Any]
+    offset: int
 
 
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 
-def parse_expression(text: str) -> tuple[dict[str, Coef], dict[str, int]]:
-    """Fold `text` into {name: coefficient} (first-appearance order) and name → offset."""
+def parse_expression(
+    text: str, calls: _Calls | None = None
+) -> tuple[dict[str, Coef], dict[str, int]]:
+    """Fold `text` into {name: coefficient} (first-appearance order) and name → offset.
+
+    With `calls`, merge methods called in the expression become anonymous nodes there.
+    """
+    tree = _parse(text)
+    refs: dict[str, int] = {}
+    folder = _Folder(text, refs, calls)
+    try:
+        result = folder.fold(tree.body)
+    except RecursionError:
+        raise ExpressionError("expression is nested too deeply") from None
+    except AlphaError as e:
+        raise ExpressionError(str(e)) from None
+    return _terms(result, refs), refs
+
+
+def _parse(text: str) -> ast.Expression:
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ExpressionError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
-        tree = ast.parse(text.strip() and f"({text})", mode="eval")
+        return ast.parse(text.strip() and f"({text})", mode="eval")
     except SyntaxError as e:
         raise ExpressionError(f"invalid expression: {e.msg}", max((e.offset or 2) - 2, 0)) from None
     except (RecursionError, MemoryError):
         raise ExpressionError("expression is nested too deeply") from None
-    refs: dict[str, int] = {}
-    lines = text.split("\n")
 
-    def offset(node: ast.AST) -> int:
+
+def _terms(result: _Lin, refs: dict[str, int]) -> dict[str, Coef]:
+    """The model terms of a folded expression, refusing what no merge can compute."""
+    if not _is_zero(result.const):
+        raise ExpressionError("expression adds a bare number to a model; only models can be summed")
+    terms = {n: c for n, c in result.terms.items() if not _is_zero(c)}
+    if not terms:
+        raise ExpressionError("expression has no model terms (everything cancels out)")
+    for name, c in terms.items():
+        vals = (c,) if isinstance(c, Fraction) else c.values()
+        if not all(abs(_as_float(v)) <= FLOAT32_MAX for v in vals):  # merges compute in float32
+            raise ExpressionError(f"coefficient of '{name}' is too large", refs.get(name, 0))
+    return terms
+
+
+class _Folder:
+    """Folds an expression's syntax tree into a linear combination, exactly."""
+
+    def __init__(self, text: str, refs: dict[str, int], calls: _Calls | None) -> None:
+        self.text, self.refs, self.calls = text, refs, calls
+        self.lines = text.split("\n")
+        if calls is not None:
+            calls.folder = self
+
+    def offset(self, node: ast.AST) -> int:
         line, col = getattr(node, "lineno", 1), getattr(node, "col_offset", 1)
-        return sum(len(s) + 1 for s in lines[: line - 1]) + col - (1 if line == 1 else 0)
+        return sum(len(s) + 1 for s in self.lines[: line - 1]) + col - (1 if line == 1 else 0)
 
-    def fold(node: ast.AST) -> _Lin:
+    def fold(self, node: ast.AST) -> _Lin:
+        fold, offset, text, refs = self.fold, self.offset, self.text, self.refs
         if isinstance(node, ast.Call):
+            if self.calls is not None and method_called(node) is not None:
+                return _Lin({self.calls.add(node): Fraction(1)})
             return _Lin(const=weights_call(node, offset(node)))
         if isinstance(node, ast.Name | ast.Attribute):
             name = _dotted(node)  # `ns.model`: an output of an included recipe
@@ -153,23 +216,6 @@ def parse_expression(text: str) -> tuple[dict[str, Coef], dict[str, int]]:
             offset(node),
         )
 
-    try:
-        result = fold(tree.body)
-    except RecursionError:
-        raise ExpressionError("expression is nested too deeply") from None
-    except AlphaError as e:
-        raise ExpressionError(str(e)) from None
-    if not _is_zero(result.const):
-        raise ExpressionError("expression adds a bare number to a model; only models can be summed")
-    terms = {n: c for n, c in result.terms.items() if not _is_zero(c)}
-    if not terms:
-        raise ExpressionError("expression has no model terms (everything cancels out)")
-    for name, c in terms.items():
-        vals = (c,) if isinstance(c, Fraction) else c.values()
-        if not all(abs(_as_float(v)) <= FLOAT32_MAX for v in vals):  # merges compute in float32
-            raise ExpressionError(f"coefficient of '{name}' is too large", refs[name])
-    return terms, refs
-
 
 def _dotted(node: ast.AST) -> str | None:
     if isinstance(node, ast.Name):
@@ -185,8 +231,8 @@ def weights_call(node: ast.Call, at: int) -> Coef:
     fname = node.func.id if isinstance(node.func, ast.Name) else None
     if fname not in WEIGHT_FUNCTIONS:
         raise ExpressionError(
-            f'unknown function {fname or "(expression)"!r}: only preset("NAME") and '
-            "blocks(...) give block weights",
+            f"unknown function {fname or '(expression)'!r}: call a merge method (see "
+            '`mergebuild methods`), or preset("NAME") / blocks(...) for block weights',
             at,
         )
 
@@ -227,9 +273,32 @@ def _param(c: Coef) -> float | dict[str, Any]:
     return float(c) if isinstance(c, Fraction) else c.to_param()
 
 
-def lower(text: str) -> Lowered:
-    """Parse `text` and pick the canonical method that computes the same combination."""
-    terms, refs = parse_expression(text)
+def lower(text: str, parent: str = "") -> Lowered:
+    """Parse `text` and pick the canonical method that computes the same combination.
+
+    Merge methods called in `text` become nodes named `parent` (a call that is the whole
+    expression) or `parent/1`, `parent/2`… (calls used as terms or inputs).
+    """
+    calls = _Calls(parent)
+    tree = _parse(text)
+    refs: dict[str, int] = {}
+    folder = _Folder(text, refs, calls)
+    try:
+        if isinstance(tree.body, ast.Call) and method_called(tree.body) is not None:
+            calls.add(tree.body, top=True)
+            top = calls.nodes.pop(parent)
+            return Lowered(top.method, {}, {}, refs, top, tuple(calls.nodes.values()))
+        result = folder.fold(tree.body)
+    except RecursionError:
+        raise ExpressionError("expression is nested too deeply") from None
+    except AlphaError as e:
+        raise ExpressionError(str(e)) from None
+    low = _pick(_terms(result, refs), refs)
+    return Lowered(low.method, low.inputs, low.params, refs, None, tuple(calls.nodes.values()))
+
+
+def _pick(terms: dict[str, Coef], refs: dict[str, int]) -> Lowered:
+    """The canonical method computing Σ terms[n]·n."""
     names = list(terms)
     coeffs = [terms[n] for n in names]
     if len(names) == 1 and coeffs[0] == 1:
@@ -254,3 +323,103 @@ def lower(text: str) -> Lowered:
     slots = {f"m{i}": n for i, n in enumerate(names)}
     weights = [float(c) for c in coeffs]
     return Lowered("linear", slots, {"weights": weights}, refs)
+
+
+def method_called(node: ast.Call) -> str | None:
+    """The merge method a call names (`slerp(…)`), or None (preset()/blocks(), or unknown)."""
+    from mergebuild.engine.methods import REGISTRY
+
+    name = node.func.id if isinstance(node.func, ast.Name) else None
+    return name if name in REGISTRY and name not in WEIGHT_FUNCTIONS else None
+
+
+class _Calls:
+    """Method calls met while folding, as explicit-form nodes under deterministic names."""
+
+    def __init__(self, parent: str) -> None:
+        self.parent = parent
+        self.nodes: dict[str, Call] = {}  # in creation order: inputs before their consumers
+        self.count = 0
+        self.folder: _Folder | None = None
+
+    def _name(self) -> str:
+        self.count += 1
+        return f"{self.parent}/{self.count}"
+
+    def add(self, node: ast.Call, top: bool = False) -> str:
+        """Register the call `node`; return the node name standing for its value."""
+        from mergebuild.engine.methods import REGISTRY
+
+        assert self.folder is not None
+        at = self.folder.offset(node)
+        fname = method_called(node)
+        assert fname is not None
+        method = REGISTRY[fname]
+        name = self.parent if top else self._name()
+        inputs = method.input_names()
+        params = method.param_order()
+        sig = method.signature()
+        raw: dict[str, Any] = {}
+        if len(node.args) > len(inputs) + len(params):
+            raise ExpressionError(f"too many arguments for {sig}", at)
+        for i, arg in enumerate(node.args):
+            if isinstance(arg, ast.Starred):
+                raise ExpressionError(f"*arguments are not supported in {fname}()", at)
+            field = inputs[i] if i < len(inputs) else params[i - len(inputs)]
+            raw[field] = self._arg(field, arg, field in inputs)
+        for kw in node.keywords:
+            if kw.arg is None:
+                raise ExpressionError(f"**arguments are not supported in {fname}()", at)
+            field = "models" if kw.arg == "inputs" and method.inputs_form != "slots" else kw.arg
+            if field in raw:
+                raise ExpressionError(f"{fname}() got '{kw.arg}' twice; signature: {sig}", at)
+            raw[field] = self._arg(field, kw.value, field in inputs)
+        self.nodes[name] = Call(name, fname, raw, at)
+        return name
+
+    def _arg(self, field: str, arg: ast.AST, is_input: bool) -> Any:
+        if not is_input:
+            return self._value(arg)
+        if field == "models":
+            if not isinstance(arg, ast.List | ast.Tuple):
+                raise ExpressionError("models= takes a list: [a, b, …]", self._at(arg))
+            return [self._input(e) for e in arg.elts]
+        return self._input(arg)
+
+    def _at(self, node: ast.AST) -> int:
+        assert self.folder is not None
+        return self.folder.offset(node)
+
+    def _input(self, arg: ast.AST) -> str:
+        """A model/node name; any other expression becomes an anonymous node first."""
+        assert self.folder is not None
+        lin = self.folder.fold(arg)
+        terms = _terms(lin, self.folder.refs)
+        if len(terms) == 1 and next(iter(terms.values())) == 1:
+            return next(iter(terms))
+        low = _pick(terms, self.folder.refs)
+        name = self._name()
+        if low.method == "linear":
+            raw: dict[str, Any] = {"models": list(low.inputs.values()), **low.params}
+        else:
+            raw = {**low.inputs, **low.params}
+        self.nodes[name] = Call(name, low.method, raw, self._at(arg))
+        return name
+
+    def _value(self, v: ast.AST) -> Any:
+        """A parameter: a number, a quoted string, true/false, a list, or preset()/blocks()."""
+        if isinstance(v, ast.UnaryOp) and isinstance(v.op, ast.USub | ast.UAdd):
+            inner = self._value(v.operand)
+            if type(inner) in (int, float):
+                return -inner if isinstance(v.op, ast.USub) else inner
+        elif isinstance(v, ast.Constant) and type(v.value) in (int, float, str, bool):
+            return v.value
+        elif isinstance(v, ast.List | ast.Tuple):
+            return [self._value(e) for e in v.elts]
+        elif isinstance(v, ast.Call) and not method_called(v):
+            return _param(weights_call(v, self._at(v)))
+        raise ExpressionError(
+            "a parameter is a number, a quoted string, True/False, a list of those, "
+            "or preset()/blocks()",
+            self._at(v),
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mergebuild.engine.methods import REGISTRY
+from mergebuild.engine.methods import REGISTRY, Method
+from mergebuild.engine.methods.base import bounds, in_bounds
 from mergebuild.errors import Location, Problem, RecipeError, did_you_mean
 from mergebuild.recipe.expr import ExpressionError, lower
 from mergebuild.recipe.model import ModelInput, NodeSpec, OutputSpec, Recipe
@@ -364,63 +366,162 @@ class _Resolver:
                 self.pos.of((*where, "method")),
             )
             return None
-        slots = () if method.variadic else method.slots
-        params = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS and k not in slots}
+        return self._method_node(name, method, raw, dtype, entry.cache, self.pos)
+
+    def _method_node(
+        self,
+        name: str,
+        method: type[Method],
+        raw: dict[str, Any],
+        dtype: str,
+        cache: bool | None,
+        pos: Positions,
+        expression: str | None = None,
+    ) -> NodeSpec | None:
+        """Inputs and parameters of a method node, in any of the method's input forms.
+
+        `pos` locates problems: the recipe's positions for an explicit node, one fixed place
+        (the call's column) for a method called in an expression.
+        """
+        where = ("merges", name)
+        loc = pos.of(where)
+        sig = method.signature()
+        form = method.inputs_form
+        slots = method.slots if form == "slots" else ()  # a variadic method has no `a:`
+        spelled = {*slots, "base", "models", "inputs"}
+        params = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS and k not in spelled}
         inputs: dict[str, str] = {}
-        if method.variadic:
-            if not entry.inputs:
-                self.err(f"merge '{name}' ({method.name}) needs 'inputs: [..]'", loc)
-                return None
-            inputs = {f"m{i}": ref for i, ref in enumerate(entry.inputs)}
-        else:
-            if entry.inputs is not None:
-                self.err(
-                    f"merge '{name}' ({method.name}) takes inputs "
-                    f"{', '.join(method.slots)}, not 'inputs:'",
-                    self.pos.of((*where, "inputs"), key=True),
-                )
+        n_models = -1
+        if form == "slots":
+            for k in ("inputs", "models", "base"):
+                if k in raw and k not in method.slots:
+                    self.err(
+                        f"merge '{name}' ({method.name}) takes inputs "
+                        f"{', '.join(method.slots)}, not '{k}:'; signature: {sig}",
+                        pos.of((*where, k), key=True),
+                    )
             for slot in method.slots:
                 ref = raw.get(slot)
                 if ref is None:
                     self.err(
                         f"merge '{name}' ({method.name}: {method.summary}) is missing "
-                        f"input '{slot}'",
-                        self.pos.of(where, key=True),
+                        f"input '{slot}'; signature: {sig}",
+                        pos.of(where, key=True),
                     )
                 elif not isinstance(ref, str):
                     self.err(
                         f"input '{slot}' of merge '{name}' must be a model or node name",
-                        self.pos.of((*where, slot)),
+                        pos.of((*where, slot)),
                     )
                 else:
                     inputs[slot] = ref
-        for field in method.block_params:
-            if isinstance(params.get(field), list | dict):  # block weights; numbers as before
-                try:
-                    params[field] = canonical_alpha(params[field])
-                except AlphaError as e:
-                    self.err(f"merge '{name}': {e}", self.pos.of((*where, field, *e.path)))
-                    return None
+        else:
+            field = "inputs" if raw.get("models") is None else "models"
+            refs = raw.get(field)
+            if raw.get("models") is not None and raw.get("inputs") is not None:
+                self.err(
+                    f"merge '{name}': give 'models:' or its alias 'inputs:', not both",
+                    pos.of((*where, "inputs"), key=True),
+                )
+            if form == "base_models":
+                base = raw.get("base")
+                if not isinstance(base, str):
+                    what = "is missing 'base:'" if base is None else "'base' must be a name"
+                    self.err(
+                        f"merge '{name}' ({method.name}) {what}; signature: {sig}",
+                        pos.of((*where, "base") if base is not None else where, key=True),
+                    )
+                else:
+                    inputs["base"] = base
+            elif "base" in raw:
+                self.err(
+                    f"merge '{name}' ({method.name}) takes no 'base:'; signature: {sig}",
+                    pos.of((*where, "base"), key=True),
+                )
+            if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+                self.err(
+                    f"merge '{name}' ({method.name}) needs 'models: [..]' (a list of model or "
+                    f"node names); signature: {sig}",
+                    pos.of((*where, field) if refs is not None else where, key=True),
+                )
+                return None
+            n_models = len(refs)
+            if n_models < method.min_models:
+                self.err(
+                    f"merge '{name}': {method.name} needs at least {method.min_models} "
+                    f"models, got {n_models}; signature: {sig}",
+                    pos.of((*where, field)),
+                )
+            inputs.update({f"m{i}": ref for i, ref in enumerate(refs)})
+        if not self._method_params(name, method, params, n_models, pos):
+            return None
         try:
             p = method.Params.model_validate(params)
         except ValidationError as e:
-            for prob in problems_from(e, where, self.pos, f" ({method.name})"):
+            for prob in problems_from(e, where, pos, f" ({method.name})"):
                 if "unknown field" in prob.message:
                     field = prob.message.split("'")[1]
-                    allowed = [*method.Params.model_fields, *method.slots, *GENERIC_FIELDS]
+                    allowed = [*method.Params.model_fields, *method.input_names(), *GENERIC_FIELDS]
                     prob = Problem(
                         f"unknown parameter '{field}' for {method.name}"
                         f"{did_you_mean(field, allowed)}",
                         prob.location,
                     )
-                self.problems.append(prob)
+                self.problems.append(Problem(f"{prob.message}; signature: {sig}", prob.location))
             return None
         msg = method.check(p, len(inputs))
         if msg:
-            self.err(f"merge '{name}': {msg}", loc)
-        if len(inputs) < len(method.slots):
+            self.err(f"merge '{name}': {msg}; signature: {sig}", loc)
+        for field, msg in _block_range(method, p):
+            self.err(f"merge '{name}': {msg}; signature: {sig}", pos.of((*where, field)))
+        if len(inputs) < len(method.slots) or (form == "base_models" and "base" not in inputs):
             return None
-        return NodeSpec(name, method.name, inputs, p.model_dump(), dtype, entry.cache, loc)
+        return NodeSpec(name, method.name, inputs, p.model_dump(), dtype, cache, loc, expression)
+
+    def _method_params(
+        self, name: str, method: type[Method], params: dict[str, Any], n_models: int, pos: Positions
+    ) -> bool:
+        """Checks before pydantic's, with messages that say what to write instead; block
+        weights canonicalised in place. False when a problem was reported."""
+        where = ("merges", name)
+        sig = method.signature()
+        ok = True
+        fields = method.Params.model_fields
+        if "seed" in params and not method.random:
+            self.err(
+                f"merge '{name}': {method.name} is not random, 'seed' does not apply; "
+                f"signature: {sig}",
+                pos.of((*where, "seed"), key=True),
+            )
+            ok = False
+        for field, value in params.items():
+            if field in method.block_params or field not in fields:
+                continue
+            shape = str(fields[field].annotation)
+            if isinstance(value, list | dict) and "list" not in shape and "dict" not in shape:
+                takes = ", ".join(method.block_params) or "none of its parameters"
+                self.err(
+                    f"merge '{name}': '{field}' of {method.name} takes one number, not block "
+                    f"weights (per-block values: {takes}); signature: {sig}",
+                    pos.of((*where, field)),
+                )
+                ok = False
+        weights = params.get("weights")
+        if n_models >= 0 and isinstance(weights, list) and len(weights) != n_models:
+            self.err(
+                f"merge '{name}': 'weights' has {len(weights)} values for {n_models} models "
+                f"(one per model, same order); signature: {sig}",
+                pos.of((*where, "weights")),
+            )
+            ok = False
+        for field in method.block_params:
+            if isinstance(params.get(field), list | dict):  # block weights; numbers as before
+                try:
+                    params[field] = canonical_alpha(params[field])
+                except AlphaError as e:
+                    self.err(f"merge '{name}': {e}", pos.of((*where, field, *e.path)))
+                    ok = False
+        return ok
 
     def _expression(self, name: str, entry: MergeEntry, dtype: str) -> NodeSpec | None:
         where = ("merges", name)
@@ -429,7 +530,7 @@ class _Resolver:
         loc = self.pos.of(vpath)
         quoted = (*vpath, "__quoted__") in self.pos.values
         try:
-            low = lower(text)
+            low = lower(text, name)
         except ExpressionError as e:
             self.err(f"in merge '{name}': {e}", _shift(loc, e.offset, quoted))
             return None
@@ -439,6 +540,17 @@ class _Resolver:
                     _unknown_ref(ref, self.model_names, self.merge_names),
                     _shift(loc, off, quoted),
                 )
+        for call in low.subnodes:  # methods called inside: anonymous nodes `name/1`…
+            at = _At(_shift(loc, call.offset, quoted))
+            method = REGISTRY[call.method]
+            sub = self._method_node(call.name, method, call.raw, "auto", None, at, text)
+            if sub is not None:
+                self.recipe.nodes[call.name] = sub
+                self.merge_names.add(call.name)
+        if low.call is not None:  # the whole expression is one method call
+            at = _At(_shift(loc, low.call.offset, quoted))
+            method = REGISTRY[low.call.method]
+            return self._method_node(name, method, low.call.raw, dtype, entry.cache, at, text)
         return NodeSpec(name, low.method, low.inputs, low.params, dtype, entry.cache, loc, text)
 
     def _output(self, name: str, out: Any) -> None:
@@ -544,6 +656,8 @@ class _Resolver:
             for slot, ref in node.inputs.items():
                 if ref not in models and ref not in merges:
                     path = ("merges", node.name, slot)
+                    if path not in self.pos.values and slot[1:].isdigit():  # models: [..]
+                        path = ("merges", node.name, "models", int(slot[1:]))
                     if path not in self.pos.values:
                         path = ("merges", node.name, "inputs")
                     self.err(_unknown_ref(ref, models, merges), self.pos.of(path))
@@ -587,6 +701,32 @@ def _same_place(path: Path, lands: Path, other: Path, inode: bool = True) -> boo
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _block_range(method: type[Method], params: Any) -> Iterator[tuple[str, str]]:
+    """Block weights of a bounded parameter must each lie in its range, like one number."""
+    from mergebuild.sd.blocks import BlockAlpha
+
+    for field in method.block_params:
+        w = getattr(params, field, None)
+        b = bounds(method.Params, field)
+        if isinstance(w, BlockAlpha) and (b[0] is not None or b[2] is not None):
+            vals = [*(w.unet if isinstance(w.unet, list) else [w.unet])]
+            for v in [*vals, w.text_encoder, w.vae, w.other]:
+                if not in_bounds(v, b):
+                    yield field, f"block value {v:g} of '{field}' is out of its range"
+                    break
+
+
+class _At(Positions):
+    """Every path located at one place: a method called inside an expression."""
+
+    def __init__(self, loc: Location | None) -> None:
+        super().__init__(loc.file if loc else "")
+        self.loc = loc
+
+    def of(self, path: Any, *, key: bool = False) -> Location | None:
+        return self.loc
 
 
 def _unknown_ref(ref: str, models: set[str], merges: set[str]) -> str:

@@ -62,6 +62,8 @@ class MergeEntry(_Strict):
     method: str | None = None
     expr: str | None = None
     inputs: list[str] | None = None
+    models: list[str] | None = None  # `inputs:` of variadic methods, the models of base_models
+    base: str | None = None  # base_models methods: the model the task vectors are taken from
     dtype: str = "auto"
     cache: StrictBool | None = None  # not 1, "yes" or "false": YAML true/false only
 
@@ -106,7 +108,9 @@ def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str 
     for e in err.errors():
         if any("BlockAlpha" in str(x) for x in e["loc"]):
             continue  # the canonical block-weight branch of `float | BlockAlpha`: noise to users
-        loc = tuple(x for x in e["loc"] if x not in ("str", "ModelEntry", "float"))
+        loc = tuple(
+            x for x in e["loc"] if x not in ("str", "ModelEntry", "float", "constrained-float")
+        )
         path = (*prefix, *loc)
         name = ".".join(str(x) for x in path) or "recipe"
         kind = e["type"]

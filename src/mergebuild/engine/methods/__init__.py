@@ -6,17 +6,38 @@ recipes and computing cache keys. Each method imports torch only inside `compute
 
 from __future__ import annotations
 
+from mergebuild.engine.methods.add_cosine_a import AddCosineA
+from mergebuild.engine.methods.add_cosine_b import AddCosineB
 from mergebuild.engine.methods.add_difference import AddDifference
-from mergebuild.engine.methods.base import Method
+from mergebuild.engine.methods.base import ComputeContext, Method
 from mergebuild.engine.methods.copy import Copy
+from mergebuild.engine.methods.extract import Extract
 from mergebuild.engine.methods.linear import Linear
+from mergebuild.engine.methods.slerp import Slerp
+from mergebuild.engine.methods.smooth_add import SmoothAdd
+from mergebuild.engine.methods.sum_twice import SumTwice
+from mergebuild.engine.methods.train_difference import TrainDifference
+from mergebuild.engine.methods.triple_sum import TripleSum
 from mergebuild.engine.methods.weighted_sum import WeightedSum
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (WeightedSum, AddDifference, Linear, Copy)}
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(*methods: type[Method]) -> None:
+    """Add methods to the registry; a second method under a taken name is a bug."""
+    for m in methods:
+        if m.name in REGISTRY and REGISTRY[m.name] is not m:
+            raise TypeError(f"two merge methods are named '{m.name}'")
+        REGISTRY[m.name] = m
+
+
+register(WeightedSum, AddDifference, Linear, Copy)  # the web UI's and the expression forms
+register(TripleSum, SumTwice, TrainDifference, AddCosineA, AddCosineB, SmoothAdd, Extract)
+register(Slerp)
 
 
 def get_method(name: str) -> type[Method]:
     return REGISTRY[name]
 
 
-__all__ = ["REGISTRY", "Method", "get_method"]
+__all__ = ["REGISTRY", "ComputeContext", "Method", "get_method", "register"]

@@ -22,6 +22,19 @@ class AddDifference(Method):
     block_params = ("alpha",)
     summary = "a + (b - c) * alpha"
     version = 2  # 2: alpha 0 gives exactly a (an inf in b or c no longer makes NaN)
+    formula = "a + (b − c)·α"
+    description = """Transplant what distinguishes b from its base c onto a
+(the web UI's "Add difference").
+
+Typical use: a = your model, b = an inpainting or style fine-tune, c = the model b was
+trained from. alpha scales the transplanted difference; 0 keeps a exactly. alpha may be
+block weights. Expression form: `a + (b - c) * 0.5`."""
+    example = """styled:
+  method: add_difference
+  a: anything
+  b: nai_full
+  c: sd15
+  alpha: 0.5"""
 
     @staticmethod
     def compute(params: AddDifferenceParams, xs: list[torch.Tensor]) -> torch.Tensor:

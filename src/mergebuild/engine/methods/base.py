@@ -1,12 +1,17 @@
-"""What a merge method declares: input slots, a pydantic parameter model, a version, `compute`."""
+"""What a merge method declares: inputs, a pydantic parameter model, a version, `compute`.
+
+The declaration is the single source for recipe validation, cache keys, `mergebuild methods`
+and the README's table: inputs form, parameter ranges, streaming class, randomness, formula.
+"""
 
 from __future__ import annotations
 
 import typing
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
@@ -74,6 +79,26 @@ def _leaf_types(annotation: Any) -> set[Any]:
     return out
 
 
+class SeedParams(Params):
+    """Base for random methods' parameters: `seed` (default 0) is part of the node key."""
+
+    seed: Annotated[int, Strict()] = Field(0, ge=0, le=2**63 - 1)
+
+
+@dataclass(frozen=True)
+class ComputeContext:
+    """Where the values a `needs_context` method sees come from (for counter-based RNG)."""
+
+    tensor: str  # the tensor's key name
+    offset: int  # flat index of xs[i]'s first element within the whole tensor
+    numel: int  # the whole tensor's element count
+    node_key: str  # the node's content key (hex)
+    seed: int  # the node's `seed` parameter (0 for methods that are not random)
+
+
+INPUTS_FORMS = ("slots", "variadic", "base_models")
+
+
 def cls_name(params: Params) -> str:
     return type(params).__name__.removesuffix("Params") or "base"
 
@@ -90,6 +115,17 @@ class Method:
     variadic: ClassVar[bool] = False
     Params: ClassVar[type[Params]] = Params
     summary: ClassVar[str] = ""
+    # How inputs are given: "slots" (a, b, c…), "variadic" (`models:`/`inputs:` [..]) or
+    # "base_models" (`base: X` + `models: [..]`); xs is then [base, model_1, …, model_n].
+    inputs_form: ClassVar[str] = "slots"
+    min_models: ClassVar[int] = 1  # for variadic / base_models
+    random: ClassVar[bool] = False  # takes `seed:` (its Params derive from SeedParams)
+    streaming: ClassVar[str] = "elementwise"  # derived from `elementwise`: never set by hand
+    formula: ClassVar[str] = ""  # one line, for `mergebuild methods` and the README table
+    description: ClassVar[str] = ""  # what, when to use, parameters
+    example: ClassVar[str] = ""  # a YAML `merges:` entry using the method
+    # compute(params, xs, ctx) instead of compute(params, xs)
+    needs_context: ClassVar[bool] = False
 
     @classmethod
     def check(cls, params: Params, n_inputs: int) -> str | None:
@@ -112,3 +148,85 @@ class Method:
         super().__init_subclass__(**kwargs)
         if not callable(getattr(cls, "compute", None)):
             raise TypeError(f"merge method {cls.__name__} defines no compute()")
+        if cls.variadic and cls.inputs_form == "slots":
+            cls.inputs_form = "variadic"
+        if cls.inputs_form not in INPUTS_FORMS:
+            raise TypeError(f"merge method {cls.__name__}: unknown inputs_form {cls.inputs_form}")
+        cls.variadic = cls.inputs_form == "variadic"
+        cls.streaming = "elementwise" if cls.elementwise else "whole_tensor"
+        if not cls.formula:
+            cls.formula = cls.summary
+        if not cls.summary:
+            cls.summary = cls.formula
+
+    @classmethod
+    def input_names(cls) -> tuple[str, ...]:
+        """How the inputs are spelled in a recipe (and filled by positional call arguments)."""
+        if cls.inputs_form == "base_models":
+            return ("base", "models")
+        if cls.inputs_form == "variadic":
+            return ("models",)
+        return cls.slots
+
+    @classmethod
+    def param_order(cls) -> list[str]:
+        """Parameters in declared order, `seed` last: what positional call arguments fill."""
+        names = list(cls.Params.model_fields)
+        return [n for n in names if n != "seed"] + (["seed"] if "seed" in names else [])
+
+    @classmethod
+    def signature(cls) -> str:
+        """`ties(base, models=[..], k=0.2 in (0, 1], ...)`: quoted by every parameter error."""
+        parts = [
+            {"base_models": "base, models=[..]", "variadic": "models=[..]"}.get(
+                cls.inputs_form, ", ".join(cls.slots)
+            )
+        ]
+        for name in cls.param_order():
+            f = cls.Params.model_fields[name]
+            text = name if f.is_required() else f"{name}={_show(f.default)}"
+            lo, lo_incl, hi, hi_incl = bounds(cls.Params, name)
+            if lo is not None or hi is not None:
+                left = "(-inf" if lo is None else f"{'[' if lo_incl else '('}{_show(lo)}"
+                right = "inf)" if hi is None else f"{_show(hi)}{']' if hi_incl else ')'}"
+                text += f" in {left}, {right}"
+            if name in cls.block_params:
+                text += " (or block weights)"
+            parts.append(text)
+        return f"{cls.name}({', '.join(parts)})"
+
+
+def bounds(params: type[Params], name: str) -> tuple[Any, bool, Any, bool]:
+    """(low, low inclusive, high, high inclusive) of a numeric parameter (None: unbounded),
+    from its Field constraints, also when they sit inside `Annotated[float, …] | BlockAlpha`."""
+    f = params.model_fields[name]
+    metas = list(f.metadata)
+    for arg in get_args(f.annotation):
+        metas += [m for a in get_args(arg)[1:] for m in getattr(a, "metadata", [a])]
+    lo = hi = None
+    lo_incl = hi_incl = False
+    for m in metas:
+        if getattr(m, "gt", None) is not None:
+            lo, lo_incl = m.gt, False
+        if getattr(m, "ge", None) is not None:
+            lo, lo_incl = m.ge, True
+        if getattr(m, "lt", None) is not None:
+            hi, hi_incl = m.lt, False
+        if getattr(m, "le", None) is not None:
+            hi, hi_incl = m.le, True
+    return lo, lo_incl, hi, hi_incl
+
+
+def in_bounds(value: float, b: tuple[Any, bool, Any, bool]) -> bool:
+    lo, lo_incl, hi, hi_incl = b
+    if lo is not None and (value < lo or (value == lo and not lo_incl)):
+        return False
+    return not (hi is not None and (value > hi or (value == hi and not hi_incl)))
+
+
+def _show(v: object) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return f"{v:.1f}"
+    if isinstance(v, int) and v >= 2**62:
+        return "2**63-1" if v == 2**63 - 1 else str(v)
+    return repr(v) if isinstance(v, str) else str(v)

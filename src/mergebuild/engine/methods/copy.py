@@ -15,6 +15,15 @@ class Copy(Method):
     slots = ("a",)
     Params = Params
     summary = "a"
+    formula = "a"
+    description = """The input unchanged, cast to the node's dtype.
+
+Use it to convert a model (fp32 → fp16), to prune it through an output's options, or to
+give an included recipe's output another dtype."""
+    example = """half:
+  method: copy
+  a: anything
+  dtype: fp16"""
 
     @staticmethod
     def compute(params: Params, xs: list[torch.Tensor]) -> torch.Tensor:

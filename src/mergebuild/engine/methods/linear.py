@@ -19,6 +19,16 @@ class Linear(Method):
     variadic = True
     Params = LinearParams
     summary = "sum of weights[i] * inputs[i]"
+    formula = "Σ wᵢ·mᵢ (left to right)"
+    description = """Any fixed linear combination of models, summed left to right in float32.
+
+What an expression that is not a weighted sum or an add difference lowers to, e.g.
+`a + (b - c) * 0.3 + (d - c) * 0.2`. `weights` gives one number per model (`models:` or
+`inputs:`, same length); they need not sum to 1."""
+    example = """combo:
+  method: linear
+  models: [anything, nai_full, sd15]
+  weights: [1.0, 0.3, -0.3]"""
 
     @classmethod
     def check(cls, params: LinearParams, n_inputs: int) -> str | None:

@@ -22,6 +22,18 @@ class WeightedSum(Method):
     block_params = ("alpha",)
     summary = "a * (1 - alpha) + b * alpha"
     version = 2  # 2: alpha 0 / 1 give exactly a / b (an inf elsewhere no longer makes NaN)
+    formula = "a·(1−α) + b·α"
+    description = """Plain interpolation between two models (the web UI's "Weighted sum").
+
+Use it to blend two models of the same family. alpha is the share of b: 0 keeps a exactly,
+1 gives b exactly. alpha may be block weights (a preset, 26/20 values or a mapping), so
+each UNet block, the text encoder and the VAE can take a different share.
+Expression form: `a * 0.7 + b * 0.3` or `weighted_sum(a, b, 0.3)`."""
+    example = """mix:
+  method: weighted_sum
+  a: anything
+  b: insta
+  alpha: 0.3"""
 
     @staticmethod
     def compute(params: WeightedSumParams, xs: list[torch.Tensor]) -> torch.Tensor:
