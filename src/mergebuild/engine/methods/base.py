@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,23 @@ class Params(BaseModel):
         return value
 
 
+class SeedParams(Params):
+    """Base for random methods' parameters: `seed` (default 0) is part of the node key."""
+
+    seed: Annotated[int, Strict()] = Field(0, ge=0, le=2**63 - 1)
+
+
+@dataclass(frozen=True)
+class ComputeContext:
+    """Where the values a `needs_context` method sees come from (for counter-based RNG)."""
+
+    tensor: str  # the tensor's key name
+    offset: int  # flat index of xs[i]'s first element within the whole tensor
+    numel: int  # the whole tensor's element count
+    node_key: str  # the node's content key (hex)
+    seed: int  # the node's `seed` parameter (0 for methods that are not random)
+
+
 def cls_name(params: Params) -> str:
     return type(params).__name__.removesuffix("Params") or "base"
 
@@ -51,6 +69,17 @@ class Method:
     variadic: ClassVar[bool] = False
     Params: ClassVar[type[Params]] = Params
     summary: ClassVar[str] = ""
+    # How inputs are given: "slots" (a, b, c…), "variadic" (`models:`/`inputs:` [..]) or
+    # "base_models" (`base: X` + `models: [..]`); xs is then [base, model_1, …, model_n].
+    inputs_form: ClassVar[str] = "slots"
+    min_models: ClassVar[int] = 1  # for variadic / base_models
+    random: ClassVar[bool] = False  # takes `seed:` (its Params derive from SeedParams)
+    streaming: ClassVar[str] = "elementwise"  # derived from `elementwise`: never set by hand
+    formula: ClassVar[str] = ""  # one line, for `mergebuild methods` and the README table
+    description: ClassVar[str] = ""  # what, when to use, parameters
+    example: ClassVar[str] = ""  # a YAML `merges:` entry using the method
+    # compute(params, xs, ctx) instead of compute(params, xs)
+    needs_context: ClassVar[bool] = False
 
     @classmethod
     def check(cls, params: Params, n_inputs: int) -> str | None:
@@ -73,3 +102,4 @@ class Method:
         super().__init_subclass__(**kwargs)
         if not callable(getattr(cls, "compute", None)):
             raise TypeError(f"merge method {cls.__name__} defines no compute()")
+        cls.streaming = "elementwise" if cls.elementwise else "whole_tensor"
