@@ -50,28 +50,9 @@ def model_weights(weights: list[float] | None, n: int) -> list[float]:
     return [1.0] * n if weights is None else list(weights)
 
 
-def delta(xs: list[torch.Tensor], i: int) -> torch.Tensor:
-    """A new flat float32 δᵢ = xs[i] − xs[0] (one IEEE subtraction per element)."""
-    return f32(xs[i]).reshape(-1).sub_(xs[0].reshape(-1))
-
-
-def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Σ aⱼ·bⱼ in float64, chunked (see module doc); products of float32 values are exact."""
-    import numpy as np
-    import torch
-
-    a, b = a.reshape(-1), b.reshape(-1)
-    total = 0.0
-    for lo in range(0, a.numel(), REDUCE_CHUNK):
-        x = a[lo : lo + REDUCE_CHUNK].to(torch.float64).numpy()
-        y = b[lo : lo + REDUCE_CHUNK].to(torch.float64).numpy()
-        np.multiply(x, y, out=x)
-        total += float(np.add.reduce(x))
-    return total
-
-
-def sqnorm64(a: torch.Tensor) -> float:
-    return dot64(a, a)
+def delta(xs: list[torch.Tensor], i: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """A new flat float32 δᵢ[lo:hi] = xs[i] − xs[0] (one IEEE subtraction per element)."""
+    return f32(xs[i].reshape(-1)[lo:hi]).sub_(xs[0].reshape(-1)[lo:hi])
 
 
 def trim_threshold(absd: torch.Tensor, k: float) -> float | None:
@@ -91,9 +72,12 @@ def trim_threshold(absd: torch.Tensor, k: float) -> float | None:
     return float(arr[j - 1])
 
 
+TILE = 1 << 18  # elements per tile of the elementwise phase: temporaries stay in cache
+
+
 def ties_merge(
     base: torch.Tensor,
-    deltas: Callable[[int], torch.Tensor],
+    deltas: Callable[[int, int, int], torch.Tensor],
     weights: list[float],
     k: float,
     vote: Literal["magnitude", "count"],
@@ -101,47 +85,56 @@ def ties_merge(
 ) -> torch.Tensor:
     """base + scale · disjoint weighted mean of trimmed, sign-elected task vectors.
 
-    `deltas(i)` returns a new flat float32 δᵢ (i = 1..n) and is called twice per model (it must
-    return the same values). With τᵢ = wᵢ·trim(δᵢ): elected sign s = sign(Σ τᵢ) (magnitude) or
+    `deltas(i, lo, hi)` returns a new flat float32 δᵢ[lo:hi] (i = 1..n; the same values at
+    every call). With τᵢ = wᵢ·trim(δᵢ): elected sign s = sign(Σ τᵢ) (magnitude) or
     sign(Σ sign τᵢ) (count); result = Σ_{sign τᵢ = s ≠ 0} τᵢ / Σ_{same i} wᵢ, 0 where none.
-    Memory: per-model keep masks (1 byte per element) and a few float32 buffers, whatever n.
+
+    Only the trim thresholds need the whole tensor (one |δᵢ| buffer, reused per model); the rest
+    is elementwise given them and runs in cache-sized tiles, without per-model full-size copies.
     """
     import torch
 
     shape, numel = base.shape, base.numel()
-    keeps: list[torch.Tensor | None] = []
-    votes = torch.zeros(numel, dtype=torch.float32)
-    for i, w in enumerate(weights, start=1):
-        if w == 0:  # contributes to nothing: neither the vote nor the mean
-            keeps.append(None)
-            continue
-        d = deltas(i)
-        thr = trim_threshold(d.abs(), k)  # on the unweighted δᵢ
-        keep = None if thr is None else torch.ge(d.abs(), thr)
-        keeps.append(keep)
-        if keep is not None:
-            d.masked_fill_(~keep, 0.0)
-        if w != 1.0:
-            d.mul_(w)
-        votes.add_(d if vote == "magnitude" else d.sign_())
-    sign = votes.sign_()
-    del votes
-    num = torch.zeros(numel, dtype=torch.float32)
-    den = torch.zeros(numel, dtype=torch.float32)
-    for i, (w, keep) in enumerate(zip(weights, keeps, strict=True), start=1):
-        if w == 0:
-            continue
-        d = deltas(i)
-        if keep is not None:
-            d.masked_fill_(~keep, 0.0)
-        if w != 1.0:
-            d.mul_(w)
-        agree = torch.eq(d.sign(), sign).logical_and_(sign != 0)
-        num.add_(d.masked_fill_(~agree, 0.0))
-        den.add_(agree.to(torch.float32).mul_(w))
-    out = num.div_(den).masked_fill_(den == 0, 0.0)
-    out.mul_(scale)
-    return out.add_(base.reshape(-1)).reshape(shape)
+    active = [(i, w) for i, w in enumerate(weights, start=1) if w != 0]
+    thresholds: dict[int, float | None] = {i: None for i, _ in active}
+    if k < 1.0 and numel > 0:
+        buf = torch.empty(numel, dtype=torch.float32)
+        for i, _ in active:  # trim on the unweighted δᵢ
+            for lo in range(0, numel, TILE):
+                buf[lo : lo + TILE] = deltas(i, lo, min(numel, lo + TILE)).abs_()
+            thresholds[i] = trim_threshold(buf, k)
+        del buf
+    flat_base = base.reshape(-1)
+    out = torch.empty(numel, dtype=torch.float32)
+    # Masks are float 0/1 made with sign/clamp (exact), not bool tensors: torch's bool ops and
+    # masked_fill are 5-25x slower than float arithmetic on CPU. A non-finite δ gives NaN.
+    for lo in range(0, numel, TILE):
+        hi = min(numel, lo + TILE)
+        taus = []
+        for i, w in active:
+            d = deltas(i, lo, hi)
+            thr = thresholds[i]
+            if thr is not None:  # keep |δ| ≥ thr: heaviside(|δ| − thr) (x − y = 0 iff x == y)
+                d.mul_(d.abs().sub_(thr).sign_().add_(1.0).clamp_(max=1.0))
+            if w != 1.0:
+                d.mul_(w)
+            taus.append(d)
+        votes = torch.zeros(hi - lo, dtype=torch.float32)
+        for d in taus:
+            votes.add_(d if vote == "magnitude" else d.sign())
+        sign = votes.sign_()
+        num = torch.zeros(hi - lo, dtype=torch.float32)  # Σ of agreeing τᵢ, times the sign
+        den = torch.zeros(hi - lo, dtype=torch.float32)
+        for d, (_, w) in zip(taus, active, strict=True):
+            d.mul_(sign)  # > 0 exactly where τᵢ agrees with a non-zero elected sign
+            agree = d.sign().clamp_(min=0.0)
+            den.add_(agree if w == 1.0 else agree.mul_(w))
+            num.add_(d.clamp_(min=0.0))
+        # no elected sign ⟺ no agreeing model (den 0, num 0): divide by 1 there, not 0
+        den.add_(sign.abs().neg_().add_(1.0))
+        part = num.mul_(sign).div_(den).mul_(scale)
+        out[lo:hi] = part.add_(flat_base[lo:hi])
+    return out.reshape(shape)
 
 
 def gram64(base: torch.Tensor, models: list[torch.Tensor]) -> list[list[float]]:

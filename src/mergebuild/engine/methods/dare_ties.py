@@ -71,16 +71,14 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
         if params.alpha == 0:
             return f32(xs[0])
         keep = 1.0 - params.p
-        masks: dict[int, torch.Tensor] = {}  # one byte per element and model, made once
 
-        def dropped(i: int) -> torch.Tensor:
-            d = delta(xs, i)
+        def dropped(i: int, lo: int, hi: int) -> torch.Tensor:
+            """δᵢ[lo:hi] with DARE's mask: counter-based, so any range can be recomputed."""
+            d = delta(xs, i, lo, hi)
             if keep < 1.0:
-                if i not in masks:
-                    stream = stream_name(ctx.tensor, i)
-                    n = d.numel()
-                    masks[i] = rng.keep_mask(ctx.seed, ctx.node_key, stream, ctx.offset, n, keep)
-                d.masked_fill_(~masks[i], 0.0)
+                stream = stream_name(ctx.tensor, i)
+                mask = rng.keep_mask(ctx.seed, ctx.node_key, stream, ctx.offset + lo, hi - lo, keep)
+                d.masked_fill_(mask.logical_not_(), 0.0)
             return d
 
         weights = model_weights(params.weights, len(xs) - 1)

@@ -107,5 +107,10 @@ by block), weights (≥ 0, default 1), seed (default 0). Whole-tensor (a sort pe
             if w != 0
         }
         return ties_merge(
-            xs[0], lambda i: pruned[i].clone(), weights, 1.0, params.vote, float(params.alpha)
+            xs[0],
+            lambda i, lo, hi: pruned[i][lo:hi].clone(),
+            weights,
+            1.0,
+            params.vote,
+            float(params.alpha),
         )

@@ -66,5 +66,10 @@ order statistic (numpy introselect on one |δᵢ| at a time)."""
             return f32(xs[0])
         weights = model_weights(params.weights, len(xs) - 1)
         return ties_merge(
-            xs[0], lambda i: delta(xs, i), weights, params.k, params.vote, float(params.alpha)
+            xs[0],
+            lambda i, lo, hi: delta(xs, i, lo, hi),
+            weights,
+            params.k,
+            params.vote,
+            float(params.alpha),
         )
