@@ -73,12 +73,6 @@ def test_keep_mask_extremes():
     assert not rng.keep_mask(1, "n", "x", 0, 1000, 0.0).any()
 
 
-def test_uniform_at_arbitrary_indices():
-    idx = np.array([5, 0, 999_999, 3, 3, 262144], dtype=np.int64)
-    got = rng.uniform_at(9, "nk", "t", idx)
-    assert got.tolist() == [reference_uniform(9, "nk", "t", int(j)) for j in idx]
-
-
 def test_uniformity_on_a_million_samples():
     u = rng.uniform(123, "stats", "tensor", 0, 1_000_000).numpy()
     n = u.size

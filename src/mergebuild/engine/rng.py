@@ -107,20 +107,3 @@ def keep_mask(
         z = _mixed(key, offset + lo, min(BLOCK, n - lo), x, t)
         np.less(z, limit, out=out[lo : lo + len(z)])
     return torch.from_numpy(out)
-
-
-def uniform_at(seed: int, node_key: str, tensor: str, index: np.ndarray) -> np.ndarray:
-    """float64 uniforms for arbitrary element indices of the stream (same values as `uniform`)."""
-    key = stream_key(seed, node_key, tensor)
-    x = index.astype(np.uint64, copy=True)
-    x += np.uint64(1)
-    x *= GAMMA
-    x += np.uint64(key)
-    t = np.empty_like(x)
-    for shift, mul in ((30, MIX1), (27, MIX2), (31, None)):
-        np.right_shift(x, np.uint64(shift), out=t)
-        x ^= t
-        if mul is not None:
-            x *= mul
-    x >>= np.uint64(11)
-    return x * 2.0**-53

@@ -19,6 +19,7 @@ from mergebuild.engine.methods.dare import stream_name
 from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 RANK_BLOCK = 1 << 18
@@ -48,17 +49,38 @@ def magprune(
     from mergebuild.engine import rng
 
     n = d.numel()
-    order = torch.argsort(d.abs(), stable=True)  # order[r - 1] = index of rank r
+    if n >= 2**32:
+        raise ValueError(f"della: tensor of {n} elements is too large to rank")
+    rank = ranks(d)
     for lo in range(0, n, RANK_BLOCK):
-        idx = order[lo : lo + RANK_BLOCK]
-        r = np.arange(lo + 1, lo + 1 + idx.numel(), dtype=np.float64)
+        hi = min(n, lo + RANK_BLOCK)
+        r = rank[lo:hi].astype(np.float64)
         q = np.clip(1.0 - p + eps * (2.0 * r - n - 1.0) / (2.0 * n), 0.0, 1.0)
-        u = rng.uniform_at(ctx.seed, ctx.node_key, stream, idx.numpy() + ctx.offset)
-        kept = torch.from_numpy(u < q)
-        q32 = torch.from_numpy(q).to(torch.float32)
-        vals = d[idx].div_(q32).masked_fill_(~kept, 0.0)
-        d[idx] = vals
+        u = rng.uniform(ctx.seed, ctx.node_key, stream, ctx.offset + lo, hi - lo).numpy()
+        # kept: × 1/qⱼ (float64, rounded once to float32); dropped: × 0 (u < 0 never holds)
+        factor = np.divide(1.0, q, out=np.zeros_like(q), where=u < q)
+        d[lo:hi].mul_(torch.from_numpy(factor).to(torch.float32))
     return d
+
+
+def ranks(d: torch.Tensor) -> np.ndarray:
+    """1-based rank of |dⱼ| ascending, ties by position (scipy's "ordinal"), as int64.
+
+    Sorts one int64 per element, (float32 bits of |dⱼ|) << 32 | j: the bits of non-negative
+    floats order like the floats and the keys are unique, so numpy's fast unstable sort gives
+    the one stable order (torch's stable argsort was 5x slower).
+    """
+    import numpy as np
+
+    n = d.numel()
+    keys = d.abs().numpy().view(np.int32).astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(n, dtype=np.int64)
+    keys.sort()
+    keys &= 0xFFFFFFFF  # now the element index of each rank
+    rank = np.empty(n, dtype=np.int64)
+    rank[keys] = np.arange(1, n + 1, dtype=np.int64)
+    return rank
 
 
 class Della(Method):
