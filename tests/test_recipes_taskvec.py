@@ -18,7 +18,7 @@ from mergebuild.engine.methods.base import Method
 if not hasattr(Method, "input_names"):
     pytest.skip("recipe forms base:/models: not merged yet", allow_module_level=True)
 
-from test_methods_taskvec import ref_ties  # noqa: E402
+from test_methods_taskvec import ref_ties
 
 FILES = {"anything": "anything-v3", "nai_full": "nai-full", "nai_sfw": "nai-sfw", "gape": "gape60"}
 
