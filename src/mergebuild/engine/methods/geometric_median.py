@@ -35,6 +35,7 @@ def weighted_mean(xs: list[torch.Tensor], coefs: list[float]) -> torch.Tensor:
 class GeometricMedian(Method):
     name = "geometric_median"
     inputs_form = "variadic"
+    variadic = True  # the same, for loaders that predate inputs_form
     min_models = 1
     elementwise = False
     Params = GeometricMedianParams

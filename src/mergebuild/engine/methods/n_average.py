@@ -18,6 +18,7 @@ class NAverageParams(Params):
 class NAverage(Method):
     name = "n_average"
     inputs_form = "variadic"
+    variadic = True  # the same, for loaders that predate inputs_form
     min_models = 1
     Params = NAverageParams
     formula = "Σ wᵢ·mᵢ / Σ wᵢ"
