@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods._taskvec import gram64
+from mergebuild.engine.methods._taskvec import TILE, gram64
 from mergebuild.engine.methods.base import Method, Params, f32
 from mergebuild.sd.blocks import BlockAlpha
 
@@ -39,16 +39,20 @@ Parameters: alpha (default 1, may vary by block). Whole-tensor."""
 
     @staticmethod
     def compute(params: AddPerpendicularParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         assert isinstance(params.alpha, float | int)
         a, b, c = xs
         if params.alpha == 0:
             return f32(a)
         g = gram64(c, [a, b])
         coef = g[0][1] / g[0][0] if g[0][0] > 0 else 0.0
-        db = f32(b).sub_(c)
-        if coef != 0.0:
-            da = f32(a).sub_(c)
-            db.sub_(da.mul_(coef))
-            del da
-        db.mul_(float(params.alpha))
-        return db.add_(a)
+        out = torch.empty(a.numel(), dtype=torch.float32)
+        fa, fb, fc = a.reshape(-1), b.reshape(-1), c.reshape(-1)
+        for lo in range(0, a.numel(), TILE):  # tiles: no full-size temporaries
+            hi = min(a.numel(), lo + TILE)
+            db = f32(fb[lo:hi]).sub_(fc[lo:hi])
+            if coef != 0.0:
+                db.sub_(f32(fa[lo:hi]).sub_(fc[lo:hi]).mul_(coef))
+            out[lo:hi] = db.mul_(float(params.alpha)).add_(fa[lo:hi])
+        return out.reshape(a.shape)

@@ -64,7 +64,7 @@ def magprune(
 
 
 def ranks(d: torch.Tensor) -> np.ndarray:
-    """1-based rank of |dⱼ| ascending, ties by position (scipy's "ordinal"), as int64.
+    """1-based rank of |dⱼ| ascending, ties by position (scipy's "ordinal"), as int32.
 
     Sorts one int64 per element, (float32 bits of |dⱼ|) << 32 | j: the bits of non-negative
     floats order like the floats and the keys are unique, so numpy's fast unstable sort gives
@@ -75,11 +75,14 @@ def ranks(d: torch.Tensor) -> np.ndarray:
     n = d.numel()
     keys = d.abs().numpy().view(np.int32).astype(np.int64)
     keys <<= 32
-    keys |= np.arange(n, dtype=np.int64)
+    for lo in range(0, n, RANK_BLOCK):  # blockwise: no second 8-byte-per-element array
+        keys[lo : lo + RANK_BLOCK] |= np.arange(lo, min(n, lo + RANK_BLOCK), dtype=np.int64)
     keys.sort()
     keys &= 0xFFFFFFFF  # now the element index of each rank
-    rank = np.empty(n, dtype=np.int64)
-    rank[keys] = np.arange(1, n + 1, dtype=np.int64)
+    rank = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+    for lo in range(0, n, RANK_BLOCK):
+        hi = min(n, lo + RANK_BLOCK)
+        rank[keys[lo:hi]] = np.arange(lo + 1, hi + 1, dtype=rank.dtype)
     return rank
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods._taskvec import gram64
+from mergebuild.engine.methods._taskvec import TILE, delta, gram64
 from mergebuild.engine.methods.base import Method, Params, f32
 
 if TYPE_CHECKING:
@@ -64,8 +64,11 @@ fixed chunked order (independent of -j). Whole-tensor."""
         t = stock_t(gram64(base, models))
         if t == 0.0:
             return f32(base)
-        acc = torch.zeros(base.numel(), dtype=torch.float32)
-        for m in models:
-            acc.add_(f32(m).reshape(-1).sub_(base.reshape(-1)))
-        acc.mul_(t / len(models))
-        return acc.add_(base.reshape(-1)).reshape(base.shape)
+        out = torch.empty(base.numel(), dtype=torch.float32)
+        for lo in range(0, base.numel(), TILE):  # tiles: no full-size temporaries
+            hi = min(base.numel(), lo + TILE)
+            acc = torch.zeros(hi - lo, dtype=torch.float32)
+            for i in range(1, len(xs)):
+                acc.add_(delta(xs, i, lo, hi))
+            out[lo:hi] = acc.mul_(t / len(models)).add_(base.reshape(-1)[lo:hi])
+        return out.reshape(base.shape)
