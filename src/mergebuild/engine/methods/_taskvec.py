@@ -5,6 +5,9 @@ torch thread count (-j): torch's parallel reductions split work by thread. Here 
 reduction walks the flattened tensor in fixed chunks of REDUCE_CHUNK elements, reduces each
 chunk with numpy's pairwise float64 `np.add.reduce` (single-threaded, fixed order for a given
 length) and adds the chunk results left to right, so the value is a function of the data only.
+
+Masks are applied by multiplying with float 0/1 (bool ops are far slower in torch on CPU), so a
+non-finite δ element gives NaN even where it is dropped: the executor reports such keys.
 """
 
 from __future__ import annotations
