@@ -9,13 +9,21 @@ from __future__ import annotations
 from mergebuild.engine.methods.add_cosine_a import AddCosineA
 from mergebuild.engine.methods.add_cosine_b import AddCosineB
 from mergebuild.engine.methods.add_difference import AddDifference
+from mergebuild.engine.methods.add_perpendicular import AddPerpendicular
 from mergebuild.engine.methods.base import ComputeContext, Method
 from mergebuild.engine.methods.copy import Copy
+from mergebuild.engine.methods.dare import Dare
+from mergebuild.engine.methods.dare_ties import DareTies
+from mergebuild.engine.methods.della import Della
 from mergebuild.engine.methods.extract import Extract
+from mergebuild.engine.methods.geometric_median import GeometricMedian
 from mergebuild.engine.methods.linear import Linear
+from mergebuild.engine.methods.model_stock import ModelStock
+from mergebuild.engine.methods.n_average import NAverage
 from mergebuild.engine.methods.slerp import Slerp
 from mergebuild.engine.methods.smooth_add import SmoothAdd
 from mergebuild.engine.methods.sum_twice import SumTwice
+from mergebuild.engine.methods.ties import Ties
 from mergebuild.engine.methods.train_difference import TrainDifference
 from mergebuild.engine.methods.triple_sum import TripleSum
 from mergebuild.engine.methods.weighted_sum import WeightedSum
@@ -34,6 +42,18 @@ def register(*methods: type[Method]) -> None:
 register(WeightedSum, AddDifference, Linear, Copy)  # the web UI's and the expression forms
 register(TripleSum, SumTwice, TrainDifference, AddCosineA, AddCosineB, SmoothAdd, Extract)
 register(Slerp)
+# The task-vector family (δᵢ = modelᵢ − base): see _taskvec.py.
+TASK_VECTOR_METHODS: tuple[type[Method], ...] = (
+    Ties,
+    Dare,
+    DareTies,
+    Della,
+    AddPerpendicular,
+    ModelStock,
+    GeometricMedian,
+    NAverage,
+)
+register(*TASK_VECTOR_METHODS)
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,0 +1,184 @@
+"""Shared pieces of the task-vector methods (δᵢ = modelᵢ − base): parameters, reductions, TIES.
+
+Whole-tensor reductions (dot products, norms) are float64 sums that must not depend on the
+torch thread count (-j): torch's parallel reductions split work by thread. Here every
+reduction walks the flattened tensor in fixed chunks of REDUCE_CHUNK elements, reduces each
+chunk with numpy's pairwise float64 `np.add.reduce` (single-threaded, fixed order for a given
+length) and adds the chunk results left to right, so the value is a function of the data only.
+
+Masks are applied by multiplying with float 0/1 (bool ops are far slower in torch on CPU), so a
+non-finite δ element gives NaN even where it is dropped: the executor reports such keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field
+
+from mergebuild.engine.methods.base import Params, f32
+from mergebuild.sd.blocks import BlockAlpha
+
+if TYPE_CHECKING:
+    import torch
+
+REDUCE_CHUNK = 1 << 16
+Weight = Annotated[float, Field(ge=0)]
+
+
+class TaskVectorParams(Params):
+    """`alpha` scales the merged task vector; `weights` (≥ 0, one per model) default to 1."""
+
+    alpha: float | BlockAlpha = 1.0  # a plain float by the time `compute` sees it
+    weights: list[Weight] | None = None
+
+
+def n_models(n_inputs: int) -> int:
+    """base_models methods get xs = [base, m1..mn]: the loader counts the base among inputs."""
+    return n_inputs - 1
+
+
+def weights_error(weights: list[float] | None, n: int) -> str | None:
+    if weights is None:
+        return None
+    if len(weights) != n:
+        return f"'weights' has {len(weights)} values for {n} models"
+    if not any(w > 0 for w in weights):
+        return "'weights' must have at least one value above 0"
+    return None
+
+
+def model_weights(weights: list[float] | None, n: int) -> list[float]:
+    return [1.0] * n if weights is None else list(weights)
+
+
+def delta(xs: list[torch.Tensor], i: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """A new flat float32 δᵢ[lo:hi] = xs[i] − xs[0] (one IEEE subtraction per element)."""
+    return f32(xs[i].reshape(-1)[lo:hi]).sub_(xs[0].reshape(-1)[lo:hi])
+
+
+def trim_threshold(absd: torch.Tensor, k: float) -> float | None:
+    """sd-mecha's TIES threshold: the j-th smallest |δ| with j = max(⌊(1−k)·numel⌋, 1).
+
+    Elements with |δ| ≥ threshold are kept (ties at the threshold included), so at least
+    numel − j + 1 elements survive. None means "keep everything" (k = 1: the threshold would
+    be min |δ|). `absd` is overwritten (numpy's in-place introselect: exact and
+    deterministic, no index array, no second copy).
+    """
+    numel = absd.numel()
+    j = max(int((1.0 - k) * numel), 1)
+    if j == 1 or numel == 0:
+        return None
+    arr = absd.reshape(-1).numpy()
+    arr.partition(j - 1)
+    return float(arr[j - 1])
+
+
+TILE = 1 << 18  # elements per tile of the elementwise phase: temporaries stay in cache
+
+
+def ties_merge(
+    base: torch.Tensor,
+    deltas: Callable[[int, int, int], torch.Tensor],
+    weights: list[float],
+    k: float,
+    vote: Literal["magnitude", "count"],
+    scale: float,
+) -> torch.Tensor:
+    """base + scale · disjoint weighted mean of trimmed, sign-elected task vectors.
+
+    `deltas(i, lo, hi)` returns a new flat float32 δᵢ[lo:hi] (i = 1..n; the same values at
+    every call). With τᵢ = wᵢ·trim(δᵢ): elected sign s = sign(Σ τᵢ) (magnitude) or
+    sign(Σ sign τᵢ) (count); result = Σ_{sign τᵢ = s ≠ 0} τᵢ / Σ_{same i} wᵢ, 0 where none.
+
+    Only the trim thresholds need the whole tensor (one |δᵢ| buffer, reused per model); the rest
+    is elementwise given them and runs in cache-sized tiles, without per-model full-size copies.
+    """
+    import torch
+
+    shape, numel = base.shape, base.numel()
+    active = [(i, w) for i, w in enumerate(weights, start=1) if w != 0]
+    thresholds: dict[int, float | None] = {i: None for i, _ in active}
+    if k < 1.0 and numel > 0:
+        buf = torch.empty(numel, dtype=torch.float32)
+        for i, _ in active:  # trim on the unweighted δᵢ
+            for lo in range(0, numel, TILE):
+                buf[lo : lo + TILE] = deltas(i, lo, min(numel, lo + TILE)).abs_()
+            thresholds[i] = trim_threshold(buf, k)
+        del buf
+    flat_base = base.reshape(-1)
+    out = torch.empty(numel, dtype=torch.float32)
+    # Masks are float 0/1 made with sign/clamp (exact), not bool tensors: torch's bool ops and
+    # masked_fill are 5-25x slower than float arithmetic on CPU. A non-finite δ gives NaN.
+    for lo in range(0, numel, TILE):
+        hi = min(numel, lo + TILE)
+        taus = []
+        for i, w in active:
+            d = deltas(i, lo, hi)
+            thr = thresholds[i]
+            if thr is not None:  # keep |δ| ≥ thr: heaviside(|δ| − thr) (x − y = 0 iff x == y)
+                d.mul_(d.abs().sub_(thr).sign_().add_(1.0).clamp_(max=1.0))
+            if w != 1.0:
+                d.mul_(w)
+            taus.append(d)
+        votes = torch.zeros(hi - lo, dtype=torch.float32)
+        for d in taus:
+            votes.add_(d if vote == "magnitude" else d.sign())
+        sign = votes.sign_()
+        num = torch.zeros(hi - lo, dtype=torch.float32)  # Σ of agreeing τᵢ, times the sign
+        den = torch.zeros(hi - lo, dtype=torch.float32)
+        for d, (_, w) in zip(taus, active, strict=True):
+            d.mul_(sign)  # > 0 exactly where τᵢ agrees with a non-zero elected sign
+            agree = d.sign().clamp_(min=0.0)
+            den.add_(agree if w == 1.0 else agree.mul_(w))
+            num.add_(d.clamp_(min=0.0))
+        # no elected sign ⟺ no agreeing model (den 0, num 0): divide by 1 there, not 0
+        den.add_(sign.abs().neg_().add_(1.0))
+        part = num.mul_(sign).div_(den).mul_(scale)
+        out[lo:hi] = part.add_(flat_base[lo:hi])
+    return out.reshape(shape)
+
+
+def gram64(base: torch.Tensor, models: list[torch.Tensor]) -> list[list[float]]:
+    """G[i][j] = Σ δᵢ·δⱼ in float64 with δᵢ = float32(modelᵢ − base), chunked (module doc).
+
+    δ is the float32 difference the merge itself uses, so the statistics describe exactly the
+    vectors that get added; no full-size copy is made.
+    """
+    import numpy as np
+    import torch
+
+    n = len(models)
+    g = [[0.0] * n for _ in range(n)]
+    b = base.reshape(-1)
+    flat = [m.reshape(-1) for m in models]
+    for lo in range(0, b.numel(), REDUCE_CHUNK):
+        bc = b[lo : lo + REDUCE_CHUNK]
+        ds = [f32(m[lo : lo + REDUCE_CHUNK]).sub_(bc).to(torch.float64).numpy() for m in flat]
+        tmp = np.empty_like(ds[0]) if ds else None
+        for i in range(n):
+            for j in range(i, n):
+                np.multiply(ds[i], ds[j], out=tmp)
+                g[i][j] += float(np.add.reduce(tmp))
+    for i in range(n):
+        for j in range(i):
+            g[i][j] = g[j][i]
+    return g
+
+
+def dist64(x: torch.Tensor, m: torch.Tensor) -> float:
+    """‖x − m‖₂ with the difference and the sum of squares in float64, chunked."""
+    import math
+
+    import numpy as np
+    import torch
+
+    a, b = x.reshape(-1), m.reshape(-1)
+    total = 0.0
+    for lo in range(0, a.numel(), REDUCE_CHUNK):
+        d = a[lo : lo + REDUCE_CHUNK].to(torch.float64).numpy()
+        d -= b[lo : lo + REDUCE_CHUNK].to(torch.float64).numpy()
+        np.multiply(d, d, out=d)
+        total += float(np.add.reduce(d))
+    return math.sqrt(total)
