@@ -72,7 +72,10 @@ def _not_a_number(what: str) -> PydanticCustomError:
 
 
 def _leaf_types(annotation: Any) -> set[Any]:
-    """Every type an annotation names: `float | list[float]` → {float, list}."""
+    """Every type an annotation names: `float | list[float]` → {float, list};
+    `Literal["a", "b"]` names the types of its values (str)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return {type(v) for v in typing.get_args(annotation)}
     out = {typing.get_origin(annotation) or annotation}
     for arg in typing.get_args(annotation):
         out |= _leaf_types(arg)
