@@ -227,13 +227,23 @@ def flags_of(terms: list[tuple[str, Fraction]]) -> list[dict[str, Any]]:
     return out
 
 
+def _section(pos: str) -> str:
+    """IN, M or OUT for a UNet block; a component or BASE is its own section."""
+    return pos.rstrip("0123456789") if pos[-1].isdigit() else pos
+
+
 def label(blocks: list[str], positions: tuple[str, ...]) -> str:
-    """`IN00–IN05, OUT06–OUT11`: runs of consecutive UNet blocks; components one by one."""
+    """`IN00–IN05, OUT06–OUT11`: runs of consecutive blocks within IN, M or OUT; BASE and
+    components one by one."""
     idx = sorted(positions.index(b) for b in blocks)
     runs: list[list[int]] = []
     for i in idx:
         prev = runs[-1][-1] if runs else None
-        if prev is not None and i == prev + 1 and positions[i] not in GROUPS:
+        if (
+            prev is not None
+            and i == prev + 1
+            and _section(positions[i]) == _section(positions[prev])
+        ):
             runs[-1].append(i)
         else:
             runs.append([i])
