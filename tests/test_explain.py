@@ -334,3 +334,17 @@ def test_no_torch_import(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "TORCH False"
     assert "x = A + B − C" in out.stdout
+
+
+def test_long_chain_no_recursion_limit(tmp_path: Path) -> None:
+    """1500 nodes deep: beyond Python's default recursion limit (1000)."""
+    merges = ["n0: {method: weighted_sum, a: A, b: B, alpha: 0.5}"]
+    for i in range(1, 1500):
+        merges.append(f"n{i}: {{method: weighted_sum, a: n{i - 1}, b: {'AB'[i % 2]}, alpha: 0.5}}")
+    p = recipe(tmp_path, "\n".join(merges) + "\n")
+    a, b = 0.5, 0.5  # by hand: each step halves the chain and adds half of A or B
+    for i in range(1, 1500):
+        a, b = a / 2 + (0.5 if i % 2 == 0 else 0), b / 2 + (0.5 if i % 2 == 1 else 0)
+    rep = explain_json(p, "n1499")["n1499"]
+    assert rep["terms"] == pytest.approx({"A": a, "B": b}, rel=1e-12)
+    assert rep["flags"] == []
