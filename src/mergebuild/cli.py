@@ -16,6 +16,7 @@ from mergebuild.errors import EXIT_RECIPE, MergebuildError
 
 COMMANDS = (
     "build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract", "methods",
+    "explain",
     *SD_HANDLERS,
 )  # fmt: skip
 
@@ -108,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
     from mergebuild.cli_methods import add_parser as add_methods_parser
 
     add_methods_parser(sub)
+    from mergebuild.cli_explain import add_parser as add_explain_parser
+
+    add_explain_parser(sub)
     return top
 
 
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             **share_commands(),
             **SD_HANDLERS,
             "methods": _cmd_methods,
+            "explain": _cmd_explain,
         }[args.command](args)
     except MergebuildError as e:
         if args.debug:
@@ -193,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from mergebuild.cli_explain import cmd_explain
+
+    return cmd_explain(args)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
