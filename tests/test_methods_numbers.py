@@ -155,15 +155,14 @@ def reflect_index(i: int, n: int) -> int:
 
 
 def median3(D: np.ndarray) -> np.ndarray:
-    out = np.empty_like(D)
-    offsets = np.array(np.meshgrid(*[[-1, 0, 1]] * D.ndim, indexing="ij")).reshape(D.ndim, -1).T
-    for idx in np.ndindex(D.shape):
-        vals = [
-            D[tuple(reflect_index(i + o, n) for i, o, n in zip(idx, off, D.shape, strict=True))]
-            for off in offsets
-        ]
-        out[idx] = np.median(vals)
-    return out
+    """3×…×3 median with scipy's 'reflect' edges (numpy's 'symmetric' padding): the median
+    of the 3**ndim shifted copies of the padded array."""
+    P = np.pad(D, 1, mode="symmetric")
+    shifts = [
+        P[tuple(slice(o, o + n) for o, n in zip(off, D.shape, strict=True))]
+        for off in np.ndindex(*([3] * D.ndim))
+    ]
+    return np.median(np.stack(shifts), axis=0)
 
 
 def gauss(D: np.ndarray, sigma: float) -> np.ndarray:
@@ -199,12 +198,9 @@ def test_smooth_add_b_equals_c_and_alpha_zero() -> None:
 def extract_ref(A, B, C, alpha: float, beta: float, gamma: float) -> np.ndarray:
     u, v = B - A, C - A
     u2, v2 = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
-    cos = np.array(
-        [
-            x @ y / (max(np.linalg.norm(x), 1e-8) * max(np.linalg.norm(y), 1e-8))
-            for x, y in zip(u2, v2, strict=True)
-        ]
-    )
+    nu = np.maximum(np.linalg.norm(u2, axis=1), 1e-8)
+    nv = np.maximum(np.linalg.norm(v2, axis=1), 1e-8)
+    cos = np.einsum("ij,ij->i", u2, v2) / (nu * nv)
     d = ((np.clip(cos, -1, 1) + 1) / 2) ** gamma
     m = (d * (1 - beta) + (1 - d) * beta).reshape((*u.shape[:-1], 1))
     return A + (u * (1 - alpha) + v * alpha) * m
