@@ -39,9 +39,8 @@ lint: install
 recipes: install
 	@for r in merge_recipes/*.yaml; do echo "== $$r"; $(BIN)/mergebuild "$$r" || exit 1; done
 
-# sd-mecha is a comparison baseline only, pinned so results stay comparable
+# sd-mecha (a pinned dev extra) is a comparison baseline only
 bench: install
-	$(BIN)/pip install -q sd-mecha==1.1.8
 	$(BIN)/python bench/run.py
 
 clean:
