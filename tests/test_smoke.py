@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 from conftest import EXAMPLES, run_cli
 
 
@@ -13,3 +15,18 @@ def test_example_builds_then_is_cached(workdir: Path, cache: Path) -> None:
     assert second.code == 0, second.err
     assert second.json["summary"]["built"] == 0
     assert (workdir / "out" / "anything-nsfw-gape.safetensors").is_file()
+
+
+def _examples() -> list[Path]:
+    return sorted(EXAMPLES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", _examples(), ids=lambda p: p.stem)
+def test_every_example_builds(workdir: Path, cache: Path, example: Path) -> None:
+    """Each shipped example builds on the demo models and writes every output it declares."""
+    recipe = workdir / example.name
+    recipe.write_text(example.read_text())
+    r = run_cli(recipe, "--json", cache=cache)
+    assert r.code == 0, r.err
+    outs = [Path(n["path"]) for n in r.json["nodes"] if n["kind"] == "output"]
+    assert outs and all(p.is_file() and p.stat().st_size > 0 for p in outs)
