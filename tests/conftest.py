@@ -83,3 +83,28 @@ def load_st(path: Path) -> dict:
     from safetensors.numpy import load_file
 
     return load_file(str(path))
+
+
+# Long lists of variants where every case runs full CLI builds: the first N (in the order the
+# test file lists them) run in `make test`; the rest are marked slow, so `make test-reliability`
+# still runs every one. This keeps the default suite under ten minutes on two cores.
+FAST_VARIANTS = {
+    "test_hostile_metadata_never_breaks_build_show_extract": 5,
+    "test_malformed_provenance_show_extract_and_build": 5,
+    "test_ckpt_changed_mid_build_fails_cleanly": 4,
+    "test_malformed_lock_fails_build_and_verify": 6,
+    "test_dry_run_plans_10000_nodes": 1,
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seen: dict[str, int] = {}
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        limit = FAST_VARIANTS.get(name)
+        if limit is None:
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > limit:
+            item.add_marker(pytest.mark.slow)
