@@ -16,16 +16,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import run_cli
+from test_hostile_models import RECIPE  # the same one-step merge of a hostile `a` with wd13
 
-RECIPE = """mergebuild: 1
-models:
-  a: models/a.safetensors
-  b: models/wd13.safetensors
-merges:
-  m: a * 0.5 + b * 0.5
-outputs:
-  o: {from: m, path: out/o.safetensors}
-"""
 SHA = "ab" * 32
 
 
