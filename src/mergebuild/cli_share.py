@@ -76,9 +76,20 @@ def update_lock(builder: Any, plan: Any) -> tuple[Path, dict[str, tuple[str, int
     return write_lock(recipe, lock), outputs
 
 
+def _dry_run(args: argparse.Namespace, lock_is_rewritten: bool) -> int:
+    """`lock -n` / `verify -n`: the build plan, as `mergebuild RECIPE -n` shows it; no lock
+    is read for checking when it is about to be rewritten, and nothing is built or written."""
+    from mergebuild.cli import cmd_build
+
+    args.outputs, args.update_lock = None, lock_is_rewritten
+    return cmd_build(args)
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
     from mergebuild.cli import make_builder
 
+    if args.dry_run:
+        return _dry_run(args, lock_is_rewritten=True)
     builder = make_builder(args, None, check_lock=False)
     plan, _ = builder.run()
     path, outputs = update_lock(builder, plan)
@@ -95,6 +106,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from mergebuild.cli import make_builder
     from mergebuild.lockfile import lock_path, read_lock
 
+    if args.dry_run:
+        return _dry_run(args, lock_is_rewritten=False)
     builder = make_builder(args, None, check_lock=True)
     lock = read_lock(builder.recipe)
     if lock is None:
@@ -221,7 +234,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from mergebuild.atomic import write_bytes
-    from mergebuild.extract import extract
+    from mergebuild.extract import check_recipe_target, extract
     from mergebuild.provenance import METADATA_KEY, read_metadata_values
 
     if not args.model.is_file():
@@ -240,6 +253,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     text = result.text()
     if args.output:
+        check_recipe_target(args.output, args.model)
         write_bytes(args.output, text.encode())
         print(f"wrote {args.output}", file=sys.stderr)
     else:

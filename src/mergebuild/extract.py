@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -60,6 +61,33 @@ class Extracted:
         # ASCII only: PyYAML's allow_unicode writes U+0085 raw, which reads back as a line
         # break (a different string); escaped, every string reads back exactly
         return head + yaml.safe_dump(self.doc, sort_keys=False, allow_unicode=False)
+
+
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_recipe_target(target: Path, model: Path) -> None:
+    """`extract -o` writes a recipe: it must never replace a model file (the one it reads,
+    or any other), which a slip of the shell (`-o model.safetensors`) would otherwise do."""
+    if target.suffix.lower() in MODEL_SUFFIXES:
+        raise BuildError(
+            f"-o {target}: a recipe is YAML; refusing a model file name ({target.suffix})"
+        )
+    if not target.exists():
+        return
+    if not target.is_file():
+        raise BuildError(f"-o {target}: exists and is not a regular file")
+    if target.samefile(model):
+        raise BuildError(f"-o {target}: is the model being read; refusing to overwrite it")
+    with target.open("rb") as f:
+        head = f.read(9)
+    header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    safetensors = head[8:9] == b"{" and 0 < header_len < target.stat().st_size
+    if safetensors or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        raise BuildError(
+            f"-o {target}: exists and looks like a model file, not a recipe; refusing to "
+            "overwrite it"
+        )
 
 
 def _malformed(where: str, why: str) -> BuildError:
