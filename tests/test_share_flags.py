@@ -84,3 +84,22 @@ def test_extract_output_may_replace_an_older_recipe(workdir: Path, cache: Path) 
     res = run_cli("extract", workdir / OUT, "-o", old)
     assert res.code == 0, res.err
     assert "merges:" in old.read_text()
+
+
+@pytest.mark.parametrize("fault", ["recipe_changed", "lock_missing"])
+def test_failing_json_commands_print_one_json_document(
+    fault: str, workdir: Path, cache: Path
+) -> None:
+    """`--json` output is one parseable document even when the command fails."""
+    import json
+
+    r = recipe(workdir)
+    if fault == "recipe_changed":
+        assert run_cli("lock", r, "-q", cache=cache).code == 0
+        r.write_text(r.read_text().replace("alpha: 1.0", "alpha: 0.75"))
+    v = run_cli("verify", r, "--json", cache=cache)
+    assert v.code != 0
+    doc = json.loads(v.out)  # raises on a second document
+    assert doc["exit_code"] == v.code and doc["error"]
+    if fault == "recipe_changed":
+        assert doc["ok"] is False and doc["recipe_changes"]

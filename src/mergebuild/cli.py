@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}" if "\n" not in str(e) else f"error:\n{e}", file=sys.stderr)
-        if getattr(args, "json", False):
+        if getattr(args, "json", False) and not e.json_reported:
             print(json.dumps({"error": str(e), "exit_code": e.exit_code}))
         return e.exit_code
     except KeyboardInterrupt:

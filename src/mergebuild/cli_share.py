@@ -123,8 +123,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         results.append({"output": name, "expected": None, "actual": got[name][0], "ok": False})
     problems = _recipe_drift(builder, plan, lock)
     ok = all(r["ok"] for r in results) and not problems
-    if args.json:
-        print(json.dumps({"ok": ok, "outputs": results, "recipe_changes": problems}, indent=1))
+    failure = None
+    if not ok:
+        failure = VerifyFailed(
+            f"{sum(not r['ok'] for r in results)} of {len(results)} outputs differ from "
+            f"{builder.recipe.path.with_suffix('.lock').name}"
+            + (f"; the recipe changed since it was locked ({len(problems)})" if problems else "")
+        )
+    if args.json:  # one JSON document on stdout, the failure included
+        doc = {"ok": ok, "outputs": results, "recipe_changes": problems}
+        if failure is not None:
+            doc |= {"error": str(failure), "exit_code": failure.exit_code}
+            failure.json_reported = True
+        print(json.dumps(doc, indent=1))
     else:
         for r in results:
             if r["ok"]:
@@ -138,18 +149,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 )
         for p in problems:
             print(f"changed   {p}")
-    if not ok:
+    if failure is not None:
         if lock.get("mergebuild_version") != _version():
             print(
                 f"note: the lock was written by mergebuild {lock.get('mergebuild_version')}, "
                 f"this is {_version()}; output metadata records the version",
                 file=sys.stderr,
             )
-        raise VerifyFailed(
-            f"{sum(not r['ok'] for r in results)} of {len(results)} outputs differ from "
-            f"{builder.recipe.path.with_suffix('.lock').name}"
-            + (f"; the recipe changed since it was locked ({len(problems)})" if problems else "")
-        )
+        raise failure
     return 0
 
 

@@ -14,6 +14,7 @@ class MergebuildError(Exception):
     """A failure the user can act on; `str()` is the whole message."""
 
     exit_code = EXIT_BUILD
+    json_reported = False  # the command's own --json document already carries this error
 
 
 class BuildError(MergebuildError):
