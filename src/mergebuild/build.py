@@ -442,7 +442,7 @@ class Builder:
                     sources[name] = SafetensorsSource(by_name[("merge", name)].path)
             for item in group:
                 target = self.store.object_path(item.key)
-                fd, tmp = make_temp(target.parent, ".safetensors")
+                fd, tmp = make_temp(self.store.object_dir(item.key), ".safetensors")
                 temps.append((tmp, target, item))
                 if item.kind == "merge":
                     meta = {

@@ -101,6 +101,7 @@ class _StoreMemo(HashMemo):
     def remember(self, path: Path, found: FileHashes, sig: list[int]) -> None:
         try:
             self._store.ensure_marker()
+            self._store.real_dir("hashes")
         except BuildError:
             return  # the memo is an optimisation: no cache, no memo
         super().remember(path, found, sig)
@@ -121,10 +122,34 @@ class CacheStore:
         """Called before every write: the root is created marked, or adopted (cacheroot)."""
         if not self._marked:
             ensure_marker(self.root)
+            for d in ("objects", "journal", "locks"):  # fail before any work, not at the end
+                self.real_dir(d)
             self._marked = True
 
     def object_path(self, key: str) -> Path:
         return self.objects / key[:2] / f"{key}.safetensors"
+
+    def real_dir(self, *parts: str) -> Path:
+        """`root/parts…` created as real directories, for writing into: a symlink planted
+        below the root (objects/ab → elsewhere) would send cache writes outside the cache."""
+        path = self.root
+        for part in parts:
+            path = path / part
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode):
+                kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                raise BuildError(
+                    f"{path} is {kind}: mergebuild writes only into real directories under the "
+                    f"cache root {self.root}; move it away"
+                )
+        return path
+
+    def object_dir(self, key: str) -> Path:
+        """The shard directory an object is written into (checked by `real_dir`)."""
+        self.ensure_marker()
+        return self.real_dir("objects", key[:2])
 
     def has(self, key: str) -> bool:
         """An object counts only with its sidecar: a build killed between the two left it."""
@@ -134,7 +159,7 @@ class CacheStore:
     def write_sidecar(self, key: str, info: dict[str, Any], checksum: str | None = None) -> None:
         """Record the object's size and checksum: the one computed while writing, else read
         back right after it was written."""
-        self.ensure_marker()
+        self.object_dir(key)
         path = self.object_path(key)
         sig = stat_signature(path.stat())
         found = FileHashes(checksum, "", "", sig[2]) if checksum else hash_file(path, full=False)
@@ -224,8 +249,7 @@ class CacheStore:
 
     def lock(self, key: str) -> FileLock:
         self.ensure_marker()
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(self.root / "locks" / f"{key}.lock")
+        return FileLock(self.real_dir("locks") / f"{key}.lock")
 
     # -- journal -------------------------------------------------------------------------
 
@@ -241,6 +265,7 @@ class CacheStore:
 
     def write_journal(self, recipe: Path, data: dict[str, Any]) -> None:
         self.ensure_marker()
+        self.real_dir("journal")
         write_bytes(
             self._journal_path(recipe),
             json.dumps({"recipe": str(recipe), **data}, indent=1).encode(),
