@@ -16,7 +16,7 @@ from mergebuild.errors import EXIT_RECIPE, MergebuildError
 
 COMMANDS = (
     "build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract", "methods",
-    "explain",
+    "explain", "compare",
     *SD_HANDLERS,
 )  # fmt: skip
 
@@ -112,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
     from mergebuild.cli_explain import add_parser as add_explain_parser
 
     add_explain_parser(sub)
+    from mergebuild.cli_compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)
     return top
 
 
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             **SD_HANDLERS,
             "methods": _cmd_methods,
             "explain": _cmd_explain,
+            "compare": _cmd_compare,
         }[args.command](args)
     except MergebuildError as e:
         if args.debug:
@@ -204,6 +208,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from mergebuild.cli_explain import cmd_explain
 
     return cmd_explain(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mergebuild.cli_compare import cmd_compare
+
+    return cmd_compare(args)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

@@ -1,0 +1,264 @@
+"""`mergebuild compare`: how far models are from a reference, per block, component or key.
+
+Merging is tuned by eye on X/Y plots; a number per block says where two merges actually differ
+before any image is rendered. The first model is the reference Y; for every other model X and
+every group of tensors (a UNet block, a component, or one key):
+
+- `rel_l2` = ‖X − Y‖ / ‖Y‖ over the group's float tensors (0 when X is Y);
+- with `--base B`, `cosine` = ⟨X − B, Y − B⟩ / (‖X − B‖·‖Y − B‖): do the two merges push the
+  base in the same direction (1), unrelated directions (0) or opposite ones (−1)?
+
+Streamed like a merge: tensors are read chunk by chunk from every file at once, so memory stays
+at a few chunks whatever the model size, and each file is read once. Sums are float64, taken
+per chunk and added in a fixed order, so the figures do not depend on threads or chunk timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergebuild.errors import BuildError
+
+if TYPE_CHECKING:
+    import torch
+
+CHUNK = 1 << 22  # elements per read: 16 MB of float32 per model and chunk
+BY = ("block", "component", "key")
+
+
+@dataclass
+class Sums:
+    """Float64 sums over a group; X is a compared model, Y the reference, B the base."""
+
+    dxy: float = 0.0  # ‖X − Y‖²
+    yy: float = 0.0  # ‖Y‖²
+    ab: float = 0.0  # ⟨X − B, Y − B⟩
+    aa: float = 0.0  # ‖X − B‖²
+    bb: float = 0.0  # ‖Y − B‖²
+    elements: int = 0
+
+    def add(self, o: Sums) -> None:
+        self.dxy += o.dxy
+        self.yy += o.yy
+        self.ab += o.ab
+        self.aa += o.aa
+        self.bb += o.bb
+        self.elements += o.elements
+
+
+@dataclass
+class Comparison:
+    reference: str
+    models: list[str]
+    base: str | None
+    by: str
+    layout: str | None
+    groups: list[str]
+    sums: list[dict[str, Sums]]  # per compared model: group → sums
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # model → keys not compared
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for model, sums in zip(self.models, self.sums, strict=True):
+            for g in self.groups:
+                s = sums.get(g)
+                if s is None:
+                    continue
+                out.append(
+                    {
+                        "model": model,
+                        "group": g,
+                        "rel_l2": _ratio(math.sqrt(s.dxy), math.sqrt(s.yy)),
+                        "cosine": _ratio(s.ab, math.sqrt(s.aa * s.bb))
+                        if self.base is not None
+                        else None,
+                        "elements": s.elements,
+                    }
+                )
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "models": self.models,
+            "base": self.base,
+            "by": self.by,
+            "layout": self.layout,
+            "groups": self.groups,
+            "rows": self.rows(),
+            "skipped": {m: len(k) for m, k in self.skipped.items()},
+        }
+
+
+def _ratio(num: float, den: float) -> float | None:
+    """num/den, None where undefined (a zero norm); 0/0 of identical tensors is 0."""
+    if den == 0.0:
+        return 0.0 if num == 0.0 else None
+    return num / den
+
+
+def group_of(key: str, by: str, layout: str | None, root: str | None) -> str:
+    from mergebuild.sd.arch import component_of
+    from mergebuild.sd.blocks import block_of
+
+    if by == "key":
+        return key
+    comp = component_of(key, root)
+    if by == "component" or comp != "unet" or layout is None:
+        return comp
+    return block_of(key, layout, root)
+
+
+def _group_order(groups: set[str], by: str, layout: str | None) -> list[str]:
+    from mergebuild.sd.blocks import LAYOUTS
+
+    if by == "key":
+        return sorted(groups)
+    order = [*(LAYOUTS[layout] if layout and by == "block" else ("unet",))]
+    order += ["text_encoder", "vae", "other"]
+    return [g for g in order if g in groups] + sorted(groups - set(order))
+
+
+def compare(
+    paths: list[Path], names: list[str], base: Path | None = None, by: str = "block",
+    jobs: int = 2,
+) -> Comparison:  # fmt: skip
+    """Compare `paths[1:]` against `paths[0]` (and their deltas against `base`)."""
+    from mergebuild.engine.dtypes import is_float
+    from mergebuild.engine.readers import open_model
+    from mergebuild.sd.arch import detect, unet_root
+
+    if by not in BY:
+        raise BuildError(f"--by {by}: choose one of {', '.join(BY)}")
+    if len(paths) < 2:
+        raise BuildError("compare needs a reference and at least one model to compare with it")
+    sources = []
+    try:
+        for p in [*paths, *([base] if base is not None else [])]:
+            if not p.is_file():
+                raise BuildError(f"no such file: {p}")
+            sources.append(open_model(p))
+        ref, others = sources[0], sources[1 : len(paths)]
+        bsrc = sources[len(paths)] if base is not None else None
+        rinfo = ref.infos()
+        layout = detect(rinfo).block_layout
+        root = unet_root(rinfo)
+        keys = [
+            k
+            for k, i in sorted(rinfo.items(), key=lambda kv: _offset(ref, kv[0]))
+            if is_float(i.dtype) and not k.endswith("position_ids")
+        ]
+        if bsrc is not None:
+            binfo = bsrc.infos()
+            keys = [k for k in keys if k in binfo and binfo[k].shape == rinfo[k].shape]
+        result = Comparison(
+            names[0], names[1:], str(base) if base else None, by, layout, [], [], {}
+        )
+        groups: set[str] = set()
+        for name, src in zip(names[1:], others, strict=True):
+            info = src.infos()
+            mine = [k for k in keys if k in info and info[k].shape == rinfo[k].shape]
+            result.skipped[name] = sorted(
+                k for k in set(rinfo) - set(mine) if not k.endswith("position_ids")
+            )
+            per_key = _sum_keys(ref, src, bsrc, mine, jobs)
+            sums: dict[str, Sums] = {}
+            for k in mine:  # fixed order: the reference file's
+                g = group_of(k, by, layout, root)
+                groups.add(g)
+                sums.setdefault(g, Sums()).add(per_key[k])
+            result.sums.append(sums)
+        result.groups = _group_order(groups, by, layout)
+        return result
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _offset(src: Any, key: str) -> int:
+    """A key's place in its file (read in file order: sequential for the disk)."""
+    byte_range = getattr(src, "byte_range", None)
+    return byte_range(key, 0, 0)[1] if byte_range else 0
+
+
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, n, CHUNK):
+        yield lo, min(n, lo + CHUNK)
+
+
+def _sum_keys(ref: Any, x: Any, b: Any | None, keys: list[str], jobs: int) -> dict[str, Sums]:
+    """Per-key sums; chunks of a key are added in order, so threads change no figure."""
+    infos = ref.infos()
+    _advise(ref, x, b)
+
+    def one(key: str) -> Sums:
+        s = Sums()
+        for lo, hi in _chunks(math.prod(infos[key].shape)):
+            s.add(_chunk_sums(ref.read_flat(key, lo, hi), x.read_flat(key, lo, hi), b, key, lo, hi))
+        return s
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return dict(zip(keys, pool.map(one, keys), strict=True))
+
+
+def _chunk_sums(
+    y: torch.Tensor, x: torch.Tensor, b: Any | None, key: str, lo: int, hi: int
+) -> Sums:
+    import torch
+
+    y64, x64 = y.to(torch.float64), x.to(torch.float64)
+    d = x64 - y64
+    s = Sums(dxy=float(torch.dot(d, d)), yy=float(torch.dot(y64, y64)), elements=hi - lo)
+    if b is not None:
+        b64 = b.read_flat(key, lo, hi).to(torch.float64)
+        xa, ya = x64.sub_(b64), y64.sub_(b64)
+        s.ab, s.aa = float(torch.dot(xa, ya)), float(torch.dot(xa, xa))
+        s.bb = float(torch.dot(ya, ya))
+    return s
+
+
+def _advise(*sources: Any) -> None:
+    """Sequential readahead on every file (a hint: nothing changes if it is refused)."""
+    for src in sources:
+        fd = getattr(src, "fd", -1)
+        if isinstance(fd, int) and fd >= 0:
+            with contextlib.suppress(AttributeError, OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def text(c: Comparison) -> str:
+    """One table: a row per group, a column per compared model."""
+    rows = c.rows()
+    cell = {(r["model"], r["group"]): r for r in rows}
+    width = max(8, *(len(g) for g in c.groups)) if c.groups else 8
+    head = f"{'group':<{width}}" + "".join(f"  {m[:22]:>22}" for m in c.models)
+    what = "‖X−Y‖/‖Y‖" + (" | cos(X−B, Y−B)" if c.base else "")
+    lines = [f"reference Y: {c.reference}" + (f"; base B: {c.base}" if c.base else ""), what, head]
+    for g in c.groups:
+        parts = []
+        for m in c.models:
+            r = cell.get((m, g))
+            parts.append(f"  {_cell(r, c.base is not None):>22}")
+        lines.append(f"{g:<{width}}" + "".join(parts))
+    for m, keys in c.skipped.items():
+        if keys:
+            lines.append(f"note: {len(keys)} keys of the reference not compared with {m} "
+                         "(missing, another shape, not float, or not in the base)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _cell(r: dict[str, Any] | None, with_cos: bool) -> str:
+    if r is None:
+        return "—"
+    rel = "n/a" if r["rel_l2"] is None else f"{r['rel_l2']:.4g}"
+    if not with_cos:
+        return rel
+    cos = "n/a" if r["cosine"] is None else f"{r['cosine']:+.3f}"
+    return f"{rel} | {cos}"
