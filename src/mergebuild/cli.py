@@ -16,7 +16,7 @@ from mergebuild.errors import EXIT_RECIPE, MergebuildError
 
 COMMANDS = (
     "build", "graph", "cache", "demo-models", "lock", "verify", "show", "extract", "methods",
-    "explain", "compare",
+    "explain", "compare", "deps", "makefile",
     *SD_HANDLERS,
 )  # fmt: skip
 
@@ -115,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     from mergebuild.cli_compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)
+    from mergebuild.cli_make import add_parsers as add_make_parsers
+
+    add_make_parsers(sub)
     return top
 
 
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             "methods": _cmd_methods,
             "explain": _cmd_explain,
             "compare": _cmd_compare,
+            "deps": _cmd_make,
+            "makefile": _cmd_make,
         }[args.command](args)
     except MergebuildError as e:
         if args.debug:
@@ -214,6 +219,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from mergebuild.cli_compare import cmd_compare
 
     return cmd_compare(args)
+
+
+def _cmd_make(args: argparse.Namespace) -> int:
+    from mergebuild.cli_make import cmd_make
+
+    return cmd_make(args)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
