@@ -22,10 +22,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
-from filelock import FileLock
 
 from mergebuild.atomic import write_bytes
 from mergebuild.cacheroot import (
@@ -46,6 +45,9 @@ from mergebuild.cacheroot import (
 from mergebuild.errors import BuildError
 from mergebuild.hashing import FileHashes, HashMemo, hash_file, stat_signature
 from mergebuild.textfile import JSON_CAP, read_capped
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 ENV_VAR = "MERGEBUILD_CACHE_DIR"
 STALE_TMP_SECONDS = 86400
@@ -249,6 +251,8 @@ class CacheStore:
 
     def lock(self, key: str) -> FileLock:
         self.ensure_marker()
+        from filelock import FileLock  # imported here: a no-op build takes no lock
+
         return FileLock(self.real_dir("locks") / f"{key}.lock")
 
     # -- journal -------------------------------------------------------------------------

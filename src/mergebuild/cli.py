@@ -300,6 +300,12 @@ def build_report(args: argparse.Namespace, builder: Any, plan: Any, seconds: flo
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    no_stamp = args.json or args.update_lock or getattr(args, "command", "build") != "build"
+    if not no_stamp:
+        from mergebuild.noop import answer
+
+        if answer(args):
+            return 0
     builder = make_builder(args, args.outputs or None, check_lock=not args.update_lock)
     progress = builder.progress
     if args.dry_run:
@@ -307,6 +313,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         seconds = 0.0
     else:
         plan, seconds = builder.run()
+        if not no_stamp:
+            from mergebuild.noop import record
+
+            record(args, builder, plan)
         if args.update_lock:
             from mergebuild.cli_share import update_lock
 
