@@ -237,7 +237,7 @@ class KeyCompute:
         for i, (name, k) in enumerate(order):
             is_job = name in self.jobs
             alive += is_job
-            peak = max(peak, alive)  # computed values held at once: what _cost charges for
+            peak = max(peak, alive)  # values held at once: what the executor's _cost charges
             steps.append(
                 Step(
                     name,
