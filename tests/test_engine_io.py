@@ -153,15 +153,15 @@ def test_direct_reads_of_unaligned_ranges_and_their_fallbacks(tmp_path: Path) ->
 def test_tiled_arithmetic_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from mergebuild.engine import executor
+    from mergebuild.engine import compute
     from mergebuild.engine.methods import REGISTRY
 
-    monkeypatch.setattr(executor, "TILE_ELEMENTS", 1000)  # 7 tiles and a ragged end
+    monkeypatch.setattr(compute, "TILE_ELEMENTS", 1000)  # 7 tiles and a ragged end
     rng = np.random.default_rng(7)
     a, b, c = (rng.standard_normal((65, 101)).astype(np.float16) for _ in range(3))
     method = REGISTRY["add_difference"]
     params = method.Params(alpha=0.3)
-    out, bad = executor._tiled(
+    out, bad = compute._tiled(
         method, params, [torch.from_numpy(x) for x in (a, b, c)], torch.float16
     )
     f32 = np.float32
@@ -169,9 +169,7 @@ def test_tiled_arithmetic_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert out.shape == (65, 101) and not bad
     assert out.numpy().tobytes() == want.tobytes()
     b[40, 3] = np.inf  # in the 5th tile only
-    _, bad = executor._tiled(
-        method, params, [torch.from_numpy(x) for x in (a, b, c)], torch.float16
-    )
+    _, bad = compute._tiled(method, params, [torch.from_numpy(x) for x in (a, b, c)], torch.float16)
     assert bad
 
 

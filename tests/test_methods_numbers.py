@@ -296,7 +296,7 @@ def test_whole_tensor_bytes_do_not_depend_on_threads(name: str) -> None:
 
 def test_tiled_passes_each_tile_its_offset(monkeypatch: pytest.MonkeyPatch) -> None:
     """A needs_context method sees, per tile, the flat offset of its first element."""
-    from mergebuild.engine import executor
+    from mergebuild.engine import compute
     from mergebuild.engine.methods.base import Method, Params
 
     seen: list[tuple[int, int]] = []
@@ -310,9 +310,9 @@ def test_tiled_passes_each_tile_its_offset(monkeypatch: pytest.MonkeyPatch) -> N
             seen.append((ctx.offset, xs[0].numel()))
             return xs[0].to(torch.float32) + ctx.offset
 
-    monkeypatch.setattr(executor, "TILE_ELEMENTS", 10)
+    monkeypatch.setattr(compute, "TILE_ELEMENTS", 10)
     x = torch.zeros(35)
     ctx = ComputeContext("k", 100, 1000, "key", 0)
-    out, _ = executor._tiled(Probe, Params(), [x], torch.float32, ctx)
+    out, _ = compute._tiled(Probe, Params(), [x], torch.float32, ctx)
     assert seen == [(100, 10), (110, 10), (120, 10), (130, 5)]
     assert out.tolist() == [100.0 + 10 * (i // 10) for i in range(35)]

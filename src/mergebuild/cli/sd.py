@@ -1,7 +1,8 @@
-"""Stable Diffusion commands: `inspect`, `blocks`, `doctor` (registered by cli.py).
+"""Stable Diffusion commands: `inspect`, `blocks`, `doctor`.
 
-Kept apart from cli.py so it can grow without touching the build commands. Safetensors files
-are read from their header alone, so `inspect` and `blocks` never load torch for them.
+Kept apart so the model-reading commands can grow without touching the build commands.
+Safetensors files are read from their header alone, so `inspect` and `blocks` never load
+torch for them.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mergebuild.cli.options import common
 
-def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add the SD subcommands (handlers: SD_HANDLERS) to `sub`."""
+
+def add_parsers(sub: Any) -> None:
+    """Add the SD subcommands (handlers: COMMANDS) to `sub`."""
     i = sub.add_parser("inspect", help="show a model's architecture, components and dtypes")
     i.add_argument("model", type=Path)
     i.add_argument("--json", action="store_true", help="print one JSON object")
@@ -184,7 +187,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if remaining else 0
 
 
-SD_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": cmd_inspect,
     "blocks": cmd_blocks,
     "doctor": cmd_doctor,

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "explain", help="show each merge as a linear combination of the input models"
     )
@@ -41,3 +42,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print(text(reports))
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"explain": cmd_explain}

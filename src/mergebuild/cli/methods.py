@@ -6,6 +6,7 @@ Imports only the registry (pydantic specs, no torch), so listing methods is inst
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from mergebuild.errors import EXIT_RECIPE, MergebuildError, did_you_mean
@@ -15,7 +16,7 @@ class UnknownMethod(MergebuildError):
     exit_code = EXIT_RECIPE
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser("methods", help="list merge methods, or describe one")
     p.add_argument("name", nargs="?", metavar="NAME", help="describe this method")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -66,3 +67,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
     print(f"\n{m.description}\n\nExample (under `merges:`):\n")
     print("\n".join(f"  {line}" for line in m.example.splitlines()))
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"methods": cmd_methods}

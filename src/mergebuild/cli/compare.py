@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mergebuild.errors import BuildError
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "compare",
         help="distance of models to a reference per block/component/key (table, JSON, PNG)",
@@ -102,3 +103,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.png:
             print(f"wrote {args.png}")
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"compare": cmd_compare}

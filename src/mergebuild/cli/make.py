@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,6 @@ def cmd_make(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"deps": cmd_make, "makefile": cmd_make}

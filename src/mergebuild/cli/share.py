@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mergebuild.cli.build import cmd_build, output_hashes, update_lock
+from mergebuild.cli.options import build_options, make_builder
 from mergebuild.errors import BuildError, MergebuildError
 
 
@@ -21,7 +23,7 @@ class VerifyFailed(MergebuildError):
     """Outputs were built but differ from the lock file."""
 
 
-def add_share_commands(sub: Any, build_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parsers(sub: Any) -> None:
     lk = sub.add_parser("lock", help="build, then write RECIPE.lock (hashes of inputs/outputs)")
     lk.add_argument("recipe", type=Path)
     build_options(lk)
@@ -41,53 +43,14 @@ def add_share_commands(sub: Any, build_options: Callable[[argparse.ArgumentParse
     e.add_argument("--debug", action="store_true")
 
 
-def output_hashes(builder: Any, plan: Any) -> dict[str, tuple[str, int]]:
-    """SHA-256 and size of each published output (memoized: they are cache hardlinks)."""
-    out = {}
-    for item in plan.items:
-        if item.kind == "output":
-            h, _ = builder.store.hashes.hashes(builder.recipe.outputs[item.name].path)
-            out[item.name] = (h.sha256, h.size)
-    return out
-
-
-def update_lock(builder: Any, plan: Any) -> tuple[Path, dict[str, tuple[str, int]]]:
-    """Write the lock of this build; returns its path and the outputs' (sha256, size)."""
-    from mergebuild.lockfile import make_lock, read_lock, write_lock
-
-    recipe = builder.recipe
-    outputs = output_hashes(builder, plan)
-    try:
-        old = read_lock(recipe) or {}
-    except BuildError as e:  # rewriting is how a broken lock gets fixed: start afresh
-        print(f"warning: replacing it: {e}", file=sys.stderr)
-        old = {}
-    lock = make_lock(recipe, plan, outputs)
-    # a subset of outputs was built: what the others use keeps its locked entry
-    still = {
-        "outputs": set(recipe.outputs),
-        "models": set(recipe.models),
-        "nodes": set(recipe.nodes),
-    }
-    for section, names in still.items():
-        for name, entry in (old.get(section) or {}).items():
-            if name in names and name not in lock[section]:
-                lock[section][name] = entry
-    return write_lock(recipe, lock), outputs
-
-
 def _dry_run(args: argparse.Namespace, lock_is_rewritten: bool) -> int:
     """`lock -n` / `verify -n`: the build plan, as `mergebuild RECIPE -n` shows it; no lock
     is read for checking when it is about to be rewritten, and nothing is built or written."""
-    from mergebuild.cli import cmd_build
-
     args.outputs, args.update_lock = None, lock_is_rewritten
     return cmd_build(args)
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    from mergebuild.cli import make_builder
-
     if args.dry_run:
         return _dry_run(args, lock_is_rewritten=True)
     builder = make_builder(args, None, check_lock=False)
@@ -103,7 +66,6 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from mergebuild.cli import make_builder
     from mergebuild.lockfile import lock_path, read_lock
 
     if args.dry_run:
@@ -187,7 +149,7 @@ def _recipe_drift(builder: Any, plan: Any, lock: dict[str, Any]) -> list[str]:
 def describe(path: Path, memo_dir: Path | None) -> dict[str, Any]:
     """`inspect`'s summary plus the three hashes and the provenance the file carries."""
     from mergebuild.cache import CacheStore
-    from mergebuild.cli_sd import summary
+    from mergebuild.cli.sd import summary
     from mergebuild.provenance import METADATA_KEY, read_metadata_values
 
     if path.suffix.lower() not in (".safetensors", ".sft"):

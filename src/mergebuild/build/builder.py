@@ -1,0 +1,102 @@
+"""The Builder: plan, lock what will be written, re-plan, execute, publish, record.
+
+Only the order of the steps lives here; each step is its own module (see the package
+docstring), so this file reads as the build's outline.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+from mergebuild.atomic import publish
+from mergebuild.build.execute import FILES_PER_PASS_FDS, Execution
+from mergebuild.build.journal import record
+from mergebuild.build.locks import locked
+from mergebuild.build.plan import Plan, Planner
+from mergebuild.cache import CacheStore
+from mergebuild.errors import BuildError, Problem, RecipeError, did_you_mean
+from mergebuild.graph import build_graph
+from mergebuild.progress import Progress
+from mergebuild.recipe.model import Recipe
+
+
+class Builder:
+    def __init__(
+        self,
+        recipe: Recipe,
+        store: CacheStore,
+        outputs: list[str] | None = None,
+        jobs: int = 1,
+        max_memory: int = 2 << 30,
+        progress: Progress | None = None,
+        device: str = "cpu",
+        model_dirs: list[Path] | None = None,
+        locked_inputs: dict[str, str] | None = None,
+    ):
+        unknown = [o for o in outputs or [] if o not in recipe.outputs]
+        if unknown:
+            raise RecipeError(
+                [
+                    Problem(
+                        f"no output named '{o}' in {recipe.path}{did_you_mean(o, recipe.outputs)}"
+                    )
+                    for o in unknown
+                ]
+            )
+        self.recipe, self.store = recipe, store
+        self.outputs = outputs or list(recipe.outputs)
+        self.jobs, self.max_memory, self.device = jobs, max_memory, device
+        self.model_dirs = model_dirs or []
+        self.locked_inputs = locked_inputs  # name → sha256 from RECIPE.lock, if one applies
+        self.progress = progress or Progress(enabled=False)
+        self.graph = build_graph(recipe)
+
+    def plan(self) -> Plan:
+        """What is cached, what to build and why (no tensor is read)."""
+        return Planner(
+            self.recipe, self.store, self.graph, self.outputs, self.model_dirs, self.locked_inputs
+        ).plan()
+
+    def run(self) -> tuple[Plan, float]:
+        """Build what the plan says, publish every selected output, record the journal."""
+        t0 = time.perf_counter()
+        plan = self.plan()
+        if plan.to_build():
+            # only what gets a cache file: a `cache: false` node is never shared through it
+            keys = [i.key for i in plan.to_build() if i.kind == "output" or i.stored]
+            with locked(self.store, keys, FILES_PER_PASS_FDS):
+                hashed = plan.hashed
+                plan = self.plan()  # another process may have built some while we waited
+                plan.hashed = [*hashed, *(n for n in plan.hashed if n not in hashed)]
+                self._drop_corrupt(plan)
+                if plan.to_build():
+                    Execution(
+                        self.recipe,
+                        self.store,
+                        self.progress,
+                        self.jobs,
+                        self.max_memory,
+                        self.device,
+                    ).execute(plan)
+        for item in plan.items:
+            if item.kind == "output":
+                obj = self.store.object_path(item.key)
+                try:
+                    publish(obj, self.recipe.outputs[item.name].path)
+                except OSError as e:
+                    raise BuildError(f"cannot write output {item.path}: {e.strerror}") from None
+                item.bytes = obj.stat().st_size
+            elif item.stored and item.path is not None and item.path.exists():
+                item.bytes = item.path.stat().st_size
+        record(self.recipe, self.store, plan)
+        return plan, time.perf_counter() - t0
+
+    def _drop_corrupt(self, plan: Plan) -> None:
+        """Report and delete entries that failed their checksum; the build writes them anew."""
+        for key, (name, why) in plan.corrupt.items():
+            warnings.warn(
+                f"cache entry {key} ('{name}') corrupted: {why}; rebuilding", stacklevel=1
+            )
+            self.store.remove(key)

@@ -1,0 +1,215 @@
+"""Carry out a plan: the fused passes that compute its nodes and write its files.
+
+Apart from planning because this is the only part that reads tensors (it imports the engine,
+hence torch, lazily) and writes cache objects: each file goes to a temp file next to its
+object, is fsynced and renamed, and only then gets the sidecar that makes it count as present.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mergebuild import __version__
+from mergebuild.atomic import fsync_dir, make_temp
+from mergebuild.build.checks import check_device, check_inputs_unchanged
+from mergebuild.build.plan import Item, Plan
+from mergebuild.cache import CacheStore
+from mergebuild.engine.methods import REGISTRY
+from mergebuild.errors import BuildError
+from mergebuild.graph import canonical_json, node_identity
+from mergebuild.progress import Progress
+from mergebuild.provenance import output_metadata
+from mergebuild.recipe.model import Recipe
+
+# Files one fused pass writes at once. Each holds a 4 MiB staging block (more while the disk
+# lags) and two descriptors while it is written: a 1000-node cached chain in one pass held
+# ~2.4 MB per node of 2.4 MB models (1.1 GB at 300 nodes). Typical recipes stay in one pass.
+MAX_FILES_PER_PASS = 32
+# descriptors a pass may hold besides the locks: two per file written, inputs, and slack
+# for the interpreter, torch and the readahead
+FILES_PER_PASS_FDS = 4 * MAX_FILES_PER_PASS + 256
+
+
+class Execution:
+    """Runs the `build` items of a plan with the build's workers, memory bound and device."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        store: CacheStore,
+        progress: Progress,
+        jobs: int,
+        max_memory: int,
+        device: str,
+    ) -> None:
+        self.recipe, self.store, self.progress = recipe, store, progress
+        self.jobs, self.max_memory, self.device = jobs, max_memory, device
+
+    def execute(self, plan: Plan) -> None:
+        """Build every item of the plan: one fused pass, or several for a long recipe.
+
+        A pass writes every file it produces at once, and each file being written holds a
+        few MiB of staging blocks and two descriptors: so a pass writes at most
+        MAX_FILES_PER_PASS files, in schedule order. A later pass reads what an earlier one
+        cached (a consumer sees the same cast value either way, so the bytes do not change);
+        a `cache: false` node is computed in each pass that needs it.
+        """
+        building = plan.to_build()
+        files = [i for i in building if i.kind == "output" or i.stored]
+        done: set[str] = set()  # merge nodes cached by an earlier pass
+        stats: dict[str, Any] = {}
+        for lo in range(0, len(files), MAX_FILES_PER_PASS):
+            group = files[lo : lo + MAX_FILES_PER_PASS]
+            jobs = self._pass_jobs(plan, group, done)
+            fused, seconds = self._run_pass(plan, group, jobs)
+            for item in [*group, *(i for i in jobs if not i.stored)]:
+                if item.status == "build":
+                    item.status, item.seconds = "built", seconds
+            for job in jobs:
+                stats.setdefault(job.name, fused.stats[job.name])
+            done.update(i.name for i in group if i.kind == "merge")
+        for item in building:
+            if item.kind == "merge":
+                st = stats[item.name]
+                item.stats = {
+                    "dtype": st.dtype,
+                    "tensors": st.tensors,
+                    "merged": st.merged,
+                    "kept_from_a": st.kept_from_a,
+                    "copied_non_float": st.copied_non_float,
+                    "dropped": st.dropped,
+                    "nonfinite_keys": sorted(st.nonfinite),
+                }
+                _warn_nonfinite(item.name, st.nonfinite)
+
+    def _pass_jobs(self, plan: Plan, group: list[Item], done: set[str]) -> list[Item]:
+        """The merge nodes a pass computes to write `group`, in schedule order: those the
+        group's files need that are not models, not in the cache, not cached by `done`."""
+        building = {i.name for i in plan.to_build() if i.kind == "merge"} - done
+        need: set[str] = set()
+        stack = [i.name if i.kind == "merge" else self.recipe.outputs[i.name].source for i in group]
+        while stack:  # an explicit stack: a chain may be thousands of nodes deep
+            name = stack.pop()
+            if name in building and name not in need:
+                need.add(name)
+                stack.extend(self.recipe.nodes[name].inputs.values())
+        return [i for i in plan.items if i.kind == "merge" and i.name in need]
+
+    def _run_pass(self, plan: Plan, group: list[Item], items: list[Item]) -> tuple[Any, float]:
+        """One fused pass computing `items` and writing `group`; every file is fsynced,
+        renamed into the cache and given its sidecar before this returns."""
+        from mergebuild.engine.executor import FusedPass, NodeJob, Sink
+        from mergebuild.engine.readers import open_model
+        from mergebuild.engine.safetensors_io import SafetensorsSource
+
+        by_name = {(i.kind, i.name): i for i in plan.items}
+        needed_sources: set[str] = set()
+        jobs: list[NodeJob] = []
+        for item in items:
+            node = self.recipe.nodes[item.name]
+            method = REGISTRY[node.method]
+            jobs.append(
+                NodeJob(
+                    item.name,
+                    method,
+                    method.Params.model_validate(node.params),
+                    node.dtype,
+                    list(node.inputs.values()),
+                    key=plan.keys[item.name],
+                )
+            )
+            needed_sources.update(node.inputs.values())
+        for item in group:
+            if item.kind == "output":
+                out = self.recipe.outputs[item.name]
+                needed_sources.update(n for n in (out.source, out.vae) if n is not None)
+        built_names = {j.name for j in jobs}
+        sources: dict[str, Any] = {}
+        sinks: list[Sink] = []
+        temps: list[tuple[Path, Path, Item]] = []
+        try:
+            for name in sorted(needed_sources - built_names):
+                if name in self.recipe.models:
+                    sources[name] = open_model(plan.inputs[name].path)
+                else:
+                    sources[name] = SafetensorsSource(by_name[("merge", name)].path)
+            for item in group:
+                target = self.store.object_path(item.key)
+                fd, tmp = make_temp(self.store.object_dir(item.key), ".safetensors")
+                temps.append((tmp, target, item))
+                if item.kind == "merge":
+                    meta = {
+                        "mergebuild.node": canonical_json(
+                            node_identity(self.recipe, item.name, plan.keys)
+                        )
+                    }
+                    sinks.append(Sink(item.name, item.name, fd, None, meta))
+                else:
+                    out = self.recipe.outputs[item.name]
+                    sinks.append(
+                        Sink(
+                            item.name,
+                            out.source,
+                            fd,
+                            out.dtype,
+                            output_metadata(self.recipe, item.name, plan.keys, plan.facts),
+                            options=out.options,
+                            vae=out.vae,
+                        )
+                    )
+            t0 = time.perf_counter()
+            fused = FusedPass(sources, jobs, sinks, device=check_device(self.device))
+            with self.progress.pass_(fused) as on_unit:
+                fused.run(self.jobs, self.max_memory, on_unit)
+            check_inputs_unchanged(plan.models)
+            for sink in sinks:
+                os.fsync(sink.fd)
+            for sink, (tmp, target, _) in zip(sinks, temps, strict=True):
+                os.close(sink.fd)
+                sink.fd = -1
+                os.replace(tmp, target)
+            # every object's rename is durable before any sidecar makes it count as present
+            for directory in sorted({target.parent for _, target, _ in temps}):
+                fsync_dir(directory)
+            for sink, (_, _, item) in zip(sinks, temps, strict=True):
+                self.store.write_sidecar(
+                    item.key,
+                    {
+                        "kind": item.kind,
+                        "name": item.name,
+                        "recipe": str(self.recipe.path),
+                        "mergebuild_version": __version__,
+                    },
+                    checksum=sink.writer.checksum() if sink.writer else None,
+                )
+            return fused, time.perf_counter() - t0
+        except OSError as e:
+            raise BuildError(
+                f"build failed: {e.strerror or e} "
+                f"({getattr(e, 'filename', None) or f'while writing to {self.store.objects}'})"
+            ) from None
+        finally:
+            for sink in sinks:
+                if sink.fd >= 0:
+                    os.close(sink.fd)
+            for tmp, _, _ in temps:
+                tmp.unlink(missing_ok=True)
+            for src in sources.values():
+                src.close()
+
+
+def _warn_nonfinite(name: str, keys: set[str]) -> None:
+    """NaN/Inf do not stop a build (some models carry them in unused keys) but must be seen."""
+    if keys:
+        shown = ", ".join(sorted(keys)[:10]) + (
+            f" … ({len(keys)} in all)" if len(keys) > 10 else ""
+        )
+        warnings.warn(
+            f"merge '{name}': NaN or Inf values in {len(keys)} tensors: {shown} "
+            "(from the inputs, or values beyond the dtype's range)",
+            stacklevel=2,
+        )
