@@ -39,7 +39,7 @@ def test_lock_and_verify_dry_run_build_and_write_nothing(
     assert res.code == 0, res.err
     assert "3 to build, 0 cached" in res.out  # the plan: two merges and the output
     assert tree(workdir) == before  # no lock, no output
-    assert not (cache / "objects").exists()  # nothing built
+    assert not list(cache.rglob("*.safetensors"))  # nothing built
 
 
 def test_lock_dry_run_after_a_build_shows_cached_and_keeps_the_lock(
