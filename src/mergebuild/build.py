@@ -26,6 +26,7 @@ from mergebuild.errors import BuildError, Problem, RecipeError, did_you_mean
 from mergebuild.graph import build_graph, canonical_json, node_identity, schedule, xxh3_hex
 from mergebuild.hashing import stat_signature
 from mergebuild.locate import ResolvedInput, resolve_models
+from mergebuild.lora.roles import check_roles
 from mergebuild.progress import Progress
 from mergebuild.provenance import InputFacts, output_metadata, read_input_metadata, source_key
 from mergebuild.recipe.model import Recipe
@@ -121,6 +122,7 @@ class Builder:
             self.recipe, [n for k, n in order if k == "model"], self.store.hashes, self.model_dirs
         )
         self._check_lock(resolved)
+        check_roles(self.recipe, {n: r.path for n, r in resolved.items()})
         self._check_outputs_spare_inputs(resolved)
         keys = {n: r.hashes.xxh3 for n, r in resolved.items()}
         models = {n: (r.path, r.signature) for n, r in resolved.items()}
@@ -406,8 +408,8 @@ class Builder:
         """One fused pass computing `items` and writing `group`; every file is fsynced,
         renamed into the cache and given its sidecar before this returns."""
         from mergebuild.engine.executor import FusedPass, NodeJob, Sink
-        from mergebuild.engine.readers import open_model
         from mergebuild.engine.safetensors_io import SafetensorsSource
+        from mergebuild.lora.source import open_input
 
         by_name = {(i.kind, i.name): i for i in plan.items}
         needed_sources: set[str] = set()
@@ -437,7 +439,7 @@ class Builder:
         try:
             for name in sorted(needed_sources - built_names):
                 if name in self.recipe.models:
-                    sources[name] = open_model(plan.inputs[name].path)
+                    sources[name] = open_input(plan.inputs[name].path)
                 else:
                     sources[name] = SafetensorsSource(by_name[("merge", name)].path)
             for item in group:

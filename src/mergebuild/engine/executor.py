@@ -181,7 +181,8 @@ class FusedPass:
         ins = [self.layouts[n] for n in job.inputs]
         a = ins[0]
         archs = [detect(lay) for lay in ins]
-        if len(ins) > 1:
+        job.method.check_inputs(job, [self.sources.get(n) for n in job.inputs], ins)
+        if len(ins) > 1 and not job.method.optional_inputs:
             why = merge_compatibility(job.inputs, archs)
             if why:
                 raise BuildError(f"cannot merge '{job.name}': {why}")
@@ -197,7 +198,8 @@ class FusedPass:
         if blocky:
             self.key_params[job.name] = ({}, unet_root(a))
         if job.dtype == "auto":
-            dt = widest({i.dtype for lay in ins for i in lay.values()})
+            typed = ins[:1] if job.method.dtype_from_a else ins
+            dt = widest({i.dtype for lay in typed for i in lay.values()})
         else:
             dt = RECIPE_TO_ST[job.dtype]
         st = self.stats[job.name] = NodeStats(dtype=dt)
@@ -217,12 +219,16 @@ class FusedPass:
                 continue
             out[k] = TensorInfo(dt, info.shape)
             others = [lay.get(k) for lay in ins[1:]]
-            if any(o is None or not is_float(o.dtype) for o in others):
+            names = job.inputs[1:]
+            if job.method.optional_inputs:  # only inputs holding the key take part
+                kept = [(n, o) for n, o in zip(names, others, strict=True) if _float_info(o)]
+                names, others = [n for n, _ in kept], [o for _, o in kept]
+            if (job.method.optional_inputs and not others) or not all(map(_float_info, others)):
                 st.kept_from_a += 1
                 if len(st.missing_examples) < 5:
                     st.missing_examples.append(k)
                 continue
-            for slot_name, o in zip(job.inputs[1:], others, strict=True):
+            for slot_name, o in zip(names, others, strict=True):
                 if o is not None and o.shape != info.shape:
                     if extra_channels(k, info.shape, o.shape):
                         self.channel_merge[(job.name, k)] = o.shape[1]
@@ -277,7 +283,11 @@ class FusedPass:
         if name in self.sources:
             return []
         job = self.jobs[name]
-        if _mergeable(key, self.layouts[name][key].dtype) and self._others_have(job, key):
+        if not _mergeable(key, self.layouts[name][key].dtype):
+            return [(job.inputs[0], key)]
+        if job.method.optional_inputs:
+            return [(job.inputs[0], key)] + [(n, key) for n in job.inputs[1:] if self._has(n, key)]
+        if self._others_have(job, key):
             return [(n, key) for n in job.inputs]
         return [(job.inputs[0], key)]
 
@@ -356,18 +366,21 @@ class FusedPass:
             return a
         import torch
 
+        if job.method.optional_inputs and len(args) > 1:  # None for inputs lacking the key
+            it = iter(args[1:])
+            args = [a] + [next(it) if self._has(n, u.key) else None for n in job.inputs[1:]]
         if len(args) < len(job.inputs):  # another input lacks the key: a's tensor, cast
             out = a.to(to_torch(info.dtype))
         else:
             params = self._params(job, u.key)
             xs = list(args)
-            xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
+            xs = [x if x is None or _direct(x) else x.to(torch.float32) for x in xs]
             n = self.channel_merge.get((job.name, u.key))
             if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
-                xs = [x if x.shape[1] == n else x[:, :n] for x in xs]
+                xs = [x if x is None or x.shape[1] == n else x[:, :n] for x in xs]
             ctx = _context(job, params, u, info.shape)
             if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back
-                xs = [x.to(self.device, non_blocking=True) for x in xs]
+                xs = [x if x is None else x.to(self.device, non_blocking=True) for x in xs]
                 out = _call(job.method, params, xs, ctx).cpu()
             elif job.method.elementwise and n is None:
                 out, bad = _tiled(job.method, params, xs, to_torch(info.dtype), ctx)
@@ -384,6 +397,9 @@ class FusedPass:
         if _has_nonfinite(out):  # NaN/Inf from an input (or an overflow) shows up here
             self.stats[job.name].nonfinite.add(u.key)  # set.add: atomic across workers
         return out
+
+    def _has(self, name: str, key: str) -> bool:
+        return key in self.layouts[name] and is_float(self.layouts[name][key].dtype)
 
     def _others_have(self, job: NodeJob, key: str) -> bool:
         """Every input after `a` has a float tensor `key`: else `a`'s tensor is kept as is."""
@@ -538,6 +554,10 @@ class FusedPass:
                 raise
 
 
+def _float_info(info: TensorInfo | None) -> bool:
+    return info is not None and is_float(info.dtype)
+
+
 def _mergeable(key: str, dtype: str) -> bool:
     """Float weights merge; integer buffers — and position_ids even when a damaged file stores
     them as floats — are copied from `a` unchanged (never interpolated, never re-cast)."""
@@ -577,13 +597,13 @@ def _tiled(
     """
     import torch
 
-    flat = [x.reshape(-1) for x in xs]
+    flat = [x if x is None else x.reshape(-1) for x in xs]
     numel = flat[0].numel()
     out = torch.empty(numel, dtype=dtype)
     bad = False
     for lo in range(0, numel, TILE_ELEMENTS):
         part = out[lo : lo + TILE_ELEMENTS]
-        tile = [x[lo : lo + TILE_ELEMENTS] for x in flat]
+        tile = [x if x is None else x[lo : lo + TILE_ELEMENTS] for x in flat]
         at = None if ctx is None else replace(ctx, offset=ctx.offset + lo)
         part.copy_(_call(method, params, tile, at))
         bad = _has_nonfinite(part) or bad

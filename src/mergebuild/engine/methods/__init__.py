@@ -10,6 +10,7 @@ from mergebuild.engine.methods.add_cosine_a import AddCosineA
 from mergebuild.engine.methods.add_cosine_b import AddCosineB
 from mergebuild.engine.methods.add_difference import AddDifference
 from mergebuild.engine.methods.add_perpendicular import AddPerpendicular
+from mergebuild.engine.methods.bake_lora import BakeLora
 from mergebuild.engine.methods.base import ComputeContext, Method
 from mergebuild.engine.methods.copy import Copy
 from mergebuild.engine.methods.dare import Dare
@@ -54,6 +55,7 @@ TASK_VECTOR_METHODS: tuple[type[Method], ...] = (
     NAverage,
 )
 register(*TASK_VECTOR_METHODS)
+register(BakeLora)  # LoRA / LyCORIS files baked into a checkpoint (mergebuild/lora/)
 
 
 def get_method(name: str) -> type[Method]:
