@@ -334,3 +334,17 @@ def test_dora_is_refused_by_name(workdir: Path, cache: Path, loras) -> None:
         "DoRA",
         DETAIL[name],
     )
+
+
+def test_extract_rebuilds_the_bake_bit_for_bit(workdir: Path, cache: Path, loras) -> None:
+    r = run_cli(recipe(workdir, "anything + lora(detail, 0.6) + lora(style, 0.4)"), cache=cache)
+    assert r.code == 0, r.err
+    built = workdir / "out" / "baked.safetensors"
+    ex = run_cli("extract", built, "-o", workdir / "ex.yaml")
+    assert ex.code == 0, ex.err
+    text = (workdir / "ex.yaml").read_text()
+    assert "method: bake_lora" in text and "loras:" in text
+    again = run_cli(workdir / "ex.yaml", "--models", workdir / "models", cache=workdir / "c2")
+    assert again.code == 0, again.err
+    rebuilt = next(workdir.glob("*.safetensors"))
+    assert _sha(rebuilt) == _sha(built)

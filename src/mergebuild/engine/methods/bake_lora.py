@@ -78,7 +78,10 @@ Expression form: `anything + lora(detail, 0.6) + lora(style, 0.4)`."""
     def check(cls, params: BakeLoraParams, n_inputs: int) -> str | None:
         n = n_inputs - 1
         if isinstance(params.strength, list) and len(params.strength) != n:
-            return f"'strength' has {len(params.strength)} values for {n} LoRAs (one per LoRA)"
+            return (
+                f"'strength' has {len(params.strength)} values for {n} LoRAs (one per LoRA; "
+                "block weights of a LoRA: a mapping, {preset: NAME} or a nested [[...]] list)"
+            )
         return None
 
     @classmethod
