@@ -348,3 +348,31 @@ def test_extract_rebuilds_the_bake_bit_for_bit(workdir: Path, cache: Path, loras
     assert again.code == 0, again.err
     rebuilt = next(workdir.glob("*.safetensors"))
     assert _sha(rebuilt) == _sha(built)
+
+
+def test_lora_on_a_merged_expression_bakes_a_hidden_node(workdir: Path, cache: Path, loras) -> None:
+    model, d, _ = loras
+    insta = load_st(workdir / "models" / "insta.safetensors")
+    r = run_cli(
+        recipe(workdir, "anything * 0.5 + insta * 0.5 + lora(detail, 0.6)"), "--json", cache=cache
+    )
+    assert r.code == 0, r.err
+    assert {n["name"] for n in r.json["nodes"]} >= {"baked", "baked/1"}
+    out = load_st(workdir / "out" / "baked.safetensors")
+    key = next(iter(DETAIL.values()))
+    half = model[key].astype(np.float32) * np.float32(0.5) + insta[key].astype(
+        np.float32
+    ) * np.float32(0.5)
+    ws = half.astype(np.float16)  # the weighted sum, cast to its node dtype (fp16)
+    assert_close_fp16(out[key], bake_ref(ws, [(d[key], 0.6)]))
+
+
+def test_a_ckpt_in_loras_says_loras_are_safetensors(workdir: Path, cache: Path, loras) -> None:
+    (workdir / "models" / "old.pt").write_bytes(b"not read")
+    path = workdir / "r.yaml"
+    path.write_text(
+        RECIPE.format(merge="anything + lora(old, 0.5)").replace(
+            "models:\n", "models:\n  old: models/old.pt\n"
+        )
+    )
+    _fails(run_cli(path, cache=cache), 2, "'old' is not a .safetensors file")

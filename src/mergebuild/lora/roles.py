@@ -48,6 +48,8 @@ def check_roles(recipe: Recipe, paths: dict[str, Path]) -> None:
                 )
             elif wants_lora and ref not in loras:
                 what = "a checkpoint" if ref in paths else "a merge node (a checkpoint)"
+                if ref in paths and paths[ref].suffix.lower() not in (".safetensors", ".sft"):
+                    what = "not a .safetensors file (LoRAs are read from .safetensors only)"
                 problems.append(
                     Problem(
                         f"merge '{node.name}': '{ref}' is {what}, not a LoRA; bake_lora's "
