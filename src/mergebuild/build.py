@@ -409,6 +409,7 @@ class Builder:
         renamed into the cache and given its sidecar before this returns."""
         from mergebuild.engine.executor import FusedPass, NodeJob, Sink
         from mergebuild.engine.safetensors_io import SafetensorsSource
+        from mergebuild.lora.extract import add_metadata as add_lora_metadata
         from mergebuild.lora.source import open_input
 
         by_name = {(i.kind, i.name): i for i in plan.items}
@@ -468,6 +469,7 @@ class Builder:
                     )
             t0 = time.perf_counter()
             fused = FusedPass(sources, jobs, sinks, device=_check_device(self.device))
+            add_lora_metadata(fused, self.recipe)  # kohya's ss_* fields on extracted LoRAs
             with self.progress.pass_(fused) as on_unit:
                 fused.run(self.jobs, self.max_memory, on_unit)
             self._check_inputs_unchanged(plan)

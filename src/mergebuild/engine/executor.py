@@ -136,6 +136,8 @@ class FusedPass:
         self.key_params: dict[str, tuple[dict[str, Params], str | None]] = {}
         # (job, key) → n: merge only the first n input channels, the rest come from `a`
         self.channel_merge: dict[tuple[str, str], int] = {}
+        # job → (output key → the input key it is computed from), for jobs with their own keys
+        self.key_sources: dict[str, dict[str, str]] = {}
         self.readahead: Readahead | None = None  # set during run()
         self._key_plans: dict[str, KeyPlan] = {}
         for job in jobs:
@@ -203,6 +205,12 @@ class FusedPass:
         else:
             dt = RECIPE_TO_ST[job.dtype]
         st = self.stats[job.name] = NodeStats(dtype=dt)
+        own = job.method.output_keys(job.params, ins)
+        if own is not None:  # e.g. LoRA factors: keys of their own, each from one input key
+            self.key_sources[job.name] = {k: src for k, (_, src) in own.items()}
+            self.layouts[job.name] = {k: TensorInfo(dt, shape) for k, (shape, _) in own.items()}
+            st.tensors = st.merged = len(own)
+            return
         out: dict[str, TensorInfo] = {}
         for k, info in a.items():
             st.tensors += 1
@@ -283,6 +291,9 @@ class FusedPass:
         if name in self.sources:
             return []
         job = self.jobs[name]
+        own = self.key_sources.get(name)
+        if own is not None:
+            return [(n, own[key]) for n in job.inputs]
         if not _mergeable(key, self.layouts[name][key].dtype):
             return [(job.inputs[0], key)]
         if job.method.optional_inputs:

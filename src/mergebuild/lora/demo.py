@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergebuild.atomic import atomic_file
+from mergebuild.lora.names import modules_of
 
 if TYPE_CHECKING:
     import torch
@@ -20,12 +21,6 @@ UNET = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer."
 RANK = 4
 ALPHA = 2.0  # scale alpha/rank = 0.5, as many published LoRAs use
-RESNET_NAMES = {
-    "in_layers.2": "conv1",
-    "out_layers.3": "conv2",
-    "emb_layers.1": "time_emb_proj",
-    "skip_connection": "conv_shortcut",
-}
 ATTN = re.compile(r"\.(proj_in|proj_out|attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2))\.weight$")
 TE = re.compile(r"\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.weight$")
 CONV = re.compile(
@@ -41,36 +36,9 @@ DEMO_LORAS = {
 
 
 def kohya_name(key: str) -> str | None:
-    """kohya's SD1 module name for an LDM weight key (diffusers block numbering), or None."""
-    if key.startswith(CLIP):
-        return "lora_te_" + key[len(CLIP) :].removesuffix(".weight").replace(".", "_")
-    if not key.startswith(UNET):
-        return None
-    rest = key[len(UNET) :].removesuffix(".weight")
-    if m := re.match(r"^input_blocks\.(\d+)\.(\d+)\.(.+)$", rest):
-        n, sub, tail = int(m[1]), int(m[2]), m[3]
-        i, j = divmod(n - 1, 3)
-        if n == 0:
-            return None
-        if j == 2:
-            return f"lora_unet_down_blocks_{i}_downsamplers_0_conv"
-        block = f"down_blocks_{i}_{'attentions' if sub == 1 else 'resnets'}_{j}"
-    elif m := re.match(r"^output_blocks\.(\d+)\.(\d+)\.(.+)$", rest):
-        n, sub, tail = int(m[1]), int(m[2]), m[3]
-        i, j = divmod(n, 3)
-        if tail == "conv":
-            return f"lora_unet_up_blocks_{i}_upsamplers_0_conv"
-        block = f"up_blocks_{i}_{'attentions' if sub == 1 else 'resnets'}_{j}"
-    elif m := re.match(r"^middle_block\.(\d+)\.(.+)$", rest):
-        sub, tail = int(m[1]), m[2]
-        block = "mid_block_attentions_0" if sub == 1 else f"mid_block_resnets_{sub // 2}"
-    else:
-        return None
-    if "resnets" in block:
-        if tail not in RESNET_NAMES:
-            return None
-        tail = RESNET_NAMES[tail]
-    return f"lora_unet_{block}_{tail.replace('.', '_')}"
+    """kohya's SD1 module name for an LDM weight key, or None."""
+    found = modules_of([key], "sd1", resnets=True)
+    return next(iter(found), None)
 
 
 def demo_targets(algorithm: str, scale: float) -> dict[str, tuple[int, ...]]:

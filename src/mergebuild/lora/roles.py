@@ -30,6 +30,7 @@ def check_roles(recipe: Recipe, paths: dict[str, Path]) -> None:
     from mergebuild.engine.methods import REGISTRY
 
     loras = lora_models(paths)
+    made = {n.name for n in recipe.nodes.values() if n.method == "extract_lora"}
     problems = []
     bake = "bake it into a checkpoint: `model + lora(NAME, 0.6)` or method bake_lora"
     for node in recipe.nodes.values():
@@ -37,7 +38,15 @@ def check_roles(recipe: Recipe, paths: dict[str, Path]) -> None:
         takes_loras = method is not None and method.name == "bake_lora"
         for slot, ref in node.inputs.items():
             wants_lora = takes_loras and slot != "base"
-            if ref in loras and not wants_lora:
+            if ref in made:
+                problems.append(
+                    Problem(
+                        f"merge '{node.name}': '{ref}' is an extracted LoRA (its keys are LoRA "
+                        "factors): write it to an output, then use that file as a model",
+                        node.location,
+                    )
+                )
+            elif ref in loras and not wants_lora:
                 where = f"'{method.base_name}' of bake_lora" if takes_loras else "an input"
                 problems.append(
                     Problem(

@@ -17,6 +17,7 @@ from mergebuild.engine.methods.dare import Dare
 from mergebuild.engine.methods.dare_ties import DareTies
 from mergebuild.engine.methods.della import Della
 from mergebuild.engine.methods.extract import Extract
+from mergebuild.engine.methods.extract_lora import ExtractLora
 from mergebuild.engine.methods.geometric_median import GeometricMedian
 from mergebuild.engine.methods.linear import Linear
 from mergebuild.engine.methods.model_stock import ModelStock
@@ -55,7 +56,7 @@ TASK_VECTOR_METHODS: tuple[type[Method], ...] = (
     NAverage,
 )
 register(*TASK_VECTOR_METHODS)
-register(BakeLora)  # LoRA / LyCORIS files baked into a checkpoint (mergebuild/lora/)
+register(BakeLora, ExtractLora)  # LoRA / LyCORIS files in recipes (mergebuild/lora/)
 
 
 def get_method(name: str) -> type[Method]:

@@ -172,6 +172,15 @@ class Method:
             cls.summary = cls.formula
 
     @classmethod
+    def output_keys(
+        cls, params: Any, layouts: list[Any]
+    ) -> dict[str, tuple[tuple[int, ...], str]] | None:
+        """For a method whose result has other keys than `a` (extract_lora writes LoRA
+        factors): output key → (shape, the input key it is computed from; `compute` gets that
+        key's tensors and `ctx.tensor` = the output key). None (the default): `a`'s keys."""
+        return None
+
+    @classmethod
     def check_inputs(cls, job: Any, sources: list[Any], layouts: list[Any]) -> None:
         """Raise BuildError when the inputs' layouts do not suit the method (called by the
         engine while planning; the default checks nothing beyond the architectures)."""
