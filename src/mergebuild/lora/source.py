@@ -106,10 +106,7 @@ class LoraSource:
                 raise BuildError(f"{path}: modules for '{t.key}' disagree on its shape")
             self._infos[t.key] = TensorInfo("F32", shape)
             self.placements.setdefault(t.key, []).append(Placement(name, own, rows))
-        self._factors: dict[str, dict[str, torch.Tensor]] | None = None
-        self._alphas: dict[str, float | None] = {}
         self._lock = threading.Lock()
-        self._load_lock = threading.Lock()
         self._cache: dict[str, _Entry] = {}  # ΔW of keys whose chunks are being read
 
     @property
@@ -123,19 +120,13 @@ class LoraSource:
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
-    def _load(self) -> dict[str, dict[str, torch.Tensor]]:
-        with self._load_lock:
-            return self._load_locked()
-
-    def _load_locked(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self._factors is None:
-            out: dict[str, dict[str, torch.Tensor]] = {}
-            for name, m in self.info.modules.items():
-                out[name] = {role: self._st.read(key) for role, key in m.parts.items()}
-                a = out[name].pop("alpha", None)
-                self._alphas[name] = float(a.reshape(-1)[0]) if a is not None else None
-            self._factors = out
-        return self._factors
+    def _factors_of(self, name: str) -> tuple[dict[str, torch.Tensor], float | None]:
+        """A module's factors, read when its key is computed (a LoRA with both SDXL text
+        encoders is ~230 MB at rank 32: read on demand, never held whole)."""
+        m = self.info.modules[name]
+        w = {role: self._st.read(key) for role, key in m.parts.items()}
+        a = w.pop("alpha", None)
+        return w, (float(a.reshape(-1)[0]) if a is not None else None)
 
     def delta(self, key: str) -> torch.Tensor:
         """The whole ΔW of `key` (float32, its shape), from every module placed there."""
@@ -143,19 +134,14 @@ class LoraSource:
 
         from mergebuild.lora.delta import delta
 
-        factors = self._load()
         shape = self._infos[key].shape
         places = self.placements[key]
         if len(places) == 1 and places[0].rows is None:
             p = places[0]
-            return delta(
-                self.info.modules[p.module], factors[p.module], self._alphas[p.module], shape
-            )
+            return delta(self.info.modules[p.module], *self._factors_of(p.module), shape)
         out = torch.zeros(shape, dtype=torch.float32)
         for p in places:
-            d = delta(
-                self.info.modules[p.module], factors[p.module], self._alphas[p.module], p.shape
-            )
+            d = delta(self.info.modules[p.module], *self._factors_of(p.module), p.shape)
             assert p.rows is not None
             out[p.rows[0] : p.rows[1]] = d
         return out
@@ -177,7 +163,6 @@ class LoraSource:
 
     def close(self) -> None:
         self._cache.clear()
-        self._factors = None
         self._st.close()
 
 
