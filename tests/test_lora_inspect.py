@@ -101,3 +101,20 @@ def test_light_paths_do_not_import_torch(workdir: Path, cache: Path) -> None:
     light(recipe, "--dry-run")
     assert run_cli(recipe, cache=cache).code == 0
     light(recipe)  # fully cached
+
+
+@pytest.mark.parametrize("part", ["diff", "w_norm", "on_input"])
+def test_lycoris_parts_mergebuild_cannot_read_are_named(tmp_path: Path, part: str) -> None:
+    path = tmp_path / "full.safetensors"
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file(
+        {
+            f"{name}.lora_down.weight": np.zeros((2, 3), np.float16),
+            f"{name}.lora_up.weight": np.zeros((3, 2), np.float16),
+            f"lora_unet_mid_block_attentions_0_proj_out.{part}": np.zeros((3, 3), np.float16),
+        },
+        str(path),
+    )
+    r = run_cli("inspect", path)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert f"not LoRA factors, e.g. lora_unet_mid_block_attentions_0_proj_out.{part}" in r.err

@@ -124,12 +124,13 @@ class LoraInfo:
 
 
 def is_lora(keys: Mapping[str, Any]) -> bool:
-    """A LoRA file: every tensor is a LoRA factor, and there is at least one."""
+    """A LoRA file: every tensor is a LoRA factor or under a kohya module prefix (so a LyCORIS
+    part mergebuild cannot read, like `.diff`, is named by `parse`), and there is one."""
     n = 0
     for k in keys:
         if k == "__metadata__":
             continue
-        if _split(k) is None:
+        if _split(k) is None and not (k.startswith(KOHYA_PREFIXES) and "." in k):
             return False
         n += 1
     return n > 0
