@@ -376,3 +376,33 @@ def test_a_ckpt_in_loras_says_loras_are_safetensors(workdir: Path, cache: Path, 
         )
     )
     _fails(run_cli(path, cache=cache), 2, "'old' is not a .safetensors file")
+
+
+def test_loha_on_an_sd2_style_linear_proj_in(workdir: Path, cache: Path, loras) -> None:
+    """A LoHa cannot tell SD1 from SD2; on SD2's linear proj_in its ΔW takes the 2-D shape."""
+    model, _, _ = loras
+    sd2 = {k: v for k, v in model.items() if k.startswith(U)}
+    for k in [k for k in sd2 if k.endswith((".proj_in.weight", ".proj_out.weight"))]:
+        sd2[k] = np.ascontiguousarray(sd2[k][:, :, 0, 0])
+    save_file(sd2, str(workdir / "models" / "sd2ish.safetensors"))
+    key = U + "input_blocks.1.1.proj_in.weight"
+    o, i = sd2[key].shape
+    rng = np.random.default_rng(11)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    shapes = {"w1_a": (o, 2), "w1_b": (2, i), "w2_a": (o, 2), "w2_b": (2, i)}
+    t = {f"{name}.hada_{w}": rng.standard_normal(s).astype(np.float16) for w, s in shapes.items()}
+    save_file(t, str(workdir / "models" / "loha.safetensors"))
+    path = workdir / "r.yaml"
+    path.write_text(
+        "mergebuild: 1\nmodels:\n  m: models/sd2ish.safetensors\n  l: models/loha.safetensors\n"
+        "merges:\n  baked: m + lora(l, 0.5)\n"
+        "outputs:\n  out: {from: baked, path: out/b.safetensors}\n"
+    )
+    r = run_cli(path, cache=cache)
+    assert r.code == 0, r.err
+    f = {k: v.astype(np.float64) for k, v in t.items()}
+    ref = (f[f"{name}.hada_w1_a"] @ f[f"{name}.hada_w1_b"]) * (
+        f[f"{name}.hada_w2_a"] @ f[f"{name}.hada_w2_b"]
+    )
+    out = load_st(workdir / "out" / "b.safetensors")
+    assert_close_fp16(out[key], bake_ref(sd2[key], [(ref, 0.5)]))

@@ -23,6 +23,17 @@ def _few(items: list[str]) -> str:
     return ", ".join(items[:SHOWN]) + more
 
 
+def _same_but_singletons(x: tuple[int, ...], y: tuple[int, ...]) -> bool:
+    """Equal once trailing 1-sized dimensions are dropped ([o, i] and [o, i, 1, 1])."""
+
+    def strip(s: tuple[int, ...]) -> tuple[int, ...]:
+        while len(s) > 2 and s[-1] == 1:
+            s = s[:-1]
+        return s
+
+    return x != y and strip(x) == strip(y)
+
+
 def check_bake(job: Any, sources: list[Any], layouts: list[dict[str, Any]]) -> list[str]:
     """Raise BuildError for what cannot be baked; return warnings. Keys skipped under
     `strict: false` are removed from that LoRA's layout in this pass (`layouts[i]`)."""
@@ -68,6 +79,10 @@ def check_bake(job: Any, sources: list[Any], layouts: list[dict[str, Any]]) -> l
             have = a.get(key)
             if have is None:
                 missing.append(f"{mods} → {key} (not in '{names[0]}')")
+            elif _same_but_singletons(tuple(have.shape), lay[key].shape) and len(places) == 1:
+                # a 1×1 conv's ΔW on a linear layer or the reverse (SD1 vs SD2 proj_in/out)
+                src.reshape(key, tuple(have.shape))
+                lay[key] = src.infos()[key]
             elif tuple(have.shape) != lay[key].shape:
                 missing.append(
                     f"{mods} → {key} (ΔW {list(lay[key].shape)}, tensor {list(have.shape)})"

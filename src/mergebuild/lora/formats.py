@@ -113,7 +113,6 @@ class LoraInfo:
     modules: dict[str, Module]
     family: str  # sd1 | sd2 | sdxl | sd1/sd2 (UNet-only names that fit both)
     metadata: dict[str, str] = field(default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)  # module → alpha, once read
 
     @property
     def algorithms(self) -> list[str]:

@@ -117,6 +117,11 @@ class LoraSource:
             if any(self.info.modules[p.module].dora for p in ps)
         )
 
+    def reshape(self, key: str, shape: tuple[int, ...]) -> None:
+        """Give `key`'s ΔW the checkpoint's shape (same values, other singleton dims)."""
+        assert math.prod(shape) == math.prod(self._infos[key].shape)
+        self._infos[key] = TensorInfo("F32", shape)
+
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
