@@ -369,8 +369,8 @@ def test_every_example_is_a_valid_recipe(tmp_path: Path) -> None:
     for m in REGISTRY.values():
         entry = yaml.safe_load(m.example)
         ((name, node),) = entry.items()
-        refs = [node[f] for f in (*m.slots, "base") if isinstance(node.get(f), str)]
-        refs += node.get("models") or node.get("inputs") or []
+        refs = [node[f] for f in (*m.slots, m.base_name) if isinstance(node.get(f), str)]
+        refs += node.get(m.models_name) or node.get("inputs") or []
         models = "".join(f"  {r}: {r}.safetensors\n" for r in dict.fromkeys(refs))
         snippet = "\n".join(f"  {line}" for line in m.example.splitlines())
         p = tmp_path / f"{m.name}.yaml"

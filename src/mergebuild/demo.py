@@ -148,7 +148,9 @@ def write_demo_models(
         if not _is_current(path, stamp, scale, dtype, channels):
             synthesize(path, stem, scale=scale, seed=seed, dtype=dtype, in_channels=channels)
         paths.append(path)
-    return paths
+    from mergebuild.lora.demo import write_demo_loras  # small LoRAs for examples/lora_bake.yaml
+
+    return paths + write_demo_loras(directory, scale, seed)
 
 
 def _is_current(path: Path, stamp: str, scale: float, dtype: str, in_channels: int = 4) -> bool:

@@ -222,8 +222,8 @@ def extract(prov: Any) -> Extracted:
         edges[raw] = refs
         entry: dict[str, Any] = {"method": method.name}
         if method.inputs_form == "base_models":
-            entry["base"] = names[refs[0]]
-            entry["models"] = [names[r] for r in refs[1:]]
+            entry[method.base_name] = names[refs[0]]
+            entry[method.models_name] = [names[r] for r in refs[1:]]
         elif method.variadic:
             entry["inputs"] = [names[r] for r in refs]
         else:

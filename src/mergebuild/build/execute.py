@@ -103,8 +103,9 @@ class Execution:
         """One fused pass computing `items` and writing `group`; every file is fsynced,
         renamed into the cache and given its sidecar before this returns."""
         from mergebuild.engine.executor import FusedPass, NodeJob, Sink
-        from mergebuild.engine.readers import open_model
         from mergebuild.engine.safetensors_io import SafetensorsSource
+        from mergebuild.lora.extract import add_metadata as add_lora_metadata
+        from mergebuild.lora.source import open_input
 
         by_name = {(i.kind, i.name): i for i in plan.items}
         needed_sources: set[str] = set()
@@ -134,7 +135,7 @@ class Execution:
         try:
             for name in sorted(needed_sources - built_names):
                 if name in self.recipe.models:
-                    sources[name] = open_model(plan.inputs[name].path)
+                    sources[name] = open_input(plan.inputs[name].path)
                 else:
                     sources[name] = SafetensorsSource(by_name[("merge", name)].path)
             for item in group:
@@ -163,6 +164,7 @@ class Execution:
                     )
             t0 = time.perf_counter()
             fused = FusedPass(sources, jobs, sinks, device=check_device(self.device))
+            add_lora_metadata(fused, self.recipe)  # kohya's ss_* fields on extracted LoRAs
             with self.progress.pass_(fused) as on_unit:
                 fused.run(self.jobs, self.max_memory, on_unit)
             check_inputs_unchanged(plan.models)

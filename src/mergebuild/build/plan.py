@@ -15,6 +15,7 @@ from mergebuild.build.journal import why_node, why_output
 from mergebuild.cache import CacheStore
 from mergebuild.graph import canonical_json, node_identity, schedule, xxh3_hex
 from mergebuild.locate import ResolvedInput, resolve_models
+from mergebuild.lora.roles import check_roles
 from mergebuild.provenance import InputFacts, output_metadata, read_input_metadata, source_key
 from mergebuild.recipe.model import Recipe
 
@@ -86,6 +87,7 @@ class Planner:
             self.recipe, [n for k, n in order if k == "model"], self.store.hashes, self.model_dirs
         )
         check_lock(resolved, self.locked_inputs)
+        check_roles(self.recipe, {n: r.path for n, r in resolved.items()})
         check_outputs_spare_inputs(self.recipe, self.store, self.outputs, resolved)
         keys = {n: r.hashes.xxh3 for n, r in resolved.items()}
         models = {n: (r.path, r.signature) for n, r in resolved.items()}

@@ -23,6 +23,7 @@ def add_parsers(sub: Any) -> None:
     i = sub.add_parser("inspect", help="show a model's architecture, components and dtypes")
     i.add_argument("model", type=Path)
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--keys", action="store_true", help="LoRA: the checkpoint key of each module")
     common(i)
     b = sub.add_parser("blocks", help="list which keys fall in which block-weight (MBW) block")
     b.add_argument("model", type=Path)
@@ -86,6 +87,11 @@ def summary(path: Path) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from mergebuild.lora.inspect import cmd_inspect_lora
+    from mergebuild.lora.source import header_is_lora
+
+    if args.model.is_file() and header_is_lora(args.model):
+        return cmd_inspect_lora(args.model, args.json, args.keys)
     s = summary(args.model)
     if args.json:
         print(json.dumps(s, indent=1))

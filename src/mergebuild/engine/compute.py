@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -104,14 +104,18 @@ class KeyCompute:
         jobs: list[NodeJob],
         targets: Sequence[Target],
         device: str = "cpu",
+        sources: Mapping[str, Any] | None = None,
     ) -> None:
         self.layouts, self.jobs, self.targets = layouts, {j.name: j for j in jobs}, targets
         self.device = device
+        self.sources = sources or {}  # for methods that check their inputs' files (LoRAs)
         self.stats: dict[str, NodeStats] = {}
         # job → (key → params with block weights resolved, UNet prefix of the job's `a`)
         self.key_params: dict[str, tuple[dict[str, Params], str | None]] = {}
         # (job, key) → n: merge only the first n input channels, the rest come from `a`
         self.channel_merge: dict[tuple[str, str], int] = {}
+        # job → (output key → the input key it is computed from), for jobs with their own keys
+        self.key_sources: dict[str, dict[str, str]] = {}
         self._key_plans: dict[str, KeyPlan] = {}
         for job in jobs:
             self._plan_job(job)
@@ -128,7 +132,8 @@ class KeyCompute:
         ins = [self.layouts[n] for n in job.inputs]
         a = ins[0]
         archs = [detect(lay) for lay in ins]
-        if len(ins) > 1:
+        job.method.check_inputs(job, [self.sources.get(n) for n in job.inputs], ins)
+        if len(ins) > 1 and not job.method.optional_inputs:
             why = merge_compatibility(job.inputs, archs)
             if why:
                 raise BuildError(f"cannot merge '{job.name}': {why}")
@@ -144,10 +149,17 @@ class KeyCompute:
         if blocky:
             self.key_params[job.name] = ({}, unet_root(a))
         if job.dtype == "auto":
-            dt = widest({i.dtype for lay in ins for i in lay.values()})
+            typed = ins[:1] if job.method.dtype_from_a else ins
+            dt = widest({i.dtype for lay in typed for i in lay.values()})
         else:
             dt = RECIPE_TO_ST[job.dtype]
         st = self.stats[job.name] = NodeStats(dtype=dt)
+        own = job.method.output_keys(job.params, ins)
+        if own is not None:  # e.g. LoRA factors: keys of their own, each from one input key
+            self.key_sources[job.name] = {k: src for k, (_, src) in own.items()}
+            self.layouts[job.name] = {k: TensorInfo(dt, shape) for k, (shape, _) in own.items()}
+            st.tensors = st.merged = len(own)
+            return
         out: dict[str, TensorInfo] = {}
         for k, info in a.items():
             st.tensors += 1
@@ -164,12 +176,16 @@ class KeyCompute:
                 continue
             out[k] = TensorInfo(dt, info.shape)
             others = [lay.get(k) for lay in ins[1:]]
-            if any(o is None or not is_float(o.dtype) for o in others):
+            names = job.inputs[1:]
+            if job.method.optional_inputs:  # only inputs holding the key take part
+                kept = [(n, o) for n, o in zip(names, others, strict=True) if _float_info(o)]
+                names, others = [n for n, _ in kept], [o for _, o in kept]
+            if (job.method.optional_inputs and not others) or not all(map(_float_info, others)):
                 st.kept_from_a += 1
                 if len(st.missing_examples) < 5:
                     st.missing_examples.append(k)
                 continue
-            for slot_name, o in zip(job.inputs[1:], others, strict=True):
+            for slot_name, o in zip(names, others, strict=True):
                 if o is not None and o.shape != info.shape:
                     if extra_channels(k, info.shape, o.shape):
                         self.channel_merge[(job.name, k)] = o.shape[1]
@@ -196,7 +212,14 @@ class KeyCompute:
         if name not in self.jobs:  # a source
             return []
         job = self.jobs[name]
-        if mergeable(key, self.layouts[name][key].dtype) and self._others_have(job, key):
+        own = self.key_sources.get(name)
+        if own is not None:
+            return [(n, own[key]) for n in job.inputs]
+        if not mergeable(key, self.layouts[name][key].dtype):
+            return [(job.inputs[0], key)]
+        if job.method.optional_inputs:
+            return [(job.inputs[0], key)] + [(n, key) for n in job.inputs[1:] if self._has(n, key)]
+        if self._others_have(job, key):
             return [(n, key) for n in job.inputs]
         return [(job.inputs[0], key)]
 
@@ -283,18 +306,21 @@ class KeyCompute:
             return a
         import torch
 
+        if job.method.optional_inputs and len(args) > 1:  # None for inputs lacking the key
+            it = iter(args[1:])
+            args = [a] + [next(it) if self._has(n, u.key) else None for n in job.inputs[1:]]
         if len(args) < len(job.inputs):  # another input lacks the key: a's tensor, cast
             out = a.to(to_torch(info.dtype))
         else:
             params = self._params(job, u.key)
             xs = list(args)
-            xs = [x if _direct(x) else x.to(torch.float32) for x in xs]
+            xs = [x if x is None or _direct(x) else x.to(torch.float32) for x in xs]
             n = self.channel_merge.get((job.name, u.key))
             if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
-                xs = [x if x.shape[1] == n else x[:, :n] for x in xs]
+                xs = [x if x is None or x.shape[1] == n else x[:, :n] for x in xs]
             ctx = _context(job, params, u, info.shape)
             if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back
-                xs = [x.to(self.device, non_blocking=True) for x in xs]
+                xs = [x if x is None else x.to(self.device, non_blocking=True) for x in xs]
                 out = _call(job.method, params, xs, ctx).cpu()
             elif job.method.elementwise and n is None:
                 out, bad = _tiled(job.method, params, xs, to_torch(info.dtype), ctx)
@@ -311,6 +337,9 @@ class KeyCompute:
         if _has_nonfinite(out):  # NaN/Inf from an input (or an overflow) shows up here
             self.stats[job.name].nonfinite.add(u.key)  # set.add: atomic across workers
         return out
+
+    def _has(self, name: str, key: str) -> bool:
+        return key in self.layouts[name] and is_float(self.layouts[name][key].dtype)
 
     def _others_have(self, job: NodeJob, key: str) -> bool:
         """Every input after `a` has a float tensor `key`: else `a`'s tensor is kept as is."""
@@ -330,6 +359,10 @@ class KeyCompute:
 
             p = memo[key] = resolve_params(job.params, key, root)  # type: ignore[assignment]
         return p
+
+
+def _float_info(info: TensorInfo | None) -> bool:
+    return info is not None and is_float(info.dtype)
 
 
 def mergeable(key: str, dtype: str) -> bool:
@@ -371,13 +404,13 @@ def _tiled(
     """
     import torch
 
-    flat = [x.reshape(-1) for x in xs]
+    flat = [x if x is None else x.reshape(-1) for x in xs]
     numel = flat[0].numel()
     out = torch.empty(numel, dtype=dtype)
     bad = False
     for lo in range(0, numel, TILE_ELEMENTS):
         part = out[lo : lo + TILE_ELEMENTS]
-        tile = [x[lo : lo + TILE_ELEMENTS] for x in flat]
+        tile = [x if x is None else x[lo : lo + TILE_ELEMENTS] for x in flat]
         at = None if ctx is None else replace(ctx, offset=ctx.offset + lo)
         part.copy_(_call(method, params, tile, at))
         bad = _has_nonfinite(part) or bad

@@ -80,7 +80,8 @@ class FusedPass:
     ) -> None:
         self.sources, self.sinks, self.device = sources, sinks, device
         layouts = {n: s.infos() for n, s in sources.items()}
-        self.compute = KeyCompute(layouts, jobs, sinks, device)  # checks every job's inputs
+        # checks every job's inputs
+        self.compute = KeyCompute(layouts, jobs, sinks, device, sources=sources)
         self.jobs, self.layouts, self.stats = self.compute.jobs, layouts, self.compute.stats
         self.readahead: Readahead | None = None  # set during run()
         for sink in sinks:

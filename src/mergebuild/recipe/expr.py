@@ -30,6 +30,8 @@ from mergebuild.sd.blocks import AlphaError, Weights, parse_alpha
 MAX_EXPRESSION_CHARS = 4096
 FLOAT32_MAX = 3.4028234663852886e38
 WEIGHT_FUNCTIONS = ("preset", "blocks")
+LORA_FUNCTION = "lora"  # lora(NAME, strength): a LoRA baked into the rest of the expression
+LORA_TAG = "\0lora:"  # marks a LoRA's term while folding; never a recipe name
 
 Coef = Fraction | Weights
 
@@ -176,6 +178,8 @@ class _Folder:
         if isinstance(node, ast.Call):
             if self.calls is not None and method_called(node) is not None:
                 return _Lin({self.calls.add(node): Fraction(1)})
+            if isinstance(node.func, ast.Name) and node.func.id == LORA_FUNCTION:
+                return self.lora(node)
             return _Lin(const=weights_call(node, offset(node)))
         if isinstance(node, ast.Name | ast.Attribute):
             name = _dotted(node)  # `ns.model`: an output of an included recipe
@@ -215,6 +219,26 @@ class _Folder:
             f"unsupported syntax ({what}): use model names, numbers, + - * / and parentheses",
             offset(node),
         )
+
+    def lora(self, node: ast.Call) -> _Lin:
+        """`lora(NAME)`, `lora(NAME, 0.6)`, `lora(NAME, preset("GRAD_V"))`: NAME's term, tagged
+        as a LoRA, with the strength as its coefficient."""
+        at = self.offset(node)
+        usage = 'use lora(NAME, strength), e.g. lora(detail, 0.6) or lora(detail, preset("GRAD_V"))'
+        args = list(node.args) + [k.value for k in node.keywords if k.arg == "strength"]
+        if not 1 <= len(args) <= 2 or any(k.arg != "strength" for k in node.keywords):
+            raise ExpressionError(usage, at)
+        name = _dotted(args[0])
+        if name is None:
+            raise ExpressionError(f"the first argument of lora() is a model name; {usage}", at)
+        self.refs.setdefault(name, self.offset(args[0]))
+        strength: Coef = Fraction(1)
+        if len(args) == 2:
+            k = self.fold(args[1])
+            if not k.is_scalar:
+                raise ExpressionError(f"the strength of lora() is a number; {usage}", at)
+            strength = k.const
+        return _Lin({LORA_TAG + name: strength})
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -293,8 +317,40 @@ def lower(text: str, parent: str = "") -> Lowered:
         raise ExpressionError("expression is nested too deeply") from None
     except AlphaError as e:
         raise ExpressionError(str(e)) from None
-    low = _pick(_terms(result, refs), refs)
+    terms = _terms(result, refs)
+    if any(n.startswith(LORA_TAG) for n in terms):
+        call = _bake(terms, refs, calls, parent)
+        return Lowered(call.method, {}, {}, refs, call, tuple(calls.nodes.values()))
+    if any(n.startswith(LORA_TAG) for n in result.terms):
+        raise ExpressionError("lora() terms cancel out: nothing is baked")
+    low = _pick(terms, refs)
     return Lowered(low.method, low.inputs, low.params, refs, None, tuple(calls.nodes.values()))
+
+
+def _bake(terms: dict[str, Coef], refs: dict[str, int], calls: _Calls, parent: str) -> Call:
+    """`model + lora(x, s) + …` as the explicit bake_lora node; the model part may itself be
+    an expression (then an anonymous node `parent/N`)."""
+    loras = {n.removeprefix(LORA_TAG): c for n, c in terms.items() if n.startswith(LORA_TAG)}
+    rest = {n: c for n, c in terms.items() if not n.startswith(LORA_TAG)}
+    first = min(refs[n] for n in loras)
+    if not rest:
+        raise ExpressionError(
+            "lora() is baked into a model: write `model + lora(NAME, 0.6)`", first
+        )
+    if len(rest) == 1 and next(iter(rest.values())) == 1:
+        base = next(iter(rest))
+    else:
+        low = _pick(rest, refs)
+        base = calls._name()
+        if low.method == "linear":
+            raw: dict[str, Any] = {"models": list(low.inputs.values()), **low.params}
+        else:
+            raw = {**low.inputs, **low.params}
+        calls.nodes[base] = Call(base, low.method, raw, min(refs[n] for n in rest))
+    values = [_param(c) for c in loras.values()]
+    strength = values[0] if all(v == values[0] for v in values) else values
+    raw = {"a": base, "loras": list(loras), "strength": strength}
+    return Call(parent, "bake_lora", raw, first)
 
 
 def _pick(terms: dict[str, Coef], refs: dict[str, int]) -> Lowered:
@@ -370,7 +426,8 @@ class _Calls:
         for kw in node.keywords:
             if kw.arg is None:
                 raise ExpressionError(f"**arguments are not supported in {fname}()", at)
-            field = "models" if kw.arg == "inputs" and method.inputs_form != "slots" else kw.arg
+            many = method.models_name if method.inputs_form != "slots" else "models"
+            field = many if kw.arg == "inputs" and method.inputs_form != "slots" else kw.arg
             if field in raw:
                 raise ExpressionError(f"{fname}() got '{kw.arg}' twice; signature: {sig}", at)
             raw[field] = self._arg(field, kw.value, field in inputs)
@@ -380,9 +437,9 @@ class _Calls:
     def _arg(self, field: str, arg: ast.AST, is_input: bool) -> Any:
         if not is_input:
             return self._value(arg)
-        if field == "models":
+        if field in ("models", "loras"):
             if not isinstance(arg, ast.List | ast.Tuple):
-                raise ExpressionError("models= takes a list: [a, b, …]", self._at(arg))
+                raise ExpressionError(f"{field}= takes a list: [a, b, …]", self._at(arg))
             return [self._input(e) for e in arg.elts]
         return self._input(arg)
 
@@ -395,6 +452,10 @@ class _Calls:
         assert self.folder is not None
         lin = self.folder.fold(arg)
         terms = _terms(lin, self.folder.refs)
+        if any(n.startswith(LORA_TAG) for n in terms):
+            name = self._name()
+            self.nodes[name] = _bake(terms, self.folder.refs, self, name)
+            return name
         if len(terms) == 1 and next(iter(terms.values())) == 1:
             return next(iter(terms))
         low = _pick(terms, self.folder.refs)

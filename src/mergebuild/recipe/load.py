@@ -388,7 +388,8 @@ class _Resolver:
         sig = method.signature()
         form = method.inputs_form
         slots = method.slots if form == "slots" else ()  # a variadic method has no `a:`
-        spelled = {*slots, "base", "models", "inputs"}
+        base_name, models_name = method.base_name, method.models_name
+        spelled = {*slots, base_name, models_name, "inputs"}
         params = {k: v for k, v in raw.items() if k not in GENERIC_FIELDS and k not in spelled}
         inputs: dict[str, str] = {}
         n_models = -1
@@ -416,20 +417,24 @@ class _Resolver:
                 else:
                     inputs[slot] = ref
         else:
-            field = "inputs" if raw.get("models") is None else "models"
+            field = "inputs" if raw.get(models_name) is None else models_name
             refs = raw.get(field)
-            if raw.get("models") is not None and raw.get("inputs") is not None:
+            if raw.get(models_name) is not None and raw.get("inputs") is not None:
                 self.err(
-                    f"merge '{name}': give 'models:' or its alias 'inputs:', not both",
+                    f"merge '{name}': give '{models_name}:' or its alias 'inputs:', not both",
                     pos.of((*where, "inputs"), key=True),
                 )
             if form == "base_models":
-                base = raw.get("base")
+                base = raw.get(base_name)
                 if not isinstance(base, str):
-                    what = "is missing 'base:'" if base is None else "'base' must be a name"
+                    what = (
+                        f"is missing '{base_name}:'"
+                        if base is None
+                        else f"'{base_name}' must be a name"
+                    )
                     self.err(
                         f"merge '{name}' ({method.name}) {what}; signature: {sig}",
-                        pos.of((*where, "base") if base is not None else where, key=True),
+                        pos.of((*where, base_name) if base is not None else where, key=True),
                     )
                 else:
                     inputs["base"] = base
@@ -440,8 +445,8 @@ class _Resolver:
                 )
             if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
                 self.err(
-                    f"merge '{name}' ({method.name}) needs 'models: [..]' (a list of model or "
-                    f"node names); signature: {sig}",
+                    f"merge '{name}' ({method.name}) needs '{models_name}: [..]' (a list of "
+                    f"model or node names); signature: {sig}",
                     pos.of((*where, field) if refs is not None else where, key=True),
                 )
                 return None
@@ -653,11 +658,14 @@ class _Resolver:
         for node in self.recipe.nodes.values():
             if node.expression is not None or node.name in self.included:
                 continue  # reported with a precise column while lowering
+            method = REGISTRY.get(node.method)
+            spelled = {"base": method.base_name} if method else {}
             for slot, ref in node.inputs.items():
                 if ref not in models and ref not in merges:
-                    path = ("merges", node.name, slot)
+                    path = ("merges", node.name, spelled.get(slot, slot))
                     if path not in self.pos.values and slot[1:].isdigit():  # models: [..]
-                        path = ("merges", node.name, "models", int(slot[1:]))
+                        many = method.models_name if method else "models"
+                        path = ("merges", node.name, many, int(slot[1:]))
                     if path not in self.pos.values:
                         path = ("merges", node.name, "inputs")
                     self.err(_unknown_ref(ref, models, merges), self.pos.of(path))

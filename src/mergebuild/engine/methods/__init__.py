@@ -10,12 +10,14 @@ from mergebuild.engine.methods.add_cosine_a import AddCosineA
 from mergebuild.engine.methods.add_cosine_b import AddCosineB
 from mergebuild.engine.methods.add_difference import AddDifference
 from mergebuild.engine.methods.add_perpendicular import AddPerpendicular
+from mergebuild.engine.methods.bake_lora import BakeLora
 from mergebuild.engine.methods.base import ComputeContext, Method
 from mergebuild.engine.methods.copy import Copy
 from mergebuild.engine.methods.dare import Dare
 from mergebuild.engine.methods.dare_ties import DareTies
 from mergebuild.engine.methods.della import Della
 from mergebuild.engine.methods.extract import Extract
+from mergebuild.engine.methods.extract_lora import ExtractLora
 from mergebuild.engine.methods.geometric_median import GeometricMedian
 from mergebuild.engine.methods.linear import Linear
 from mergebuild.engine.methods.model_stock import ModelStock
@@ -54,6 +56,7 @@ TASK_VECTOR_METHODS: tuple[type[Method], ...] = (
     NAverage,
 )
 register(*TASK_VECTOR_METHODS)
+register(BakeLora, ExtractLora)  # LoRA / LyCORIS files in recipes (mergebuild/lora/)
 
 
 def get_method(name: str) -> type[Method]:

@@ -129,6 +129,15 @@ class Method:
     example: ClassVar[str] = ""  # a YAML `merges:` entry using the method
     # compute(params, xs, ctx) instead of compute(params, xs)
     needs_context: ClassVar[bool] = False
+    # How a base_models method's inputs are spelled in a recipe (bake_lora: `a:` + `loras:`);
+    # the node's slots stay `base`, `m0`, `m1`…
+    base_name: ClassVar[str] = "base"
+    models_name: ClassVar[str] = "models"
+    # Inputs after the first may lack a key (a LoRA touches some tensors): compute then gets
+    # None in their place instead of the key being kept from `a`.
+    optional_inputs: ClassVar[bool] = False
+    # dtype "auto" is the widest dtype of the first input only (a bake keeps the model's dtype)
+    dtype_from_a: ClassVar[bool] = False
 
     @classmethod
     def check(cls, params: Params, n_inputs: int) -> str | None:
@@ -163,10 +172,24 @@ class Method:
             cls.summary = cls.formula
 
     @classmethod
+    def output_keys(
+        cls, params: Any, layouts: list[Any]
+    ) -> dict[str, tuple[tuple[int, ...], str]] | None:
+        """For a method whose result has other keys than `a` (extract_lora writes LoRA
+        factors): output key → (shape, the input key it is computed from; `compute` gets that
+        key's tensors and `ctx.tensor` = the output key). None (the default): `a`'s keys."""
+        return None
+
+    @classmethod
+    def check_inputs(cls, job: Any, sources: list[Any], layouts: list[Any]) -> None:
+        """Raise BuildError when the inputs' layouts do not suit the method (called by the
+        engine while planning; the default checks nothing beyond the architectures)."""
+
+    @classmethod
     def input_names(cls) -> tuple[str, ...]:
         """How the inputs are spelled in a recipe (and filled by positional call arguments)."""
         if cls.inputs_form == "base_models":
-            return ("base", "models")
+            return (cls.base_name, cls.models_name)
         if cls.inputs_form == "variadic":
             return ("models",)
         return cls.slots
@@ -181,9 +204,10 @@ class Method:
     def signature(cls) -> str:
         """`ties(base, models=[..], k=0.2 in (0, 1], ...)`: quoted by every parameter error."""
         parts = [
-            {"base_models": "base, models=[..]", "variadic": "models=[..]"}.get(
-                cls.inputs_form, ", ".join(cls.slots)
-            )
+            {
+                "base_models": f"{cls.base_name}, {cls.models_name}=[..]",
+                "variadic": "models=[..]",
+            }.get(cls.inputs_form, ", ".join(cls.slots))
         ]
         for name in cls.param_order():
             f = cls.Params.model_fields[name]

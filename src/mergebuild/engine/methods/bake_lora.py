@@ -1,0 +1,104 @@
+"""bake_lora: `a + Σ strengthᵢ · ΔWᵢ` — LoRA / LyCORIS files baked into a checkpoint, streamed.
+
+Each LoRA input is a `LoraSource` (lora/source.py): its tensors are ΔW under the checkpoint's
+key names, so the engine streams `a` key by key as for any merge. Keys no LoRA touches are
+`a`'s tensors unchanged; the node's dtype defaults to `a`'s.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from pydantic import StrictBool, field_validator
+
+from mergebuild.engine.methods.base import ComputeContext, Method, Params, f32
+from mergebuild.sd.blocks import AlphaError, BlockAlpha, canonical_alpha
+
+if TYPE_CHECKING:
+    import torch
+
+Strength = float | BlockAlpha
+
+
+class BakeLoraParams(Params):
+    strength: Strength | list[Strength] = 1.0  # one for every LoRA, or one per LoRA
+    strict: StrictBool = True  # False: LoRA modules that map to no tensor are skipped, warned
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _blocks(cls, value: Any) -> Any:
+        """Block weights (a mapping, a preset, a nested 26/20-value list) in canonical form."""
+
+        def one(v: Any) -> Any:
+            if isinstance(v, dict) and set(v) == set(BlockAlpha.model_fields):
+                return v  # already canonical (an expression's preset()/blocks())
+            if isinstance(v, dict | list):
+                try:
+                    return canonical_alpha(v)
+                except AlphaError as e:
+                    raise ValueError(f"block weights of 'strength': {e}") from None
+            return v
+
+        if isinstance(value, list):
+            return [one(v) for v in value]
+        return one(value)
+
+    def per_lora(self, n: int) -> list[Strength]:
+        return list(self.strength) if isinstance(self.strength, list) else [self.strength] * n
+
+
+class BakeLora(Method):
+    name = "bake_lora"
+    inputs_form = "base_models"
+    base_name = "a"
+    models_name = "loras"
+    Params = BakeLoraParams
+    optional_inputs = True
+    dtype_from_a = True
+    needs_context = True  # the key name: per-LoRA block weights resolve per tensor
+    formula = "a + Σ sᵢ·ΔWᵢ (ΔW from each LoRA's factors)"
+    description = """Bake LoRA / LyCORIS files into a checkpoint: W + strength·ΔW per tensor.
+
+`loras` are models recognised as LoRAs from their keys (kohya/A1111 `lora_unet_…`, diffusers/PEFT
+`lora_A`/`lora_B`; LoRA, LoCon, LoHa, LoKr, Tucker). ΔW = up·down·alpha/rank (LoHa, LoKr: their
+products), formed in float64 and rounded once to float32. `strength` is one number for every
+LoRA or a list with one per LoRA; each may be block weights (a mapping, `{preset: NAME}` or a
+nested list). Keys no LoRA touches are a's tensors, unchanged; the dtype defaults to a's.
+A LoRA for another architecture, or modules that map to no tensor of `a` (or to one of another
+shape), are an error naming them; `strict: false` skips those modules with a warning.
+Expression form: `anything + lora(detail, 0.6) + lora(style, 0.4)`."""
+    example = """baked:
+  method: bake_lora
+  a: anything
+  loras: [detail, style]
+  strength: [0.6, 0.4]"""
+
+    @classmethod
+    def check(cls, params: BakeLoraParams, n_inputs: int) -> str | None:
+        n = n_inputs - 1
+        if isinstance(params.strength, list) and len(params.strength) != n:
+            return (
+                f"'strength' has {len(params.strength)} values for {n} LoRAs (one per LoRA; "
+                "block weights of a LoRA: a mapping, {preset: NAME} or a nested [[...]] list)"
+            )
+        return None
+
+    @classmethod
+    def check_inputs(cls, job: Any, sources: list[Any], layouts: list[Any]) -> None:
+        from mergebuild.lora.check import check_bake
+
+        for msg in check_bake(job, sources, layouts):
+            warnings.warn(msg, stacklevel=2)
+
+    @staticmethod
+    def compute(
+        params: BakeLoraParams, xs: list[torch.Tensor | None], ctx: ComputeContext
+    ) -> torch.Tensor:
+        out = f32(xs[0])  # type: ignore[arg-type]
+        for d, s in zip(xs[1:], params.per_lora(len(xs) - 1), strict=True):
+            v = s.value_for(ctx.tensor) if isinstance(s, BlockAlpha) else s
+            if d is None or v == 0:
+                continue
+            out.add_(d.mul(v))  # two roundings (s·ΔW, then +), never fused
+        return out

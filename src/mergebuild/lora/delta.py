@@ -1,0 +1,136 @@
+"""ΔW of one module from its factors, as A1111 and LyCORIS define them (domain.md §10).
+
+Products are formed in float64 and rounded once to float32: every product of two float32
+factors is exact in float64, so the result is the true ΔW rounded once, whatever order BLAS
+sums in (two orders can differ only when a float64 sum lies within ~1e-16 of a float32
+rounding boundary). A module is always computed whole, in fixed row blocks, so the bytes never
+depend on how the engine chunks a tensor or on `-j`.
+
+    LoRA / LoCon  ΔW = up · down · alpha/rank          (conv: flattened, then reshaped)
+    Tucker        ΔW[o,i,k,l] = Σ up[o,a]·mid[a,b,k,l]·down[b,i] · alpha/rank
+    LoHa          ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/rank (Tucker: each factor via its core)
+    LoKr          ΔW = kron(w1, w2) · alpha/rank, w1/w2 full or a·b (scale 1 when both full)
+    DoRA          W' = (W + ΔW) · dora_scale / ‖W + ΔW‖ (per input column), ΔW' = W' − W
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergebuild.lora.formats import Module
+
+ROW_BLOCK = 1 << 20  # float64 elements per block of rows: bounded temporaries
+
+
+def scale(module: Module, alpha: float | None) -> float:
+    rank = module.rank
+    if rank is None or alpha is None:
+        return 1.0
+    return alpha / rank
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return t.to(torch.float64)
+
+
+def _mat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _tucker(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """Σ_ab core[a,b,k,l]·wa[a,o]·wb[b,i] → [o, i, k, l] (LyCORIS's Tucker convention)."""
+    import torch
+
+    return torch.einsum("abkl,ao,bi->oikl", _f64(core), _f64(_mat(wa)), _f64(_mat(wb)))
+
+
+def delta(
+    module: Module,
+    w: dict[str, torch.Tensor],
+    alpha: float | None,
+    shape: tuple[int, ...],
+) -> torch.Tensor:
+    """ΔW (float32, `shape`) of `module` from its factor tensors `w` (by role)."""
+    import torch
+
+    s = scale(module, alpha)
+    algo = module.algorithm
+    if algo in ("lora", "locon"):
+        up, down = w["up"], w["down"]
+        if "mid" in w:
+            out = _tucker(w["mid"], _mat(up).T, _mat(down)).mul_(s)
+            return out.to(torch.float32).reshape(shape)
+        return _product(_mat(up), _mat(down), s, None, shape)
+    if algo == "loha":
+        if "hada_t1" in w:
+            p1 = _tucker(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
+            p2 = _tucker(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
+            return p1.mul_(p2).mul_(s).to(torch.float32).reshape(shape)
+        pair = (_mat(w["hada_w2_a"]), _mat(w["hada_w2_b"]))
+        return _product(_mat(w["hada_w1_a"]), _mat(w["hada_w1_b"]), s, pair, shape)
+    # lokr
+    w1 = _f64(w["lokr_w1"]) if "lokr_w1" in w else _f64(w["lokr_w1_a"]) @ _f64(w["lokr_w1_b"])
+    if "lokr_w2" in w:
+        w2 = _f64(w["lokr_w2"])
+    elif "lokr_t2" in w:
+        w2 = _tucker(w["lokr_t2"], w["lokr_w2_a"], w["lokr_w2_b"])
+    else:
+        w2 = _f64(_mat(w["lokr_w2_a"])) @ _f64(_mat(w["lokr_w2_b"]))
+    if w2.dim() == 2 and len(shape) == 4 and w1.dim() == 2:
+        # a conv LoKr with a flattened w2: its columns are (in, kh, kw)
+        w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+    while w1.dim() < w2.dim():
+        w1 = w1.unsqueeze(-1)
+    out = torch.kron(w1, w2).mul_(s)
+    return out.to(torch.float32).reshape(shape)
+
+
+def _product(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    s: float,
+    pair: tuple[torch.Tensor, torch.Tensor] | None,
+    shape: tuple[int, ...],
+) -> torch.Tensor:
+    """(a·b [⊙ pair₀·pair₁])·s in float64, in fixed blocks of rows, rounded into float32."""
+    import torch
+
+    rows, cols = a.shape[0], b.shape[1]
+    if rows * cols != math.prod(shape):
+        raise ValueError(f"factors make {rows}×{cols} values, the tensor needs {list(shape)}")
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    b64 = _f64(b)
+    p1 = _f64(pair[1]) if pair else None
+    step = max(1, ROW_BLOCK // max(cols, 1))
+    for lo in range(0, rows, step):
+        blk = _f64(a[lo : lo + step]) @ b64
+        if pair is not None:
+            assert p1 is not None
+            blk.mul_(_f64(pair[0][lo : lo + step]) @ p1)
+        out[lo : lo + step] = blk.mul_(s)
+    return out.reshape(shape)
+
+
+def dora(weight: torch.Tensor, dw: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """DoRA's ΔW' = (W + ΔW)·m/‖W + ΔW‖ − W, norms per input column (A1111's
+    `apply_weight_decompose`) or per output row when `dora_scale` has one value per row."""
+    import torch
+
+    w = _f64(weight)
+    merged = w + _f64(dw)
+    m = _f64(dora_scale)
+    flat = merged.reshape(merged.shape[0], -1)
+    if m.numel() == merged.shape[0] and m.shape[0] == merged.shape[0]:
+        norm = flat.norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+        mag = m.reshape(norm.shape)
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+        norm = norm.reshape(1, -1, *[1] * (merged.dim() - 2))
+        mag = m.reshape(norm.shape)
+    return (merged * (mag / norm) - w).to(torch.float32)

@@ -1,0 +1,80 @@
+"""Before a build: LoRA models only where LoRAs go, checkpoints only where checkpoints go.
+
+Whether a model is a LoRA is read from its safetensors header (no torch), once its file is
+known; a mix-up is a recipe error located at the node or output that uses the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergebuild.errors import Problem, RecipeError
+from mergebuild.recipe.model import Recipe
+
+
+def lora_models(paths: dict[str, Path]) -> set[str]:
+    from mergebuild.lora.source import header_is_lora
+
+    out = set()
+    for name, path in paths.items():
+        try:
+            if header_is_lora(path):
+                out.add(name)
+        except Exception:  # an unreadable file is reported by the build, with its reason
+            continue
+    return out
+
+
+def check_roles(recipe: Recipe, paths: dict[str, Path]) -> None:
+    """Raise RecipeError for a LoRA used as a checkpoint or a checkpoint used as a LoRA."""
+    from mergebuild.engine.methods import REGISTRY
+
+    loras = lora_models(paths)
+    made = {n.name for n in recipe.nodes.values() if n.method == "extract_lora"}
+    problems = []
+    bake = "bake it into a checkpoint: `model + lora(NAME, 0.6)` or method bake_lora"
+    for node in recipe.nodes.values():
+        method = REGISTRY.get(node.method)
+        takes_loras = method is not None and method.name == "bake_lora"
+        for slot, ref in node.inputs.items():
+            wants_lora = takes_loras and slot != "base"
+            if ref in made:
+                problems.append(
+                    Problem(
+                        f"merge '{node.name}': '{ref}' is an extracted LoRA (its keys are LoRA "
+                        "factors): write it to an output, then use that file as a model",
+                        node.location,
+                    )
+                )
+            elif ref in loras and not wants_lora:
+                where = f"'{method.base_name}' of bake_lora" if takes_loras else "an input"
+                problems.append(
+                    Problem(
+                        f"merge '{node.name}': '{ref}' is a LoRA, not a checkpoint, so it cannot "
+                        f"be {where}; {bake}",
+                        node.location,
+                    )
+                )
+            elif wants_lora and ref not in loras:
+                what = "a checkpoint" if ref in paths else "a merge node (a checkpoint)"
+                if ref in paths and paths[ref].suffix.lower() not in (".safetensors", ".sft"):
+                    what = "not a .safetensors file (LoRAs are read from .safetensors only)"
+                problems.append(
+                    Problem(
+                        f"merge '{node.name}': '{ref}' is {what}, not a LoRA; bake_lora's "
+                        "'loras' are LoRA files (kohya, LyCORIS or diffusers/PEFT)",
+                        node.location,
+                    )
+                )
+    for out in recipe.outputs.values():
+        for ref, what in ((out.source, "from"), (out.vae, "vae")):
+            if ref is not None and ref in loras:
+                problems.append(
+                    Problem(
+                        f"output '{out.name}': '{ref}' is a LoRA; an output's '{what}' is a "
+                        f"checkpoint or a merge node ({bake})",
+                        out.location,
+                    )
+                )
+    if problems:
+        raise RecipeError(problems)

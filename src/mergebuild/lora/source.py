@@ -1,0 +1,187 @@
+"""A LoRA presented to the engine as ΔW tensors under the checkpoint's key names.
+
+The factors are small and held in memory; each ΔW is computed when the engine first asks for
+any part of its key, whole (so the bytes never depend on chunking), kept while the engine reads
+its chunks, then dropped. A q/k/v module of an OpenCLIP encoder fills its third of the stacked
+`in_proj_weight` ΔW (the rows of modules the LoRA lacks stay zero).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo, read_header
+from mergebuild.errors import BuildError
+from mergebuild.lora.formats import LoraFormatError, LoraInfo, Module, is_lora, parse
+from mergebuild.lora.keymap import Target, target
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One module's share of a key: the whole tensor, or rows [lo, hi)."""
+
+    module: str
+    shape: tuple[int, ...]  # the module's own ΔW shape
+    rows: tuple[int, int] | None
+
+
+def natural_shape(m: Module, ref: tuple[int, ...] | None) -> tuple[int, ...]:
+    """ΔW's shape from the factors; flattened conv factors take their kernel from `ref`."""
+    s = m.shapes
+    algo = m.algorithm
+    kernel: tuple[int, ...] = ()
+    if algo in ("lora", "locon"):
+        out, cols = s["up"][0], s["down"][1]
+        kernel = s["mid"][2:] if "mid" in s else s["down"][2:]
+        if kernel == (1, 1) and ref is not None and len(ref) == 2:
+            kernel = ()  # a 1×1 conv LoRA on a linear layer (SD1 proj_in vs SD2)
+    elif algo == "loha":
+        if "hada_t1" in s:
+            out, cols, kernel = s["hada_w1_a"][1], s["hada_w1_b"][1], s["hada_t1"][2:]
+        else:
+            out, cols = s["hada_w1_a"][0], math.prod(s["hada_w1_b"][1:])
+    else:
+        a, b = s["lokr_w1"][:2] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_w2" in s:
+            c, d, kernel = s["lokr_w2"][0], s["lokr_w2"][1], s["lokr_w2"][2:]
+        elif "lokr_t2" in s:
+            c, d, kernel = s["lokr_w2_a"][1], s["lokr_w2_b"][1], s["lokr_t2"][2:]
+        else:
+            c, d = s["lokr_w2_a"][0], math.prod(s["lokr_w2_b"][1:])
+        out, cols = a * c, b * d
+    if kernel:
+        return (out, cols, *kernel)
+    if ref is not None and len(ref) == 4:
+        k = ref[2:]
+        if cols % math.prod(k) == 0:
+            return (out, cols // math.prod(k), *k)
+    return (out, cols)
+
+
+class _Entry:
+    def __init__(self, numel: int) -> None:
+        self.lock = threading.Lock()
+        self.flat: torch.Tensor | None = None
+        self.left = numel  # elements the engine has not read yet
+
+
+class LoraSource:
+    """Source protocol (infos/read_flat/close) over a LoRA file's ΔW."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._st = SafetensorsSource(path)
+        try:
+            self.info: LoraInfo = parse(self._st.infos(), self._st.metadata)
+        except LoraFormatError as e:
+            self._st.close()
+            raise BuildError(f"{path}: not a LoRA mergebuild can read: {e}") from None
+        self.family = "sd1" if self.info.family == "sd1/sd2" else self.info.family
+        self.targets: dict[str, Target] = {}
+        self.unmapped: list[str] = []
+        self.placements: dict[str, list[Placement]] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for name, m in self.info.modules.items():
+            t = target(name, self.family)
+            if t is None:
+                self.unmapped.append(name)
+                continue
+            self.targets[name] = t
+            own = natural_shape(m, t.shape)
+            if t.part is not None:
+                idx, n = t.part
+                rows = (idx * own[0], (idx + 1) * own[0])
+                shape = (own[0] * n, *own[1:])
+            else:
+                rows, shape = None, own
+            old = self._infos.get(t.key)
+            if old is not None and old.shape != shape:
+                raise BuildError(f"{path}: modules for '{t.key}' disagree on its shape")
+            self._infos[t.key] = TensorInfo("F32", shape)
+            self.placements.setdefault(t.key, []).append(Placement(name, own, rows))
+        self._lock = threading.Lock()
+        self._cache: dict[str, _Entry] = {}  # ΔW of keys whose chunks are being read
+
+    @property
+    def dora_keys(self) -> list[str]:
+        return sorted(
+            k
+            for k, ps in self.placements.items()
+            if any(self.info.modules[p.module].dora for p in ps)
+        )
+
+    def reshape(self, key: str, shape: tuple[int, ...]) -> None:
+        """Give `key`'s ΔW the checkpoint's shape (same values, other singleton dims)."""
+        assert math.prod(shape) == math.prod(self._infos[key].shape)
+        self._infos[key] = TensorInfo("F32", shape)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def _factors_of(self, name: str) -> tuple[dict[str, torch.Tensor], float | None]:
+        """A module's factors, read when its key is computed (a LoRA with both SDXL text
+        encoders is ~230 MB at rank 32: read on demand, never held whole)."""
+        m = self.info.modules[name]
+        w = {role: self._st.read(key) for role, key in m.parts.items()}
+        a = w.pop("alpha", None)
+        return w, (float(a.reshape(-1)[0]) if a is not None else None)
+
+    def delta(self, key: str) -> torch.Tensor:
+        """The whole ΔW of `key` (float32, its shape), from every module placed there."""
+        import torch
+
+        from mergebuild.lora.delta import delta
+
+        shape = self._infos[key].shape
+        places = self.placements[key]
+        if len(places) == 1 and places[0].rows is None:
+            p = places[0]
+            return delta(self.info.modules[p.module], *self._factors_of(p.module), shape)
+        out = torch.zeros(shape, dtype=torch.float32)
+        for p in places:
+            d = delta(self.info.modules[p.module], *self._factors_of(p.module), p.shape)
+            assert p.rows is not None
+            out[p.rows[0] : p.rows[1]] = d
+        return out
+
+    def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None:
+                entry = self._cache[key] = _Entry(math.prod(self._infos[key].shape))
+        with entry.lock:  # one ΔW per key, computed once even when two workers ask for it
+            if entry.flat is None:
+                entry.flat = self.delta(key).reshape(-1)
+            flat = entry.flat
+        with self._lock:
+            entry.left -= hi - lo
+            if entry.left <= 0:
+                self._cache.pop(key, None)
+        return flat[lo:hi]
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._st.close()
+
+
+def header_is_lora(path: Path) -> bool:
+    """Whether a safetensors file holds a LoRA (read from its header; no torch)."""
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return False
+    return is_lora(read_header(path).tensors)
+
+
+def open_input(path: Path) -> object:
+    """An input model for the engine: a LoRA's ΔW source, or the checkpoint reader."""
+    from mergebuild.engine.readers import open_model
+
+    if header_is_lora(path):
+        return LoraSource(path)
+    return open_model(path)
