@@ -201,6 +201,10 @@ class Builder:
                         name, key, keys, journal
                     )
                     needed.update(self.graph.predecessors(("merge", name)))
+                if node.method == "fold":  # `-n` shows what the node folded into
+                    from mergebuild.recipe.fold import describe
+
+                    why += f"; {describe(self.recipe, name)}"
                 item = Item("merge", name, key, status, why, stored or have)
                 item.path = self.store.object_path(key) if item.stored else None
                 items.append(item)
@@ -408,6 +412,7 @@ class Builder:
         from mergebuild.engine.executor import FusedPass, NodeJob, Sink
         from mergebuild.engine.readers import open_model
         from mergebuild.engine.safetensors_io import SafetensorsSource
+        from mergebuild.graph import job_args
 
         by_name = {(i.kind, i.name): i for i in plan.items}
         needed_sources: set[str] = set()
@@ -415,13 +420,14 @@ class Builder:
         for item in items:
             node = self.recipe.nodes[item.name]
             method = REGISTRY[node.method]
+            refs, params = job_args(self.recipe, item.name, plan.keys)  # fold: canonical order
             jobs.append(
                 NodeJob(
                     item.name,
                     method,
-                    method.Params.model_validate(node.params),
+                    method.Params.model_validate(params),
                     node.dtype,
-                    list(node.inputs.values()),
+                    refs,
                     key=plan.keys[item.name],
                 )
             )
