@@ -60,8 +60,14 @@ first model gives the key set and the non-float tensors. Weights may be block we
         for x, w in zip(xs, params.weights, strict=True):
             if w == 0:  # a model that cancels here (a block weighted 0): never 0·inf = NaN
                 continue
-            term = f32(x).mul_(w)
-            out = term if out is None else out.add_(term)
+            if out is None:
+                out = f32(x) if w == 1 else f32(x).mul_(w)
+            elif w == 1:  # x·1 and x·(−1) are exact: the same bits without the copy and multiply
+                out.add_(x)
+            elif w == -1:
+                out.sub_(x)
+            else:
+                out.add_(f32(x).mul_(w))
         if out is None:
             import torch
 
