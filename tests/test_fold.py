@@ -462,3 +462,42 @@ def test_dry_run_with_fold_does_not_import_torch(workdir: Path, cache: Path) -> 
     )
     assert out.returncode == 0, out.stderr
     assert "fold" in out.stdout and out.stdout.splitlines()[-1] == "TORCH False"
+
+
+def test_a_fold_through_an_included_recipe(workdir: Path, cache: Path) -> None:
+    """An included recipe's folded node is one more linear node to the includer: folding
+    through it gives the flat recipe's key (names differ, content does not)."""
+    models = "".join(f"  {n}: ../models/{f}.safetensors\n" for n, f in MODELS.items())
+    (workdir / "sub").mkdir()
+    (workdir / "sub" / "sub.yaml").write_text(
+        f"mergebuild: 1\nmodels:\n{models}merges:\n  x: A + (B - C)\n"
+        "  s: {method: add_difference, a: x, b: D, c: B, alpha: 1.0, fold: true}\n"
+        "outputs:\n  s: {from: s, path: s.safetensors}\n"
+    )
+    top = workdir / "top.yaml"
+    top.write_text(
+        "mergebuild: 1\ninclude: {sub: sub/sub.yaml}\n"
+        "models:\n  E: models/insta.safetensors\n"
+        "merges:\n  t: {expr: 'sub.s * 0.5 + E * 0.5', fold: true}\n"
+        "outputs:\n  o: {from: t, path: out/top.safetensors}\n"
+    )
+    rep = run_cli("explain", top, "t", "--json").json["nodes"]["t"]
+    assert rep["terms"] == {"sub.A": 0.5, "sub.C": -0.5, "sub.D": 0.5, "E": 0.5}
+    assert ("cancels", "sub.B") in [(f["kind"], f.get("term")) for f in rep["flags"]]
+    r1 = build(top, cache)
+    flat = write(
+        workdir,
+        "flat",
+        """\
+        x: A + (B - C)
+        s: {method: add_difference, a: x, b: D, c: B, alpha: 1.0}
+        y: {expr: 's * 0.5 + E * 0.5', fold: true}
+        """,
+    )
+    r2 = build(flat, cache)
+    assert node(r2, "y")["key"] == node(r1, "t")["key"]
+    a, b = (
+        load_st(workdir / "out" / "top.safetensors"),
+        load_st(workdir / "out" / "flat.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
