@@ -329,7 +329,12 @@ def test_lock_provenance_and_extract_record_the_fold(workdir: Path, cache: Path)
     assert r.code == 0, r.err
     lock = yaml.safe_load(recipe.with_suffix(".lock").read_text())
     y = lock["nodes"]["y"]
-    assert y["method"] == "fold" and len(y["params"]["weights"]) == 6
+    assert y["method"] == "fold" and y["inputs"]["m0"] == "A"
+    # the lock pairs each term with its weight (terms after the first sorted by content key)
+    names = [y["inputs"][f"m{i}"] for i in range(len(y["inputs"]))]
+    assert dict(zip(names, y["params"]["weights"], strict=True)) == {
+        t: float(c) for t, c in SHAPES["chain_of_4"][2].items()
+    }
     assert set(lock["nodes"]) == {"y"}  # the folded intermediates are not part of the build
     show = run_cli("show", workdir / "out" / "one.safetensors", "--json")
     assert show.code == 0, show.err

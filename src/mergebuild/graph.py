@@ -87,6 +87,12 @@ def job_args(recipe: Recipe, name: str, keys: dict[str, str]) -> tuple[list[str]
     return [refs[i] for i in order], {**node.params, "weights": [ws[i] for i in order]}
 
 
+def named_inputs(recipe: Recipe, name: str, keys: dict[str, str]) -> dict[str, str]:
+    """Slot → name in the order of `job_args` (what a lock file shows next to the params)."""
+    refs, _ = job_args(recipe, name, keys)
+    return dict(zip(recipe.nodes[name].inputs, refs, strict=True))
+
+
 def node_identity(recipe: Recipe, name: str, keys: dict[str, str]) -> dict[str, Any]:
     """What a merge node's key hashes: all that determines its bytes, in canonical form."""
     node = recipe.nodes[name]
