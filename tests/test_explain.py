@@ -228,6 +228,56 @@ def test_block_weights_grouped(tmp_path: Path) -> None:
     assert a["IN00–IN05, OUT06–OUT11"] == pytest.approx({"A": -0.2, "B": 0.2, "D": 1.0})
 
 
+def test_folded_node_shows_its_form_and_what_cancelled(tmp_path: Path) -> None:
+    p = recipe(
+        tmp_path,
+        """\
+        y: {method: add_difference, a: x, b: D, c: B, alpha: 1.0, fold: true}
+        x: A + (B - C)
+        """,
+    )
+    r = run_cli("explain", p)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert "y = A − C + D  [folded add_difference: one float32 sum, one rounding]" in lines
+    assert "  ! B appears in the graph but its total coefficient is 0" in lines
+    assert "x = A + B − C" in lines  # the intermediate node is explained as written
+    rep = explain_json(p)
+    assert rep["y"]["folded"] is True and rep["y"]["folded_from"] == "add_difference"
+    assert rep["y"]["terms"] == {"A": 1.0, "C": -1.0, "D": 1.0}
+    assert kinds(rep["y"]) == [("cancels", "B")]
+    assert "folded" not in rep["x"]
+
+
+def test_folded_block_weights_keep_their_groups(tmp_path: Path) -> None:
+    """Per-block coefficients survive folding: the same groups, the same hand-computed forms."""
+    values = [0.5] + [0.2] * 6 + [0.5] * 6 + [0.5] + [0.5] * 6 + [0.2] * 6
+    p = recipe(
+        tmp_path,
+        f"""\
+        after: {{method: add_difference, a: mbw, b: D, c: A, alpha: 1.0, fold: true}}
+        mbw: {{method: weighted_sum, a: A, b: B, alpha: {values}, fold: true}}
+        comp: {{method: weighted_sum, a: A, b: C, alpha: {{unet: 0.5, vae: 1.0}}, fold: true}}
+        """,
+    )
+    got = explain_json(p)
+    a = {x["label"]: x["terms"] for x in got["after"]["groups"]}
+    assert a.keys() == {
+        "IN00–IN05, OUT06–OUT11",
+        "BASE, IN06–IN11, M00, OUT00–OUT05, text_encoder, vae, other",
+    }
+    assert a["IN00–IN05, OUT06–OUT11"] == pytest.approx({"A": 0.8 - 1, "B": 0.2, "D": 1.0})
+    assert a["BASE, IN06–IN11, M00, OUT00–OUT05, text_encoder, vae, other"] == pytest.approx(
+        {"A": 0.5 - 1, "B": 0.5, "D": 1.0}
+    )
+    m = {x["label"]: x["terms"] for x in got["mbw"]["groups"]}
+    assert m["IN00–IN05, OUT06–OUT11"] == pytest.approx({"A": 0.8, "B": 0.2})
+    c = {x["label"]: x["terms"] for x in got["comp"]["groups"]}
+    assert c == {"UNet": {"A": 0.5, "C": 0.5}, "text_encoder, other": {"A": 1.0}, "vae": {"C": 1.0}}
+    r = run_cli("explain", p, "after")
+    assert "after (folded add_difference, varies by block):" in r.out.splitlines(), r.out
+
+
 def test_block_weights_flags_per_group(tmp_path: Path) -> None:
     values = [0.0] * 13 + [2.0] * 13
     p = recipe(tmp_path, f"big: {{method: add_difference, a: A, b: B, c: C, alpha: {values}}}\n")
@@ -316,7 +366,11 @@ def test_model_files_are_never_opened(tmp_path: Path) -> None:
 
 
 def test_no_torch_import(tmp_path: Path) -> None:
-    p = recipe(tmp_path, "x: A + (B - C)\nt: {method: ties, base: A, models: [B, C]}\n")
+    p = recipe(
+        tmp_path,
+        "x: A + (B - C)\nt: {method: ties, base: A, models: [B, C]}\n"
+        "f: {expr: 'x * 0.5 + t * 0.5', fold: true}\n",  # folding reads the recipe only too
+    )
     code = (
         "import sys\n"
         "from mergebuild.cli import main\n"

@@ -30,7 +30,7 @@ class ExplainError(MergebuildError):
 
 
 LINEAR = ("weighted_sum", "add_difference", "linear", "copy", "triple_sum", "sum_twice")
-LINEAR_METHODS = (*LINEAR, "n_average")
+LINEAR_METHODS = (*LINEAR, "n_average", "fold")  # fold: what `fold: true` rewrites a node to
 
 
 def _alpha(value: Any, pos: str) -> Fraction:
@@ -58,6 +58,8 @@ def combine(method: str, params: dict[str, Any], xs: list[Form], pos: str) -> Fo
         ks = [w / total for w in ws]
     elif method == "linear":
         ks = [Fraction(w) for w in params["weights"]]
+    elif method == "fold":  # one weight (or block weights) per term
+        ks = [_alpha(w, pos) for w in params["weights"]]
     elif method == "copy":
         ks = [Fraction(1)]
     else:
@@ -99,8 +101,9 @@ class Explainer:
         layouts: set[str | None] = set()
         if self.linear(name):
             for v in node.params.values():
-                if isinstance(v, dict) and "unet" in v:
-                    layouts.add(v.get("layout"))
+                for w in v if isinstance(v, list) else [v]:  # fold: block weights per term
+                    if isinstance(w, dict) and "unet" in w:
+                        layouts.add(w.get("layout"))
             for ref in node.inputs.values():
                 if ref in self._memo:
                     layouts |= _layouts_of(self._memo[ref].positions)
@@ -139,7 +142,7 @@ class Explainer:
         positions = self.positions(name)
         if not self.linear(name):
             return Analysis(positions, [{name: Fraction(1)}], {name})
-        seen: set[str] = set()
+        seen: set[str] = set(node.cancelled)  # a folded node's terms that cancelled out
         forms = []
         for pos in positions:
             xs = []
@@ -256,6 +259,9 @@ def explain_node(ex: Explainer, name: str) -> dict[str, Any]:
     """A node's report: method, linear, terms (or per-block groups), flags."""
     node = ex.recipe.nodes[name]
     rep: dict[str, Any] = {"method": node.method, "linear": ex.linear(name)}
+    if node.method == "fold":  # one float32 Σ over its terms, one rounding
+        rep["folded"] = True
+        rep["folded_from"] = node.folded_from
     if not ex.linear(name):
         rep.update(terms=None, groups=[], flags=[])
         return rep
@@ -328,10 +334,14 @@ def text(reports: dict[str, dict[str, Any]]) -> str:
         if not rep["linear"]:
             lines.append(f"{name}: non-linear ({rep['method']})")
             continue
+        how = rep["method"]
+        if rep.get("folded"):
+            how = f"folded {rep['folded_from']}" if rep["folded_from"] else "fold"
         if rep["terms"] is not None:
-            lines.append(f"{name} = {rep['form']}")
+            folded = f"  [{how}: one float32 sum, one rounding]" if rep.get("folded") else ""
+            lines.append(f"{name} = {rep['form']}{folded}")
         else:
-            lines.append(f"{name} ({rep['method']}, varies by block):")
+            lines.append(f"{name} ({how}, varies by block):")
             lines += [f"  {g['label']}: {g['form']}" for g in rep["groups"]]
         lines += [f"  ! {f['message']}" + (f" [{f['blocks']}]" if "blocks" in f else "")
                   for f in rep["flags"]]  # fmt: skip

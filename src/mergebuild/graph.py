@@ -70,16 +70,40 @@ def schedule(recipe: Recipe, outputs: Iterable[str] | None = None) -> list[Graph
     return list(nx.lexicographical_topological_sort(g.subgraph(needed)))
 
 
+def job_args(recipe: Recipe, name: str, keys: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+    """A node's inputs (names, in the order its method takes them) and parameters.
+
+    A `fold` node sums its terms in a canonical order: the first (the key set's source)
+    stays first, the others are sorted by content key (then weight, for two names of one
+    file), so neither names nor recipe order reach its key or its bytes.
+    """
+    node = recipe.nodes[name]
+    refs = list(node.inputs.values())
+    if node.method != "fold":
+        return refs, node.params
+    ws = node.params["weights"]
+    rest = sorted(range(1, len(refs)), key=lambda i: (keys[refs[i]], canonical_json(ws[i])))
+    order = [0, *rest]
+    return [refs[i] for i in order], {**node.params, "weights": [ws[i] for i in order]}
+
+
+def named_inputs(recipe: Recipe, name: str, keys: dict[str, str]) -> dict[str, str]:
+    """Slot → name in the order of `job_args` (what a lock file shows next to the params)."""
+    refs, _ = job_args(recipe, name, keys)
+    return dict(zip(recipe.nodes[name].inputs, refs, strict=True))
+
+
 def node_identity(recipe: Recipe, name: str, keys: dict[str, str]) -> dict[str, Any]:
     """What a merge node's key hashes: all that determines its bytes, in canonical form."""
     node = recipe.nodes[name]
     method = REGISTRY[node.method]
+    refs, params = job_args(recipe, name, keys)
     return {
         "method": node.method,
         "version": method.version,
-        "params": node.params,
+        "params": params,
         "dtype": node.dtype,
-        "inputs": [keys[src] for src in node.inputs.values()],
+        "inputs": [keys[src] for src in refs],
     }
 
 
@@ -109,6 +133,10 @@ def render_text(recipe: Recipe) -> str:
                 f"merge  {name:<24} {node.method}({', '.join(filter(None, [args, params]))})"
                 f" dtype={node.dtype}"
             )
+            if node.method == "fold":
+                from mergebuild.recipe.fold import describe
+
+                lines.append(f"       {'':<24} {describe(recipe, name)}")
         else:
             out = recipe.outputs[name]
             lines.append(

@@ -144,7 +144,7 @@ def _rel(recipe: Recipe, path: Path | None) -> str | None:
 
 def make_lock(recipe: Recipe, plan: Any, outputs: dict[str, tuple[str, int]]) -> dict[str, Any]:
     """The lock of a finished build: `outputs` maps output name → (sha256, size)."""
-    from mergebuild.graph import node_identity
+    from mergebuild.graph import named_inputs, node_identity
 
     return {
         "mergebuild_lock": LOCK_FORMAT,
@@ -163,7 +163,7 @@ def make_lock(recipe: Recipe, plan: Any, outputs: dict[str, tuple[str, int]]) ->
         "nodes": {
             name: {
                 **node_identity(recipe, name, plan.keys),
-                "inputs": dict(recipe.nodes[name].inputs),
+                "inputs": named_inputs(recipe, name, plan.keys),
                 "key": plan.keys[name],
             }
             for name in sorted(recipe.nodes)

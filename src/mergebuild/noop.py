@@ -161,6 +161,10 @@ def record(args: Any, builder: Any, plan: Any) -> None:
             if item.stored:
                 objects.append(str(builder.store.object_path(item.key)))
             why = "in cache" if item.stored else "not needed: downstream cached"
+            if recipe.nodes[item.name].method == "fold":  # as plan.py says it
+                from mergebuild.recipe.fold import describe
+
+                why += f"; {describe(recipe, item.name)}"
             items.append(["merge", item.name, why])
     if any(o["stat"] is None or o["object_stat"] is None for o in outputs):
         return

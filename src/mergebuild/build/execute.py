@@ -104,6 +104,7 @@ class Execution:
         renamed into the cache and given its sidecar before this returns."""
         from mergebuild.engine.executor import FusedPass, NodeJob, Sink
         from mergebuild.engine.safetensors_io import SafetensorsSource
+        from mergebuild.graph import job_args
         from mergebuild.lora.extract import add_metadata as add_lora_metadata
         from mergebuild.lora.source import open_input
 
@@ -113,13 +114,14 @@ class Execution:
         for item in items:
             node = self.recipe.nodes[item.name]
             method = REGISTRY[node.method]
+            refs, params = job_args(self.recipe, item.name, plan.keys)  # fold: canonical order
             jobs.append(
                 NodeJob(
                     item.name,
                     method,
-                    method.Params.model_validate(node.params),
+                    method.Params.model_validate(params),
                     node.dtype,
-                    list(node.inputs.values()),
+                    refs,
                     key=plan.keys[item.name],
                 )
             )

@@ -168,6 +168,10 @@ class Planner:
                         self.recipe, name, key, keys, journal
                     )
                     needed.update(self.graph.predecessors(("merge", name)))
+                if node.method == "fold":  # `-n` shows what the node folded into
+                    from mergebuild.recipe.fold import describe
+
+                    why += f"; {describe(self.recipe, name)}"
                 item = Item("merge", name, key, status, why, stored or have)
                 item.path = self.store.object_path(key) if item.stored else None
                 items.append(item)

@@ -29,7 +29,7 @@ from mergebuild.sd.blocks import AlphaError, canonical_alpha
 from mergebuild.sd.output import canonical as canonical_output
 from mergebuild.textfile import RECIPE_CAP, TextFileError, read_capped
 
-GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache")
+GENERIC_FIELDS = ("method", "expr", "inputs", "dtype", "cache", "fold")
 
 
 def load_recipe(
@@ -101,7 +101,7 @@ def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] |
         entry = data[section][name]
         if not isinstance(entry, dict):
             entry = data[section][name] = {"expr": entry}
-            if field != "dtype" and field != "cache":
+            if field not in ("dtype", "cache", "fold"):
                 problems.append(
                     Problem(
                         f"--set {item!r}: '{name}' is an expression; "
@@ -217,9 +217,16 @@ class _Resolver:
                     f"merge cycle: {' → '.join([*cycle, cycle[0]])}",
                     self.recipe.nodes[cycle[0]].location,
                 )
+        if not self.problems:
+            from mergebuild.recipe.fold import fold_nodes
+
+            self.problems += fold_nodes(self.recipe, self._fold_location)
         if self.problems:
             raise RecipeError(self.problems)
         return self.recipe
+
+    def _fold_location(self, name: str) -> Location | None:
+        return self.pos.of(("merges", name, "fold"), key=True)  # or the node, for `expr` text
 
     def _include(self, ns: str, text: str) -> None:
         """Another recipe's graph, namespaced `ns.`; its outputs become models of this one.
@@ -255,7 +262,10 @@ class _Resolver:
             self.model_names.add(rename[m.name])
         for n in sub.nodes.values():
             inputs = {slot: rename[src] for slot, src in n.inputs.items()}
-            self.recipe.nodes[rename[n.name]] = replace(n, name=rename[n.name], inputs=inputs)
+            cancelled = tuple(rename.get(c, c) for c in n.cancelled)
+            self.recipe.nodes[rename[n.name]] = replace(
+                n, name=rename[n.name], inputs=inputs, cancelled=cancelled
+            )
             self.merge_names.add(rename[n.name])
             self.included.add(rename[n.name])
         for o in sub.outputs.values():
@@ -345,13 +355,13 @@ class _Resolver:
             return None
         dtype = self._dtype(entry.dtype, (*where, "dtype"), allow_auto=True) or "auto"
         if entry.expr is not None:
-            extra = [k for k in raw if k not in ("expr", "dtype", "cache")]
+            extra = [k for k in raw if k not in ("expr", "dtype", "cache", "fold")]
             for k in extra:
                 self.err(
                     f"merge '{name}' has an expression; field '{k}' does not apply",
                     self.pos.of((*where, k), key=True),
                 )
-            return self._expression(name, entry, dtype)
+            return self._folded(name, entry, self._expression(name, entry, dtype))
         if entry.method is None:
             self.err(
                 f"merge '{name}' needs 'method:' (one of {', '.join(REGISTRY)}) or an expression",
@@ -366,7 +376,21 @@ class _Resolver:
                 self.pos.of((*where, "method")),
             )
             return None
-        return self._method_node(name, method, raw, dtype, entry.cache, self.pos)
+        return self._folded(
+            name, entry, self._method_node(name, method, raw, dtype, entry.cache, self.pos)
+        )
+
+    def _folded(self, name: str, entry: MergeEntry, node: NodeSpec | None) -> NodeSpec | None:
+        """`fold: true` is marked here (a linear node only) and applied once the graph is whole."""
+        if node is None or not entry.fold:
+            return node
+        from mergebuild.recipe.fold import not_foldable
+
+        why = not_foldable(node)
+        if why:
+            self.err(why, self.pos.of(("merges", name, "fold")))
+            return None
+        return replace(node, fold=True)
 
     def _method_node(
         self,
@@ -526,6 +550,17 @@ class _Resolver:
                 except AlphaError as e:
                     self.err(f"merge '{name}': {e}", pos.of((*where, field, *e.path)))
                     ok = False
+        for field in getattr(method, "block_list_params", ()):  # fold: each item may vary
+            if not isinstance(params.get(field), list):
+                continue
+            items = params[field] = list(params[field])
+            for i, item in enumerate(items):
+                if isinstance(item, list | dict):
+                    try:
+                        items[i] = canonical_alpha(item)
+                    except AlphaError as e:
+                        self.err(f"merge '{name}': {e}", pos.of((*where, field, i, *e.path)))
+                        ok = False
         return ok
 
     def _expression(self, name: str, entry: MergeEntry, dtype: str) -> NodeSpec | None:

@@ -29,6 +29,9 @@ class NodeSpec:
     cache: bool | None = None  # None: store only if another merge node consumes it
     location: Location | None = None
     expression: str | None = None
+    fold: bool = False  # `fold: true`: recipe/fold.py rewrites the node into method `fold`
+    folded_from: str | None = None  # after that rewrite: the method the recipe wrote
+    cancelled: tuple[str, ...] = ()  # terms of the folded subgraph whose total weight is 0
 
 
 @dataclass(frozen=True)

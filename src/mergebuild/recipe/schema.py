@@ -66,6 +66,7 @@ class MergeEntry(_Strict):
     base: str | None = None  # base_models methods: the model the task vectors are taken from
     dtype: str = "auto"
     cache: StrictBool | None = None  # not 1, "yes" or "false": YAML true/false only
+    fold: StrictBool = False  # a linear node: evaluate its linear subgraph as one Σ (fold.py)
 
 
 class OutputEntry(_Strict):

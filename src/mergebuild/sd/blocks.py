@@ -175,19 +175,28 @@ class BlockAlpha(BaseModel):
 
 
 def resolve_params(params: BaseModel, key: str, root: str | None = UNET_PREFIX) -> BaseModel:
-    """`params` with every `BlockAlpha` field replaced by its plain value for `key`."""
-    update = {
-        f: v.value_for(key, root)
-        for f in type(params).model_fields
-        if isinstance(v := getattr(params, f), BlockAlpha)
-    }
+    """`params` with every `BlockAlpha` field (or list item: fold's per-term weights) replaced
+    by its plain value for `key`."""
+    update: dict[str, Any] = {}
+    for f in type(params).model_fields:
+        v = getattr(params, f)
+        if isinstance(v, BlockAlpha):
+            update[f] = v.value_for(key, root)
+        elif isinstance(v, list) and any(isinstance(x, BlockAlpha) for x in v):
+            update[f] = [x.value_for(key, root) if isinstance(x, BlockAlpha) else x for x in v]
     return params.model_copy(update=update) if update else params
 
 
 def block_alphas(params: BaseModel) -> list[tuple[str, BlockAlpha]]:
-    return [
-        (f, v) for f in type(params).model_fields if isinstance(v := getattr(params, f), BlockAlpha)
-    ]
+    """Every block-weighted value of `params`: fields, and items of list fields (`weights[2]`)."""
+    out = []
+    for f in type(params).model_fields:
+        v = getattr(params, f)
+        if isinstance(v, BlockAlpha):
+            out.append((f, v))
+        elif isinstance(v, list):
+            out += [(f"{f}[{i}]", x) for i, x in enumerate(v) if isinstance(x, BlockAlpha)]
+    return out
 
 
 # -- user spellings → Weights ----------------------------------------------------------------

@@ -18,6 +18,7 @@ from mergebuild.engine.methods.dare_ties import DareTies
 from mergebuild.engine.methods.della import Della
 from mergebuild.engine.methods.extract import Extract
 from mergebuild.engine.methods.extract_lora import ExtractLora
+from mergebuild.engine.methods.fold import Fold
 from mergebuild.engine.methods.geometric_median import GeometricMedian
 from mergebuild.engine.methods.linear import Linear
 from mergebuild.engine.methods.model_stock import ModelStock
@@ -44,6 +45,7 @@ def register(*methods: type[Method]) -> None:
 register(WeightedSum, AddDifference, Linear, Copy)  # the web UI's and the expression forms
 register(TripleSum, SumTwice, TrainDifference, AddCosineA, AddCosineB, SmoothAdd, Extract)
 register(Slerp)
+register(Fold)  # what `fold: true` turns a linear subgraph into (recipe/fold.py)
 # The task-vector family (δᵢ = modelᵢ − base): see _taskvec.py.
 TASK_VECTOR_METHODS: tuple[type[Method], ...] = (
     Ties,
