@@ -19,6 +19,9 @@ class UnknownMethod(MergebuildError):
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("methods", help="list merge methods, or describe one")
     p.add_argument("name", nargs="?", metavar="NAME", help="describe this method")
+    p.add_argument(
+        "--markdown", action="store_true", help="the catalogue as README.md's Markdown table"
+    )
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -40,9 +43,21 @@ def rows() -> list[tuple[str, str, str, str, str]]:
     ]
 
 
+def markdown() -> str:
+    """README.md's methods table (a test keeps the README equal to this)."""
+    lines = ["| method | formula | inputs | random | streaming |", "|---|---|---|---|---|"]
+    for name, formula, inputs, random, streaming in rows():
+        cells = [f"`{name}`", formula.replace("|", "\\|"), inputs, random, streaming]
+        lines.append("| " + " | ".join(cells).replace("whole_tensor", "whole tensor") + " |")
+    return "\n".join(lines)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from mergebuild.engine.methods import REGISTRY
 
+    if args.markdown:
+        print(markdown())
+        return 0
     if args.name is None:
         table = [("METHOD", "FORMULA", "INPUTS", "RANDOM", "STREAMING"), *rows()]
         widths = [max(len(r[i]) for r in table) for i in range(4)]
