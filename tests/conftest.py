@@ -20,6 +20,11 @@ sys.path.insert(0, str(SRC))
 
 SCALE = 1 / 64  # small dims: a whole SD1 model is ~1 MB
 
+# The suite starts the CLI as hundreds of fresh interpreters. Where PYTHONDONTWRITEBYTECODE is
+# set, each one compiled mergebuild from source again (~0.1 s of CPU a run): children may keep
+# its bytecode (src/**/__pycache__, git-ignored; checked against each source's mtime).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 
 @dataclass
 class Result:
@@ -78,6 +83,42 @@ def workdir(tmp_path: Path, model_dir: Path) -> Path:
     return w
 
 
+SEED_OUT = Path("out/anything-nsfw-gape.safetensors")  # the seed example's one output
+
+
+@dataclass(frozen=True)
+class SeedBuild:
+    """The seed example (examples/anything_nsfw_gape.yaml) built once: its cache (copy it
+    before building into it) and the bytes of its output."""
+
+    cache: Path
+    output: bytes
+
+
+def _build_seed(factory: pytest.TempPathFactory, model_dir: Path, *args: str) -> SeedBuild:
+    base = factory.mktemp("seed")
+    (base / "models").symlink_to(model_dir)
+    recipe = base / "seed.yaml"
+    recipe.write_text((EXAMPLES / "anything_nsfw_gape.yaml").read_text())
+    r = run_cli(recipe, "-q", *args, cache=base / "cache")
+    assert r.code == 0, r.err
+    return SeedBuild(base / "cache", (base / SEED_OUT).read_bytes())
+
+
+@pytest.fixture(scope="session")
+def seed_build(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> SeedBuild:
+    """Built once per session, not once per test: each CLI build costs seconds of imports.
+    Outputs do not depend on the directory or the cache (test_sharing proves it), so these
+    bytes are what any correct build of the seed example gives."""
+    return _build_seed(tmp_path_factory, model_dir)
+
+
+@pytest.fixture(scope="session")
+def seed_prev_build(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> SeedBuild:
+    """The seed example with its second alpha at 0.5: "the previous build" of fault tests."""
+    return _build_seed(tmp_path_factory, model_dir, "--set", "anything_nsfw_gape.alpha=0.5")
+
+
 def load_st(path: Path) -> dict:
     """Tensors as numpy arrays (bf16 as float32), via the safetensors library itself."""
     from safetensors.numpy import load_file
@@ -89,7 +130,7 @@ def load_st(path: Path) -> dict:
 # test file lists them) run in `make test`; the rest are marked slow, so `make test-reliability`
 # still runs every one. This keeps the default suite under ten minutes on two cores.
 FAST_VARIANTS = {
-    "test_hostile_metadata_never_breaks_build_show_extract": 5,
+    "test_hostile_metadata_never_breaks_show_extract": 5,
     "test_malformed_provenance_show_extract_and_build": 5,
     "test_ckpt_changed_mid_build_fails_cleanly": 4,
     "test_malformed_lock_fails_build_and_verify": 6,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, SeedBuild, run_cli
 
 OUT = "out/anything-nsfw-gape.safetensors"
 
@@ -48,13 +48,9 @@ def flip_byte(path: Path, at: int) -> None:
 
 
 @pytest.fixture
-def reference(workdir: Path, tmp_path: Path) -> bytes:
-    """Output bytes of a clean build in a cache of its own."""
-    recipe = setup(workdir)
-    build(recipe, tmp_path / "ref-cache")
-    data = (workdir / OUT).read_bytes()
-    (workdir / OUT).unlink()
-    return data
+def reference(seed_build: SeedBuild) -> bytes:
+    """Output bytes of a clean build in a cache of its own (built once per session)."""
+    return seed_build.output
 
 
 @pytest.mark.parametrize("jobs,chunk", [("1", None), ("2", "1000")])

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 import xxhash
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, SeedBuild, run_cli
 
 SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"  # the CACHEDIR.TAG spec, verbatim
 TAG = SIGNATURE + b"\n# a tag written by the test\n"
@@ -342,19 +343,20 @@ def recipe_in(workdir: Path, name: str = "seed.yaml") -> Path:
     return recipe
 
 
-def legacy_cache(workdir: Path, cache: Path) -> Path:
-    """A cache as an older mergebuild left it: a real build's files, no tag."""
+def legacy_cache(workdir: Path, cache: Path, seed: SeedBuild) -> Path:
+    """A cache as an older mergebuild left it: a real build's files (the session's build of
+    the seed example, copied: a build costs seconds of imports), no tag."""
     recipe = recipe_in(workdir)
-    assert run_cli(recipe, "-q", cache=cache).code == 0
+    shutil.copytree(seed.cache, cache, symlinks=True)
     (cache / "CACHEDIR.TAG").unlink()
     return recipe
 
 
 @pytest.mark.parametrize("adopt", ["command", "build"])
 def test_legacy_cache_is_adopted_explicitly_or_by_a_build(
-    workdir: Path, cache: Path, adopt: str
+    workdir: Path, cache: Path, adopt: str, seed_build: SeedBuild
 ) -> None:
-    recipe = legacy_cache(workdir, cache)
+    recipe = legacy_cache(workdir, cache, seed_build)
     before = snapshot(cache)
     refused = cache_cmd(cache, "gc")
     assert refused.code != 0 and f"mergebuild cache adopt --cache-dir {cache}" in refused.err
@@ -369,9 +371,9 @@ def test_legacy_cache_is_adopted_explicitly_or_by_a_build(
 
 @pytest.mark.parametrize("extra", ["file", "symlinked-subdir", "foreign-shard"])
 def test_legacy_cache_with_foreign_entries_is_not_adopted(
-    workdir: Path, cache: Path, tmp_path: Path, extra: str
+    workdir: Path, cache: Path, tmp_path: Path, extra: str, seed_build: SeedBuild
 ) -> None:
-    recipe = legacy_cache(workdir, cache)
+    recipe = legacy_cache(workdir, cache, seed_build)
     if extra == "file":
         (cache / "todo.txt").write_text("mine")
     elif extra == "symlinked-subdir":

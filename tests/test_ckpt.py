@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,12 +95,47 @@ torch.save(obj, dst, _use_new_zipfile_serialization=kind not in ("legacy", "evil
 """
 
 
-def make_ckpt(src: Path, dst: Path, kind: str, marker: Path | None = None) -> Path:
+# One child writes every kind: each child spends seconds importing torch. MAKE runs in the
+# child's __main__ namespace, as it would alone, so pickled classes resolve the same way.
+MAKE_ALL = r"""
+import sys
+make, specs = sys.argv[1], sys.argv[2:]
+for spec in specs:
+    sys.argv = ["make", *spec.split("\t")]
+    exec(make, globals())
+"""
+KINDS = [
+    "evil",
+    "evil_exec",
+    "evil_eval",
+    "evil_nested_global",
+    "evil_legacy",
+    "evil_lightning_name",
+    "expand_bomb",
+    "lightning",
+    "legacy",
+    "plain",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """<dir>/<kind>.ckpt for every kind, from insta's tensors; an evil payload would create
+    <dir>/PWNED-<kind>."""
+    d = tmp_path_factory.mktemp("ckpts")
+    src = model_dir / "insta.safetensors"
+    specs = [f"{src}\t{d / kind}.ckpt\t{kind}\t{d / f'PWNED-{kind}'}" for kind in KINDS]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    subprocess.run(
-        [sys.executable, "-c", MAKE, str(src), str(dst), kind, str(marker)], check=True, env=env
-    )
-    return dst
+    subprocess.run([sys.executable, "-c", MAKE_ALL, MAKE, *specs], check=True, env=env)
+    return d
+
+
+def make_ckpt(ckpts: Path, dst: Path, kind: str) -> Path:
+    """The `kind` checkpoint copied to dst; returns the marker its payload would create."""
+    shutil.copyfile(ckpts / f"{kind}.ckpt", dst)
+    marker = ckpts / f"PWNED-{kind}"
+    assert not marker.exists(), "the pickle's payload ran while it was written"
+    return marker
 
 
 def recipe_with(workdir: Path, model_file: str) -> Path:
@@ -123,13 +159,9 @@ def recipe_with(workdir: Path, model_file: str) -> Path:
     ],
 )
 def test_malicious_pickle_is_refused_and_never_runs(
-    workdir: Path, cache: Path, kind: str, names: str
+    workdir: Path, cache: Path, ckpts: Path, kind: str, names: str
 ) -> None:
-    marker = workdir / "PWNED"
-    make_ckpt(
-        workdir / "models" / "insta.safetensors", workdir / "models" / "evil.ckpt", kind, marker
-    )
-    assert not marker.exists()
+    marker = make_ckpt(ckpts, workdir / "models" / "evil.ckpt", kind)
     r = run_cli(recipe_with(workdir, "models/evil.ckpt"), cache=cache)
     assert r.code == 1
     assert "refused to load" in r.err and names in r.err, r.err
@@ -139,8 +171,10 @@ def test_malicious_pickle_is_refused_and_never_runs(
 
 
 @pytest.mark.parametrize("kind", ["lightning", "legacy", "plain"])
-def test_checkpoint_merges_like_its_safetensors_twin(workdir: Path, cache: Path, kind: str) -> None:
-    make_ckpt(workdir / "models" / "insta.safetensors", workdir / "models" / "a.ckpt", kind)
+def test_checkpoint_merges_like_its_safetensors_twin(
+    workdir: Path, cache: Path, ckpts: Path, kind: str
+) -> None:
+    make_ckpt(ckpts, workdir / "models" / "a.ckpt", kind)
     r = run_cli(recipe_with(workdir, "models/a.ckpt"), cache=cache)
     assert r.code == 0, r.err
     if kind == "legacy":
@@ -162,27 +196,21 @@ def test_corrupt_checkpoint_is_a_clear_error(workdir: Path, cache: Path) -> None
     assert r.code == 1 and "broken.ckpt" in r.err and "Traceback" not in r.err
 
 
-def test_lightning_named_payload_stays_inert(workdir: Path, cache: Path) -> None:
+def test_lightning_named_payload_stays_inert(workdir: Path, cache: Path, ckpts: Path) -> None:
     """Names under pytorch_lightning map to inert stand-ins: rebuilding one with arguments
     runs nothing, whatever the pickle asks."""
-    marker = workdir / "PWNED"
-    make_ckpt(
-        workdir / "models" / "insta.safetensors",
-        workdir / "models" / "l.ckpt",
-        "evil_lightning_name",
-        marker,
-    )
+    marker = make_ckpt(ckpts, workdir / "models" / "l.ckpt", "evil_lightning_name")
     r = run_cli(recipe_with(workdir, "models/l.ckpt"), cache=cache)
     assert "Traceback" not in r.err
     assert not marker.exists(), "the pickle's payload ran"
 
 
-def test_checkpoint_view_claiming_more_than_stored_is_refused(workdir: Path, cache: Path) -> None:
+def test_checkpoint_view_claiming_more_than_stored_is_refused(
+    workdir: Path, cache: Path, ckpts: Path
+) -> None:
     """Found by this suite: a stride-0 view in a 2 KB pickle claimed 10^10 elements; reading it
     would allocate (and write) tens of gigabytes."""
-    make_ckpt(
-        workdir / "models" / "insta.safetensors", workdir / "models" / "b.ckpt", "expand_bomb"
-    )
+    make_ckpt(ckpts, workdir / "models" / "b.ckpt", "expand_bomb")
     r = run_cli(recipe_with(workdir, "models/b.ckpt"), cache=cache, timeout=120)
     assert r.code == 1 and "Traceback" not in r.err, r.err
     assert "claims" in r.err and "b.ckpt" in r.err, r.err

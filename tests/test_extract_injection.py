@@ -101,12 +101,30 @@ def check_structure(text: str, comments: int) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.parametrize("start", [0, 5, 10, 14])
-def test_extract_cli_with_hostile_names(workdir: Path, tmp_path: Path, start: int) -> None:
-    recipe = workdir / "r.yaml"
-    recipe.write_text(RECIPE)
-    assert run_cli(recipe, "-q", cache=tmp_path / "c").code == 0
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> bytes:
+    """RECIPE's output, built once for the module (each build costs seconds of imports)."""
+    work = tmp_path_factory.mktemp("extract")
+    (work / "models").symlink_to(model_dir)
+    (work / "r.yaml").write_text(RECIPE)
+    assert run_cli(work / "r.yaml", "-q", cache=work / "c").code == 0
+    return (work / "out/o.safetensors").read_bytes()
+
+
+def built_in(workdir: Path, data: bytes) -> Path:
+    """RECIPE and its built output in workdir, as if it had just been built there."""
+    (workdir / "r.yaml").write_text(RECIPE)
     built = workdir / "out/o.safetensors"
+    built.parent.mkdir(exist_ok=True)
+    built.write_bytes(data)
+    return built
+
+
+@pytest.mark.parametrize("start", [0, 5, 10, 14])
+def test_extract_cli_with_hostile_names(
+    workdir: Path, tmp_path: Path, built_once: bytes, start: int
+) -> None:
+    built = built_in(workdir, built_once)
     raw = built.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     prov = json.loads(json.loads(raw[8 : 8 + n])["__metadata__"]["mergebuild"])
@@ -135,11 +153,8 @@ def test_extract_cli_with_hostile_names(workdir: Path, tmp_path: Path, start: in
     assert sorted(d.json["models"]) == sorted(doc["models"])
 
 
-def test_extract_cli_bad_sha256_is_dropped_with_a_warning(workdir: Path, tmp_path: Path) -> None:
-    recipe = workdir / "r.yaml"
-    recipe.write_text(RECIPE)
-    assert run_cli(recipe, "-q", cache=tmp_path / "c").code == 0
-    built = workdir / "out/o.safetensors"
+def test_extract_cli_bad_sha256_is_dropped_with_a_warning(workdir: Path, built_once: bytes) -> None:
+    built = built_in(workdir, built_once)
     raw = built.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     prov = json.loads(json.loads(raw[8 : 8 + n])["__metadata__"]["mergebuild"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, SRC, run_cli
+from conftest import EXAMPLES, SRC, SeedBuild, run_cli
 
 OUT = Path("out/anything-nsfw-gape.safetensors")
 SLOW_CHUNKS = {"MERGEBUILD_CHUNK_ELEMENTS": "32", "MERGEBUILD_WRITE_BLOCK": "4096"}
@@ -58,7 +58,9 @@ def built_counts(*reports: dict) -> collections.Counter:
 # -- SIGKILL ---------------------------------------------------------------------------------
 
 
-def kill_campaign(workdir: Path, tmp_path: Path, n: int, seed: int) -> collections.Counter:
+def kill_campaign(
+    workdir: Path, tmp_path: Path, before: SeedBuild, n: int, seed: int
+) -> collections.Counter:
     """Kill n builds at stratified random moments; check every invariant after each."""
     recipe = setup(workdir)
     out = workdir / OUT
@@ -69,11 +71,7 @@ def kill_campaign(workdir: Path, tmp_path: Path, n: int, seed: int) -> collectio
     assert r.code == 0, r.err
     new = out.read_bytes()
     # the state before each killed build: a previous output and its cache
-    prev_cache = tmp_path / "prev"
-    assert (
-        run_cli(recipe, "-q", "--set", "anything_nsfw_gape.alpha=0.5", cache=prev_cache).code == 0
-    )
-    prev = out.read_bytes()
+    prev_cache, prev = before.cache, before.output
     assert prev != new
     rng = random.Random(seed)
     phases: collections.Counter = collections.Counter()
@@ -111,13 +109,16 @@ def kill_campaign(workdir: Path, tmp_path: Path, n: int, seed: int) -> collectio
     return phases
 
 
-def test_sigkill_at_varied_moments(workdir: Path, tmp_path: Path) -> None:
-    kill_campaign(workdir, tmp_path, n=4, seed=7)
+def test_sigkill_at_varied_moments(
+    workdir: Path, tmp_path: Path, seed_prev_build: SeedBuild
+) -> None:
+    kill_campaign(workdir, tmp_path, seed_prev_build, n=4, seed=7)
 
 
 @pytest.mark.slow
-def test_sigkill_many(workdir: Path, tmp_path: Path) -> None:
-    phases = kill_campaign(workdir, tmp_path, n=40, seed=int(os.environ.get("KILL_SEED", 1)))
+def test_sigkill_many(workdir: Path, tmp_path: Path, seed_prev_build: SeedBuild) -> None:
+    seed = int(os.environ.get("KILL_SEED", 1))
+    phases = kill_campaign(workdir, tmp_path, seed_prev_build, n=40, seed=seed)
     assert phases["while writing"] > 0  # the campaign did reach the merge itself
 
 
@@ -154,23 +155,29 @@ POINTS = [
 FAST_POINTS = {("os.replace", 7), ("os.link", 1), ("write_sidecar", 2), ("os.pwrite", 300)}
 
 
-@pytest.fixture(scope="module")
-def kill_setup(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict:
-    """A recipe, the correct new bytes, and the output of a previous build."""
-    base = tmp_path_factory.mktemp("killpoints")
-    workdir = base / "work"
-    shutil.copytree(model_dir, workdir / "models")
+def with_output(workdir: Path, data: bytes) -> Path:
+    """The seed recipe in `workdir`, its output holding `data` (as a previous build left it)."""
     recipe = setup(workdir)
-    assert run_cli(recipe, "-q", cache=base / "ref").code == 0
-    new = (workdir / OUT).read_bytes()
-    assert (
-        run_cli(recipe, "-q", "--set", "anything_nsfw_gape.alpha=0.5", cache=base / "p").code == 0
-    )
+    (workdir / OUT).parent.mkdir(parents=True, exist_ok=True)
+    (workdir / OUT).write_bytes(data)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def kill_setup(
+    tmp_path_factory: pytest.TempPathFactory,
+    model_dir: Path,
+    seed_build: SeedBuild,
+    seed_prev_build: SeedBuild,
+) -> dict:
+    """A recipe, the correct new bytes, and the output of a previous build."""
+    workdir = tmp_path_factory.mktemp("killpoints") / "work"
+    shutil.copytree(model_dir, workdir / "models")
     return {
-        "recipe": recipe,
-        "new": new,
-        "prev": (workdir / OUT).read_bytes(),
-        "prev_cache": base / "p",
+        "recipe": with_output(workdir, seed_prev_build.output),
+        "new": seed_build.output,
+        "prev": seed_prev_build.output,
+        "prev_cache": seed_prev_build.cache,
     }
 
 
@@ -257,16 +264,17 @@ CACHE_SIZES = [
 
 
 @pytest.mark.parametrize("size", CACHE_SIZES)
-def test_disk_full_in_cache(workdir: Path, tmp_path: Path, small_fs, size: str) -> None:
-    recipe = setup(workdir)
+def test_disk_full_in_cache(
+    workdir: Path,
+    tmp_path: Path,
+    small_fs,
+    size: str,
+    seed_build: SeedBuild,
+    seed_prev_build: SeedBuild,
+) -> None:
+    new, prev = seed_build.output, seed_prev_build.output
+    recipe = with_output(workdir, prev)
     out = workdir / OUT
-    assert run_cli(recipe, "-q", cache=tmp_path / "ref").code == 0
-    new = out.read_bytes()
-    assert (
-        run_cli(recipe, "-q", "--set", "anything_nsfw_gape.alpha=0.5", cache=tmp_path / "p").code
-        == 0
-    )
-    prev = out.read_bytes()
     cache = small_fs(tmp_path / "full", size)
     r = run_cli(recipe, "--json", cache=cache)
     assert "Traceback" not in r.err
@@ -304,7 +312,11 @@ def test_disk_full_at_output(workdir: Path, cache: Path, small_fs, size: str) ->
     "after_writes", [0, pytest.param(1, marks=SLOW), 7, pytest.param(60, marks=SLOW)]
 )
 def test_disk_full_injected_mid_write(
-    workdir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, after_writes: int
+    workdir: Path,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    after_writes: int,
+    seed_prev_build: SeedBuild,
 ) -> None:
     """Where no tmpfs can be mounted: pwrite fails with ENOSPC after some writes (the free
     space looked sufficient when the build started)."""
@@ -314,9 +326,9 @@ def test_disk_full_injected_mid_write(
     from mergebuild.errors import BuildError
     from mergebuild.recipe import load_recipe
 
-    recipe = setup(workdir)
-    assert run_cli(recipe, "-q", "--set", "anything_nsfw_gape.alpha=0.5", cache=cache).code == 0
-    prev = (workdir / OUT).read_bytes()
+    prev = seed_prev_build.output
+    recipe = with_output(workdir, prev)
+    shutil.copytree(seed_prev_build.cache, cache)  # the previous build's cache
     monkeypatch.setattr(stream_writer, "BLOCK_BYTES", 4096)  # many writes in a tiny build
     real = os.pwrite
     calls = 0
@@ -340,12 +352,10 @@ def test_disk_full_injected_mid_write(
 # -- concurrency -------------------------------------------------------------------------------
 
 
-def concurrent_same(workdir: Path, tmp_path: Path, pairs: int) -> None:
+def concurrent_same(workdir: Path, tmp_path: Path, new: bytes, pairs: int) -> None:
     recipe = setup(workdir)
-    assert run_cli(recipe, "-q", cache=tmp_path / "ref").code == 0
-    new = (workdir / OUT).read_bytes()
     for i in range(pairs):
-        (workdir / OUT).unlink()
+        (workdir / OUT).unlink(missing_ok=True)
         cache = tmp_path / f"c{i}"
         procs = [spawn(recipe, "--json", cache=cache, env=SLOW_CHUNKS) for _ in range(2)]
         results = [p.communicate() for p in procs]
@@ -357,21 +367,25 @@ def concurrent_same(workdir: Path, tmp_path: Path, pairs: int) -> None:
         assert run_cli("cache", "verify", cache=cache).code == 0
 
 
-def test_two_concurrent_builds_same_recipe(workdir: Path, tmp_path: Path) -> None:
-    concurrent_same(workdir, tmp_path, pairs=2)
+def test_two_concurrent_builds_same_recipe(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
+    concurrent_same(workdir, tmp_path, seed_build.output, pairs=2)
 
 
 @pytest.mark.slow
-def test_concurrent_builds_same_recipe_many(workdir: Path, tmp_path: Path) -> None:
-    concurrent_same(workdir, tmp_path, pairs=12)
+def test_concurrent_builds_same_recipe_many(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
+    concurrent_same(workdir, tmp_path, seed_build.output, pairs=12)
 
 
-def test_killed_builder_releases_its_lock(workdir: Path, tmp_path: Path) -> None:
+def test_killed_builder_releases_its_lock(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
     """A build waiting on a key's lock takes over when the holder is SIGKILLed mid-write."""
     recipe = setup(workdir)
-    assert run_cli(recipe, "-q", cache=tmp_path / "ref").code == 0
-    new = (workdir / OUT).read_bytes()
-    (workdir / OUT).unlink()
+    new = seed_build.output
     cache = tmp_path / "c"
     first = spawn(recipe, "--json", cache=cache, env={"MERGEBUILD_CHUNK_ELEMENTS": "16"})
     while not temps(cache / "objects") and first.poll() is None:
@@ -402,13 +416,13 @@ outputs:
 """
 
 
-def concurrent_sharing(workdir: Path, tmp_path: Path, pairs: int) -> None:
+def concurrent_sharing(workdir: Path, tmp_path: Path, seed: SeedBuild, pairs: int) -> None:
     a = setup(workdir)
     b = workdir / "other.yaml"
     b.write_text(OTHER)
-    assert run_cli(a, "-q", cache=tmp_path / "ref").code == 0
     assert run_cli(b, "-q", cache=tmp_path / "ref").code == 0
-    refs = {p: (workdir / p).read_bytes() for p in (OUT, Path("out/other.safetensors"))}
+    other = Path("out/other.safetensors")
+    refs = {OUT: seed.output, other: (workdir / other).read_bytes()}
     for i in range(pairs):
         cache = tmp_path / f"c{i}"
         procs = [spawn(r, "--json", cache=cache, env=SLOW_CHUNKS) for r in (a, b)]
@@ -424,13 +438,17 @@ def concurrent_sharing(workdir: Path, tmp_path: Path, pairs: int) -> None:
         assert run_cli("cache", "verify", cache=cache).code == 0
 
 
-def test_concurrent_builds_of_recipes_sharing_a_node(workdir: Path, tmp_path: Path) -> None:
-    concurrent_sharing(workdir, tmp_path, pairs=1)
+def test_concurrent_builds_of_recipes_sharing_a_node(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
+    concurrent_sharing(workdir, tmp_path, seed_build, pairs=1)
 
 
 @pytest.mark.slow
-def test_concurrent_builds_sharing_many(workdir: Path, tmp_path: Path) -> None:
-    concurrent_sharing(workdir, tmp_path, pairs=8)
+def test_concurrent_builds_sharing_many(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
+    concurrent_sharing(workdir, tmp_path, seed_build, pairs=8)
 
 
 # -- input modified during the build -------------------------------------------------------------

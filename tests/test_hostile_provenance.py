@@ -117,33 +117,63 @@ HOSTILE: list[tuple[str, dict[str, str], str | None]] = [
 ]
 
 
-@pytest.mark.parametrize("meta,omitted", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
-def test_hostile_metadata_never_breaks_build_show_extract(
-    workdir: Path, cache: Path, meta: dict[str, str], omitted: str | None
+@pytest.fixture(scope="module")
+def hostile_built(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> tuple[Path, Any]:
+    """Every HOSTILE input in one recipe, one merge and output each (input `hI` merged with
+    wd13 into out/oI): one build, whose imports cost seconds, serves every case."""
+    work = tmp_path_factory.mktemp("hostile")
+    (work / "models").symlink_to(model_dir)
+    insta = load_file(str(model_dir / "insta.safetensors"))
+    models, merges, outputs = ["  b: models/wd13.safetensors"], [], []
+    for i, (_, meta, _) in enumerate(HOSTILE):
+        (work / "in").mkdir(exist_ok=True)
+        save_file(insta, str(work / "in" / f"h{i}.safetensors"), metadata=meta)
+        models.append(f"  h{i}: in/h{i}.safetensors")
+        merges.append(f"  m{i}: h{i} * 0.5 + b * 0.5")
+        outputs.append(f"  o{i}: {{from: m{i}, path: out/o{i}.safetensors}}")
+    recipe = work / "r.yaml"
+    recipe.write_text(
+        "\n".join(["mergebuild: 1", "models:", *models, "merges:", *merges, "outputs:", *outputs])
+        + "\n"
+    )
+    return work, run_cli(recipe, "-q", cache=work / "cache")
+
+
+def test_hostile_metadata_never_breaks_the_build(
+    hostile_built: tuple[Path, Any], model_dir: Path
 ) -> None:
-    a = with_metadata(workdir, meta)
-    recipe = workdir / "r.yaml"
-    recipe.write_text(RECIPE)
-    r = run_cli(recipe, "-q", cache=cache)
+    work, r = hostile_built
     assert r.code == 0, r.err
     assert "unexpected" not in r.err and "Traceback" not in r.err
-    out = workdir / "out/o.safetensors"
-    # the tensors are the merge, whatever the metadata said (independent numpy computation)
-    got, x, y = load_st(out), load_st(a), load_st(workdir / "models/wd13.safetensors")
-    for k in (
-        "model.diffusion_model.out.2.weight",
-        "cond_stage_model.transformer.text_model.final_layer_norm.bias",
-    ):
-        want = x[k].astype(np.float32) * np.float32(0.5) + y[k].astype(np.float32) * np.float32(0.5)
-        assert np.array_equal(got[k], want.astype(np.float16)), k
-    # every metadata value the output carries is strict JSON, and says what was left out
-    values = {k: strict_json(v) for k, v in metadata_of(out).items()}
-    entry = values["mergebuild"]["models"]["a"]
-    if omitted is None:
-        assert "provenance_omitted" not in entry
-    else:
-        assert omitted in entry["provenance_omitted"] and "provenance" not in entry
-    assert len(json.dumps(values)) < 64 << 10
+    y, half = load_st(model_dir / "wd13.safetensors"), np.float32(0.5)
+    for i, (case, _, omitted) in enumerate(HOSTILE):
+        out = work / "out" / f"o{i}.safetensors"
+        # the tensors are the merge, whatever the metadata said (independent numpy computation)
+        got, x = load_st(out), load_st(work / "in" / f"h{i}.safetensors")
+        for k in (
+            "model.diffusion_model.out.2.weight",
+            "cond_stage_model.transformer.text_model.final_layer_norm.bias",
+        ):
+            want = x[k].astype(np.float32) * half + y[k].astype(np.float32) * half
+            assert np.array_equal(got[k], want.astype(np.float16)), (case, k)
+        # every metadata value the output carries is strict JSON, and says what was left out
+        values = {k: strict_json(v) for k, v in metadata_of(out).items()}
+        entry = values["mergebuild"]["models"][f"h{i}"]
+        if omitted is None:
+            assert "provenance_omitted" not in entry, case
+        else:
+            assert omitted in entry["provenance_omitted"] and "provenance" not in entry, case
+        assert len(json.dumps(values)) < 64 << 10, case
+
+
+@pytest.mark.parametrize("i", range(len(HOSTILE)), ids=[c[0] for c in HOSTILE])
+def test_hostile_metadata_never_breaks_show_extract(
+    hostile_built: tuple[Path, Any], i: int
+) -> None:
+    work, built = hostile_built
+    assert built.code == 0, built.err
+    a, out = work / "in" / f"h{i}.safetensors", work / "out" / f"o{i}.safetensors"
+    cache, omitted = work / "c", HOSTILE[i][2]
     # show: exit 0; extract: exit 1 with one message (the input carries no usable provenance)
     s = run_cli("show", a, cache=cache)
     assert s.code == 0 and "Traceback" not in s.err, s.err

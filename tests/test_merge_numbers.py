@@ -72,20 +72,34 @@ def test_two_step_recipe_matches_numpy(workdir: Path, cache: Path) -> None:
     np.testing.assert_array_equal(out[POS_IDS], np.arange(77, dtype=np.int64)[None])
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_weighted_sum_matches_numpy_in_fp32(workdir: Path, cache: Path, dtype: str) -> None:
+WS_DTYPES = ["fp32", "bf16"]
+
+
+@pytest.fixture(scope="module")
+def ws_built(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """One weighted sum per dtype (out/ws-<dtype>), in one build: each costs seconds of imports."""
+    work = tmp_path_factory.mktemp("ws")
+    (work / "models").symlink_to(model_dir)
     recipe = write_recipe(
-        workdir,
-        f"  ws: {{method: weighted_sum, a: insta, b: wd13, alpha: 0.35, dtype: {dtype}}}",
-        "  o: {from: ws, path: out/ws.safetensors}",
+        work,
+        "\n".join(
+            f"  ws_{d}: {{method: weighted_sum, a: insta, b: wd13, alpha: 0.35, dtype: {d}}}"
+            for d in WS_DTYPES
+        ),
+        "\n".join(f"  o_{d}: {{from: ws_{d}, path: out/ws-{d}.safetensors}}" for d in WS_DTYPES),
     )
-    r = run_cli(recipe, "--json", cache=cache)
+    r = run_cli(recipe, "--json", cache=work / "cache")
     assert r.code == 0, r.err
-    m = models(workdir)
+    return work
+
+
+@pytest.mark.parametrize("dtype", WS_DTYPES)
+def test_weighted_sum_matches_numpy_in_fp32(ws_built: Path, dtype: str) -> None:
+    m = models(ws_built)
     import torch
     from safetensors.torch import load_file
 
-    out = load_file(str(workdir / "out" / "ws.safetensors"))
+    out = load_file(str(ws_built / "out" / f"ws-{dtype}.safetensors"))
     for k, a in m["insta"].items():
         if a.dtype.kind != "f":
             continue

@@ -76,9 +76,19 @@ def outs(names: str) -> str:
     return "\n".join(f"  o{n}: {{from: {n}, path: out/{n}.safetensors}}" for n in names)
 
 
-def test_elementwise_methods_match_numpy(workdir: Path, cache: Path) -> None:
-    r = run_cli(write_recipe(workdir, MERGES, outs("twd")), cache=cache)
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """MERGES and WHOLE in one recipe, built once with the default -j and chunks: each build
+    costs seconds of imports, and every test below reads these outputs."""
+    work = tmp_path_factory.mktemp("methods")
+    (work / "models").symlink_to(model_dir)
+    r = run_cli(write_recipe(work, MERGES + WHOLE, outs("twdsxm")), cache=work / "cache")
     assert r.code == 0, r.err
+    return work
+
+
+def test_elementwise_methods_match_numpy(built: Path) -> None:
+    workdir = built
     A, B, C, S = inputs(workdir, "anything", "nai_full", "insta", "nai_sfw")
     t, w, d = (load_st(workdir / "out" / f"{n}.safetensors") for n in "twd")
     n = 0
@@ -93,9 +103,8 @@ def test_elementwise_methods_match_numpy(workdir: Path, cache: Path) -> None:
     assert n > 100
 
 
-def test_whole_tensor_methods_match_numpy(workdir: Path, cache: Path) -> None:
-    r = run_cli(write_recipe(workdir, WHOLE, outs("sxm")), cache=cache)
-    assert r.code == 0, r.err
+def test_whole_tensor_methods_match_numpy(built: Path) -> None:
+    workdir = built
     A, In, F, S, V = inputs(workdir, "anything", "insta", "nai_full", "nai_sfw", "sd15")
     s, x, m = (load_st(workdir / "out" / f"{n}.safetensors") for n in "sxm")
     n = 0
@@ -110,13 +119,13 @@ def test_whole_tensor_methods_match_numpy(workdir: Path, cache: Path) -> None:
     assert n > 100
 
 
-@pytest.mark.parametrize("merges,names", [(MERGES, "twd"), (WHOLE, "sxm")], ids=["elem", "whole"])
-def test_bytes_do_not_depend_on_jobs_or_chunks(
-    workdir: Path, tmp_path: Path, merges: str, names: str
-) -> None:
-    recipe = write_recipe(workdir, merges, outs(names))
-    results = []
-    for i, (jobs, chunk) in enumerate([("1", None), ("2", "1000"), ("2", None), ("1", "333")]):
+def test_bytes_do_not_depend_on_jobs_or_chunks(built: Path, workdir: Path, tmp_path: Path) -> None:
+    """Elementwise (twd) and whole-tensor (sxm) methods: the `built` outputs (-j 2, default
+    chunks) and three other -j / chunk combinations, each in a cache of its own."""
+    names = "twdsxm"
+    recipe = write_recipe(workdir, MERGES + WHOLE, outs(names))
+    results = [{n: (built / "out" / f"{n}.safetensors").read_bytes() for n in names}]
+    for i, (jobs, chunk) in enumerate([("1", None), ("2", "1000"), ("1", "333")]):
         env = {"MERGEBUILD_CHUNK_ELEMENTS": chunk} if chunk else {}
         r = run_cli(recipe, "-j", jobs, cache=tmp_path / f"c{i}", env=env)
         assert r.code == 0, r.err

@@ -39,19 +39,32 @@ def float_keys(m: dict[str, np.ndarray]) -> list[str]:
     return [k for k, a in m.items() if a.dtype.kind == "f" and a.size > 1]
 
 
-@needs_forms
-@pytest.mark.parametrize(("k", "vote"), [(0.2, "magnitude"), (1.0, "count")])
-def test_ties_recipe_matches_numpy(workdir: Path, cache: Path, k: float, vote: str) -> None:
-    recipe = write_recipe(
-        workdir,
-        f"  t: {{method: ties, base: nai_sfw, models: [anything, nai_full, gape], k: {k},"
-        f" vote: {vote}, alpha: 0.9, dtype: fp32}}",
-        "  o: {from: t, path: out/t.safetensors}",
-    )
-    r = run_cli(recipe, "--json", cache=cache)
+TIES = [(0.2, "magnitude"), (1.0, "count")]
+
+
+@pytest.fixture(scope="module")
+def ties_built(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """Every TIES variant as its own merge and output (out/tI), in one build: each build
+    costs seconds of imports."""
+    work = tmp_path_factory.mktemp("ties")
+    (work / "models").symlink_to(model_dir)
+    merges = [
+        f"  t{i}: {{method: ties, base: nai_sfw, models: [anything, nai_full, gape], k: {k},"
+        f" vote: {vote}, alpha: 0.9, dtype: fp32}}"
+        for i, (k, vote) in enumerate(TIES)
+    ]
+    outputs = [f"  o{i}: {{from: t{i}, path: out/t{i}.safetensors}}" for i in range(len(TIES))]
+    recipe = write_recipe(work, "\n".join(merges), "\n".join(outputs))
+    r = run_cli(recipe, "--json", cache=work / "cache")
     assert r.code == 0, r.err
-    m = loaded(workdir)
-    out = load_st(workdir / "out" / "t.safetensors")
+    return work
+
+
+@needs_forms
+@pytest.mark.parametrize(("i", "k", "vote"), [(i, *v) for i, v in enumerate(TIES)])
+def test_ties_recipe_matches_numpy(ties_built: Path, i: int, k: float, vote: str) -> None:
+    m = loaded(ties_built)
+    out = load_st(ties_built / "out" / f"t{i}.safetensors")
     keys = float_keys(m["nai_sfw"])
     assert len(keys) > 100
     for key in keys:
@@ -63,21 +76,32 @@ def test_ties_recipe_matches_numpy(workdir: Path, cache: Path, k: float, vote: s
 
 @needs_forms
 def test_dare_recipe_is_seeded_and_independent_of_jobs(workdir: Path, cache: Path) -> None:
-    def build(seed: int, jobs: int, name: str) -> tuple[bytes, str]:
-        recipe = write_recipe(
-            workdir,
-            f"  d: {{method: dare, base: nai_sfw, models: [anything, gape], p: 0.5, seed: {seed}}}",
-            f"  o: {{from: d, path: out/{name}.safetensors}}",
-        )
-        r = run_cli(recipe, "--json", "-j", str(jobs), cache=cache / name)
-        assert r.code == 0, r.err
-        key = {n["name"]: n for n in r.json["nodes"]}["d"]["key"]
-        return (workdir / "out" / f"{name}.safetensors").read_bytes(), key
+    """Seeds 1 and 2 side by side in one recipe, built with -j 1 and -j 2 (separate caches)."""
+    recipe = write_recipe(
+        workdir,
+        "\n".join(
+            f"  d{seed}: {{method: dare, base: nai_sfw, models: [anything, gape], p: 0.5,"
+            f" seed: {seed}}}"
+            for seed in (1, 2)
+        ),
+        "\n".join(
+            f"  o{seed}: {{from: d{seed}, path: out/d{seed}.safetensors}}" for seed in (1, 2)
+        ),
+    )
 
-    a, key_a = build(1, 1, "a")
-    b, key_b = build(1, 2, "b")
-    c, key_c = build(2, 2, "c")
+    def build(jobs: int) -> dict[int, tuple[bytes, str]]:
+        r = run_cli(recipe, "--json", "-j", str(jobs), cache=cache / f"j{jobs}")
+        assert r.code == 0, r.err
+        keys = {n["name"]: n["key"] for n in r.json["nodes"]}
+        return {
+            seed: ((workdir / "out" / f"d{seed}.safetensors").read_bytes(), keys[f"d{seed}"])
+            for seed in (1, 2)
+        }
+
+    one, two = build(1), build(2)
+    (a, key_a), (b, key_b), (c, key_c) = one[1], two[1], two[2]
     assert a == b and key_a == key_b
+    assert one[2] == two[2]
     assert a != c and key_a != key_c  # the seed is part of the node key
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from conftest import EXAMPLES, load_st, run_cli
+from conftest import EXAMPLES, SeedBuild, load_st, run_cli
 
 OUT = "out/anything-nsfw-gape.safetensors"
 
@@ -46,15 +46,22 @@ def pinned_recipe(workdir: Path, models: Path, digits: int, with_path: bool = Fa
     return recipe
 
 
+def warm(seed: SeedBuild, cache: Path) -> Path:
+    """A copy of the session's built seed-example cache: building the seed recipe there is a
+    cache hit (no engine import, seconds saved) that publishes the same bytes."""
+    shutil.copytree(seed.cache, cache, dirs_exist_ok=True)
+    return cache
+
+
 def flip_tensor_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01  # inside the last tensor's data: a different model, same layout
     path.write_bytes(bytes(data))
 
 
-def test_autov2_pin_resolves_from_search_paths(workdir: Path, tmp_path: Path) -> None:
-    reference = run_cli(seed_recipe(workdir), "-q", cache=tmp_path / "c0")
-    assert reference.code == 0, reference.err
+def test_autov2_pin_resolves_from_search_paths(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
     recipe = pinned_recipe(workdir, workdir / "models", 10)
     # nothing to search: the error names the model, the hash and that there is nowhere to look
     r = run_cli(recipe, cache=tmp_path / "c1")
@@ -65,14 +72,17 @@ def test_autov2_pin_resolves_from_search_paths(workdir: Path, tmp_path: Path) ->
     r = run_cli(recipe, "--json", "--models", workdir / "models", cache=tmp_path / "c2")
     assert r.code == 0, r.err
     assert r.json["models"]["anything"]["path"] == str(workdir / "models/anything-v3.safetensors")
+    (recipe.parent / OUT).unlink()
+    # the next two resolve again (the same cache: a cache hit needs the inputs' hashes too)
     env = {"MERGEBUILD_MODEL_PATH": str(workdir / "models")}
-    assert run_cli(recipe, "-q", cache=tmp_path / "c3", env=env).code == 0
+    assert run_cli(recipe, "-q", cache=tmp_path / "c2", env=env).code == 0
+    (recipe.parent / OUT).unlink()
     doc = yaml.safe_load(recipe.read_text())
     doc["search_paths"] = ["../models"]
     recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
-    assert run_cli(recipe, "-q", cache=tmp_path / "c4").code == 0
+    assert run_cli(recipe, "-q", cache=tmp_path / "c2").code == 0
     # same inputs by content, same recipe semantics → the very same output bytes
-    assert sha(recipe.parent / OUT) == sha(workdir / OUT)
+    assert (recipe.parent / OUT).read_bytes() == seed_build.output
 
 
 def test_pinned_model_missing_says_where_it_looked(workdir: Path, cache: Path) -> None:
@@ -97,9 +107,11 @@ def test_swapped_input_is_refused_with_both_hashes(workdir: Path, cache: Path) -
     assert not (recipe.parent / OUT).exists()
 
 
-def test_lock_records_hashes_and_verify_in_fresh_cache(workdir: Path, tmp_path: Path) -> None:
+def test_lock_records_hashes_and_verify_in_fresh_cache(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
     recipe = seed_recipe(workdir)
-    r = run_cli("lock", recipe, "-q", cache=tmp_path / "author")
+    r = run_cli("lock", recipe, "-q", cache=warm(seed_build, tmp_path / "author"))
     assert r.code == 0, r.err
     lock = yaml.safe_load(recipe.with_suffix(".lock").read_text())
     for name, entry in yaml.safe_load(recipe.read_text())["models"].items():
@@ -118,9 +130,11 @@ def test_lock_records_hashes_and_verify_in_fresh_cache(workdir: Path, tmp_path: 
     assert sha(workdir / OUT) == published
 
 
-def test_verify_fails_after_one_input_byte_changes(workdir: Path, tmp_path: Path) -> None:
+def test_verify_fails_after_one_input_byte_changes(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
     recipe = seed_recipe(workdir)
-    assert run_cli("lock", recipe, "-q", cache=tmp_path / "c").code == 0
+    assert run_cli("lock", recipe, "-q", cache=warm(seed_build, tmp_path / "c")).code == 0
     flip_tensor_byte(workdir / "models/gape60.safetensors")
     v = run_cli("verify", recipe, cache=tmp_path / "fresh")
     assert v.code != 0 and "Traceback" not in v.err
@@ -135,18 +149,18 @@ def test_verify_fails_after_one_input_byte_changes(workdir: Path, tmp_path: Path
     assert run_cli("verify", recipe, "-q", cache=tmp_path / "fresh").code == 0
 
 
-def test_verify_reports_changed_recipe(workdir: Path, cache: Path) -> None:
+def test_verify_reports_changed_recipe(workdir: Path, cache: Path, seed_build: SeedBuild) -> None:
     recipe = seed_recipe(workdir)
-    assert run_cli("lock", recipe, "-q", cache=cache).code == 0
+    assert run_cli("lock", recipe, "-q", cache=warm(seed_build, cache)).code == 0
     recipe.write_text(recipe.read_text().replace("alpha: 1.0", "alpha: 0.75"))
     v = run_cli("verify", recipe, cache=cache)
     assert v.code == 1 and "Traceback" not in v.err
     assert "MISMATCH" in v.out and "node 'anything_nsfw_gape' differs" in v.out
 
 
-def test_web_ui_metadata_fields(workdir: Path, cache: Path) -> None:
+def test_web_ui_metadata_fields(workdir: Path, cache: Path, seed_build: SeedBuild) -> None:
     recipe = seed_recipe(workdir)
-    assert run_cli(recipe, "-q", cache=cache).code == 0
+    assert run_cli(recipe, "-q", cache=warm(seed_build, cache)).code == 0
     meta = header_metadata(workdir / OUT)
     top = json.loads(meta["sd_merge_recipe"])
     models = json.loads(meta["sd_merge_models"])
@@ -186,9 +200,11 @@ def test_outputs_identical_across_checkouts_and_caches(model_dir: Path, tmp_path
     assert digests[0] == digests[1]
 
 
-def test_extract_rebuilds_the_same_file(workdir: Path, tmp_path: Path) -> None:
+def test_extract_rebuilds_the_same_file(
+    workdir: Path, tmp_path: Path, seed_build: SeedBuild
+) -> None:
     recipe = seed_recipe(workdir)
-    assert run_cli(recipe, "-q", cache=tmp_path / "c").code == 0
+    assert run_cli(recipe, "-q", cache=warm(seed_build, tmp_path / "c")).code == 0
     extracted = tmp_path / "extracted" / "recipe.yaml"
     r = run_cli("extract", workdir / OUT, "-o", extracted)
     assert r.code == 0, r.err
@@ -202,9 +218,9 @@ def test_extract_rebuilds_the_same_file(workdir: Path, tmp_path: Path) -> None:
     assert bad.code == 1 and "no mergebuild provenance" in bad.err
 
 
-def test_show_and_nested_provenance(workdir: Path, cache: Path) -> None:
+def test_show_and_nested_provenance(workdir: Path, cache: Path, seed_build: SeedBuild) -> None:
     recipe = seed_recipe(workdir)
-    assert run_cli(recipe, "-q", cache=cache).code == 0
+    assert run_cli(recipe, "-q", cache=warm(seed_build, cache)).code == 0
     first = json.loads(header_metadata(workdir / OUT)["mergebuild"])
     second = workdir / "second.yaml"
     second.write_text(

@@ -11,6 +11,8 @@ def test_example_builds_then_is_cached(workdir: Path, cache: Path) -> None:
     first = run_cli(recipe, "--json", cache=cache)
     assert first.code == 0, first.err
     assert first.json["summary"]["built"] == 3
+    outs = [Path(n["path"]) for n in first.json["nodes"] if n["kind"] == "output"]
+    assert outs and all(p.is_file() and p.stat().st_size > 0 for p in outs)
     second = run_cli(recipe, "--json", cache=cache)
     assert second.code == 0, second.err
     assert second.json["summary"]["built"] == 0
@@ -18,7 +20,8 @@ def test_example_builds_then_is_cached(workdir: Path, cache: Path) -> None:
 
 
 def _examples() -> list[Path]:
-    return sorted(EXAMPLES.glob("*.yaml"))
+    """Every shipped example but the seed one: the test above builds that (cold) already."""
+    return sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "anything_nsfw_gape.yaml")
 
 
 @pytest.mark.parametrize("example", _examples(), ids=lambda p: p.stem)
