@@ -27,6 +27,7 @@ import xxhash
 
 from mergebuild import __version__
 from mergebuild.errors import MergebuildError
+from mergebuild.textfile import JSON_CAP, LOCK_CAP, read_capped
 
 FORMAT = 1
 ENV_PREFIX = "MERGEBUILD_"
@@ -41,9 +42,10 @@ def _sig(path: str | Path) -> list[int] | None:
 
 
 def _content(path: str | Path) -> str | None:
+    """Hash of a recipe or lock file; None for anything unreadable (a FIFO, a device, a huge
+    file: read_capped refuses them without blocking), which no stamp matches."""
     try:
-        with open(path, "rb") as f:
-            return xxhash.xxh3_128_hexdigest(f.read())
+        return xxhash.xxh3_128_hexdigest(read_capped(path, LOCK_CAP))
     except OSError:
         return None
 
@@ -79,8 +81,8 @@ def answer(args: Any) -> bool:
     """True if the stamp shows nothing changed; the summary (or `-n` plan) is then printed."""
     root = _root(args)
     try:
-        with open(_stamp_path(root, os.path.abspath(args.recipe)), "rb") as f:
-            stamp = json.loads(f.read(1 << 22))["stamp"]
+        raw = read_capped(_stamp_path(root, os.path.abspath(args.recipe)), JSON_CAP)
+        stamp = json.loads(raw)["stamp"]
         if stamp["format"] != FORMAT or stamp["fingerprint"] != fingerprint(args, root):
             return False
         if not (_healthy_root(root) and _unchanged(stamp)):
