@@ -8,7 +8,7 @@ from pydantic import Field
 
 from mergebuild.engine.methods._taskvec import (
     TaskVectorParams,
-    delta,
+    delta_into,
     model_weights,
     n_models,
     ties_merge,
@@ -46,7 +46,7 @@ their weights (mergekit's normalisation; with the default weights 1 this is thei
 
 Parameters: k in (0, 1] (default 0.2), vote (magnitude|count), alpha (default 1, may vary by
 block), weights (≥ 0, one per model, default 1). Whole-tensor: the threshold is an exact
-order statistic (numpy introselect on one |δᵢ| at a time)."""
+order statistic (a radix select over the tiles of one δᵢ at a time)."""
     example = """merged:
   method: ties
   base: sd15
@@ -65,9 +65,10 @@ order statistic (numpy introselect on one |δᵢ| at a time)."""
         if params.alpha == 0:  # "kept from base" (e.g. a block weighted 0) means exactly base
             return f32(xs[0])
         weights = model_weights(params.weights, len(xs) - 1)
+        flat = [x.reshape(-1) for x in xs]  # once: a non-contiguous input is copied once
         return ties_merge(
             xs[0],
-            lambda i, lo, hi: delta(xs, i, lo, hi),
+            lambda i, lo, hi, out: delta_into(flat, i, lo, hi, out),
             weights,
             params.k,
             params.vote,
