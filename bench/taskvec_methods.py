@@ -30,6 +30,8 @@ CHILD = r"""
 import sys, time, torch
 sys.path.insert(0, {src!r})
 torch.set_num_threads(1)
+from mergebuild.engine.tuning import keep_freed_memory
+keep_freed_memory()  # as the executor does for a build: freed tiles are reused, not re-faulted
 name, numel, n = {name!r}, {numel}, {n}
 g = torch.Generator().manual_seed(0)
 base = torch.randn(numel, generator=g).half()

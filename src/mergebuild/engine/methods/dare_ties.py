@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from mergebuild.engine.methods._taskvec import (
+    TILE,
+    TileDeltas,
     Weight,
-    delta_into,
     model_weights,
     n_models,
     ties_merge,
@@ -74,11 +75,11 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
             return f32(xs[0])
         keep = 1.0 - params.p
 
-        flat = [x.reshape(-1) for x in xs]  # once: a non-contiguous input is copied once
+        deltas = TileDeltas(xs, TILE)
 
         def dropped(i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
             """δᵢ[lo:hi] with DARE's mask: counter-based, so any range can be recomputed."""
-            d = delta_into(flat, i, lo, hi, out)
+            d = deltas(i, lo, hi, out)
             if keep < 1.0:
                 stream = stream_name(ctx.tensor, i)
                 mask = rng.keep_mask(ctx.seed, ctx.node_key, stream, ctx.offset + lo, hi - lo, keep)

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from mergebuild.engine.methods._taskvec import (
+    TILE,
     TaskVectorParams,
-    delta_into,
+    TileDeltas,
     model_weights,
     n_models,
     ties_merge,
@@ -46,7 +47,7 @@ their weights (mergekit's normalisation; with the default weights 1 this is thei
 
 Parameters: k in (0, 1] (default 0.2), vote (magnitude|count), alpha (default 1, may vary by
 block), weights (≥ 0, one per model, default 1). Whole-tensor: the threshold is an exact
-order statistic (a radix select over the tiles of one δᵢ at a time)."""
+order statistic (an exact selection over the tiles of one δᵢ at a time)."""
     example = """merged:
   method: ties
   base: sd15
@@ -65,10 +66,9 @@ order statistic (a radix select over the tiles of one δᵢ at a time)."""
         if params.alpha == 0:  # "kept from base" (e.g. a block weighted 0) means exactly base
             return f32(xs[0])
         weights = model_weights(params.weights, len(xs) - 1)
-        flat = [x.reshape(-1) for x in xs]  # once: a non-contiguous input is copied once
         return ties_merge(
             xs[0],
-            lambda i, lo, hi, out: delta_into(flat, i, lo, hi, out),
+            TileDeltas(xs, TILE),
             weights,
             params.k,
             params.vote,
