@@ -40,11 +40,12 @@ def evict(*paths: Path) -> None:
                 os.close(fd)
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one child process.
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS GB, CPU seconds) of one child process.
 
     Peak RSS is the child's VmHWM, polled from /proc every 20 ms: rusage's ru_maxrss would also
-    count the parent's high-water mark, which a child inherits at fork/exec.
+    count the parent's high-water mark, which a child inherits at fork/exec. CPU time (user +
+    system, from wait4) is what a busy shared machine disturbs least.
     """
     t0 = time.perf_counter()
     p = subprocess.Popen(
@@ -55,7 +56,10 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     )
     hwm_kb = 0
     status = Path(f"/proc/{p.pid}/status")
-    while p.poll() is None:
+    while True:
+        pid, code, usage = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
         try:
             for line in status.read_text().splitlines():
                 if line.startswith("VmHWM"):
@@ -64,10 +68,11 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(code)
     err = p.stderr.read().decode() if p.stderr else ""
     if p.returncode != 0:
         raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{err}")
-    return wall, hwm_kb / 1024 / 1024
+    return wall, hwm_kb / 1024 / 1024, usage.ru_utime + usage.ru_stime
 
 
 def models(arch: str) -> dict[str, Path]:
@@ -256,19 +261,27 @@ class Runner:
         prepare: Callable[[], None] | None = None,
         repeat: int | None = None,
     ) -> dict:
-        best = (float("inf"), 0.0)
+        best = (float("inf"), 0.0, 0.0)
         for _ in range(repeat or self.repeat):  # disks on shared machines are noisy: keep the best
             if prepare:
                 prepare()
             evict(*self.m.values(), *extra)
             if self.out.exists():
                 self.out.unlink()
-            wall, rss = measure(cmd)
-            best = min(best, (wall, rss))
-        wall, rss = best
-        row = {"arch": self.arch, "group": self.group, "job": label, "wall": wall, "rss": rss}
+            best = min(best, measure(cmd))
+        wall, rss, cpu = best
+        row = {
+            "arch": self.arch,
+            "group": self.group,
+            "job": label,
+            "wall": wall,
+            "rss": rss,
+            "cpu": cpu,
+        }
         self.rows.append(row)
-        print(f"  {self.arch:5} {label:46} {wall:7.1f} s  {rss:6.2f} GB", flush=True)
+        print(
+            f"  {self.arch:5} {label:46} {wall:7.1f} s  {rss:6.2f} GB  {cpu:7.1f} s CPU", flush=True
+        )
         return row
 
     def floor(self, label: str, inputs: list[str]) -> dict:
@@ -399,18 +412,19 @@ def run_arch(arch: str, rows: list[dict], groups: set[str], others: bool, repeat
 
 def report(rows: list[dict]) -> str:
     lines = [
-        "| model | job | wall (s) | × floor | × single job | peak RSS (GB) |",
-        "|---|---|---|---|---|---|",
+        "| model | job | wall (s) | × floor | × single job | peak RSS (GB) | CPU (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "ok" in r:
-            lines.append(f"| {r['arch']} | {r['job']} | {'yes' if r['ok'] else 'NO'} | | | |")
+            lines.append(f"| {r['arch']} | {r['job']} | {'yes' if r['ok'] else 'NO'} | | | | |")
             continue
         ratio = r["wall"] / r["floor"] if r.get("floor") else float("nan")
         single = f"{r['vs_single']:.2f}" if "vs_single" in r else ""
+        cpu = f"{r['cpu']:.1f}" if "cpu" in r else ""
         lines.append(
             f"| {r['arch']} | {r['job']} | {r['wall']:.1f} | {ratio:.2f} | {single} "
-            f"| {r['rss']:.2f} |"
+            f"| {r['rss']:.2f} | {cpu} |"
         )
     return "\n".join(lines)
 
