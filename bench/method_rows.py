@@ -159,7 +159,7 @@ def add(r: Runner, floors: dict[str, float], mecha: bool) -> None:
             ).stdout.split()
             worst, top = float(diff[0]), float(diff[1])
             r.check(
-                f"check: {slug} output vs sd-mecha's: max |Δ| {worst:.3g} (max |x| {top:.3g})",
+                f"check: {slug} output vs sd-mecha's: max abs Δ {worst:.3g} (max abs x {top:.3g})",
                 worst <= 1e-2 * top,
             )
         kept.unlink()
