@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,11 +40,12 @@ def evict(*paths: Path) -> None:
                 os.close(fd)
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one child process.
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS GB, CPU seconds) of one child process.
 
     Peak RSS is the child's VmHWM, polled from /proc every 20 ms: rusage's ru_maxrss would also
-    count the parent's high-water mark, which a child inherits at fork/exec.
+    count the parent's high-water mark, which a child inherits at fork/exec. CPU time (user +
+    system, from wait4) is what a busy shared machine disturbs least.
     """
     t0 = time.perf_counter()
     p = subprocess.Popen(
@@ -54,7 +56,10 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     )
     hwm_kb = 0
     status = Path(f"/proc/{p.pid}/status")
-    while p.poll() is None:
+    while True:
+        pid, code, usage = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
         try:
             for line in status.read_text().splitlines():
                 if line.startswith("VmHWM"):
@@ -63,10 +68,11 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(code)
     err = p.stderr.read().decode() if p.stderr else ""
     if p.returncode != 0:
         raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{err}")
-    return wall, hwm_kb / 1024 / 1024
+    return wall, hwm_kb / 1024 / 1024, usage.ru_utime + usage.ru_stime
 
 
 def models(arch: str) -> dict[str, Path]:
@@ -233,41 +239,59 @@ def mergebuild(rcp: Path, cache: Path, jobs: int = 2) -> list[str]:
     return [PY, "-m", "mergebuild", str(rcp), "-q", "-j", str(jobs), "--cache-dir", str(cache)]
 
 
-def run_arch(arch: str, rows: list[dict], others: bool, repeat: int) -> None:
-    m = models(arch)
-    out = DATA / "out.safetensors"
-    cache = DATA / "cache"
-    size = m["a"].stat().st_size
+class Runner:
+    """One architecture's measured runs: inputs, the output path, the cache, the kept rows."""
 
-    def cold() -> None:
-        shutil.rmtree(cache / "objects", ignore_errors=True)
+    def __init__(self, arch: str, rows: list[dict], repeat: int) -> None:
+        self.arch, self.rows, self.repeat = arch, rows, repeat
+        self.m = models(arch)
+        self.out = DATA / "out.safetensors"
+        self.cache = DATA / "cache"
+        self.size = self.m["a"].stat().st_size
+        self.group = "floor"  # the --rows group being measured, kept in each row
 
-    def run(label: str, cmd: list[str], extra: list[Path] = (), prepare=None) -> dict:
-        best = (float("inf"), 0.0)
-        for _ in range(repeat):  # disks on shared machines are noisy: keep the best run
+    def cold(self) -> None:
+        shutil.rmtree(self.cache / "objects", ignore_errors=True)
+
+    def run(
+        self,
+        label: str,
+        cmd: list[str],
+        extra: Sequence[Path] = (),
+        prepare: Callable[[], None] | None = None,
+        repeat: int | None = None,
+    ) -> dict:
+        best = (float("inf"), 0.0, 0.0)
+        for _ in range(repeat or self.repeat):  # disks on shared machines are noisy: keep the best
             if prepare:
                 prepare()
-            evict(*m.values(), *extra)
-            if out.exists():
-                out.unlink()
-            wall, rss = measure(cmd)
-            best = min(best, (wall, rss))
-        wall, rss = best
-        row = {"arch": arch, "job": label, "wall": wall, "rss": rss}
-        rows.append(row)
-        print(f"  {arch:5} {label:46} {wall:7.1f} s  {rss:6.2f} GB", flush=True)
+            evict(*self.m.values(), *extra)
+            if self.out.exists():
+                self.out.unlink()
+            best = min(best, measure(cmd))
+        wall, rss, cpu = best
+        row = {
+            "arch": self.arch,
+            "group": self.group,
+            "job": label,
+            "wall": wall,
+            "rss": rss,
+            "cpu": cpu,
+        }
+        self.rows.append(row)
+        print(
+            f"  {self.arch:5} {label:46} {wall:7.1f} s  {rss:6.2f} GB  {cpu:7.1f} s CPU", flush=True
+        )
         return row
 
-    abc = [str(m[k]) for k in "abc"]
-
-    def floor_rows(label: str, inputs: list[str]) -> dict:
+    def floor(self, label: str, inputs: list[str]) -> dict:
         """The floor is the fastest of three ways to do the I/O: reads through the page cache
         (a deep fadvise window) or with O_DIRECT, writes buffered or with O_DIRECT (on this VM
         filling fresh page-cache pages is CPU-bound, and which is faster varies)."""
         rows_ = [
-            run(
+            self.run(
                 f"{label} ({read} read, {mode} write)",
-                [PY, "-c", FLOOR, read, mode, *inputs, str(out), str(size)],
+                [PY, "-c", FLOOR, read, mode, *inputs, str(self.out), str(self.size)],
             )
             for read, mode in (
                 ("buffered", "buffered"),
@@ -280,20 +304,29 @@ def run_arch(arch: str, rows: list[dict], others: bool, repeat: int) -> None:
             r["floor"] = best["wall"]
         return best
 
-    floor = floor_rows("I/O floor: read a,b,c once + write out, fsync", abc)
-    floor2 = floor_rows("I/O floor, two-step: read a,b,c,d + write out", [*abc, str(m["d"])])
+    def check(self, job: str, ok: bool) -> None:
+        self.rows.append({"arch": self.arch, "group": self.group, "job": job, "ok": ok})
+
+    def dry_run(self, rcp: Path) -> None:
+        """Hash the inputs once (memoized), so the measured builds do not include it."""
+        subprocess.run(
+            [*mergebuild(rcp, self.cache), "-n"],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(SRC)},
+        )
+
+
+def core_rows(r: Runner, floor: dict, floor2: dict, others: bool) -> None:
+    """The floor's companions: baselines, add_difference -j1/-j2 and the two-step recipes."""
+    m, out, cache, cold, run, rows, arch = r.m, r.out, r.cache, r.cold, r.run, r.rows, r.arch
+    abc = [str(m[k]) for k in "abc"]
     if others:
         run("in-memory web-UI style (load all, fp32, save)", [PY, "-c", IN_MEMORY, *abc, str(out)])
         run(f"sd-mecha {SD_MECHA_VERSION}, threads=2", [PY, "-c", MECHA, *abc, str(out)])
     single = DATA / f"{arch}-single.yaml"
-    shutil.rmtree(cache, ignore_errors=True)
     recipe(single, m, two_step=False)
-    subprocess.run(
-        [*mergebuild(single, cache), "-n"],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(SRC)},
-    )  # hash inputs once (memoized)
+    r.dry_run(single)
     for jobs in (1, 2):
         row = run(
             f"mergebuild add_difference -j{jobs}", mergebuild(single, cache, jobs), [cache], cold
@@ -322,7 +355,7 @@ def run_arch(arch: str, rows: list[dict], others: bool, repeat: int) -> None:
     step1.write_text(
         two.read_text().replace("outputs:\n  o: {from: s2", "outputs:\n  o: {from: s1")
     )
-    shutil.rmtree(cache / "objects", ignore_errors=True)
+    cold()
     subprocess.run(mergebuild(step1, cache), check=True, env={**os.environ, "PYTHONPATH": str(SRC)})
     s1_file = DATA / f"{arch}-s1.safetensors"
     shutil.move(out, s1_file)
@@ -336,8 +369,8 @@ def run_arch(arch: str, rows: list[dict], others: bool, repeat: int) -> None:
     same = data_digest(out) == fused
     s1_file.unlink()
     print(f"  fused == step-by-step tensors: {same}")
-    rows.append({"arch": arch, "job": "check: -j1 output == -j2 output", "ok": j1 == j2})
-    rows.append({"arch": arch, "job": "check: fused tensors == step-by-step", "ok": same})
+    r.check("check: -j1 output == -j2 output", j1 == j2)
+    r.check("check: fused tensors == step-by-step", same)
 
     def first_step_cached() -> None:
         cold()
@@ -351,39 +384,91 @@ def run_arch(arch: str, rows: list[dict], others: bool, repeat: int) -> None:
         "mergebuild two-step, first step cached", mergebuild(two, cache), [cache], first_step_cached
     )
     row["floor"] = floor["wall"]
-    for r in rows:
-        if r.get("arch") == arch and "floor" not in r and "wall" in r:
-            r["floor"] = floor["wall"] if "two-step" not in r["job"] else floor2["wall"]
-    shutil.rmtree(cache, ignore_errors=True)
-    out.unlink(missing_ok=True)
+
+
+def run_arch(arch: str, rows: list[dict], groups: set[str], others: bool, repeat: int) -> None:
+    r = Runner(arch, rows, repeat)
+    first = len(rows)
+    abc = [str(r.m[k]) for k in "abc"]
+    shutil.rmtree(r.cache, ignore_errors=True)
+    floor = r.floor("I/O floor: read a,b,c once + write out, fsync", abc)
+    floor2 = r.floor("I/O floor, two-step: read a,b,c,d + write out", [*abc, str(r.m["d"])])
+    if "core" in groups:
+        r.group = "core"
+        core_rows(r, floor, floor2, others)
+    if "methods" in groups:
+        import method_rows
+
+        floor_ab = r.floor("I/O floor, two inputs: read a,b + write out", abc[:2])
+        floors = {"ab": floor_ab["wall"], "abc": floor["wall"], "abcd": floor2["wall"]}
+        r.group = "methods"
+        method_rows.add(r, floors, mecha=others)
+    for row in rows[first:]:
+        if "floor" not in row and "wall" in row:
+            row["floor"] = floor["wall"] if "two-step" not in row["job"] else floor2["wall"]
+    shutil.rmtree(r.cache, ignore_errors=True)
+    r.out.unlink(missing_ok=True)
 
 
 def report(rows: list[dict]) -> str:
     lines = [
-        "| model | job | wall (s) | × floor | × single job | peak RSS (GB) |",
-        "|---|---|---|---|---|---|",
+        "| model | job | wall (s) | × floor | × single job | peak RSS (GB) | CPU (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "ok" in r:
-            lines.append(f"| {r['arch']} | {r['job']} | {'yes' if r['ok'] else 'NO'} | | | |")
+            lines.append(f"| {r['arch']} | {r['job']} | {'yes' if r['ok'] else 'NO'} | | | | |")
             continue
         ratio = r["wall"] / r["floor"] if r.get("floor") else float("nan")
         single = f"{r['vs_single']:.2f}" if "vs_single" in r else ""
+        cpu = f"{r['cpu']:.1f}" if "cpu" in r else ""
         lines.append(
             f"| {r['arch']} | {r['job']} | {r['wall']:.1f} | {ratio:.2f} | {single} "
-            f"| {r['rss']:.2f} |"
+            f"| {r['rss']:.2f} | {cpu} |"
         )
     return "\n".join(lines)
+
+
+GROUPS = ("core", "methods")
+
+
+def earlier_rows(rows: list[dict]) -> list[dict]:
+    """Rows of the previous results.md that this run did not measure again (a partial run,
+    e.g. `--rows methods`, keeps the others, shown apart: their × floor is their own run's)."""
+    path = HERE / "results.md"
+    try:
+        text = path.read_text()
+        old = json.loads(text[text.index("```json") + 7 : text.rindex("```")])
+    except (OSError, ValueError):
+        return []
+    done = {(r["arch"], r["job"]) for r in rows} | {(r["arch"], r["group"]) for r in rows}
+    return [
+        r
+        for r in old
+        if isinstance(r, dict)
+        and (r.get("arch"), r.get("job")) not in done
+        and (r.get("arch"), r.get("group")) not in done
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", default="sd1,sdxl", help="comma list of sd1, sdxl")
     ap.add_argument(
+        "--rows",
+        default=",".join(GROUPS),
+        help="comma list of row groups: core (baselines, add_difference, two-step), methods "
+        "(train_difference, triple_sum, add_cosine_a, ties, slerp, dare_ties and their sd-mecha "
+        "rows); the floors always run",
+    )
+    ap.add_argument(
         "--no-others", action="store_true", help="skip the in-memory and sd-mecha baselines"
     )
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the fastest is kept")
     args = ap.parse_args()
+    groups = set(args.rows.split(","))
+    if not groups <= set(GROUPS):
+        ap.error(f"--rows: unknown group(s) {', '.join(sorted(groups - set(GROUPS)))}")
     try:
         import sd_mecha  # noqa: F401
 
@@ -397,22 +482,33 @@ def main() -> None:
         run_arch(
             arch,
             rows,
+            groups,
             others=(arch == "sd1" and not args.no_others and have_mecha),
             repeat=args.repeat,
         )
     table = report(rows)
     print("\n" + table)
+    earlier = earlier_rows(rows)
     header = (
         f"# mergebuild benchmark\n\nMachine: {os.cpu_count()} cores. Page cache emptied "
         "(posix_fadvise DONTNEED) before every run; wall time and peak RSS of the child "
-        "process (VmHWM); best of the runs per row. Floor = reading the inputs once, all at "
+        "process (VmHWM); best of the runs per row (sd-mecha method rows: one run). Floor = "
+        "reading the inputs once, all at "
         "once (through the page cache with a 1 GiB posix_fadvise window ahead, or with O_DIRECT "
         "and 16 requests in flight) + then writing the output with fsync (buffered or "
-        "O_DIRECT), in the same run; × floor is against the fastest of these. × single job: "
-        "against `mergebuild add_difference -j2` (the same command on the one-step recipe).\n\n"
+        "O_DIRECT), in the same run; × floor is against the fastest of these for the same "
+        "inputs (a method reading a,b is compared with the a,b floor, one reading a,b,c,d "
+        "with the a,b,c,d floor). × single job: against `mergebuild add_difference -j2` (the "
+        "same command on the one-step recipe).\n\n"
+        f"Command: `python bench/run.py {' '.join(sys.argv[1:])}`\n\n"
     )
+    if earlier:
+        table += (
+            "\n\nRows of an earlier run that this one did not measure again (their × floor "
+            "is against that run's floor):\n\n" + report(earlier)
+        )
     (HERE / "results.md").write_text(
-        header + table + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n"
+        header + table + "\n\n```json\n" + json.dumps(rows + earlier, indent=1) + "\n```\n"
     )
     print(f"\nwritten to {HERE / 'results.md'}")
 

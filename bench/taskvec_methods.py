@@ -16,12 +16,22 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 METHODS = ["ties", "dare_ties", "della", "model_stock", "add_perpendicular", "geometric_median"]
-PARAMS = {"ties": {"k": 0.2}, "dare_ties": {"p": 0.9}, "della": {"p": 0.9, "eps": 0.1}}
+PARAMS = {
+    "ties": {"k": 0.2},
+    "dare_ties": {"p": 0.9},
+    "della": {"p": 0.9, "eps": 0.1},
+    "slerp": {"alpha": 0.3},
+    "add_cosine_a": {"alpha": 0.0},
+    "triple_sum": {"alpha": 0.3, "beta": 0.2},
+    "train_difference": {"alpha": 1.0},
+}
 
 CHILD = r"""
 import sys, time, torch
 sys.path.insert(0, {src!r})
 torch.set_num_threads(1)
+from mergebuild.engine.tuning import keep_freed_memory
+keep_freed_memory()  # as the executor does for a build: freed tiles are reused, not re-faulted
 name, numel, n = {name!r}, {numel}, {n}
 g = torch.Generator().manual_seed(0)
 base = torch.randn(numel, generator=g).half()
@@ -33,7 +43,7 @@ def status(field):
 if name == "sd_mecha_ties_sum":
     from sd_mecha.extensions.builtin.merge_methods import ties
     open("/proc/self/clear_refs", "w").write("5")
-    rss0, t = status("VmRSS"), time.perf_counter()
+    rss0, t, cpu = status("VmRSS"), time.perf_counter(), time.process_time()
     b = xs[0].float()
     out = b + ties.ties_sum.__wrapped__(*[x.float() - b for x in xs[1:]], k=0.2, vote_sgn=True)
 else:
@@ -45,10 +55,11 @@ else:
     p = m.Params(**{params!r})
     c = ComputeContext("w", 0, numel, "ab" * 16, 0)
     open("/proc/self/clear_refs", "w").write("5")
-    rss0, t = status("VmRSS"), time.perf_counter()
+    rss0, t, cpu = status("VmRSS"), time.perf_counter(), time.process_time()
     out = m.compute(p, xs, c) if m.needs_context else m.compute(p, xs)
-dt = time.perf_counter() - t
-print(f"{{name:20}} {{dt:7.2f}} s  {{dt / numel / n * 1e9:6.1f}} ns/element/model  "
+dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
+print(f"{{name:20}} {{dt:7.2f}} s wall {{dcpu:7.2f}} s CPU  "
+      f"{{dcpu / numel / n * 1e9:6.1f}} ns CPU/element/model  "
       f"+{{status('VmHWM') - rss0:5.0f}} MB peak over inputs")
 """
 

@@ -3,6 +3,7 @@ where they differ, decided column by column from their cosine similarity."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from pydantic import model_validator
@@ -45,6 +46,9 @@ def column_cosines(
     return cos, aa, bb, ab
 
 
+BLEND_TILE = 1 << 18  # elements per block of rows in the blend
+
+
 def blend(
     a: torch.Tensor, b: torch.Tensor, combined: np.ndarray, params: CosineParams, alpha: float
 ) -> torch.Tensor:
@@ -57,7 +61,18 @@ def blend(
     shape = (1, *a.shape[1:]) if a.dim() > 1 else (1,) * a.dim()
     kt = torch.from_numpy(k.astype(np.float32)).reshape(shape).to(a.device)
     rest = torch.from_numpy((1.0 - k).astype(np.float32)).reshape(shape).to(a.device)
-    return (a.to(torch.float32) * kt).add_(b.to(torch.float32) * rest)
+    out = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    if a.dim() == 0 or a.shape[0] == 0:
+        return out.copy_(a).mul_(kt).add_(b.to(torch.float32) * rest)
+    # by blocks of rows (dim 0): the same elementwise ops as on the whole tensor, without its
+    # two full-size float32 temporaries
+    rows = max(1, BLEND_TILE // max(1, math.prod(a.shape[1:])))
+    tmp = torch.empty((min(rows, a.shape[0]), *a.shape[1:]), dtype=torch.float32, device=a.device)
+    for lo in range(0, a.shape[0], rows):
+        hi = min(a.shape[0], lo + rows)
+        part = out[lo:hi].copy_(a[lo:hi]).mul_(kt)
+        part.add_(tmp[: hi - lo].copy_(b[lo:hi]).mul_(rest))
+    return out
 
 
 class AddCosineA(Method):

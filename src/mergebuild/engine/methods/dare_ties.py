@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from mergebuild.engine.methods._taskvec import (
+    TILE,
+    TileDeltas,
     Weight,
-    delta,
     model_weights,
     n_models,
     ties_merge,
@@ -65,7 +66,7 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
     def compute(
         params: DareTiesParams, xs: list[torch.Tensor], ctx: ComputeContext
     ) -> torch.Tensor:
-        import torch
+        import numpy as np
 
         from mergebuild.engine import rng
 
@@ -74,13 +75,16 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
             return f32(xs[0])
         keep = 1.0 - params.p
 
-        def dropped(i: int, lo: int, hi: int) -> torch.Tensor:
+        deltas = TileDeltas(xs, TILE)
+
+        def dropped(i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
             """δᵢ[lo:hi] with DARE's mask: counter-based, so any range can be recomputed."""
-            d = delta(xs, i, lo, hi)
+            d = deltas(i, lo, hi, out)
             if keep < 1.0:
                 stream = stream_name(ctx.tensor, i)
                 mask = rng.keep_mask(ctx.seed, ctx.node_key, stream, ctx.offset + lo, hi - lo, keep)
-                d.mul_(mask.to(torch.float32))  # float 0/1: masked_fill is far slower
+                # d × float 0/1 (numpy casts the bools to 1.0/0.0): masked_fill is far slower
+                np.multiply(d.numpy(), mask.numpy(), out=d.numpy())
             return d
 
         weights = model_weights(params.weights, len(xs) - 1)

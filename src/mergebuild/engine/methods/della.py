@@ -133,7 +133,7 @@ by block), weights (≥ 0, default 1), seed (default 0). Whole-tensor (a sort pe
         }
         return ties_merge(
             xs[0],
-            lambda i, lo, hi: pruned[i][lo:hi].clone(),
+            lambda i, lo, hi, out: out.copy_(pruned[i][lo:hi]),
             weights,
             1.0,
             params.vote,

@@ -22,6 +22,29 @@ def lerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return f32(a).mul_(1.0 - alpha).add_(f32(b).mul_(alpha))
 
 
+TILE = 1 << 18  # elements per tile of the final combination: one full-size tensor, the result
+
+
+def combine(a: torch.Tensor, b: torch.Tensor, ca: float, cb: float) -> torch.Tensor | None:
+    """a·f32(ca) + b·f32(cb) in float32, tile by tile (the same ops as on whole tensors,
+    without two full-size temporaries); None if any value is not finite."""
+    import math
+
+    import torch
+
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    out = torch.empty(fa.numel(), dtype=torch.float32, device=a.device)
+    tmp = torch.empty(min(fa.numel(), TILE), dtype=torch.float32, device=a.device)
+    for lo in range(0, fa.numel(), TILE):
+        hi = min(fa.numel(), lo + TILE)
+        part = out[lo:hi]
+        part.copy_(fa[lo:hi]).mul_(ca).add_(tmp[: hi - lo].copy_(fb[lo:hi]).mul_(cb))
+        # a float32 sum is finite iff every element is (or it overflows: then look closer)
+        if not math.isfinite(float(part.sum())) and not bool(torch.isfinite(part).all()):
+            return None
+    return out.reshape(a.shape)
+
+
 class Slerp(Method):
     name = "slerp"
     slots = ("a", "b")
@@ -46,7 +69,6 @@ give exactly a / b; alpha may be block weights."""
 
     @staticmethod
     def compute(params: SlerpParams, xs: list[torch.Tensor]) -> torch.Tensor:
-        import torch
 
         from mergebuild.engine.methods.reduce import gram1
 
@@ -68,7 +90,7 @@ give exactly a / b; alpha may be block weights."""
         length = (1.0 - alpha) * na + alpha * nb
         ca = math.sin((1.0 - alpha) * omega) / sin * length / na
         cb = math.sin(alpha * omega) / sin * length / nb
-        out = f32(a).mul_(ca).add_(f32(b).mul_(cb))
-        if not bool(torch.isfinite(out).all()):
+        out = combine(a, b, ca, cb)
+        if out is None:
             return lerp(a, b, alpha)
         return out

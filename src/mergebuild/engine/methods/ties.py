@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from mergebuild.engine.methods._taskvec import (
+    TILE,
     TaskVectorParams,
-    delta,
+    TileDeltas,
     model_weights,
     n_models,
     ties_merge,
@@ -46,7 +47,7 @@ their weights (mergekit's normalisation; with the default weights 1 this is thei
 
 Parameters: k in (0, 1] (default 0.2), vote (magnitude|count), alpha (default 1, may vary by
 block), weights (≥ 0, one per model, default 1). Whole-tensor: the threshold is an exact
-order statistic (numpy introselect on one |δᵢ| at a time)."""
+order statistic (an exact selection over the tiles of one δᵢ at a time)."""
     example = """merged:
   method: ties
   base: sd15
@@ -67,7 +68,7 @@ order statistic (numpy introselect on one |δᵢ| at a time)."""
         weights = model_weights(params.weights, len(xs) - 1)
         return ties_merge(
             xs[0],
-            lambda i, lo, hi: delta(xs, i, lo, hi),
+            TileDeltas(xs, TILE),
             weights,
             params.k,
             params.vote,

@@ -39,15 +39,25 @@ be block weights; alpha 0 gives exactly a."""
 
     @staticmethod
     def compute(params: TrainDifferenceParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        import numpy as np
+        import torch
 
         a, b, c = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
         if alpha == 0:
             return f32(a)
-        d = f32(b).sub_(c)
-        n = f32(b).sub_(a).abs_()
-        q = n.div_(d.abs().add_(n))  # NaN only where |d| + n == 0, i.e. where d == 0 (masked)
+        # Inputs converted to float32 once (exact): mixed float16/float32 ops are 2.5x slower
+        # and give the same bits. Each buffer is reused once its value is no longer needed.
+        a32, b32, c32 = f32(a), f32(b), f32(c)
+        d = torch.sub(b32, c32)
+        n = b32.sub_(a32).abs_()
+        q = n.div_(torch.abs(d, out=c32).add_(n))  # NaN only where |d| + n == 0, i.e. d == 0
         # sign(d)·q·|d| is q·d bit for bit (rounding is symmetric): fewer temporaries
         t = q.mul_(d).mul_(alpha * 1.8)
-        t.masked_fill_(d == 0, -0.0)  # −0.0 + a is a exactly, −0.0 included: b == c keeps a
-        return t.add_(a)
+        # −0.0 + a is a exactly, −0.0 included: b == c keeps a. On the CPU with numpy's
+        # compare and masked copy: torch's bool kernels cost 10x more here.
+        if t.device.type == "cpu":
+            np.copyto(t.numpy(), np.float32(-0.0), where=np.equal(d.numpy(), 0.0))
+        else:
+            t.masked_fill_(d == 0, -0.0)
+        return t.add_(a32)
