@@ -42,6 +42,7 @@ recipes: install
 # sd-mecha (a pinned dev extra) is a comparison baseline only
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/noop.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

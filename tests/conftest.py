@@ -135,6 +135,8 @@ FAST_VARIANTS = {
     "test_ckpt_changed_mid_build_fails_cleanly": 4,
     "test_malformed_lock_fails_build_and_verify": 6,
     "test_dry_run_plans_10000_nodes": 1,
+    "test_any_change_takes_the_normal_path": 4,
+    "test_extract_output_never_replaces_a_model": 2,
 }
 
 
