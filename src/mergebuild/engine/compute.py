@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 TILE_ELEMENTS = 1 << 18  # 1 MB as float32: a method's temporaries stay in L2 (see _tiled)
-DIRECT_DTYPES = {"F16", "BF16", "F32"}  # methods take these as they are (exact in float32 ops)
 
 
 @dataclass
