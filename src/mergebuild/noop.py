@@ -27,6 +27,7 @@ import xxhash
 
 from mergebuild import __version__
 from mergebuild.errors import MergebuildError
+from mergebuild.hashing import stat_signature
 from mergebuild.textfile import JSON_CAP, LOCK_CAP, read_capped
 
 FORMAT = 1
@@ -34,11 +35,11 @@ ENV_PREFIX = "MERGEBUILD_"
 
 
 def _sig(path: str | Path) -> list[int] | None:
+    """The hash memo's own stat signature (what it trusts an unchanged file by), or None."""
     try:
-        st = os.stat(path)
+        return stat_signature(os.stat(path))
     except OSError:
         return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _content(path: str | Path) -> str | None:
