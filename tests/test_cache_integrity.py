@@ -67,8 +67,35 @@ def test_sidecar_records_size_and_checksum(
         if name == "anything_nsfw_gape":  # feeds only the output: not stored
             continue
         info = json.loads(obj.with_suffix(".json").read_text())
-        assert info["size"] == obj.stat().st_size
-        assert info["xxh3_128"] == xxhash.xxh3_128_hexdigest(obj.read_bytes())
+        data = obj.read_bytes()
+        assert info["size"] == len(data)
+        # header (8-byte length + JSON) and data section hashed apart
+        head = 8 + int.from_bytes(data[:8], "little")
+        assert info["xxh3_128_split"] == {
+            "head_bytes": head,
+            "head": xxhash.xxh3_128_hexdigest(data[:head]),
+            "body": xxhash.xxh3_128_hexdigest(data[head:]),
+        }
+
+
+@pytest.mark.parametrize("damage", ["none", "flip"])
+def test_whole_file_checksums_of_older_sidecars_still_count(
+    workdir: Path, cache: Path, damage: str
+) -> None:
+    """Sidecars from before the split checksum hold one xxh3 of the whole file."""
+    import xxhash
+
+    report, _ = build(setup(workdir), cache)
+    obj = objects(report)["anything-nsfw-gape"]
+    info = json.loads(obj.with_suffix(".json").read_text())
+    del info["xxh3_128_split"]
+    info["xxh3_128"] = xxhash.xxh3_128_hexdigest(obj.read_bytes())
+    obj.with_suffix(".json").write_text(json.dumps(info))
+    if damage == "flip":
+        data = bytearray(obj.read_bytes())
+        data[-3] ^= 0x40
+        obj.write_bytes(bytes(data))
+    assert run_cli("cache", "verify", cache=cache).code == (1 if damage == "flip" else 0)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -170,7 +197,7 @@ def test_entry_without_checksum_is_rebuilt(workdir: Path, cache: Path, reference
     out_obj = objects(first)["anything-nsfw-gape"]
     sidecar = out_obj.with_suffix(".json")
     info = json.loads(sidecar.read_text())
-    del info["xxh3_128"]
+    del info["xxh3_128_split"]
     sidecar.write_text(json.dumps(info))
     assert run_cli("cache", "verify", cache=cache).code == 1
     report, err = build(recipe, cache)

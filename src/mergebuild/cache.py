@@ -43,7 +43,13 @@ from mergebuild.cacheroot import (
     unlink_file,
 )
 from mergebuild.errors import BuildError
-from mergebuild.hashing import FileHashes, HashMemo, hash_file, stat_signature
+from mergebuild.hashing import (
+    HashMemo,
+    SplitChecksum,
+    hash_file,
+    split_checksum_file,
+    stat_signature,
+)
 from mergebuild.textfile import JSON_CAP, read_capped
 
 if TYPE_CHECKING:
@@ -52,6 +58,7 @@ if TYPE_CHECKING:
 ENV_VAR = "MERGEBUILD_CACHE_DIR"
 STALE_TMP_SECONDS = 86400
 CHECKSUM = "xxh3_128"  # sidecar field: xxh3-128 of the object's bytes, taken at write time
+SPLIT = "xxh3_128_split"  # sidecar field: the same for header and data apart (SplitChecksum)
 
 
 def default_root() -> Path:
@@ -100,13 +107,13 @@ class _StoreMemo(HashMemo):
         super().__init__(store.root / "hashes")
         self._store = store
 
-    def remember(self, path: Path, found: FileHashes, sig: list[int]) -> None:
+    def _write(self, path: Path, sig: list[int], fields: dict) -> None:
         try:
             self._store.ensure_marker()
             self._store.real_dir("hashes")
         except BuildError:
             return  # the memo is an optimisation: no cache, no memo
-        super().remember(path, found, sig)
+        super()._write(path, sig, fields)
 
     def forget(self, path: Path) -> None:
         self._store._forget_memo(self._entry(path).name)
@@ -158,17 +165,29 @@ class CacheStore:
         path = self.object_path(key)
         return path.is_file() and path.with_suffix(".json").is_file()
 
-    def write_sidecar(self, key: str, info: dict[str, Any], checksum: str | None = None) -> None:
+    def write_sidecar(
+        self, key: str, info: dict[str, Any], checksum: SplitChecksum | None = None
+    ) -> None:
         """Record the object's size and checksum: the one computed while writing, else read
         back right after it was written."""
         self.object_dir(key)
         path = self.object_path(key)
         sig = stat_signature(path.stat())
-        found = FileHashes(checksum, "", "", sig[2]) if checksum else hash_file(path, full=False)
-        info = {**info, "key": key, "size": sig[2], CHECKSUM: found.xxh3, "created": time.time()}
-        write_bytes(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
-        if stat_signature(path.stat()) == sig:
-            self.hashes.remember(path, found, sig)  # a cached build need not re-read it
+        info = {**info, "key": key, "size": sig[2]}
+        if checksum is not None:
+            info[SPLIT] = checksum.as_json()
+        else:
+            found = hash_file(path, full=False)
+            info[CHECKSUM] = found.xxh3
+        write_bytes(
+            path.with_suffix(".json"),
+            json.dumps({**info, "created": time.time()}, indent=1).encode(),
+        )
+        if stat_signature(path.stat()) == sig:  # a cached build need not re-read it
+            if checksum is not None:
+                self.hashes.remember_split(path, checksum, sig)
+            else:
+                self.hashes.remember(path, found, sig)
 
     def problem(self, key: str, memo: bool = True) -> str | None:
         """Why the entry `key` must not be used (None: its bytes match its checksum).
@@ -183,9 +202,10 @@ class CacheStore:
             return "no sidecar (interrupted write)"
         except (OSError, ValueError):
             return "sidecar unreadable"
-        if not isinstance(info, dict) or CHECKSUM not in info or "size" not in info:
+        split = SplitChecksum.parse(info.get(SPLIT)) if isinstance(info, dict) else None
+        if not isinstance(info, dict) or not (CHECKSUM in info or split) or "size" not in info:
             return "no checksum in its sidecar (written by an older mergebuild?)"
-        want, size = info[CHECKSUM], info["size"]
+        want, size = (split, info["size"]) if split else (info[CHECKSUM], info["size"])
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -193,7 +213,14 @@ class CacheStore:
         if st.st_size != size:
             return f"size is {st.st_size} bytes, expected {size} (truncated?)"
         try:
-            got = self.hashes.content_key(path)[0] if memo else hash_file(path, full=False).xxh3
+            got: object
+            if split is not None:
+                hb = split.head_bytes
+                got = (
+                    self.hashes.split_checksum(path, hb) if memo else split_checksum_file(path, hb)
+                )
+            else:
+                got = self.hashes.content_key(path)[0] if memo else hash_file(path, full=False).xxh3
         except (BuildError, OSError) as e:
             return f"unreadable ({e})"
         return None if got == want else "checksum mismatch (bytes changed on disk)"

@@ -44,30 +44,94 @@ class FileHashes:
         return self.sha256[:10]
 
 
+@dataclass(frozen=True)
+class SplitChecksum:
+    """A cache object's checksum: the xxh3-128 of its header and of its data section, apart.
+
+    Apart because a build that hashes its inputs while merging (build/speculate.py) learns the
+    header's provenance fields only after the data is written: it rewrites the header last,
+    and the data's running hash stays valid. Older sidecars hold one whole-file xxh3.
+    """
+
+    head_bytes: int
+    head: str
+    body: str
+
+    @classmethod
+    def of(cls, head: bytes, body: str) -> SplitChecksum:
+        return cls(len(head), xxhash.xxh3_128_hexdigest(head), body)
+
+    @classmethod
+    def parse(cls, value: object) -> SplitChecksum | None:
+        """From a sidecar or memo field; None if it is not one."""
+        try:
+            assert isinstance(value, dict)
+            found = cls(int(value["head_bytes"]), str(value["head"]), str(value["body"]))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            return None
+        return found if found.head_bytes >= 0 else None
+
+    def as_json(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+def split_checksum_file(path: Path, head_bytes: int) -> SplitChecksum:
+    """Read `path` back and compute its SplitChecksum (`cache verify`, or no memo)."""
+    head, body = xxhash.xxh3_128(), xxhash.xxh3_128()
+    buf = bytearray(CHUNK)
+    at = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            chunk = memoryview(buf)[:n]
+            cut = min(n, max(0, head_bytes - at))
+            head.update(chunk[:cut])
+            body.update(chunk[cut:])
+            at += n
+    if at < head_bytes:
+        raise OSError(f"shorter ({at} bytes) than its header ({head_bytes} bytes)")
+    return SplitChecksum(head_bytes, head.hexdigest(), body.hexdigest())
+
+
+class StreamHasher:
+    """The hashes of a file fed to it in order, chunk by chunk (`hash_file`, or a merge that
+    reads the file: engine/hash_tap.py)."""
+
+    def __init__(self, full: bool = True) -> None:
+        self.full = full
+        self.xx, self.sha = xxhash.xxh3_128(), hashlib.sha256()
+        self.size = 0
+        self.legacy = bytearray()
+
+    def update(self, chunk: memoryview | bytes) -> None:
+        n = len(chunk)
+        self.xx.update(chunk)
+        if self.full:
+            self.sha.update(chunk)
+            lo, hi = max(LEGACY_OFFSET - self.size, 0), LEGACY_OFFSET + LEGACY_SIZE - self.size
+            if hi > 0 and lo < n:
+                self.legacy += chunk[lo:hi]
+        self.size += n
+
+    def result(self) -> FileHashes:
+        if not self.full:
+            return FileHashes(self.xx.hexdigest(), "", "", self.size)
+        legacy = hashlib.sha256(self.legacy).hexdigest()[:8]
+        return FileHashes(self.xx.hexdigest(), self.sha.hexdigest(), legacy, self.size)
+
+
 def hash_file(path: Path, full: bool = True) -> FileHashes:
     """All hashes in one sequential read (SHA-256 runs at ~2 GB/s here, about disk speed).
 
     `full=False` computes only the xxh3 key (15× faster): enough to check a cache object.
     """
-    xx, sha = xxhash.xxh3_128(), hashlib.sha256()
-    size = 0
-    legacy = bytearray()
+    hasher = StreamHasher(full)
     buf = bytearray(CHUNK)  # reused: a fresh 4 MB object per read page-faults at every step
     with open(path, "rb", buffering=0) as f:
         with contextlib.suppress(AttributeError, OSError):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
         while n := f.readinto(buf):
-            chunk = memoryview(buf)[:n]
-            xx.update(chunk)
-            if full:
-                sha.update(chunk)
-                lo, hi = max(LEGACY_OFFSET - size, 0), LEGACY_OFFSET + LEGACY_SIZE - size
-                if hi > 0 and lo < n:
-                    legacy += chunk[lo:hi]
-            size += n
-    if not full:
-        return FileHashes(xx.hexdigest(), "", "", size)
-    return FileHashes(xx.hexdigest(), sha.hexdigest(), hashlib.sha256(legacy).hexdigest()[:8], size)
+            hasher.update(memoryview(buf)[:n])
+    return hasher.result()
 
 
 class HashMemo:
@@ -93,17 +157,13 @@ class HashMemo:
         if not path.is_file():
             raise BuildError(f"input model is not a file: {path}")
         sig = stat_signature(st)
+        memo = self._recall(path, sig)
         try:
-            memo = json.loads(read_capped(self._entry(path), JSON_CAP))
-            if (
-                memo.get("format") == MEMO_FORMAT
-                and memo.get("path") == str(path)
-                and memo.get("stat") == sig
-            ):
+            if memo is not None:
                 found = FileHashes(**memo["hashes"])
                 if found.sha256 or not full:
                     return found, True
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError):
             pass
         try:
             found = hash_file(path, full)
@@ -114,16 +174,48 @@ class HashMemo:
         self.remember(path, found, sig)
         return found, False
 
+    def _recall(self, path: Path, sig: list[int]) -> dict | None:
+        """The memo record of `path` if it was made while the file had signature `sig`."""
+        try:
+            memo = json.loads(read_capped(self._entry(path), JSON_CAP))
+        except (OSError, ValueError):
+            return None
+        ok = (
+            isinstance(memo, dict)
+            and memo.get("format") == MEMO_FORMAT
+            and memo.get("path") == str(path)
+            and memo.get("stat") == sig
+        )
+        return memo if ok else None
+
+    def split_checksum(self, path: Path, head_bytes: int) -> SplitChecksum:
+        """A cache object's SplitChecksum, read back only if not memoized for its stat."""
+        sig = stat_signature(path.stat())
+        memo = self._recall(path, sig)
+        found = SplitChecksum.parse(memo.get("split")) if memo else None
+        if found is not None and found.head_bytes == head_bytes:
+            return found
+        found = split_checksum_file(path, head_bytes)
+        if stat_signature(path.stat()) == sig:
+            self.remember_split(path, found, sig)
+        return found
+
+    def remember_split(self, path: Path, found: SplitChecksum, sig: list[int]) -> None:
+        self._write(path, sig, {"split": found.as_json()})
+
     def content_key(self, path: Path) -> tuple[str, bool]:
         found, memo = self.hashes(path, full=False)
         return found.xxh3, memo
 
     def remember(self, path: Path, found: FileHashes, sig: list[int]) -> None:
         """Record `found` as the hashes of `path` while its stat signature is `sig`."""
+        self._write(path, sig, {"hashes": asdict(found)})
+
+    def _write(self, path: Path, sig: list[int], fields: dict) -> None:
         # the memo is an optimisation: a read-only cache dir must not fail the build
         with contextlib.suppress(OSError):
-            record = {"format": MEMO_FORMAT, "path": str(path), "stat": sig}
-            write_bytes(self._entry(path), json.dumps({**record, "hashes": asdict(found)}).encode())
+            record = {"format": MEMO_FORMAT, "path": str(path), "stat": sig, **fields}
+            write_bytes(self._entry(path), json.dumps(record).encode())
 
     def forget(self, path: Path) -> None:
         self._entry(path).unlink(missing_ok=True)

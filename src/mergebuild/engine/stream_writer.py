@@ -8,7 +8,9 @@ is needed for the merge. Where O_DIRECT is unavailable (some filesystems, other 
 same blocks are written buffered and their writeback is started at once.
 
 Blocks complete roughly in file order, because the merge visits keys in file order; the xxh3 of
-the file is computed block by block as they complete, so the cache never reads the file back.
+the data section is computed block by block as they complete, so the cache never reads the file
+back. The header is hashed apart (cache.SplitChecksum): a build that learns its inputs' hashes
+only at the end (build/speculate.py) rewrites the header last, and its checksum stays valid.
 Pieces arriving far ahead of the rest (a writer fed in an unrelated key order) would need many
 staged blocks: past MAX_STAGED_BYTES their blocks are written in place, buffered, and the
 checksum is left to the cache. Bytes on disk are the same either way.
@@ -31,6 +33,7 @@ import xxhash
 from mergebuild.engine.dtypes import ITEMSIZE, to_torch
 from mergebuild.engine.readahead import ALIGN, open_direct
 from mergebuild.engine.safetensors_io import TensorInfo, layout
+from mergebuild.hashing import SplitChecksum
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +74,7 @@ class StreamingWriter:
         self._blocks: dict[int, _Block] = {}
         self._in_place: set[int] = set()  # blocks written buffered, piece by piece
         self._pool: list[mmap.mmap] = []
-        self._hash: xxhash.xxh3_128 | None = xxhash.xxh3_128()
+        self._hash: xxhash.xxh3_128 | None = xxhash.xxh3_128()  # of the data section
         self._hashed = 0  # blocks hashed so far (in order)
         self._queue: queue.Queue[_Block | None] = queue.Queue(QUEUED_BLOCKS)
         self._error: BaseException | None = None
@@ -168,7 +171,9 @@ class StreamingWriter:
             if block is None or block.filled != block.size:
                 return
             if self._hash is not None:
-                self._hash.update(memoryview(block.buf)[: block.size])
+                skip = max(0, self.data_start - block.index * BLOCK_BYTES)  # header: apart
+                if skip < block.size:
+                    self._hash.update(memoryview(block.buf)[skip : block.size])
             block.hashed = True
             self._hashed += 1
             self._release(block)
@@ -241,11 +246,16 @@ class StreamingWriter:
             t.join()
         self._threads = []
 
-    def checksum(self) -> str | None:
-        """xxh3-128 of the whole file, if every block went through the running hash."""
+    def body_digest(self) -> str | None:
+        """xxh3-128 of the data section, if every block went through the running hash."""
         if self._hash is None or self._hashed != self._nblocks:
             return None
         return self._hash.hexdigest()
+
+    def checksum(self) -> SplitChecksum | None:
+        """The file's checksum as the cache records it, if the writer could compute it."""
+        body = self.body_digest()
+        return None if body is None else SplitChecksum.of(self.head, body)
 
 
 def check_space(writers: list[StreamingWriter]) -> None:
