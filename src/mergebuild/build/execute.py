@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from mergebuild.cache import CacheStore
 from mergebuild.engine.methods import REGISTRY
 from mergebuild.errors import BuildError
 from mergebuild.graph import canonical_json, node_identity
+from mergebuild.hashing import SplitChecksum
 from mergebuild.progress import Progress
 from mergebuild.provenance import output_metadata
 from mergebuild.recipe.model import Recipe
@@ -102,6 +106,22 @@ class Execution:
     def _run_pass(self, plan: Plan, group: list[Item], items: list[Item]) -> tuple[Any, float]:
         """One fused pass computing `items` and writing `group`; every file is fsynced,
         renamed into the cache and given its sidecar before this returns."""
+        with self.pass_files(plan, group, items) as done:
+            self.publish(done.files)
+            return done.fused, done.seconds
+
+    @contextmanager
+    def pass_files(
+        self,
+        plan: Plan,
+        group: list[Item],
+        items: list[Item],
+        hash_inputs: set[str] | None = None,
+    ) -> Iterator[PassResult]:
+        """Run one fused pass into temp files (fsynced, not yet renamed): what the caller
+        does with them happens inside the `with`; any temp left at its end is deleted.
+
+        `hash_inputs`: models to hash from the bytes the pass reads (build/speculate.py)."""
         from mergebuild.engine.executor import FusedPass, NodeJob, Sink
         from mergebuild.engine.safetensors_io import SafetensorsSource
         from mergebuild.graph import job_args
@@ -132,8 +152,7 @@ class Execution:
                 needed_sources.update(n for n in (out.source, out.vae) if n is not None)
         built_names = {j.name for j in jobs}
         sources: dict[str, Any] = {}
-        sinks: list[Sink] = []
-        temps: list[tuple[Path, Path, Item]] = []
+        files: list[PassFile] = []
         try:
             for name in sorted(needed_sources - built_names):
                 if name in self.recipe.models:
@@ -141,69 +160,93 @@ class Execution:
                 else:
                     sources[name] = SafetensorsSource(by_name[("merge", name)].path)
             for item in group:
-                target = self.store.object_path(item.key)
                 fd, tmp = make_temp(self.store.object_dir(item.key), ".safetensors")
-                temps.append((tmp, target, item))
                 if item.kind == "merge":
                     meta = {
                         "mergebuild.node": canonical_json(
                             node_identity(self.recipe, item.name, plan.keys)
                         )
                     }
-                    sinks.append(Sink(item.name, item.name, fd, None, meta))
+                    sink = Sink(item.name, item.name, fd, None, meta)
                 else:
                     out = self.recipe.outputs[item.name]
-                    sinks.append(
-                        Sink(
-                            item.name,
-                            out.source,
-                            fd,
-                            out.dtype,
-                            output_metadata(self.recipe, item.name, plan.keys, plan.facts),
-                            options=out.options,
-                            vae=out.vae,
-                        )
+                    sink = Sink(
+                        item.name,
+                        out.source,
+                        fd,
+                        out.dtype,
+                        output_metadata(self.recipe, item.name, plan.keys, plan.facts),
+                        options=out.options,
+                        vae=out.vae,
                     )
+                files.append(PassFile(item, tmp, sink))
             t0 = time.perf_counter()
-            fused = FusedPass(sources, jobs, sinks, device=check_device(self.device))
+            tapped = {n for n in hash_inputs or () if isinstance(sources.get(n), SafetensorsSource)}
+            fused = FusedPass(
+                sources,
+                jobs,
+                [f.sink for f in files],
+                device=check_device(self.device),
+                hash_sources=tapped,
+            )
             add_lora_metadata(fused, self.recipe)  # kohya's ss_* fields on extracted LoRAs
             with self.progress.pass_(fused) as on_unit:
                 fused.run(self.jobs, self.max_memory, on_unit)
             check_inputs_unchanged(plan.models)
-            for sink in sinks:
-                os.fsync(sink.fd)
-            for sink, (tmp, target, _) in zip(sinks, temps, strict=True):
-                os.close(sink.fd)
-                sink.fd = -1
-                os.replace(tmp, target)
-            # every object's rename is durable before any sidecar makes it count as present
-            for directory in sorted({target.parent for _, target, _ in temps}):
-                fsync_dir(directory)
-            for sink, (_, _, item) in zip(sinks, temps, strict=True):
-                self.store.write_sidecar(
-                    item.key,
-                    {
-                        "kind": item.kind,
-                        "name": item.name,
-                        "recipe": str(self.recipe.path),
-                        "mergebuild_version": __version__,
-                    },
-                    checksum=sink.writer.checksum() if sink.writer else None,
-                )
-            return fused, time.perf_counter() - t0
+            for f in files:
+                os.fsync(f.sink.fd)
+                os.close(f.sink.fd)
+                f.sink.fd = -1
+            yield PassResult(fused, time.perf_counter() - t0, files)
         except OSError as e:
             raise BuildError(
                 f"build failed: {e.strerror or e} "
                 f"({getattr(e, 'filename', None) or f'while writing to {self.store.objects}'})"
             ) from None
         finally:
-            for sink in sinks:
-                if sink.fd >= 0:
-                    os.close(sink.fd)
-            for tmp, _, _ in temps:
-                tmp.unlink(missing_ok=True)
+            for f in files:
+                if f.sink.fd >= 0:
+                    os.close(f.sink.fd)
+                f.tmp.unlink(missing_ok=True)
             for src in sources.values():
                 src.close()
+
+    def publish(self, files: list[PassFile], keys: list[str] | None = None) -> None:
+        """Rename each temp to its object (under `keys[i]`, else its item's key), then the
+        sidecars: every rename is durable before a sidecar makes its object count."""
+        targets = [self.store.object_path(k) for k in keys or [f.item.key for f in files]]
+        for f, target in zip(files, targets, strict=True):
+            os.replace(f.tmp, target)
+        for directory in sorted({t.parent for t in targets}):
+            fsync_dir(directory)
+        for f, target in zip(files, targets, strict=True):
+            self.store.write_sidecar(
+                target.stem,
+                {
+                    "kind": f.item.kind,
+                    "name": f.item.name,
+                    "recipe": str(self.recipe.path),
+                    "mergebuild_version": __version__,
+                },
+                checksum=f.checksum if f.checksum is not None else f.sink.writer.checksum(),
+            )
+
+
+@dataclass
+class PassFile:
+    """A file a pass wrote: its plan item, its temp path, the sink that wrote it."""
+
+    item: Item
+    tmp: Path
+    sink: Any
+    checksum: SplitChecksum | None = None  # set when the header was rewritten after the pass
+
+
+@dataclass
+class PassResult:
+    fused: Any
+    seconds: float
+    files: list[PassFile] = field(default_factory=list)
 
 
 def _warn_nonfinite(name: str, keys: set[str]) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mergebuild.engine.compute import KeyCompute, NodeJob, NodeStats, Unit, mergeable
 from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, to_torch
+from mergebuild.engine.hash_tap import HashTap
 from mergebuild.engine.readahead import (
     DIRECT_BUFFERS,
     Readahead,
@@ -36,6 +37,7 @@ from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo
 from mergebuild.engine.stream_writer import StreamingWriter, check_space
 from mergebuild.engine.tuning import merging
 from mergebuild.errors import BuildError
+from mergebuild.hashing import FileHashes
 
 if TYPE_CHECKING:
     import torch
@@ -77,8 +79,13 @@ class FusedPass:
         jobs: list[NodeJob],
         sinks: list[Sink],
         device: str = "cpu",
+        hash_sources: set[str] | None = None,
     ) -> None:
         self.sources, self.sinks, self.device = sources, sinks, device
+        # inputs to hash from the bytes the pass reads (hash_tap.py): a first build reads once
+        self.hash_sources = hash_sources or set()
+        self.input_hashes: dict[str, FileHashes] = {}  # filled by run()
+        self.taps: dict[int, HashTap] = {}  # source fd → the tap of its file, during run()
         layouts = {n: s.infos() for n, s in sources.items()}
         # checks every job's inputs
         self.compute = KeyCompute(layouts, jobs, sinks, device, sources=sources)
@@ -155,12 +162,23 @@ class FusedPass:
         shape = self.layouts[name][key].shape
         lo, hi = (0, math.prod(shape)) if u.whole else (u.lo, u.hi)
         val = None
-        if self.readahead is not None and isinstance(src, SafetensorsSource):
-            data = self.readahead.take(*src.byte_range(key, lo, hi))
-            if data is not None:
-                val = src.tensor_from(key, data)
+        tap = None
+        if isinstance(src, SafetensorsSource):
+            fd, offset, length = src.byte_range(key, lo, hi)
+            tap = self.taps.get(fd)
+            if self.readahead is not None:
+                data = self.readahead.take(fd, offset, length)
+                if data is not None:
+                    val = src.tensor_from(key, data)
+                    if tap is not None:
+                        tap.feed(offset, data)
+                        tap = None
         if val is None:
             val = src.read_flat(key, lo, hi)
+            if tap is not None:
+                import torch
+
+                tap.feed(offset, val.view(torch.uint8).numpy())
         return val.reshape(shape) if u.whole else val
 
     def _do_unit(self, u: Unit) -> None:
@@ -221,6 +239,7 @@ class FusedPass:
                     direct[src.fd] = twin
         budget = min(DIRECT_BUFFERS, max_memory // 2)  # read-ahead buffers are memory too
         ranges = [self._ranges(u) for u in units]
+        self._start_taps(ranges)
         readahead = Readahead(ranges, default_window(), direct, buffer_bytes=budget)
         self.readahead = readahead.start()
         try:
@@ -247,11 +266,31 @@ class FusedPass:
                     self._run_parallel(units, jobs, max_memory, done, readahead)
             finally:
                 torch.set_num_threads(threads)
+            self.input_hashes = {
+                name: self.taps[self.sources[name].fd].finish()  # type: ignore[attr-defined]
+                for name in sorted(self.hash_sources)
+            }
         finally:
             readahead.stop()
             self.readahead = None
             for twin in direct.values():
                 os.close(twin)
+            for tap in self.taps.values():
+                tap.close()
+            self.taps = {}
+
+    def _start_taps(self, ranges: list[list[tuple[int, int, int]]]) -> None:
+        """One tap per file to hash, fed by every source reading that file."""
+        by_file: dict[str, list[int]] = {}  # real path → fds of the sources reading it
+        for name in self.hash_sources:
+            src = self.sources[name]
+            assert isinstance(src, SafetensorsSource)  # the planner hashes other inputs first
+            by_file.setdefault(os.path.realpath(src.path), []).append(src.fd)
+        for fds in by_file.values():
+            planned = [(off, n) for unit in ranges for fd, off, n in unit if fd in fds]
+            tap = HashTap(fds[0], os.fstat(fds[0]).st_size, planned)
+            for fd in fds:
+                self.taps[fd] = tap
 
     def _run_parallel(
         self,

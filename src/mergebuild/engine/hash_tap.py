@@ -1,0 +1,170 @@
+"""Hash an input file from the bytes a merge reads anyway, so a first build reads it once.
+
+The hashes (xxh3 key, SHA-256, legacy) need the file's bytes in file order, from the first byte
+to the last. The merge reads most of them, in its own order (the output's key order, chunks
+finishing out of order with `-j`), and skips some (the header, keys no output wants). A tap
+receives every range the merge reads (`feed`, from any worker thread) and hashes on its own
+thread: ranges arriving at the hash cursor are hashed at once, ranges ahead of it wait in a
+bounded stash, and bytes the merge will never read (gaps between its planned ranges) are read
+by the tap itself, through the page cache. A range that finds the stash full is dropped and
+read again by the tap when the cursor gets there: only then is a byte read twice.
+
+Fed bytes are the merge's own buffers, not copies: the engine never modifies a tensor it read
+in place (methods work on float32 copies, methods/base.f32), so hashing them later is safe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from mergebuild.hashing import CHUNK, FileHashes, StreamHasher
+
+# Ranges that arrived ahead of the hash cursor, held until it gets there. With -j2 and 8 MB
+# units the stash holds a few units; a file whose tensor order differs from the output's
+# would hold much more, and past this its ranges are read again instead.
+STASH_BYTES = 256 << 20
+
+
+class HashTap:
+    """`feed(offset, data)` from any thread; `finish()` once the merge is done; `close()`."""
+
+    def __init__(
+        self, fd: int, size: int, planned: Sequence[tuple[int, int]], stash: int = STASH_BYTES
+    ) -> None:
+        self.fd, self.size, self.stash_cap = fd, size, stash
+        self.hasher = StreamHasher()
+        self.cursor = 0
+        # the merge's planned ranges, sorted and merged: [start, end) the tap waits for
+        spans: list[list[int]] = []
+        for off, n in sorted((o, n) for o, n in planned if n > 0):
+            if spans and off <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], off + n)
+            else:
+                spans.append([off, off + n])
+        self.starts = [s for s, _ in spans]
+        self.ends = [e for _, e in spans]
+        self.stash: dict[int, Any] = {}  # offset → bytes arrived ahead of the cursor
+        self.stashed = 0
+        self.dropped: list[tuple[int, int]] = []  # ranges to read again: the stash was full
+        self.reread = 0  # bytes the tap read that the merge had read too (for the curious)
+        self.own_reads = 0  # bytes the tap read itself (gaps and rereads)
+        self.queue: queue.SimpleQueue[tuple[int, Any] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.finishing = False
+        self.abort = False
+        self.thread = threading.Thread(target=self._run, name="hash-tap", daemon=True)
+        self.thread.start()
+
+    def feed(self, offset: int, data: Any) -> None:
+        """The merge read `data` (bytes-like) at `offset` of the file."""
+        if len(memoryview(data).cast("B")):
+            self.queue.put((offset, data))
+
+    def finish(self) -> FileHashes:
+        """The file's hashes: waits for the tap to hash what is left (reading what it must)."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.hasher.result()
+
+    def close(self) -> None:
+        """Stop without a result (the build failed)."""
+        if self.thread.is_alive():
+            self.abort = True
+            self.queue.put(None)
+            self.thread.join()
+        self.stash.clear()
+
+    # -- the tap's thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._advance()
+                if self.abort:
+                    return
+                item = self.queue.get()
+                if item is None:
+                    self.finishing = True
+                    self._advance()
+                    return
+                self._take(*item)
+        except BaseException as e:  # reported by finish()
+            self.error = e
+        finally:
+            self.stash.clear()
+            while True:  # release whatever the merge queued meanwhile
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _take(self, offset: int, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        end = offset + len(view)
+        if end <= self.cursor:
+            return  # already hashed (a second name for the same file reads it again)
+        if offset <= self.cursor:
+            self._hash(view[self.cursor - offset :])
+        elif offset not in self.stash and self.stashed + len(view) <= self.stash_cap:
+            self.stash[offset] = view
+            self.stashed += len(view)
+        elif offset not in self.stash:
+            self.dropped.append((offset, end))
+
+    def _advance(self) -> None:
+        """Hash from the cursor as far as the bytes at hand (and the tap's own reads) go."""
+        while self.cursor < self.size and not self.abort:
+            held = self._stashed_at(self.cursor)
+            if held is not None:
+                self._hash(held)
+                continue
+            i = bisect.bisect_right(self.starts, self.cursor) - 1
+            inside = i >= 0 and self.cursor < self.ends[i]
+            if not inside:  # a gap the merge never reads: read it here
+                nxt = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
+                self._read_own(min(nxt, self.size), reread=False)
+            elif self.finishing or self._dropped_at(self.cursor):
+                self._read_own(self.ends[i], reread=True)  # not coming (again)
+            else:
+                return  # wait for the merge to read it
+
+    def _stashed_at(self, pos: int) -> memoryview | None:
+        """The stashed bytes from `pos` on (dropping stashed ranges the cursor passed)."""
+        found = None
+        for off in list(self.stash):
+            view = self.stash[off]
+            if off + len(view) <= pos:
+                del self.stash[off]
+                self.stashed -= len(view)
+            elif off <= pos and found is None:
+                del self.stash[off]
+                self.stashed -= len(view)
+                found = view[pos - off :]
+        return found
+
+    def _dropped_at(self, pos: int) -> bool:
+        self.dropped = [(lo, hi) for lo, hi in self.dropped if hi > pos]
+        return any(lo <= pos for lo, _ in self.dropped)
+
+    def _read_own(self, end: int, reread: bool) -> None:
+        """Read and hash [cursor, end) from the file (what the merge skips, or was dropped)."""
+        buf = bytearray(min(CHUNK, max(end - self.cursor, 1)))
+        while self.cursor < end and not self.abort:
+            want = memoryview(buf)[: min(len(buf), end - self.cursor)]
+            n = os.preadv(self.fd, [want], self.cursor)
+            if n <= 0:
+                raise OSError(f"file ended at byte {self.cursor}, expected {self.size} bytes")
+            self.own_reads += n
+            self.reread += n if reread else 0
+            self._hash(memoryview(buf)[:n])
+
+    def _hash(self, view: memoryview) -> None:
+        self.hasher.update(view)
+        self.cursor += len(view)
