@@ -174,6 +174,12 @@ class HashMemo:
         self.remember(path, found, sig)
         return found, False
 
+    def memoized(self, path: Path, st: os.stat_result) -> bool:
+        """Whether `path`'s full hashes are memoized for its current stat."""
+        memo = self._recall(path, stat_signature(st))
+        hashes = memo.get("hashes") if memo else None
+        return isinstance(hashes, dict) and bool(hashes.get("sha256"))
+
     def _recall(self, path: Path, sig: list[int]) -> dict | None:
         """The memo record of `path` if it was made while the file had signature `sig`."""
         try:

@@ -14,7 +14,8 @@ from mergebuild.atomic import publish
 from mergebuild.build.execute import FILES_PER_PASS_FDS, Execution
 from mergebuild.build.journal import record
 from mergebuild.build.locks import locked
-from mergebuild.build.plan import Plan, Planner
+from mergebuild.build.plan import Item, Plan, Planner
+from mergebuild.build.speculate import build_speculatively
 from mergebuild.cache import CacheStore
 from mergebuild.errors import BuildError, Problem, RecipeError, did_you_mean
 from mergebuild.graph import build_graph
@@ -51,18 +52,36 @@ class Builder:
         self.model_dirs = model_dirs or []
         self.locked_inputs = locked_inputs  # name → sha256 from RECIPE.lock, if one applies
         self.progress = progress or Progress(enabled=False)
+        self.speculate = True  # hash new inputs while merging them (False: hash them first)
         self.graph = build_graph(recipe)
 
-    def plan(self) -> Plan:
-        """What is cached, what to build and why (no tensor is read)."""
+    def plan(self, speculate: bool = False) -> Plan:
+        """What is cached, what to build and why (no tensor is read). `speculate`: new inputs
+        get placeholder hashes instead of being read (build/speculate.py)."""
         return Planner(
             self.recipe, self.store, self.graph, self.outputs, self.model_dirs, self.locked_inputs
-        ).plan()
+        ).plan(speculate)
 
     def run(self) -> tuple[Plan, float]:
-        """Build what the plan says, publish every selected output, record the journal."""
+        """Build what the plan says, publish every selected output, record the journal.
+
+        New inputs are hashed while the first pass merges them (speculate.py); what that
+        could not build (a plan too long for one pass) is then built the usual way."""
         t0 = time.perf_counter()
-        plan = self.plan()
+        plan = self.plan(speculate=self.speculate)
+        early: dict[tuple[str, str], Item] = {}
+        if plan.pending and plan.to_build():
+            early = build_speculatively(self, plan) or {}
+            hashed = plan.pending
+            plan = self.plan()  # hashes memoized now: what is left, under the real keys
+            plan.hashed = [*hashed, *(n for n in plan.hashed if n not in hashed)]
+            for item in plan.items:
+                got = early.get((item.kind, item.name))
+                if got is not None and item.status == "cached" and got.status == "built":
+                    item.status, item.reason, item.seconds = "built", got.reason, got.seconds
+                    item.stats = got.stats
+                elif got is not None and item.status == "cached":
+                    item.reason = got.reason
         if plan.to_build():
             # only what gets a cache file: a `cache: false` node is never shared through it
             keys = [i.key for i in plan.to_build() if i.kind == "output" or i.stored]

@@ -78,17 +78,21 @@ class Execution:
             done.update(i.name for i in group if i.kind == "merge")
         for item in building:
             if item.kind == "merge":
-                st = stats[item.name]
-                item.stats = {
-                    "dtype": st.dtype,
-                    "tensors": st.tensors,
-                    "merged": st.merged,
-                    "kept_from_a": st.kept_from_a,
-                    "copied_non_float": st.copied_non_float,
-                    "dropped": st.dropped,
-                    "nonfinite_keys": sorted(st.nonfinite),
-                }
-                _warn_nonfinite(item.name, st.nonfinite)
+                item.stats = self.node_stats(stats[item.name], item.name)
+
+    @staticmethod
+    def node_stats(st: Any, name: str) -> dict[str, Any]:
+        """A built node's report fields (and the warning its NaN/Inf values deserve)."""
+        _warn_nonfinite(name, st.nonfinite)
+        return {
+            "dtype": st.dtype,
+            "tensors": st.tensors,
+            "merged": st.merged,
+            "kept_from_a": st.kept_from_a,
+            "copied_non_float": st.copied_non_float,
+            "dropped": st.dropped,
+            "nonfinite_keys": sorted(st.nonfinite),
+        }
 
     def _pass_jobs(self, plan: Plan, group: list[Item], done: set[str]) -> list[Item]:
         """The merge nodes a pass computes to write `group`, in schedule order: those the
@@ -117,11 +121,13 @@ class Execution:
         group: list[Item],
         items: list[Item],
         hash_inputs: set[str] | None = None,
+        temp_shard: str | None = None,
     ) -> Iterator[PassResult]:
         """Run one fused pass into temp files (fsynced, not yet renamed): what the caller
         does with them happens inside the `with`; any temp left at its end is deleted.
 
-        `hash_inputs`: models to hash from the bytes the pass reads (build/speculate.py)."""
+        `hash_inputs`: models to hash from the bytes the pass reads (build/speculate.py);
+        `temp_shard`: where the temps go when their keys are not known yet."""
         from mergebuild.engine.executor import FusedPass, NodeJob, Sink
         from mergebuild.engine.safetensors_io import SafetensorsSource
         from mergebuild.graph import job_args
@@ -160,7 +166,8 @@ class Execution:
                 else:
                     sources[name] = SafetensorsSource(by_name[("merge", name)].path)
             for item in group:
-                fd, tmp = make_temp(self.store.object_dir(item.key), ".safetensors")
+                shard = self.store.object_dir(temp_shard or item.key)
+                fd, tmp = make_temp(shard, ".safetensors")
                 if item.kind == "merge":
                     meta = {
                         "mergebuild.node": canonical_json(
@@ -216,6 +223,7 @@ class Execution:
         sidecars: every rename is durable before a sidecar makes its object count."""
         targets = [self.store.object_path(k) for k in keys or [f.item.key for f in files]]
         for f, target in zip(files, targets, strict=True):
+            self.store.object_dir(target.stem)  # a speculative temp sits in another shard
             os.replace(f.tmp, target)
         for directory in sorted({t.parent for t in targets}):
             fsync_dir(directory)

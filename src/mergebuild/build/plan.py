@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergebuild.build.checks import check_lock, check_outputs_spare_inputs
 from mergebuild.build.journal import why_node, why_output
+from mergebuild.build.speculate import unhashed_inputs
 from mergebuild.cache import CacheStore
 from mergebuild.graph import canonical_json, node_identity, schedule, xxh3_hex
 from mergebuild.locate import ResolvedInput, resolve_models
@@ -61,6 +62,8 @@ class Plan:
     inputs: dict[str, ResolvedInput] = field(default_factory=dict)
     facts: dict[str, InputFacts] = field(default_factory=dict)
     corrupt: dict[str, tuple[str, str]] = field(default_factory=dict)  # key → (name, why)
+    # models not hashed yet (speculative plan): their keys and hashes are placeholders
+    pending: list[str] = field(default_factory=list)
 
     def to_build(self) -> list[Item]:
         return [i for i in self.items if i.status == "build"]
@@ -81,12 +84,18 @@ class Planner:
         self.recipe, self.store, self.graph, self.outputs = recipe, store, graph, outputs
         self.model_dirs, self.locked_inputs = model_dirs, locked_inputs
 
-    def plan(self) -> Plan:
+    def plan(self, speculate: bool = False) -> Plan:
+        """With `speculate`, models never hashed get placeholder hashes (speculate.py)."""
         order = schedule(self.recipe, self.outputs)
+        names = [n for k, n in order if k == "model"]
+        pending = unhashed_inputs(self.recipe, self.graph, names, self.store) if speculate else {}
         resolved = resolve_models(
-            self.recipe, [n for k, n in order if k == "model"], self.store.hashes, self.model_dirs
+            self.recipe, [n for n in names if n not in pending], self.store.hashes, self.model_dirs
         )
-        check_lock(resolved, self.locked_inputs)
+        check_lock(resolved, self.locked_inputs)  # the pending ones: once they are hashed
+        resolved.update(pending)
+        resolved = {n: resolved[n] for n in names}
+        waiting = _downstream(self.graph, pending)
         check_roles(self.recipe, {n: r.path for n, r in resolved.items()})
         check_outputs_spare_inputs(self.recipe, self.store, self.outputs, resolved)
         keys = {n: r.hashes.xxh3 for n, r in resolved.items()}
@@ -144,7 +153,8 @@ class Planner:
                         name,
                         key,
                         "build",
-                        _corrupt_reason(corrupt.get(key))
+                        waiting.get(("output", name))
+                        or _corrupt_reason(corrupt.get(key))
                         or why_output(self.recipe, name, key, keys, journal),
                         True,
                     )
@@ -164,8 +174,10 @@ class Planner:
                 else:
                     have = False
                     status = "build"
-                    why = _corrupt_reason(corrupt.get(key)) or why_node(
-                        self.recipe, name, key, keys, journal
+                    why = (
+                        waiting.get(("merge", name))
+                        or _corrupt_reason(corrupt.get(key))
+                        or why_node(self.recipe, name, key, keys, journal)
                     )
                     needed.update(self.graph.predecessors(("merge", name)))
                 if node.method == "fold":  # `-n` shows what the node folded into
@@ -177,7 +189,21 @@ class Planner:
                 items.append(item)
         items.reverse()
         all_keys = {**keys, **{f"output:{k}": v for k, v in okeys.items()}}
-        return Plan(items, all_keys, models, hashed, resolved, facts, corrupt)
+        return Plan(items, all_keys, models, hashed, resolved, facts, corrupt, sorted(pending))
+
+
+def _downstream(graph: nx.DiGraph, pending: dict[str, ResolvedInput]) -> dict[Any, str]:
+    """Graph node → the reason a speculative plan gives: which inputs are not hashed yet."""
+    import networkx as nx
+
+    waits: dict[Any, list[str]] = {}
+    for name in sorted(pending):
+        for node in nx.descendants(graph, ("model", name)):
+            waits.setdefault(node, []).append(name)
+    return {
+        node: f"input {', '.join(repr(n) for n in names)} new: hashed while it is merged"
+        for node, names in waits.items()
+    }
 
 
 def _corrupt_reason(found: tuple[str, str] | None) -> str | None:
