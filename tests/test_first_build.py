@@ -68,12 +68,13 @@ def test_first_build_equals_the_two_pass_build(workdir: Path, tmp_path: Path, jo
     """Same output bytes, same cache objects (keys and bytes), same hashes in the report."""
     recipe = seed_recipe(workdir)
     first = build(recipe, tmp_path / "c1", "-j", jobs)
-    assert all(m["hashed"] for m in first["models"].values())
+    assert all(m["hashed"] and m["hashed_while_merging"] for m in first["models"].values())
     assert {n["status"] for n in first["nodes"]} == {"built"}
     out1 = (workdir / OUT).read_bytes()
     objs1 = objects(tmp_path / "c1")
     (workdir / OUT).unlink()
     second = two_pass(recipe, tmp_path / "c2", "-j", jobs)
+    assert not any(m["hashed_while_merging"] for m in second["models"].values())
     assert (workdir / OUT).read_bytes() == out1
     assert objects(tmp_path / "c2") == objs1
     assert [(n["name"], n["key"]) for n in first["nodes"]] == [
@@ -135,6 +136,40 @@ def test_the_same_bytes_under_another_path_are_not_published_twice(
     assert objects(cache) == before
     assert (workdir / OUT).read_bytes() == out1
     assert not [p for p in cache.rglob(".mergebuild-tmp-*")]
+
+
+@pytest.mark.parametrize("change", ["touch", "sample", "size"])
+def test_a_touched_input_is_hashed_first_a_changed_one_while_merging(
+    workdir: Path, cache: Path, change: str
+) -> None:
+    """A touched file (size and the 64 KiB legacy sample unchanged) is most likely the same
+    bytes: hashing it first finds everything cached. A file whose sample or size changed is
+    merged and hashed at once."""
+    recipe = seed_recipe(workdir)
+    build(recipe, cache)
+    out1 = (workdir / OUT).read_bytes()
+    gape = workdir / "models" / "gape60.safetensors"
+    data = bytearray(gape.read_bytes())
+    assert len(data) > 0x100000 + 10  # the sample starts inside the file
+    if change == "touch":
+        os.utime(gape, ns=(1_000_000_000, 1_000_000_000))
+    elif change == "sample":
+        data[0x100000 + 10] ^= 0x01
+        gape.write_bytes(bytes(data))
+    else:  # the same tensors, one more metadata field: a longer file
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(gape))
+        gape.unlink()
+        _write_st(gape, tensors, {"note": "re-saved"}, sorted(tensors))
+        assert gape.stat().st_size != len(data)
+    report = build(recipe, cache)
+    gape_entry = report["models"]["gape"]
+    assert gape_entry["hashed"] and gape_entry["sha256"] == file_hashes(gape)["sha256"]
+    assert gape_entry["hashed_while_merging"] == (change != "touch")
+    assert not report["models"]["anything"]["hashed"]
+    if change == "touch":
+        assert report["summary"]["built"] == 0 and (workdir / OUT).read_bytes() == out1
 
 
 def test_a_wrong_pin_fails_after_the_merge_and_publishes_nothing(

@@ -180,6 +180,24 @@ class HashMemo:
         hashes = memo.get("hashes") if memo else None
         return isinstance(hashes, dict) and bool(hashes.get("sha256"))
 
+    def probably_unchanged(self, path: Path, st: os.stat_result) -> bool:
+        """A memo for `path` under another stat (touched, copied over…) whose size and legacy
+        sample (64 KiB at 1 MiB) still match: most likely the same bytes. Reads 64 KiB."""
+        try:
+            memo = json.loads(read_capped(self._entry(path), JSON_CAP))
+            old = FileHashes(**memo["hashes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if memo.get("path") != str(path) or old.size != st.st_size or not old.legacy:
+            return False
+        try:
+            with open(path, "rb") as f:
+                f.seek(LEGACY_OFFSET)
+                sample = f.read(LEGACY_SIZE)
+        except OSError:
+            return False
+        return hashlib.sha256(sample).hexdigest()[:8] == old.legacy
+
     def _recall(self, path: Path, sig: list[int]) -> dict | None:
         """The memo record of `path` if it was made while the file had signature `sig`."""
         try:

@@ -53,6 +53,7 @@ class Builder:
         self.locked_inputs = locked_inputs  # name → sha256 from RECIPE.lock, if one applies
         self.progress = progress or Progress(enabled=False)
         self.speculate = True  # hash new inputs while merging them (False: hash them first)
+        self.hashed_while_merging: list[str] = []  # set by run()
         self.graph = build_graph(recipe)
 
     def plan(self, speculate: bool = False) -> Plan:

@@ -18,7 +18,8 @@ of all, the first one after a download. Instead the build is speculative:
 The data section's checksum was taken while writing and stays valid (hashing.SplitChecksum).
 Inputs that cannot be hashed this way are hashed first, as before: .ckpt files and LoRAs (not
 read through the tensor reader), inputs of a `fold` node (its term order depends on keys), and
-recipes too long for one fused pass.
+recipes too long for one fused pass. So are files that were only touched (memo.
+probably_unchanged): hashing them first finds everything in the cache and merges nothing.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def unhashed_inputs(
             st = path.stat()
             if not path.is_file() or virtual_fs(path) or store.hashes.memoized(path, st):
                 continue
+            if store.hashes.probably_unchanged(path, st):
+                continue  # touched: hashing first finds everything cached, merging nothing
             if header_is_lora(path):
                 continue
         except (OSError, BuildError):
@@ -102,6 +105,7 @@ def build_speculatively(builder: Builder, plan: Plan) -> dict[tuple[str, str], I
     pending = set(plan.pending)
     with ex.pass_files(plan, group, merges, hash_inputs=pending, temp_shard="00") as done:
         found = dict(done.fused.input_hashes)
+        builder.hashed_while_merging = sorted(found)
         for name in plan.pending:
             path, sig = plan.models[name]
             if name not in found:  # not read through a tap (e.g. a LoRA): read it now
@@ -129,7 +133,10 @@ def build_speculatively(builder: Builder, plan: Plan) -> dict[tuple[str, str], I
             if item.kind == "merge":
                 mine.stats = ex.node_stats(done.fused.stats[item.name], item.name)
             if (item.kind, item.name) not in outcome and not item.stored:
-                mine.status, mine.seconds = "built", done.seconds
+                if keep:  # computed for a file that was published
+                    mine.status, mine.seconds = "built", done.seconds
+                else:
+                    mine.status, mine.reason = "cached", DROPPED
                 outcome[(item.kind, item.name)] = mine
     return outcome
 

@@ -44,6 +44,7 @@ def build_report(args: argparse.Namespace, builder: Any, plan: Any, seconds: flo
                 "path": str(r.path),
                 "sha256": r.hashes.sha256,
                 "hashed": n in plan.hashed,
+                "hashed_while_merging": n in builder.hashed_while_merging,
             }
             for n, r in plan.inputs.items()
         },
