@@ -27,7 +27,10 @@ from mergebuild.hashing import CHUNK, FileHashes, StreamHasher
 # Ranges that arrived ahead of the hash cursor, held until it gets there. With -j2 and 8 MB
 # units the stash holds a few units; a file whose tensor order differs from the output's
 # would hold much more, and past this its ranges are read again instead.
-STASH_BYTES = 256 << 20
+STASH_BYTES = 64 << 20
+# Bytes fed but not yet taken by the tap's thread: past this, `feed` waits (the merge must not
+# outrun the hashing with buffers the tap still holds; SHA-256 is the slower of the two).
+QUEUE_BYTES = 32 << 20
 
 
 class HashTap:
@@ -54,6 +57,9 @@ class HashTap:
         self.reread = 0  # bytes the tap read that the merge had read too (for the curious)
         self.own_reads = 0  # bytes the tap read itself (gaps and rereads)
         self.queue: queue.SimpleQueue[tuple[int, Any] | None] = queue.SimpleQueue()
+        self.queued = 0  # bytes in `queue`
+        self.room = threading.Condition()
+        self.stopped = False  # the thread ended: feeders never wait
         self.error: BaseException | None = None
         self.finishing = False
         self.abort = False
@@ -61,9 +67,18 @@ class HashTap:
         self.thread.start()
 
     def feed(self, offset: int, data: Any) -> None:
-        """The merge read `data` (bytes-like) at `offset` of the file."""
-        if len(memoryview(data).cast("B")):
-            self.queue.put((offset, data))
+        """The merge read `data` (bytes-like) at `offset` of the file; waits while the tap
+        is more than QUEUE_BYTES behind."""
+        n = len(memoryview(data).cast("B"))
+        if not n:
+            return
+        with self.room:
+            while self.queued and self.queued + n > QUEUE_BYTES and not self.stopped:
+                self.room.wait()
+            if self.stopped:
+                return  # failed (finish() reports it) or closed: nothing to hash any more
+            self.queued += n
+        self.queue.put((offset, data))
 
     def finish(self) -> FileHashes:
         """The file's hashes: waits for the tap to hash what is left (reading what it must)."""
@@ -94,10 +109,17 @@ class HashTap:
                     self.finishing = True
                     self._advance()
                     return
-                self._take(*item)
+                n = self._take(*item)
+                del item
+                with self.room:
+                    self.queued -= n
+                    self.room.notify_all()
         except BaseException as e:  # reported by finish()
             self.error = e
         finally:
+            with self.room:
+                self.stopped = True
+                self.room.notify_all()
             self.stash.clear()
             while True:  # release whatever the merge queued meanwhile
                 try:
@@ -105,18 +127,20 @@ class HashTap:
                 except queue.Empty:
                     break
 
-    def _take(self, offset: int, data: Any) -> None:
+    def _take(self, offset: int, data: Any) -> int:
+        """Hash, stash or drop one fed range; returns its length."""
         view = memoryview(data).cast("B")
         end = offset + len(view)
         if end <= self.cursor:
-            return  # already hashed (a second name for the same file reads it again)
-        if offset <= self.cursor:
+            pass  # already hashed (a second name for the same file reads it again)
+        elif offset <= self.cursor:
             self._hash(view[self.cursor - offset :])
         elif offset not in self.stash and self.stashed + len(view) <= self.stash_cap:
             self.stash[offset] = view
             self.stashed += len(view)
         elif offset not in self.stash:
             self.dropped.append((offset, end))
+        return len(view)
 
     def _advance(self) -> None:
         """Hash from the cursor as far as the bytes at hand (and the tap's own reads) go."""
