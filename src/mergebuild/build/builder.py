@@ -15,7 +15,7 @@ from mergebuild.build.execute import FILES_PER_PASS_FDS, Execution
 from mergebuild.build.journal import record
 from mergebuild.build.locks import locked
 from mergebuild.build.plan import Item, Plan, Planner
-from mergebuild.build.speculate import build_speculatively
+from mergebuild.build.speculate import DROPPED, build_speculatively
 from mergebuild.cache import CacheStore
 from mergebuild.errors import BuildError, Problem, RecipeError, did_you_mean
 from mergebuild.graph import build_graph
@@ -73,6 +73,12 @@ class Builder:
         early: dict[tuple[str, str], Item] = {}
         if plan.pending and plan.to_build():
             early = build_speculatively(self, plan) or {}
+            dropped = sorted(n for (_, n), i in early.items() if i.reason == DROPPED)
+            if dropped:
+                self.progress.log(
+                    f"already in the cache under their real keys (the same inputs, other "
+                    f"paths): {', '.join(dropped)}; this build's copies were dropped"
+                )
             hashed = plan.pending
             plan = self.plan()  # hashes memoized now: what is left, under the real keys
             plan.hashed = [*hashed, *(n for n in plan.hashed if n not in hashed)]
