@@ -118,13 +118,19 @@ def build_speculatively(builder: Builder, plan: Plan) -> dict[tuple[str, str], I
         outcome: dict[tuple[str, str], Item] = {}
         with locked(builder.store, keys, FILES_PER_PASS_FDS):
             keep: list[PassFile] = []
+            kept: set[str] = set()
             for f, key in zip(done.files, keys, strict=True):
                 item = by_name[(f.item.kind, f.item.name)]
-                if builder.store.has(key) and builder.store.problem(key) is None:
+                if key in kept:  # two names for one value (the same bytes under two paths)
+                    item.status, item.seconds = "built", done.seconds
+                elif builder.store.has(key) and builder.store.problem(key) is None:
                     item.status, item.reason = "cached", DROPPED
                 else:
+                    if builder.store.has(key):  # corrupted: ours replaces it
+                        builder.store.remove(key)
                     _rewrite_header(builder.recipe, real, f)
                     keep.append(f)
+                    kept.add(key)
                     item.status, item.seconds = "built", done.seconds
                 outcome[(item.kind, item.name)] = item
             ex.publish(keep, [by_name[(f.item.kind, f.item.name)].key for f in keep])
