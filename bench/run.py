@@ -40,12 +40,14 @@ def evict(*paths: Path) -> None:
                 os.close(fd)
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS GB, CPU seconds) of one child process.
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, float]:
+    """(wall seconds, peak RSS GB, CPU seconds, GB read from storage) of one child process.
 
     Peak RSS is the child's VmHWM, polled from /proc every 20 ms: rusage's ru_maxrss would also
     count the parent's high-water mark, which a child inherits at fork/exec. CPU time (user +
-    system, from wait4) is what a busy shared machine disturbs least.
+    system, from wait4) is what a busy shared machine disturbs least. Bytes read from storage:
+    wait4's ru_inblock (512-byte units, O_DIRECT reads included, page-cache hits not), which
+    also counts the children the child waited for.
     """
     t0 = time.perf_counter()
     p = subprocess.Popen(
@@ -72,7 +74,8 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, floa
     err = p.stderr.read().decode() if p.stderr else ""
     if p.returncode != 0:
         raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{err}")
-    return wall, hwm_kb / 1024 / 1024, usage.ru_utime + usage.ru_stime
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, hwm_kb / 1024 / 1024, cpu, usage.ru_inblock * 512 / 1e9
 
 
 def models(arch: str) -> dict[str, Path]:
@@ -271,7 +274,7 @@ class Runner:
         prepare: Callable[[], None] | None = None,
         repeat: int | None = None,
     ) -> dict:
-        best = (float("inf"), 0.0, 0.0)
+        best = (float("inf"), 0.0, 0.0, 0.0)
         for _ in range(repeat or self.repeat):  # disks on shared machines are noisy: keep the best
             if prepare:
                 prepare()
@@ -279,7 +282,7 @@ class Runner:
             if self.out.exists():
                 self.out.unlink()
             best = min(best, measure(cmd))
-        wall, rss, cpu = best
+        wall, rss, cpu, read = best
         row = {
             "arch": self.arch,
             "group": self.group,
@@ -287,10 +290,13 @@ class Runner:
             "wall": wall,
             "rss": rss,
             "cpu": cpu,
+            "read_gb": read,
         }
         self.rows.append(row)
         print(
-            f"  {self.arch:5} {label:46} {wall:7.1f} s  {rss:6.2f} GB  {cpu:7.1f} s CPU", flush=True
+            f"  {self.arch:5} {label:46} {wall:7.1f} s  {rss:6.2f} GB  {cpu:7.1f} s CPU"
+            f"  {read:6.2f} GB read",
+            flush=True,
         )
         return row
 
@@ -481,20 +487,21 @@ def run_arch(arch: str, rows: list[dict], groups: set[str], others: bool, repeat
 def report(rows: list[dict]) -> str:
     lines = [
         "| model | job | wall (s) | × floor | × overlapped floor | × single job "
-        "| peak RSS (GB) | CPU (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak RSS (GB) | CPU (s) | read (GB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "ok" in r:
-            lines.append(f"| {r['arch']} | {r['job']} | {'yes' if r['ok'] else 'NO'} | | | | | |")
+            lines.append(f"| {r['arch']} | {r['job']} | {'yes' if r['ok'] else 'NO'} | | | | | | |")
             continue
         ratio = r["wall"] / r["floor"] if r.get("floor") else float("nan")
         single = f"{r['vs_single']:.2f}" if "vs_single" in r else ""
         over = f"{r['wall'] / r['overlap']:.2f}" if r.get("overlap") else ""
         cpu = f"{r['cpu']:.1f}" if "cpu" in r else ""
+        read = f"{r['read_gb']:.2f}" if "read_gb" in r else ""
         lines.append(
             f"| {r['arch']} | {r['job']} | {r['wall']:.1f} | {ratio:.2f} | {over} | {single} "
-            f"| {r['rss']:.2f} | {cpu} |"
+            f"| {r['rss']:.2f} | {cpu} | {read} |"
         )
     return "\n".join(lines)
 
