@@ -161,6 +161,10 @@ class HashTap:
 
     def _stashed_at(self, pos: int) -> memoryview | None:
         """The stashed bytes from `pos` on (dropping stashed ranges the cursor passed)."""
+        view = self.stash.pop(pos, None)
+        if view is not None:  # the usual case: the next range starts at the cursor
+            self.stashed -= len(view)
+            return view
         found = None
         for off in list(self.stash):
             view = self.stash[off]
