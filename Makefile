@@ -30,7 +30,7 @@ test: install
 	$(BIN)/python -m pytest -q -n 2
 
 test-reliability: install
-	$(BIN)/python -m pytest -q -m slow
+	MERGEBUILD_TEST_FRESH=1 $(BIN)/python -m pytest -q -m slow
 
 lint: install
 	$(BIN)/ruff check src tests bench

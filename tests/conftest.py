@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_zygote import zygote
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(SRC))
@@ -43,10 +45,17 @@ def run_cli(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 300,
+    fresh: bool = False,
 ) -> Result:
+    """The CLI as a child process: forked from a zygote that imported torch already
+    (tests/cli_zygote.py), or a fresh `python -m mergebuild` with `fresh=True`."""
     full_env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
     if cache is not None:
         full_env["MERGEBUILD_CACHE_DIR"] = str(cache)
+    server = None if fresh else zygote()
+    if server is not None:
+        code, out, err = server.run([*map(str, args)], full_env, str(cwd) if cwd else None, timeout)
+        return Result(code, out, err)
     p = subprocess.run(
         [sys.executable, "-m", "mergebuild", *map(str, args)],
         cwd=cwd,
