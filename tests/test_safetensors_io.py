@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,6 @@ def test_running_checksum_equals_file_hash_in_any_write_order(tmp_path: Path) ->
     """Tensors and chunks written out of order: the writer's xxh3 is the finished file's."""
     import random
 
-    import xxhash
-
     g = torch.Generator().manual_seed(0)
     ts = {f"t{i}": torch.randn(37 * (i + 1), generator=g).half() for i in range(6)}
     infos = {k: TensorInfo("F16", tuple(v.shape)) for k, v in ts.items()}
@@ -137,7 +136,7 @@ def test_running_checksum_equals_file_hash_in_any_write_order(tmp_path: Path) ->
         for k, lo in pieces:
             w.write(k, ts[k][lo : lo + 10], lo)
         w.finish()
-        assert w.checksum() == xxhash.xxh3_128_hexdigest(path.read_bytes())
+        assert astuple(w.checksum()) == split_checksum(path.read_bytes())
     finally:
         os.close(fd)
 
@@ -174,7 +173,6 @@ def test_block_writer_bytes_and_checksum(
 ) -> None:
     """Many 4 KiB blocks, fed in order or not; with few staged blocks allowed, pieces far ahead
     are written in place: same bytes, and then no running checksum (the cache hashes)."""
-    import xxhash
 
     from mergebuild.engine import stream_writer
 
@@ -190,7 +188,7 @@ def test_block_writer_bytes_and_checksum(
     if staged == "scarce" and order != "in order":
         assert w.checksum() is None
     else:
-        assert w.checksum() == xxhash.xxh3_128_hexdigest(ours)
+        assert astuple(w.checksum()) == split_checksum(ours)
 
 
 def test_block_writer_falls_back_when_direct_io_is_refused(
@@ -251,3 +249,11 @@ def test_block_writer_reports_a_disk_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(os, "pwrite", pwrite)
     with pytest.raises(OSError, match="No space left on device"):
         write_pieces(tmp_path / "ours.safetensors", big_tensors(), "in order")
+
+
+def split_checksum(data: bytes) -> tuple[int, str, str]:
+    """xxh3-128 of the header (8-byte length + JSON) and of the data section, apart."""
+    import xxhash
+
+    head = 8 + int.from_bytes(data[:8], "little")
+    return (head, xxhash.xxh3_128_hexdigest(data[:head]), xxhash.xxh3_128_hexdigest(data[head:]))
