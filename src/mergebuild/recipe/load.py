@@ -202,6 +202,7 @@ class _Resolver:
     ) -> None:
         self.recipe = Recipe(path=path, sources=[path])
         self.landing: dict[str, str] = {}  # output name → where its file really lands
+        self.landed: dict[Any, str] = {}  # realpath / (dir, casefolded name) → output name
         self.rf, self.data, self.pos = rf, data, pos
         self.allow_outside = allow_outside
         self.including = (*including, path)
@@ -724,15 +725,22 @@ class _Resolver:
                     loc,
                 )
                 return
-        for other, place in self.landing.items():
-            # not by inode: outputs are hardlinks of cache objects, equal outputs share one
-            if _same_place(path, lands, Path(place), inode=False):
-                self.err(
-                    f"outputs '{other}' and '{name}' write the same file {path}"
-                    + (f" (through a link: {place})" if place != str(lands) else ""),
-                    loc,
-                )
+        # not by inode: outputs are hardlinks of cache objects, equal outputs share one.
+        # Indexed (what _same_place compares with inode=False): a sweep of 1000 outputs must
+        # not compare every pair through realpath.
+        real = os.path.realpath(path)
+        mine = (str(lands), real, (str(lands.parent), lands.name.casefold()))
+        for other in dict.fromkeys(self.landed[k] for k in mine if k in self.landed):
+            place = self.landing[other]
+            self.err(
+                f"outputs '{other}' and '{name}' write the same file {path}"
+                + (f" (through a link: {place})" if place != str(lands) else ""),
+                loc,
+            )
         self.landing[name] = str(lands)
+        real_place = Path(os.path.realpath(lands))
+        for k in (str(real_place), (str(real_place.parent), real_place.name.casefold())):
+            self.landed.setdefault(k, name)
 
     def _protected(self) -> list[tuple[str, Path]]:
         """Files a build must never write over: recipes and their lock files."""

@@ -196,11 +196,14 @@ class _Expander:
         self.spaces[name] = space
 
     def _too_many(self, name: str, what: str) -> None:
-        where = ("merges", name, "sweep") if "sweep" in self.merges[name] else ("merges", name)
-        self.err(
-            f"merge '{name}': {what} makes the recipe more than {self.cap} sweep members "
-            f"(a typo in a range step?); set {MAX_ENV}=N to allow more",
-            where,
+        own = "sweep" in self.merges[name]
+        where = ("merges", name, "sweep") if own else ("merges", name)
+        self.problems.append(
+            Problem(
+                f"merge '{name}': {what} makes the recipe more than {self.cap} sweep members "
+                f"(a typo in a range step?); set {MAX_ENV}=N to allow more",
+                self.pos.of(where, key=not own),
+            )
         )
 
     # -- a node's own sweep ----------------------------------------------------------------
@@ -271,7 +274,7 @@ class _Expander:
         names |= set(method.slots if method.inputs_form == "slots" else ())
         if method.inputs_form == "base_models":
             names.add(method.base_name)
-        if method.block_params:
+        if len(method.block_params) == 1:
             names.add(PRESET)
         return names
 
@@ -377,9 +380,10 @@ class _Expander:
         preset = raw.get(PRESET) if isinstance(raw, dict) and len(raw) == 1 else None
         if isinstance(preset, str) and _SAFE_TEXT.fullmatch(preset):
             return preset
-        from mergebuild.hashing import xxh3_hex
+        import xxhash
 
-        return "blocks-" + xxh3_hex(json.dumps(raw, sort_keys=True).encode())[:8]
+        text = json.dumps(raw, sort_keys=True, default=str)
+        return "blocks-" + xxhash.xxh3_64_hexdigest(text.encode())[:8]
 
     def _range(self, name: str, key: str, spec: Any, at: tuple) -> list[Value] | None:
         usage = f"merge '{name}': range of '{key}' is [start, stop, step] (stop included)"
