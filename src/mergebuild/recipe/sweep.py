@@ -19,6 +19,7 @@ import json
 import os
 import re
 import string
+import warnings
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -505,7 +506,9 @@ class _Expander:
             self._place(v, ("merges", member, key))
         if PRESET in own:
             block = self._block_param(name, entry)
-            assert block is not None
+            if block is None:  # an unknown method: the loader reports it
+                out[PRESET] = own[PRESET].raw
+                return out
             curve: dict[str, Any] = {PRESET: own[PRESET].raw}
             base = out.get(block)
             if base is not None:
@@ -669,7 +672,9 @@ def _names(text: str) -> list[str] | None:
     if len(text) > MAX_EXPRESSION_CHARS:
         return None
     try:
-        tree = ast.parse(f"({text})", mode="eval")
+        with warnings.catch_warnings():  # `1if` etc.: the loader's own parse reports the text
+            warnings.simplefilter("ignore")
+            tree = ast.parse(f"({text})", mode="eval")
     except (SyntaxError, RecursionError, MemoryError, ValueError):
         return None
     funcs = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
