@@ -359,6 +359,13 @@ ERRORS = [
         9,
         "unknown model 'nope'",
     ),
+    # a swept input that is itself swept
+    (
+        "  n: {method: weighted_sum, a: insta, b: wd13, sweep: {alpha: [0.1, 0.2]}}\n"
+        "  m: {method: weighted_sum, a: insta, alpha: 0.5, sweep: {b: [wd13, n]}}\n",
+        10,
+        "input 'b' is swept over 'n', itself swept",
+    ),
     # names
     (
         "  'm[1]': {method: weighted_sum, a: insta, b: wd13, alpha: 0.5}\n",
@@ -400,6 +407,18 @@ def test_output_template_errors(tmp_path: Path, path: str, message: str) -> None
         load(tmp_path, merges, f"  o:\n    from: m\n    path: '{path}'\n")
     assert message in str(e.value)
     assert e.value.problems[0].location.line == 14, str(e.value)
+
+
+def test_member_output_name_taken_by_hand(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as e:
+        load(
+            tmp_path,
+            "  m: {method: weighted_sum, a: insta, b: wd13, sweep: {alpha: [0.1, 0.2]}}\n",
+            "  'o[alpha=0.2]': {from: insta, path: out/x.safetensors}\n"
+            '  o: {from: m, path: "out/o-{alpha}.safetensors"}\n',
+        )
+    assert "r.yaml:12:" in str(e.value)
+    assert "output 'o[alpha=0.2]' is also a member of swept output 'o'" in str(e.value)
 
 
 def test_cap_can_be_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -232,7 +232,14 @@ class _Expander:
             if self._given(name, entry, key):
                 continue
             axis = self._axis(name, key, spec[key], (*at, key))
-            if axis is not None:
+            swept_input = [v for v in axis or () if isinstance(v.raw, str) and v.raw in self.spaces]
+            if swept_input and "expr" not in entry and key != PRESET:
+                self.err(
+                    f"merge '{name}': input '{key}' is swept over '{swept_input[0].raw}', "
+                    "itself swept: sweep one or the other",
+                    swept_input[0].src,
+                )
+            elif axis is not None:
                 axes.append(axis)
         if len(axes) != len(keys):
             return None
@@ -547,6 +554,9 @@ class _Expander:
             members = []
             for label, fields, _ in labels:
                 member = f"{name}[{label}]"
+                if member in self.outputs:
+                    self.err(f"output '{member}' is also a member of swept output '{name}'", where)
+                    break
                 text = _render(path, {**fields, "name": name, "member": label})
                 norm = os.path.normcase(os.path.normpath(text)).casefold()
                 if norm in seen:
@@ -656,11 +666,12 @@ def _refs(entry: Any, merges: dict[str, Any]) -> list[str]:
         names = _names(text)
         out = [n for n in names or () if n in merges]
     elif isinstance(entry, dict):
+        sweep = entry.get("sweep") if isinstance(entry.get("sweep"), dict) else {}
         for f in _input_fields(_method(entry.get("method"))):
-            v = entry.get(f)
-            for r in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
-                if isinstance(r, str) and r in merges:
-                    out.append(r)
+            for v in (entry.get(f), sweep.get(f)):  # a swept input: each value is read
+                for r in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
+                    if isinstance(r, str) and r in merges:
+                        out.append(r)
     return out
 
 
