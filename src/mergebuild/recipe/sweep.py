@@ -13,19 +13,32 @@ their `path` a template (`out/nsfw-{alpha}.safetensors`) that must tell the memb
 
 from __future__ import annotations
 
-import ast
 import itertools
 import json
 import os
 import re
 import string
-import warnings
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from mergebuild.errors import Location, Problem, RecipeError, did_you_mean
-from mergebuild.recipe.yamlpos import PlainNumber, Positions
+from mergebuild.recipe.sweep_space import (
+    Group,
+    Space,
+    Value,
+    components,
+    decimal,
+    decimal_text,
+    example,
+    expr_names,
+    free_names,
+    is_number,
+    join,
+    render,
+    topological,
+)
+from mergebuild.recipe.yamlpos import Positions
 
 MAX_ENV = "MERGEBUILD_SWEEP_MAX"
 DEFAULT_MAX = 1000  # members in a whole recipe: a typo in a range step is not a 10⁶-node build
@@ -33,35 +46,6 @@ ZIP = "zip"
 PRESET = "preset"  # sweeps the block-weight curve of the method's block parameter
 _SAFE_TEXT = re.compile(r"[A-Za-z0-9_.+\-]{1,64}")
 _SPEC = re.compile(r"0?\d{0,2}(\.\d{1,2})?[efg%d]?")  # `{alpha:.2f}`: small widths only
-
-
-@dataclass(frozen=True)
-class Value:
-    """One swept value: what the member gets, how names and paths spell it, where it was."""
-
-    raw: Any
-    spell: str
-    src: tuple  # its path in the YAML (for positions of errors inside the member)
-
-
-@dataclass
-class Group:
-    """A swept node's own axes: `keys[i]` takes `rows[r][i]` in member r."""
-
-    origin: str
-    keys: list[str]
-    rows: list[tuple[Value, ...]]
-
-
-@dataclass
-class Space:
-    """A node's members: each row picks one row of each group (by index)."""
-
-    groups: list[str]
-    rows: list[tuple[int, ...]]
-
-    def project(self, row: tuple[int, ...], groups: list[str]) -> tuple[int, ...]:
-        return tuple(row[self.groups.index(g)] for g in groups)
 
 
 @dataclass
@@ -140,7 +124,7 @@ class _Expander:
 
     def run(self) -> None:
         refs = {n: _refs(e, self.merges) for n, e in self.merges.items()}
-        order = _topological(refs)
+        order = topological(refs)
         for name, entry in self.merges.items():  # left in a cycle: the loader reports it
             if name not in order and isinstance(entry, dict):
                 entry.pop("sweep", None)
@@ -156,7 +140,7 @@ class _Expander:
         own = self._own_group(name, entry) if isinstance(entry, dict) else None
         spec = entry.get("sweep") if isinstance(entry, dict) else None
         zipped = isinstance(spec, dict) and spec.get(ZIP) is True
-        parts = _components([self.spaces[r] for r in dict.fromkeys(refs) if r in self.spaces])
+        parts = components([self.spaces[r] for r in dict.fromkeys(refs) if r in self.spaces])
         if own is not None:
             self.groups[name] = own
             parts.append(Space([name], [(i,) for i in range(len(own.rows))]))
@@ -185,7 +169,7 @@ class _Expander:
         else:
             space = parts[0]
             for p in parts[1:]:
-                joined = _join(space, p, self.cap - self.total)
+                joined = join(space, p, self.cap - self.total)
                 if joined is None:
                     self._too_many(name, "the product of its sweeps")
                     return
@@ -271,7 +255,7 @@ class _Expander:
         (the loader reports the bad method or expression)."""
         if "expr" in entry:
             text = entry["expr"]
-            free = _free_names(text) if isinstance(text, str) else None
+            free = free_names(text) if isinstance(text, str) else None
             if free is None:
                 return None
             return {n for n in free if n not in self.models and n not in self.merges}
@@ -327,7 +311,7 @@ class _Expander:
         target = key
         if key == PRESET:
             target = self._block_param(name, entry) or key
-            if target not in entry or _is_number(entry[target]):
+            if target not in entry or is_number(entry[target]):
                 return False
         elif key not in entry:
             return False
@@ -374,8 +358,8 @@ class _Expander:
     def _spell(self, name: str, key: str, raw: Any, at: tuple) -> str | None:
         if isinstance(raw, bool) or raw is None:
             return json.dumps(raw)  # the loader refuses it where a number belongs, located
-        if _is_number(raw):
-            return _decimal_text(_decimal(raw))
+        if is_number(raw):
+            return decimal_text(decimal(raw))
         if isinstance(raw, str):
             if _SAFE_TEXT.fullmatch(raw):
                 return raw
@@ -395,11 +379,11 @@ class _Expander:
 
     def _range(self, name: str, key: str, spec: Any, at: tuple) -> list[Value] | None:
         usage = f"merge '{name}': range of '{key}' is [start, stop, step] (stop included)"
-        if not (isinstance(spec, list) and len(spec) == 3 and all(map(_is_number, spec))):
+        if not (isinstance(spec, list) and len(spec) == 3 and all(map(is_number, spec))):
             self.err(f"{usage}: three numbers", at)
             return None
         try:
-            start, stop, step = (_decimal(v) for v in spec)
+            start, stop, step = (decimal(v) for v in spec)
         except (InvalidOperation, ValueError):
             self.err(f"{usage}: three finite numbers", at)
             return None
@@ -412,9 +396,9 @@ class _Expander:
         if (stop - start) * step < 0:
             way = "up" if stop > start else "down"
             self.err(
-                f"{usage}: it goes {way} from {_decimal_text(start)} to {_decimal_text(stop)}, "
+                f"{usage}: it goes {way} from {decimal_text(start)} to {decimal_text(stop)}, "
                 f"so the step must be {'positive' if way == 'up' else 'negative'} "
-                f"(got {_decimal_text(step)})",
+                f"(got {decimal_text(step)})",
                 (*at, 2),
             )
             return None
@@ -428,7 +412,7 @@ class _Expander:
         out = []
         for i in range(count):
             d = start + step * i
-            out.append(Value(int(d) if ints else float(d), _decimal_text(d), at))
+            out.append(Value(int(d) if ints else float(d), decimal_text(d), at))
         return out
 
     # -- members ---------------------------------------------------------------------------
@@ -547,7 +531,7 @@ class _Expander:
                 self.err(
                     f"output '{name}' is from swept node '{src}' ({len(labels)} members): "
                     f"its path must be a template that tells them apart, e.g. "
-                    f"{_example(path, labels[0][1])!r}",
+                    f"{example(path, labels[0][1])!r}",
                     where,
                 )
                 continue
@@ -557,7 +541,7 @@ class _Expander:
                 if member in self.outputs:
                     self.err(f"output '{member}' is also a member of swept output '{name}'", where)
                     break
-                text = _render(path, {**fields, "name": name, "member": label})
+                text = render(path, {**fields, "name": name, "member": label})
                 norm = os.path.normcase(os.path.normpath(text)).casefold()
                 if norm in seen:
                     other_out, other = seen[norm]
@@ -566,7 +550,7 @@ class _Expander:
                         f"{text!r} for members [{other}] and [{label}]"
                         + (f" (and output '{other_out}')" if other_out != name else "")
                         + "; put every swept value in it, e.g. "
-                        f"{_example(path, fields)!r}",
+                        f"{example(path, fields)!r}",
                         where,
                     )
                     break
@@ -663,7 +647,7 @@ def _refs(entry: Any, merges: dict[str, Any]) -> list[str]:
     out: list[str] = []
     if isinstance(entry, str) or (isinstance(entry, dict) and isinstance(entry.get("expr"), str)):
         text = entry if isinstance(entry, str) else entry["expr"]
-        names = _names(text)
+        names = expr_names(text)
         out = [n for n in names or () if n in merges]
     elif isinstance(entry, dict):
         sweep = entry.get("sweep") if isinstance(entry.get("sweep"), dict) else {}
@@ -673,139 +657,3 @@ def _refs(entry: Any, merges: dict[str, Any]) -> list[str]:
                     if isinstance(r, str) and r in merges:
                         out.append(r)
     return out
-
-
-def _names(text: str) -> list[str] | None:
-    """Model/node names and free variables of an expression (dotted `ns.x` included), in
-    order; None when it does not parse (the loader reports it)."""
-    from mergebuild.recipe.expr import MAX_EXPRESSION_CHARS
-
-    if len(text) > MAX_EXPRESSION_CHARS:
-        return None
-    try:
-        with warnings.catch_warnings():  # `1if` etc.: the loader's own parse reports the text
-            warnings.simplefilter("ignore")
-            tree = ast.parse(f"({text})", mode="eval")
-    except (SyntaxError, RecursionError, MemoryError, ValueError):
-        return None
-    funcs = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    out: list[str] = []
-    for n in ast.walk(tree):
-        if id(n) in funcs:
-            continue
-        if isinstance(n, ast.Name):
-            out.append(n.id)
-        elif isinstance(n, ast.Attribute):
-            dotted = _dotted(n)
-            if dotted:
-                out.append(dotted)
-    return list(dict.fromkeys(out))
-
-
-def _dotted(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
-        return None if base is None else f"{base}.{node.attr}"
-    return None
-
-
-def _free_names(text: str) -> set[str] | None:
-    names = _names(text)
-    return None if names is None else {n for n in names if "." not in n}
-
-
-def _topological(refs: dict[str, list[str]]) -> list[str]:
-    """Nodes in an order where each comes after the nodes it reads (cycles left out)."""
-    indeg = {n: len(set(r)) for n, r in refs.items()}
-    users: dict[str, list[str]] = {n: [] for n in refs}
-    for n, rs in refs.items():
-        for r in set(rs):
-            users[r].append(n)
-    ready = [n for n, d in indeg.items() if d == 0]
-    out: list[str] = []
-    while ready:
-        n = ready.pop(0)
-        out.append(n)
-        for u in users[n]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                ready.append(u)
-    return out
-
-
-def _components(spaces: list[Space]) -> list[Space]:
-    """Inputs' member spaces, those sharing a group joined (a diamond is one sweep)."""
-    parts: list[Space] = []
-    for s in spaces:
-        merged = s
-        rest = []
-        for p in parts:
-            if set(p.groups) & set(merged.groups):
-                joined = _join(p, merged, 1 << 62)
-                assert joined is not None
-                merged = joined
-            else:
-                rest.append(p)
-        parts = [*rest, merged]
-    return parts
-
-
-def _join(a: Space, b: Space, limit: int) -> Space | None:
-    """Rows of `a` and `b` that agree on their shared groups (a product when none)."""
-    shared = [g for g in b.groups if g in a.groups]
-    extra = [i for i, g in enumerate(b.groups) if g not in a.groups]
-    rows = []
-    for ra in a.rows:
-        key = a.project(ra, shared)
-        for rb in b.rows:
-            if b.project(rb, shared) == key:
-                rows.append((*ra, *(rb[i] for i in extra)))
-                if len(rows) > limit:
-                    return None
-    return Space([*a.groups, *(b.groups[i] for i in extra)], rows)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float | PlainNumber) and not isinstance(v, bool)
-
-
-def _decimal(v: Any) -> Decimal:
-    """A number as the decimal it is written as (`0.1` is 0.1, not 0.1000000000000000055…),
-    so ranges step exactly and names never show 0.30000000000000004."""
-    if isinstance(v, PlainNumber):
-        v = v.number()
-    d = Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
-    return d
-
-
-def _decimal_text(d: Decimal) -> str:
-    if d == 0:
-        return "0"
-    text = format(d.normalize(), "f")
-    return text
-
-
-def _render(template: str, fields: dict[str, str]) -> str:
-    out = []
-    for literal, fname, spec, _ in string.Formatter().parse(template):
-        out.append(literal)
-        if fname is None:
-            continue
-        value = fields[fname]
-        if spec:
-            try:
-                num = Decimal(value)
-                value = format(int(num) if spec.endswith("d") else float(num), spec)
-            except (InvalidOperation, ValueError):
-                pass  # a name: spelled as is
-        out.append(value)
-    return "".join(out)
-
-
-def _example(path: str, fields: dict[str, str]) -> str:
-    keys = [k for k in fields if "." not in k] or list(fields)
-    stem, dot, suffix = path.rpartition(".")
-    tail = "-".join("{" + k + "}" for k in keys)
-    return f"{stem}-{tail}.{suffix}" if dot and "/" not in suffix else f"{path}-{tail}"
