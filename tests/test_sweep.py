@@ -409,6 +409,19 @@ def test_output_template_errors(tmp_path: Path, path: str, message: str) -> None
     assert e.value.problems[0].location.line == 14, str(e.value)
 
 
+def test_every_bad_sweep_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as e:
+        load(
+            tmp_path,
+            "  m: {method: weighted_sum, a: insta, b: wd13, sweep: {alpha: []}}\n"
+            "  n: {method: weighted_sum, a: insta, b: wd13, sweep: {beta: [1]}}\n"
+            "  z: {method: weighted_sum, a: m, b: n, sweep: {zip: true}}\n",  # reads bad ones
+            "  o: {from: insta, path: out/o.safetensors}\n",
+        )
+    lines = [(p.location.line if p.location else None) for p in e.value.problems]
+    assert lines == [9, 10], str(e.value)
+
+
 def test_member_output_name_taken_by_hand(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as e:
         load(

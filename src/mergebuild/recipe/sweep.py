@@ -128,16 +128,26 @@ class _Expander:
         for name, entry in self.merges.items():  # left in a cycle: the loader reports it
             if name not in order and isinstance(entry, dict):
                 entry.pop("sweep", None)
+        failed: set[str] = set()  # every sweep is checked; what reads a bad one is skipped
         for name in order:
+            if any(r in failed for r in refs[name]):
+                failed.add(name)
+                continue
+            before = len(self.problems)
             self._space(name, refs[name])
-            if self.problems:
-                return
+            if len(self.problems) > before:
+                failed.add(name)
+        if self.problems:
+            return
         self._rewrite_merges(refs)
         self._rewrite_outputs()
 
     def _space(self, name: str, refs: list[str]) -> None:
         entry = self.merges[name]
+        before = len(self.problems)
         own = self._own_group(name, entry) if isinstance(entry, dict) else None
+        if len(self.problems) > before:
+            return
         spec = entry.get("sweep") if isinstance(entry, dict) else None
         zipped = isinstance(spec, dict) and spec.get(ZIP) is True
         parts = components([self.spaces[r] for r in dict.fromkeys(refs) if r in self.spaces])
