@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--no-nine", action="store_true", help="skip the 3 × 3 sweep")
     args = ap.parse_args()
     rows: list[dict] = []
+    load_start = os.getloadavg()[0]  # a shared machine: how busy it was, in the report
     r = Runner("sd1", rows, args.repeat)
     r.group = "sweep"
     shutil.rmtree(r.cache, ignore_errors=True)
@@ -165,7 +166,8 @@ def main() -> None:
         "the fastest of buffered / O_DIRECT reads and writes, in the same run. The separate "
         "builds are three runs, one alpha each, each from a cold page cache (wall and CPU "
         "summed, RSS the largest); the sweep row's `vs_separate` in the JSON is its wall "
-        "over theirs.\n\n"
+        "over theirs. Load average (1 min) at the start and the end of the run: "
+        f"{load_start:.1f}, {os.getloadavg()[0]:.1f}.\n\n"
         f"Command: `python bench/sweep.py {' '.join(sys.argv[1:])}`\n\n"
     )
     (HERE / "sweep_results.md").write_text(
