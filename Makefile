@@ -43,6 +43,7 @@ recipes: install
 bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/noop.py
+	$(BIN)/python bench/sweep.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

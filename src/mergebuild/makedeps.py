@@ -109,6 +109,6 @@ def rules(recipe: Recipe, deps: list[OutputDeps], command: str = "$(MERGEBUILD)"
 
 
 def _name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]=]+", name):
+    if not re.fullmatch(r"[A-Za-z0-9_.,\-\[\]=]+", name):
         raise BuildError(f"output '{name}': make rules need output names of letters, digits, _.-")
     return name

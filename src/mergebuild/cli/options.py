@@ -96,7 +96,7 @@ def make_builder(args: argparse.Namespace, outputs: list[str] | None, check_lock
     return Builder(
         recipe,
         open_store(args),
-        outputs,
+        recipe.select_outputs(outputs),  # a swept output's name: all its members
         jobs=max(1, args.jobs),
         max_memory=args.max_memory,
         progress=Progress(enabled=not args.quiet, stream=human),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from mergebuild.recipe.yamlpos import PlainNumber
 from mergebuild.sd.blocks import AlphaError, Weights, parse_alpha
 
 MAX_EXPRESSION_CHARS = 4096
@@ -163,8 +164,17 @@ def _terms(result: _Lin, refs: dict[str, int]) -> dict[str, Coef]:
 class _Folder:
     """Folds an expression's syntax tree into a linear combination, exactly."""
 
-    def __init__(self, text: str, refs: dict[str, int], calls: _Calls | None) -> None:
+    def __init__(
+        self,
+        text: str,
+        refs: dict[str, int],
+        calls: _Calls | None,
+        bind: dict[str, Any] | None = None,
+        rename: dict[str, str] | None = None,
+    ) -> None:
         self.text, self.refs, self.calls = text, refs, calls
+        self.bind = bind or {}  # a sweep member's values of the expression's free names
+        self.rename = rename or {}  # swept node → this member's member of it
         self.lines = text.split("\n")
         if calls is not None:
             calls.folder = self
@@ -185,6 +195,9 @@ class _Folder:
             name = _dotted(node)  # `ns.model`: an output of an included recipe
             if name is None:
                 raise ExpressionError("unsupported syntax (attribute)", offset(node))
+            if name in self.bind:
+                return _Lin(const=self.bound(name, offset(node)))
+            name = self.rename.get(name, name)
             refs.setdefault(name, offset(node))
             return _Lin({name: Fraction(1)})
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
@@ -220,6 +233,28 @@ class _Folder:
             offset(node),
         )
 
+    def bound(self, name: str, at: int) -> Coef:
+        """A swept value as a coefficient: exactly the number written (as `* 0.25` would be),
+        or block weights."""
+        v = self.bind[name]
+        if isinstance(v, bool) or not isinstance(v, int | float | str | dict | list):
+            raise ExpressionError(f"'{name}' is swept over {v!r}: a number or block weights", at)
+        if isinstance(v, int):
+            return Fraction(v)
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise ExpressionError(f"'{name}' is swept over {v!r}: a finite number", at)
+            return Fraction(repr(v))
+        if isinstance(v, PlainNumber):  # `1e-3`: a number YAML 1.1 left as text
+            return Fraction(v.replace("_", ""))
+        if isinstance(v, str):
+            what = f"'{name}' is swept over the text {v!r}"
+            raise ExpressionError(f"{what}: a number or block weights", at)
+        try:
+            return parse_alpha(v)
+        except AlphaError as e:
+            raise ExpressionError(f"'{name}' is swept over block weights: {e}", at) from None
+
     def lora(self, node: ast.Call) -> _Lin:
         """`lora(NAME)`, `lora(NAME, 0.6)`, `lora(NAME, preset("GRAD_V"))`: NAME's term, tagged
         as a LoRA, with the strength as its coefficient."""
@@ -231,6 +266,7 @@ class _Folder:
         name = _dotted(args[0])
         if name is None:
             raise ExpressionError(f"the first argument of lora() is a model name; {usage}", at)
+        name = self.rename.get(name, name)
         self.refs.setdefault(name, self.offset(args[0]))
         strength: Coef = Fraction(1)
         if len(args) == 2:
@@ -297,16 +333,22 @@ def _param(c: Coef) -> float | dict[str, Any]:
     return float(c) if isinstance(c, Fraction) else c.to_param()
 
 
-def lower(text: str, parent: str = "") -> Lowered:
+def lower(
+    text: str,
+    parent: str = "",
+    bind: dict[str, Any] | None = None,
+    rename: dict[str, str] | None = None,
+) -> Lowered:
     """Parse `text` and pick the canonical method that computes the same combination.
 
     Merge methods called in `text` become nodes named `parent` (a call that is the whole
-    expression) or `parent/1`, `parent/2`… (calls used as terms or inputs).
+    expression) or `parent/1`, `parent/2`… (calls used as terms or inputs). A sweep member
+    gives `bind` (its values of the expression's free names) and `rename` (node → member).
     """
     calls = _Calls(parent)
     tree = _parse(text)
     refs: dict[str, int] = {}
-    folder = _Folder(text, refs, calls)
+    folder = _Folder(text, refs, calls, bind, rename)
     try:
         if isinstance(tree.body, ast.Call) and method_called(tree.body) is not None:
             calls.add(tree.body, top=True)
@@ -468,7 +510,11 @@ class _Calls:
         return name
 
     def _value(self, v: ast.AST) -> Any:
-        """A parameter: a number, a quoted string, true/false, a list, or preset()/blocks()."""
+        """A parameter: a number, a quoted string, true/false, a list, or preset()/blocks()
+        (or a swept name: its value, as the explicit form would get it)."""
+        assert self.folder is not None
+        if isinstance(v, ast.Name) and v.id in self.folder.bind:
+            return self.folder.bind[v.id]
         if isinstance(v, ast.UnaryOp) and isinstance(v.op, ast.USub | ast.UAdd):
             inner = self._value(v.operand)
             if type(inner) in (int, float):

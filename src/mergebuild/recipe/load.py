@@ -24,6 +24,7 @@ from mergebuild.recipe.schema import (
     RecipeFile,
     problems_from,
 )
+from mergebuild.recipe.sweep import Expansion, expand_sweeps
 from mergebuild.recipe.yamlpos import Positions, load_yaml
 from mergebuild.sd.blocks import AlphaError, canonical_alpha
 from mergebuild.sd.output import canonical as canonical_output
@@ -70,11 +71,37 @@ def load_recipe(
             ]
         )
     apply_overrides(data, pos, overrides)
+    sweeps = expand_sweeps(data, pos)
     try:
         rf = RecipeFile.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(problems_from(e, (), pos)) from None
-    return _Resolver(Path(path).resolve(), rf, data, pos, allow_outside_paths, _including).resolve()
+        raise RecipeError(_once(problems_from(e, (), pos), sweeps)) from None
+    resolver = _Resolver(Path(path).resolve(), rf, data, pos, allow_outside_paths, _including)
+    resolver.sweeps = sweeps
+    try:
+        recipe = resolver.resolve()
+    except RecipeError as e:
+        raise RecipeError(_once(e.problems, sweeps)) from None
+    recipe.node_members, recipe.output_members = sweeps.node_members, sweeps.output_members
+    return recipe
+
+
+def _once(problems: list[Problem], sweeps: Expansion) -> list[Problem]:
+    """A mistake in a swept node is reported once, not once per member: problems that differ
+    only in the member they name (same place, same words) collapse into the first."""
+    if not sweeps.origin:
+        return problems
+    seen: set[tuple[str, Location | None]] = set()
+    out = []
+    for p in problems:
+        text = _MEMBER.sub(lambda m: m.group(1), p.message)
+        if (text, p.location) not in seen:
+            seen.add((text, p.location))
+            out.append(p)
+    return out
+
+
+_MEMBER = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\[[^\[\]\n]*\]")
 
 
 def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] | tuple) -> None:
@@ -89,6 +116,9 @@ def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] |
         merges, outputs = data.get("merges") or {}, data.get("outputs") or {}
         merges = merges if isinstance(merges, dict) else {}  # wrong shapes: reported later
         outputs = outputs if isinstance(outputs, dict) else {}
+        if name.endswith(".sweep") and name[: -len(".sweep")] in merges:
+            problems += _set_sweep(data, pos, item, name[: -len(".sweep")], field, value)
+            continue
         section = "merges" if name in merges else "outputs" if name in outputs else None
         if section is None:
             problems.append(
@@ -101,7 +131,7 @@ def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] |
         entry = data[section][name]
         if not isinstance(entry, dict):
             entry = data[section][name] = {"expr": entry}
-            if field not in ("dtype", "cache", "fold"):
+            if field not in ("dtype", "cache", "fold", "sweep"):
                 problems.append(
                     Problem(
                         f"--set {item!r}: '{name}' is an expression; "
@@ -120,6 +150,31 @@ def apply_overrides(data: dict[str, Any], pos: Positions, overrides: list[str] |
         pos.values[(section, name, field)] = Location("--set", 1, 1)
     if problems:
         raise RecipeError(problems)
+
+
+def _set_sweep(
+    data: dict[str, Any], pos: Positions, item: str, name: str, param: str, value: str
+) -> list[Problem]:
+    """`--set NODE.sweep.PARAM=[v1, v2]` (or `{range: [...]}`, or `zip=true`): one axis of a
+    node's sweep, added or replaced."""
+    entry = data["merges"][name]
+    if not isinstance(entry, dict):
+        entry = data["merges"][name] = {"expr": entry}
+    sweep = entry.setdefault("sweep", {})
+    if not isinstance(sweep, dict):
+        return [Problem(f"--set {item!r}: the sweep of '{name}' is not a mapping")]
+    try:
+        parsed, sub = _set_value(value)
+    except RecipeError as e:
+        return [Problem(f"--set {item!r}: {p.message}", p.location) for p in e.problems]
+    sweep[param] = parsed
+    where = ("merges", name, "sweep", param)
+    for path in [p for p in pos.values if p[: len(where)] == where]:
+        del pos.values[path]
+    for path, loc in sub.values.items():
+        pos.values[(*where, *path)] = loc
+    pos.values[where] = pos.keys[where] = Location("--set", 1, 1)
+    return []
 
 
 def _set_value(value: str) -> tuple[Any, Positions]:
@@ -147,6 +202,7 @@ class _Resolver:
     ) -> None:
         self.recipe = Recipe(path=path, sources=[path])
         self.landing: dict[str, str] = {}  # output name → where its file really lands
+        self.landed: dict[Any, str] = {}  # realpath / (dir, casefolded name) → output name
         self.rf, self.data, self.pos = rf, data, pos
         self.allow_outside = allow_outside
         self.including = (*including, path)
@@ -156,6 +212,7 @@ class _Resolver:
         self.merge_names: set[str] = set(rf.merges)
         self.included: set[str] = set()  # nodes from included recipes: checked there already
         self.aliases: dict[str, str] = {}  # `ns.output` → the included name it stands for
+        self.sweeps = Expansion()  # values and references of expression sweep members
 
     def err(self, message: str, loc: Location | None) -> None:
         self.problems.append(Problem(message, loc))
@@ -570,7 +627,7 @@ class _Resolver:
         loc = self.pos.of(vpath)
         quoted = (*vpath, "__quoted__") in self.pos.values
         try:
-            low = lower(text, name)
+            low = lower(text, name, self.sweeps.bind.get(name), self.sweeps.rename.get(name))
         except ExpressionError as e:
             self.err(f"in merge '{name}': {e}", _shift(loc, e.offset, quoted))
             return None
@@ -668,15 +725,22 @@ class _Resolver:
                     loc,
                 )
                 return
-        for other, place in self.landing.items():
-            # not by inode: outputs are hardlinks of cache objects, equal outputs share one
-            if _same_place(path, lands, Path(place), inode=False):
-                self.err(
-                    f"outputs '{other}' and '{name}' write the same file {path}"
-                    + (f" (through a link: {place})" if place != str(lands) else ""),
-                    loc,
-                )
+        # not by inode: outputs are hardlinks of cache objects, equal outputs share one.
+        # Indexed (what _same_place compares with inode=False): a sweep of 1000 outputs must
+        # not compare every pair through realpath.
+        real = os.path.realpath(path)
+        mine = (str(lands), real, (str(lands.parent), lands.name.casefold()))
+        for other in dict.fromkeys(self.landed[k] for k in mine if k in self.landed):
+            place = self.landing[other]
+            self.err(
+                f"outputs '{other}' and '{name}' write the same file {path}"
+                + (f" (through a link: {place})" if place != str(lands) else ""),
+                loc,
+            )
         self.landing[name] = str(lands)
+        real_place = Path(os.path.realpath(lands))
+        for k in (str(real_place), (str(real_place.parent), real_place.name.casefold())):
+            self.landed.setdefault(k, name)
 
     def _protected(self) -> list[tuple[str, Path]]:
         """Files a build must never write over: recipes and their lock files."""

@@ -56,7 +56,16 @@ class Recipe:
     # this file and every recipe it includes, transitively: a build must never write over
     # them (nor over their lock files)
     sources: list[Path] = field(default_factory=list)
+    # sweeps (recipe/sweep.py): a swept node's or output's name → its members' names
+    node_members: dict[str, list[str]] = field(default_factory=dict)
+    output_members: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
         return self.path.parent
+
+    def select_outputs(self, names: list[str] | None) -> list[str] | None:
+        """Output names as a user gives them: a swept output's name stands for its members."""
+        if names is None:
+            return None
+        return [m for n in names for m in self.output_members.get(n, [n])]

@@ -33,6 +33,16 @@ DottedName = Annotated[
 ]
 
 
+# a merge's name, or a sweep member's: `nsfw[alpha=0.25]` (only recipe/sweep.py makes those;
+# it refuses brackets in names written by hand)
+NodeName = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(\[[^\[\]\n]*\])?$"
+    ),
+]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
@@ -85,7 +95,7 @@ class RecipeFile(_Strict):
     search_paths: list[str] = Field(default_factory=list)
     include: dict[Name, str] = Field(default_factory=dict)
     models: dict[DottedName, str | ModelEntry] = Field(default_factory=dict)
-    merges: dict[DottedName, Any] = Field(default_factory=dict)
+    merges: dict[NodeName, Any] = Field(default_factory=dict)
     outputs: dict[str, OutputEntry]
 
     @field_validator("mergebuild", mode="before")
