@@ -147,3 +147,39 @@ def test_errors_are_one_readable_line(args: list[str], message: str, model_dir: 
     assert r.code != 0
     assert message in r.err and "Traceback" not in r.err
     assert json.loads(run_cli("compare", *[a.format(m=m) for a in args], "--json").out)["error"]
+
+
+def test_a_swept_node_compares_all_its_members_and_plots_them(workdir: Path, cache: Path) -> None:
+    """`RECIPE:nsfw` of a sweep stands for its members; X − ref = alpha·(full − sfw), so each
+    group's distance grows in proportion to alpha (checked from the members' own figures)."""
+    recipe = workdir / "s.yaml"
+    recipe.write_text(
+        "mergebuild: 1\nmodels:\n  anything: models/anything-v3.safetensors\n"
+        "  nai_full: models/nai-full.safetensors\n  nai_sfw: models/nai-sfw.safetensors\n"
+        "merges:\n  nsfw:\n    expr: anything + (nai_full - nai_sfw) * alpha\n"
+        "    sweep: {alpha: [0.25, 0.5, 1.0]}\n"
+        'outputs:\n  nsfw: {from: nsfw, path: "out/nsfw-{alpha}.safetensors"}\n'
+    )
+    assert run_cli(recipe, "-q", cache=cache).code == 0
+    png = workdir / "sweep.png"
+    ref = workdir / "models" / f"{REF}.safetensors"
+    r = run_cli(
+        "compare", ref, f"{recipe}:nsfw", "--png", png, "--cache-dir", cache, "--json",
+        "--by", "component",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    members = ["nsfw[alpha=0.25]", "nsfw[alpha=0.5]", "nsfw[alpha=1]"]
+    assert r.json["models"] == members
+    rel = {(row["model"], row["group"]): row["rel_l2"] for row in r.json["rows"]}
+    for group in ("unet", "text_encoder"):
+        quarter, half, one = (rel[(m, group)] for m in members)
+        assert quarter > 0 and math.isclose(half / quarter, 2, rel_tol=2e-2), group
+        assert math.isclose(one / quarter, 4, rel_tol=2e-2), group
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a member by its own name, and the published file, give the same figures
+    one = run_cli(
+        "compare", ref, workdir / "out" / "nsfw-0.5.safetensors", "--json", "--by", "component"
+    )
+    assert {(row["group"], row["rel_l2"]) for row in one.json["rows"]} == {
+        (g, v) for (m, g), v in rel.items() if m == "nsfw[alpha=0.5]"
+    }

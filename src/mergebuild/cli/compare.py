@@ -1,7 +1,8 @@
 """`mergebuild compare REF MODEL... [--base B] [--by block|component|key] [--png FILE]`.
 
 A model is a file, or `RECIPE.yaml:NAME` for a recipe's output or merge node that is in the
-cache (compare never builds: it says which command would).
+cache (compare never builds: it says which command would). A swept NAME stands for all its
+members; with `--png` each sweep also gets one line per group across its members.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("-j", "--jobs", type=int, default=2, help="reading threads")
     p.add_argument("--cache-dir", type=Path, help="cache of the recipes named in RECIPE:NAME")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def members(spec: str) -> list[str] | None:
+    """`RECIPE.yaml:NAME` of a swept node or output: its members' references; else None."""
+    recipe_part, sep, name = spec.rpartition(":")
+    if Path(spec).is_file() or not (
+        sep and recipe_part.endswith((".yaml", ".yml")) and Path(recipe_part).is_file()
+    ):
+        return None
+    from mergebuild.recipe import load_recipe
+
+    recipe = load_recipe(Path(recipe_part), [], allow_outside_paths=True)
+    found = recipe.output_members.get(name) or recipe.node_members.get(name)
+    return [f"{recipe_part}:{m}" for m in found] if found else None
 
 
 def resolve(spec: str, cache_dir: Path | None) -> Path:
@@ -87,15 +102,25 @@ def labels(specs: list[str]) -> list[str]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from mergebuild.compare import compare, text
 
-    paths = [resolve(m, args.cache_dir) for m in args.models]
+    specs: list[str] = []
+    sweeps: list[list[int]] = []  # positions in `specs` of each swept argument's members
+    for spec in args.models:
+        found = members(spec)
+        if found is not None:
+            sweeps.append(list(range(len(specs), len(specs) + len(found))))
+        specs.extend(found or [spec])
+    paths = [resolve(m, args.cache_dir) for m in specs]
     base = resolve(args.base, args.cache_dir) if args.base else None
-    result = compare(paths, labels(args.models), base, args.by, args.jobs)
+    names = labels(specs)
+    result = compare(paths, names, base, args.by, args.jobs)
     if args.base:
         result.base = args.base
     if args.png:
         from mergebuild.compare_plot import heatmap_png
 
-        heatmap_png(result, args.png)
+        # the reference is not a compared row: a sweep's lines start at its first compared member
+        lines = [[names[i] for i in sweep if i > 0] for sweep in sweeps]
+        heatmap_png(result, args.png, [ln for ln in lines if len(ln) > 1])
     if args.json:
         print(json.dumps(result.as_json(), indent=1))
     else:
