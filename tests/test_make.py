@@ -127,3 +127,31 @@ def test_unmakeable_names_are_refused(project: Path) -> None:
     (project / "c.yaml").write_text(A.replace("out/a.safetensors", "'out/a:b.safetensors'"))
     r = run_cli("makefile", "c.yaml", cwd=project)
     assert r.code != 0 and "make cannot name" in r.err and "Traceback" not in r.err
+
+
+def test_sweep_members_are_one_shell_word_even_where_a_file_matches_them(
+    workdir: Path, cache: Path
+) -> None:
+    """`nsfw[alpha=0.25]` unquoted is a glob pattern: with a file `nsfwa` next to it, the shell
+    would pass that file's name instead of the member's."""
+    (workdir / "s.yaml").write_text(
+        A.replace("* 0.3", "* alpha\n    sweep: {alpha: [0.25, 0.5]}")
+        .replace("  nsfw: anything", "  nsfw:\n    expr: anything")
+        .replace("out/a.safetensors", '"out/a-{alpha}.safetensors"')
+    )
+    res = run_cli("makefile", "s.yaml", cwd=workdir)
+    assert res.code == 0, res.err
+    assert "'a[alpha=0.25]'" in res.out
+    (workdir / "s.mk").write_text(res.out)
+    (workdir / "nsfwa").write_text("decoy")
+    (workdir / "aa").write_text("decoy")
+    (workdir / "Makefile").write_text(
+        f"MERGEBUILD := PYTHONPATH={SRC} MERGEBUILD_CACHE_DIR={cache} {sys.executable} "
+        "-m mergebuild\ninclude s.mk\n"
+    )
+    p = subprocess.run(
+        ["make", "out/a-0.25.safetensors"], cwd=workdir, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    assert (workdir / "out" / "a-0.25.safetensors").is_file()
+    assert not (workdir / "out" / "a-0.5.safetensors").exists()  # only that member

@@ -109,6 +109,8 @@ def rules(recipe: Recipe, deps: list[OutputDeps], command: str = "$(MERGEBUILD)"
 
 
 def _name(name: str) -> str:
+    """The name as one shell word: a sweep member's brackets quoted, so the shell never
+    takes `nsfw[alpha=0.25]` for a glob pattern."""
     if not re.fullmatch(r"[A-Za-z0-9_.,\-\[\]=]+", name):
         raise BuildError(f"output '{name}': make rules need output names of letters, digits, _.-")
-    return name
+    return f"'{name}'" if "[" in name else name
