@@ -402,3 +402,20 @@ def test_long_chain_no_recursion_limit(tmp_path: Path) -> None:
     rep = explain_json(p, "n1499")["n1499"]
     assert rep["terms"] == pytest.approx({"A": a, "B": b}, rel=1e-12)
     assert rep["flags"] == []
+
+
+def test_a_swept_node_is_explained_member_by_member(workdir: Path) -> None:
+    recipe = workdir / "s.yaml"
+    recipe.write_text(
+        "mergebuild: 1\nmodels:\n  a: models/anything-v3.safetensors\n"
+        "  b: models/nai-full.safetensors\n  c: models/nai-sfw.safetensors\n"
+        "merges:\n  n:\n    expr: a + (b - c) * alpha\n    sweep: {alpha: [0.25, 0.5]}\n"
+        'outputs:\n  n: {from: n, path: "out/n-{alpha}.safetensors"}\n'
+    )
+    r = run_cli("explain", recipe, "n", "--json")
+    assert r.code == 0, r.err
+    nodes = r.json["nodes"]
+    assert list(nodes) == ["n[alpha=0.25]", "n[alpha=0.5]"]
+    for name, alpha in (("n[alpha=0.25]", 0.25), ("n[alpha=0.5]", 0.5)):
+        terms = {m: float(c) for m, c in nodes[name]["terms"].items()}
+        assert terms == {"a": 1.0, "b": alpha, "c": -alpha}, terms

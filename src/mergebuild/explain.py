@@ -315,7 +315,12 @@ def explain_node(ex: Explainer, name: str) -> dict[str, Any]:
 
 
 def explain(recipe: Recipe, node: str | None = None) -> dict[str, dict[str, Any]]:
-    """Reports for every merge node (recipe order), or for `node` alone."""
+    """Reports for every merge node (recipe order), or for `node` alone (a swept node: each
+    of its members)."""
+    members = recipe.node_members.get(node or "")
+    if members:
+        ex = Explainer(recipe)
+        return {n: explain_node(ex, n) for n in members}
     if node is not None and node not in recipe.nodes:
         if node in recipe.models:
             raise ExplainError(f"'{node}' is an input model, not a merge node")
