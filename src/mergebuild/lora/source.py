@@ -65,6 +65,13 @@ def natural_shape(m: Module, ref: tuple[int, ...] | None) -> tuple[int, ...]:
     return (out, cols)
 
 
+class LoraLayout(dict):  # type: ignore[type-arg]
+    """A LoRA's layout (checkpoint key → ΔW info) that knows its source: merge_loras plans its
+    output modules from the factors, which the engine's layouts alone do not describe."""
+
+    source: LoraSource
+
+
 class _Entry:
     def __init__(self, numel: int) -> None:
         self.lock = threading.Lock()
@@ -123,7 +130,9 @@ class LoraSource:
         self._infos[key] = TensorInfo("F32", shape)
 
     def infos(self) -> dict[str, TensorInfo]:
-        return dict(self._infos)
+        out = LoraLayout(self._infos)
+        out.source = self
+        return out
 
     def _factors_of(self, name: str) -> tuple[dict[str, torch.Tensor], float | None]:
         """A module's factors, read when its key is computed (a LoRA with both SDXL text
