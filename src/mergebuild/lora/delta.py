@@ -10,7 +10,9 @@ depend on how the engine chunks a tensor or on `-j`.
     Tucker        ΔW[o,i,k,l] = Σ up[o,a]·mid[a,b,k,l]·down[b,i] · alpha/rank
     LoHa          ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/rank (Tucker: each factor via its core)
     LoKr          ΔW = kron(w1, w2) · alpha/rank, w1/w2 full or a·b (scale 1 when both full)
-    DoRA          W' = (W + ΔW) · dora_scale / ‖W + ΔW‖ (per input column), ΔW' = W' − W
+    DoRA          W' = (W + ΔW) · dora_scale / ‖W + ΔW‖ (per input column, or per output row
+                  for an [out, 1] magnitude), ΔW' = W' − W; the bake adds strength·ΔW'
+                  (A1111's and ComfyUI's order: strength outside the renormalisation)
 """
 
 from __future__ import annotations

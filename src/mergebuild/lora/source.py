@@ -115,6 +115,7 @@ class LoraSource:
             self.placements.setdefault(t.key, []).append(Placement(name, own, rows))
         self._lock = threading.Lock()
         self._cache: dict[str, _Entry] = {}  # ΔW of keys whose chunks are being read
+        self._base: tuple[str, object] | None = None  # (name, source) DoRA renormalises against
 
     @property
     def dora_keys(self) -> list[str]:
@@ -123,6 +124,16 @@ class LoraSource:
             for k, ps in self.placements.items()
             if any(self.info.modules[p.module].dora for p in ps)
         )
+
+    def bind_base(self, name: str, base: object) -> None:
+        """The checkpoint a DoRA LoRA is baked into: its ΔW' = (W + ΔW)·m/‖W + ΔW‖ − W needs W,
+        read here (whole, once per DoRA key) while the engine streams the bake."""
+        if self._base is not None and self._base[1] is not base:
+            raise BuildError(
+                f"{self.path}: a DoRA LoRA is baked into both '{self._base[0]}' and '{name}' in "
+                "one build; its update depends on the model, so bake it in one place per build"
+            )
+        self._base = (name, base)
 
     def reshape(self, key: str, shape: tuple[int, ...]) -> None:
         """Give `key`'s ΔW the checkpoint's shape (same values, other singleton dims)."""
@@ -138,26 +149,43 @@ class LoraSource:
         """A module's factors, read when its key is computed (a LoRA with both SDXL text
         encoders is ~230 MB at rank 32: read on demand, never held whole)."""
         m = self.info.modules[name]
-        w = {role: self._st.read(key) for role, key in m.parts.items()}
+        w = {role: self._st.read(key) for role, key in m.parts.items() if role != "dora_scale"}
         a = w.pop("alpha", None)
         return w, (float(a.reshape(-1)[0]) if a is not None else None)
+
+    def _module_delta(self, p: Placement, key: str, base: torch.Tensor | None) -> torch.Tensor:
+        """One module's ΔW (its own shape); DoRA's ΔW' against the base's rows of `key`."""
+        from mergebuild.lora.delta import delta, dora
+
+        m = self.info.modules[p.module]
+        d = delta(m, *self._factors_of(p.module), p.shape)
+        if not m.dora or base is None:
+            return d
+        w = base if p.rows is None else base[p.rows[0] : p.rows[1]]
+        return dora(w.reshape(p.shape), d, self._st.read(m.parts["dora_scale"]))
+
+    def _base_weight(self, key: str) -> torch.Tensor | None:
+        if self._base is None or not any(
+            self.info.modules[p.module].dora for p in self.placements[key]
+        ):
+            return None
+        src = self._base[1]
+        shape = src.infos()[key].shape  # type: ignore[attr-defined]
+        return src.read_flat(key, 0, math.prod(shape)).reshape(shape)  # type: ignore[attr-defined]
 
     def delta(self, key: str) -> torch.Tensor:
         """The whole ΔW of `key` (float32, its shape), from every module placed there."""
         import torch
 
-        from mergebuild.lora.delta import delta
-
         shape = self._infos[key].shape
         places = self.placements[key]
+        base = self._base_weight(key)
         if len(places) == 1 and places[0].rows is None:
-            p = places[0]
-            return delta(self.info.modules[p.module], *self._factors_of(p.module), shape)
+            return self._module_delta(places[0], key, base).reshape(shape)
         out = torch.zeros(shape, dtype=torch.float32)
         for p in places:
-            d = delta(self.info.modules[p.module], *self._factors_of(p.module), p.shape)
             assert p.rows is not None
-            out[p.rows[0] : p.rows[1]] = d
+            out[p.rows[0] : p.rows[1]] = self._module_delta(p, key, base)
         return out
 
     def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
