@@ -84,6 +84,8 @@ def check_bake(job: Any, sources: list[Any], layouts: list[dict[str, Any]]) -> l
                 "checkpoint's); merge checkpoints with a merge method instead"
             )
         info = src.info
+        if src.alpha_note:
+            warnings.append(f"bake '{name}': {src.alpha_note}")
         want = arch.block_layout
         s = strengths[i - 1]
         if isinstance(s, BlockAlpha) and s.layout and want and s.layout != want:

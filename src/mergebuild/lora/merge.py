@@ -129,6 +129,8 @@ def check(job: Any, sources: list[Any], names: list[str]) -> list[str]:
     family_of(sources, names)
     warnings = []
     for n, s in zip(names, sources, strict=True):
+        if s.alpha_note:
+            warnings.append(f"merge '{job.name}': {s.alpha_note}")
         if s.dora_keys:
             raise BuildError(
                 f"cannot merge '{job.name}': LoRA '{n}' uses DoRA (dora_scale) on "

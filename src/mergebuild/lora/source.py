@@ -18,6 +18,7 @@ from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo, read
 from mergebuild.errors import BuildError
 from mergebuild.lora.formats import LoraFormatError, LoraInfo, Module, is_lora, parse
 from mergebuild.lora.keymap import Target, target
+from mergebuild.lora.peft import alphas
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +92,11 @@ class LoraSource:
             self._st.close()
             raise BuildError(f"{path}: not a LoRA mergebuild can read: {e}") from None
         self.family = "sd1" if self.info.family == "sd1/sd2" else self.info.family
+        try:
+            self.alphas, self.alpha_note = alphas(path, self.info)  # PEFT: adapter_config.json
+        except BuildError:
+            self._st.close()
+            raise
         self.targets: dict[str, Target] = {}
         self.unmapped: list[str] = []
         self.placements: dict[str, list[Placement]] = {}
@@ -151,7 +157,7 @@ class LoraSource:
         m = self.info.modules[name]
         w = {role: self._st.read(key) for role, key in m.parts.items() if role != "dora_scale"}
         a = w.pop("alpha", None)
-        return w, (float(a.reshape(-1)[0]) if a is not None else None)
+        return w, (float(a.reshape(-1)[0]) if a is not None else self.alphas.get(name))
 
     def _module_delta(self, p: Placement, key: str, base: torch.Tensor | None) -> torch.Tensor:
         """One module's ΔW (its own shape); DoRA's ΔW' against the base's rows of `key`."""
