@@ -208,7 +208,7 @@ class Method:
         parts = [
             {
                 "base_models": f"{cls.base_name}, {cls.models_name}=[..]",
-                "variadic": "models=[..]",
+                "variadic": f"{cls.models_name}=[..]",
             }.get(cls.inputs_form, ", ".join(cls.slots))
         ]
         for name in cls.param_order():
