@@ -12,7 +12,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo, read_header
 from mergebuild.errors import BuildError
@@ -22,6 +22,8 @@ from mergebuild.lora.peft import alphas
 
 if TYPE_CHECKING:
     import torch
+
+    from mergebuild.lora.delta import Product
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,43 @@ class _Entry:
     def __init__(self, numel: int) -> None:
         self.lock = threading.Lock()
         self.flat: torch.Tensor | None = None
+        self.rows: _RowBlocks | None = None  # a plain product, formed by row blocks
         self.left = numel  # elements the engine has not read yet
+
+
+class _RowBlocks:
+    """A plain product's ΔW read by fixed row blocks: each chunk forms only the blocks it
+    overlaps, so workers reading chunks of one key form its ΔW in parallel (a whole ΔW under
+    one lock made the other worker wait); a block two chunks share is formed once and kept
+    until both have read it. The blocks are the whole tensor's (delta.Product), so the bytes
+    do not depend on the chunks."""
+
+    def __init__(self, p: Product) -> None:
+        self.p = p
+        self.size = p.step * p.cols  # elements per block
+        self.lock = threading.Lock()
+        self.blocks: dict[int, list[Any]] = {}  # index → [lock, values or None, elements left]
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        import torch
+
+        parts = []
+        total = self.p.rows * self.p.cols
+        for i in range(lo // self.size, (hi - 1) // self.size + 1):
+            blo, bhi = i * self.size, min((i + 1) * self.size, total)
+            with self.lock:
+                b = self.blocks.setdefault(i, [threading.Lock(), None, bhi - blo])
+            with b[0]:
+                if b[1] is None:
+                    b[1] = self.p.block(i).reshape(-1)
+                vals = b[1]
+            a, z = max(lo, blo) - blo, min(hi, bhi) - blo
+            parts.append(vals[a:z])
+            with self.lock:
+                b[2] -= z - a
+                if b[2] <= 0:
+                    self.blocks.pop(i, None)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class LoraSource:
@@ -200,14 +238,34 @@ class LoraSource:
             if entry is None:
                 entry = self._cache[key] = _Entry(math.prod(self._infos[key].shape))
         with entry.lock:  # one ΔW per key, computed once even when two workers ask for it
-            if entry.flat is None:
-                entry.flat = self.delta(key).reshape(-1)
-            flat = entry.flat
+            if entry.flat is None and entry.rows is None:
+                plain = self._plain(key)
+                if plain is not None:
+                    entry.rows = _RowBlocks(plain)
+                else:
+                    entry.flat = self.delta(key).reshape(-1)
+            flat, rows = entry.flat, entry.rows
+        out = rows.read(lo, hi) if rows is not None else flat[lo:hi]  # type: ignore[index]
         with self._lock:
             entry.left -= hi - lo
             if entry.left <= 0:
                 self._cache.pop(key, None)
-        return flat[lo:hi]
+        return out
+
+    def _plain(self, key: str) -> Product | None:
+        """The key's ΔW as one plain product (one module, whole tensor, no DoRA), or None."""
+        from mergebuild.lora.delta import product
+
+        places = self.placements[key]
+        if len(places) != 1 or places[0].rows is not None:
+            return None
+        m = self.info.modules[places[0].module]
+        if m.dora and self._base is not None:
+            return None
+        p = product(m, *self._factors_of(places[0].module))
+        if p is not None and p.rows * p.cols != math.prod(self._infos[key].shape):
+            return None  # let delta() say what is wrong
+        return p
 
     def close(self) -> None:
         self._cache.clear()
