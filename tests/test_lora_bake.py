@@ -315,27 +315,6 @@ def test_strict_false_skips_unmapped_modules_with_a_warning(
     assert_close_fp16(out[key], bake_ref(model[key], [(ref, 0.5)]))
 
 
-def test_dora_is_refused_by_name(workdir: Path, cache: Path, loras) -> None:
-    model, _, _ = loras
-    name = next(iter(DETAIL))
-    shape = model[DETAIL[name]].shape
-    rng = np.random.default_rng(5)
-    save_file(
-        {
-            f"{name}.lora_down.weight": rng.standard_normal((2, shape[1])).astype(np.float16),
-            f"{name}.lora_up.weight": rng.standard_normal((shape[0], 2)).astype(np.float16),
-            f"{name}.dora_scale": rng.standard_normal((1, shape[1])).astype(np.float16),
-        },
-        str(workdir / "models" / "detail.safetensors"),
-    )
-    _fails(
-        run_cli(recipe(workdir, "anything + lora(detail, 0.5)"), cache=cache),
-        1,
-        "DoRA",
-        DETAIL[name],
-    )
-
-
 def test_extract_rebuilds_the_bake_bit_for_bit(workdir: Path, cache: Path, loras) -> None:
     r = run_cli(recipe(workdir, "anything + lora(detail, 0.6) + lora(style, 0.4)"), cache=cache)
     assert r.code == 0, r.err

@@ -149,3 +149,26 @@ def test_extracted_node_is_not_a_checkpoint(workdir: Path, cache: Path, use: str
     r = run_cli(write(workdir, node, extra=use), cache=cache)
     assert r.code == 2 and "Traceback" not in r.err
     assert "'ex' is an extracted LoRA" in r.err and "x.yaml:" in r.err
+
+
+def test_json_reports_each_modules_relative_error(workdir: Path, cache: Path) -> None:
+    """lora_error per module = ‖Δ − up·down‖/‖Δ‖: numpy's tail of singular values (no clamp);
+    0 for a module whose rank is full."""
+    node = (
+        "{method: extract_lora, a: anything, base: sd15, rank: 2, conv_rank: 4096, "
+        "clamp_quantile: 1.0, dtype: fp32}"
+    )
+    r = run_cli(write(workdir, node), "--json", cache=cache)
+    assert r.code == 0, r.err
+    errors = next(n for n in r.json["nodes"] if n["name"] == "ex")["lora_error"]
+    out = load_st(workdir / "out" / "ex.safetensors")
+    assert set(errors) == {k.removesuffix(".alpha") for k in out if k.endswith(".alpha")}
+    a = load_st(workdir / "models" / "anything-v3.safetensors")
+    b = load_st(workdir / "models" / "v1-5-pruned.safetensors")
+    for name, key in ((Q, Q_KEY), (TE, TE_KEY)):
+        delta = (a[key].astype(np.float32) - b[key].astype(np.float32)).astype(np.float64)
+        s = np.linalg.svd(delta.reshape(delta.shape[0], -1), compute_uv=False)
+        want = np.sqrt((s[2:] ** 2).sum()) / np.sqrt((s**2).sum())
+        assert want > 1e-3
+        assert errors[name] == pytest.approx(want, rel=1e-3), name
+    assert errors[CONV] < 1e-5  # conv_rank covers its full rank

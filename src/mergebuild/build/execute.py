@@ -92,6 +92,7 @@ class Execution:
             "copied_non_float": st.copied_non_float,
             "dropped": st.dropped,
             "nonfinite_keys": sorted(st.nonfinite),
+            **{k: dict(sorted(v.items())) for k, v in st.report.items()},  # method's facts
         }
 
     def _pass_jobs(self, plan: Plan, group: list[Item], done: set[str]) -> list[Item]:

@@ -16,6 +16,7 @@ from mergebuild.build.speculate import unhashed_inputs
 from mergebuild.cache import CacheStore
 from mergebuild.graph import canonical_json, node_identity, schedule, xxh3_hex
 from mergebuild.locate import ResolvedInput, resolve_models
+from mergebuild.lora.peft import input_key
 from mergebuild.lora.roles import check_roles
 from mergebuild.provenance import InputFacts, output_metadata, read_input_metadata, source_key
 from mergebuild.recipe.model import Recipe
@@ -98,7 +99,7 @@ class Planner:
         waiting = _downstream(self.graph, pending)
         check_roles(self.recipe, {n: r.path for n, r in resolved.items()})
         check_outputs_spare_inputs(self.recipe, self.store, self.outputs, resolved)
-        keys = {n: r.hashes.xxh3 for n, r in resolved.items()}
+        keys = {n: input_key(r.path, r.hashes.xxh3) for n, r in resolved.items()}  # + PEFT cfg
         models = {n: (r.path, r.signature) for n, r in resolved.items()}
         hashed = [n for n, r in resolved.items() if not r.memoized]
         facts = {

@@ -29,7 +29,7 @@ def inputs_text(m: Any) -> str:
     if m.inputs_form == "base_models":
         return f"{m.base_name} + {m.models_name} (≥{m.min_models})"
     if m.inputs_form == "variadic":
-        return f"models (≥{m.min_models})"
+        return f"{m.models_name} (≥{m.min_models})"
     return ", ".join(m.slots)
 
 

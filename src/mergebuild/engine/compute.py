@@ -50,6 +50,7 @@ class NodeStats:
     dropped: int = 0  # keys present only in non-A inputs: not in the result
     missing_examples: list[str] = field(default_factory=list)
     nonfinite: set[str] = field(default_factory=set)  # keys whose result holds NaN or Inf
+    report: dict[str, Any] = field(default_factory=dict)  # what a method adds (ctx.report)
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,9 @@ class KeyCompute:
             return []
         job = self.jobs[name]
         own = self.key_sources.get(name)
-        if own is not None:
-            return [(n, own[key]) for n in job.inputs]
+        if own is not None:  # optional inputs lacking the source key (merge_loras) skipped
+            opt = job.method.optional_inputs
+            return [(n, own[key]) for n in job.inputs if not opt or self._has(n, own[key])]
         if not mergeable(key, self.layouts[name][key].dtype):
             return [(job.inputs[0], key)]
         if job.method.optional_inputs:
@@ -300,12 +302,16 @@ class KeyCompute:
     def _compute(self, job: NodeJob, u: Unit, args: list[torch.Tensor]) -> torch.Tensor:
         """Job's value for unit `u` from its inputs' values (`a` alone: the key is not merged)."""
         info = self.layouts[job.name][u.key]
+        own = self.key_sources.get(job.name)
+        if own is not None and job.method.optional_inputs:  # None: input lacks the source key
+            it = iter(args)
+            args = [next(it) if self._has(n, own[u.key]) else None for n in job.inputs]
         a = args[0]
         if not mergeable(u.key, info.dtype):
             return a
         import torch
 
-        if job.method.optional_inputs and len(args) > 1:  # None for inputs lacking the key
+        if job.method.optional_inputs and len(args) > 1 and own is None:  # None: lacks the key
             it = iter(args[1:])
             args = [a] + [next(it) if self._has(n, u.key) else None for n in job.inputs[1:]]
         if len(args) < len(job.inputs):  # another input lacks the key: a's tensor, cast
@@ -317,7 +323,7 @@ class KeyCompute:
             n = self.channel_merge.get((job.name, u.key))
             if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
                 xs = [x if x is None or x.shape[1] == n else x[:, :n] for x in xs]
-            ctx = _context(job, params, u, info.shape)
+            ctx = _context(job, params, u, info.shape, self.stats[job.name].report)
             if self.device != "cpu":  # same IEEE float32 ops on the GPU; results come back
                 xs = [x if x is None else x.to(self.device, non_blocking=True) for x in xs]
                 out = _call(job.method, params, xs, ctx).cpu()
@@ -370,12 +376,14 @@ def mergeable(key: str, dtype: str) -> bool:
     return is_float(dtype) and not is_position_ids(key)
 
 
-def _context(job: NodeJob, params: Params, u: Unit, shape: Any) -> ComputeContext | None:
+def _context(
+    job: NodeJob, params: Params, u: Unit, shape: Any, report: dict[str, Any]
+) -> ComputeContext | None:
     """What a `needs_context` method learns about the values it gets (None for the others)."""
     if not job.method.needs_context:
         return None
     seed = getattr(params, "seed", 0)
-    return ComputeContext(u.key, 0 if u.whole else u.lo, math.prod(shape), job.key, seed)
+    return ComputeContext(u.key, 0 if u.whole else u.lo, math.prod(shape), job.key, seed, report)
 
 
 def _call(

@@ -7,6 +7,7 @@ modules that map nowhere are skipped instead, and said so in a warning with thei
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from mergebuild.errors import BuildError
@@ -34,6 +35,35 @@ def _same_but_singletons(x: tuple[int, ...], y: tuple[int, ...]) -> bool:
     return x != y and strip(x) == strip(y)
 
 
+def _check_dora(job: str, a_name: str, lora_name: str, a: Any, src: LoraSource) -> None:
+    """A DoRA update needs `a`'s weights: `a` must be a file this pass reads (a model or a
+    cached node), and each magnitude vector must have one value per output row or per input
+    column of its module."""
+    if a is None:
+        raise BuildError(
+            f"cannot bake '{job}': LoRA '{lora_name}' uses DoRA (dora_scale), whose update "
+            f"depends on the weights it is baked into, and '{a_name}' is computed in this build; "
+            "bake it into a model file, or into a node built first (`cache: true`, then rebuild)"
+        )
+    bad = []
+    for places in src.placements.values():
+        for p in places:
+            m = src.info.modules[p.module]
+            if m.dora:
+                n = math.prod(m.shapes["dora_scale"])
+                if n not in (p.shape[0], p.shape[1]):
+                    bad.append(
+                        f"{p.module} (dora_scale {list(m.shapes['dora_scale'])}, ΔW "
+                        f"{list(p.shape)})"
+                    )
+    if bad:
+        raise BuildError(
+            f"cannot bake '{job}': LoRA '{lora_name}' has magnitudes (dora_scale) of the wrong "
+            f"size: {_few(bad)}; DoRA stores one per output row or per input column"
+        )
+    src.bind_base(a_name, a)
+
+
 def check_bake(job: Any, sources: list[Any], layouts: list[dict[str, Any]]) -> list[str]:
     """Raise BuildError for what cannot be baked; return warnings. Keys skipped under
     `strict: false` are removed from that LoRA's layout in this pass (`layouts[i]`)."""
@@ -54,6 +84,8 @@ def check_bake(job: Any, sources: list[Any], layouts: list[dict[str, Any]]) -> l
                 "checkpoint's); merge checkpoints with a merge method instead"
             )
         info = src.info
+        if src.alpha_note:
+            warnings.append(f"bake '{name}': {src.alpha_note}")
         want = arch.block_layout
         s = strengths[i - 1]
         if isinstance(s, BlockAlpha) and s.layout and want and s.layout != want:
@@ -69,10 +101,7 @@ def check_bake(job: Any, sources: list[Any], layouts: list[dict[str, Any]]) -> l
                 f"{arch.describe()}; its modules ({some}) have no place in that model"
             )
         if src.dora_keys:
-            raise BuildError(
-                f"cannot bake '{name}': LoRA '{names[i]}' uses DoRA (dora_scale) on "
-                f"{_few(src.dora_keys)}; baking DoRA is not supported yet"
-            )
+            _check_dora(name, names[0], names[i], sources[0], src)
         missing = [f"{m} (no such module)" for m in src.unmapped]
         for key, places in src.placements.items():
             mods = ", ".join(p.module for p in places)

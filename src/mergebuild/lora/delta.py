@@ -10,7 +10,9 @@ depend on how the engine chunks a tensor or on `-j`.
     Tucker        ΔW[o,i,k,l] = Σ up[o,a]·mid[a,b,k,l]·down[b,i] · alpha/rank
     LoHa          ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/rank (Tucker: each factor via its core)
     LoKr          ΔW = kron(w1, w2) · alpha/rank, w1/w2 full or a·b (scale 1 when both full)
-    DoRA          W' = (W + ΔW) · dora_scale / ‖W + ΔW‖ (per input column), ΔW' = W' − W
+    DoRA          W' = (W + ΔW) · dora_scale / ‖W + ΔW‖ (per input column, or per output row
+                  for an [out, 1] magnitude), ΔW' = W' − W; the bake adds strength·ΔW'
+                  (A1111's and ComfyUI's order: strength outside the renormalisation)
 """
 
 from __future__ import annotations
@@ -50,6 +52,58 @@ def _tucker(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Ten
     return torch.einsum("abkl,ao,bi->oikl", _f64(core), _f64(_mat(wa)), _f64(_mat(wb)))
 
 
+class Product:
+    """ΔW = (a·b [⊙ p0·p1])·s of a plain LoRA/LoCon/LoHa module, formed by fixed blocks of
+    `step` rows: the whole tensor and a reader of row blocks run the very same operations."""
+
+    def __init__(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        s: float,
+        pair: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self.a, self.b64, self.s = a, _f64(b), s
+        self.p0 = pair[0] if pair else None
+        self.p1 = _f64(pair[1]) if pair else None
+        self.rows, self.cols = a.shape[0], b.shape[1]
+        self.step = max(1, ROW_BLOCK // max(self.cols, 1))
+
+    def block(self, i: int) -> torch.Tensor:
+        """Rows [i·step, (i+1)·step) as float32: float64 products, rounded once."""
+        import torch
+
+        lo = i * self.step
+        blk = _f64(self.a[lo : lo + self.step]) @ self.b64
+        if self.p0 is not None:
+            blk.mul_(_f64(self.p0[lo : lo + self.step]) @ self.p1)
+        return blk.mul_(self.s).to(torch.float32)
+
+    def whole(self, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        if self.rows * self.cols != math.prod(shape):
+            raise ValueError(
+                f"factors make {self.rows}×{self.cols} values, the tensor needs {list(shape)}"
+            )
+        out = torch.empty(self.rows, self.cols, dtype=torch.float32)
+        for i, lo in enumerate(range(0, self.rows, self.step)):
+            out[lo : lo + self.step] = self.block(i)
+        return out.reshape(shape)
+
+
+def product(module: Module, w: dict[str, torch.Tensor], alpha: float | None) -> Product | None:
+    """The module's ΔW as a plain product, or None (Tucker cores, LoKr: formed whole)."""
+    s = scale(module, alpha)
+    algo = module.algorithm
+    if algo in ("lora", "locon") and "mid" not in w:
+        return Product(_mat(w["up"]), _mat(w["down"]), s)
+    if algo == "loha" and "hada_t1" not in w:
+        pair = (_mat(w["hada_w2_a"]), _mat(w["hada_w2_b"]))
+        return Product(_mat(w["hada_w1_a"]), _mat(w["hada_w1_b"]), s, pair)
+    return None
+
+
 def delta(
     module: Module,
     w: dict[str, torch.Tensor],
@@ -59,21 +113,18 @@ def delta(
     """ΔW (float32, `shape`) of `module` from its factor tensors `w` (by role)."""
     import torch
 
+    plain = product(module, w, alpha)
+    if plain is not None:
+        return plain.whole(shape)
     s = scale(module, alpha)
     algo = module.algorithm
     if algo in ("lora", "locon"):
-        up, down = w["up"], w["down"]
-        if "mid" in w:
-            out = _tucker(w["mid"], _mat(up).T, _mat(down)).mul_(s)
-            return out.to(torch.float32).reshape(shape)
-        return _product(_mat(up), _mat(down), s, None, shape)
+        out = _tucker(w["mid"], _mat(w["up"]).T, _mat(w["down"])).mul_(s)
+        return out.to(torch.float32).reshape(shape)
     if algo == "loha":
-        if "hada_t1" in w:
-            p1 = _tucker(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
-            p2 = _tucker(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
-            return p1.mul_(p2).mul_(s).to(torch.float32).reshape(shape)
-        pair = (_mat(w["hada_w2_a"]), _mat(w["hada_w2_b"]))
-        return _product(_mat(w["hada_w1_a"]), _mat(w["hada_w1_b"]), s, pair, shape)
+        p1 = _tucker(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
+        p2 = _tucker(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
+        return p1.mul_(p2).mul_(s).to(torch.float32).reshape(shape)
     # lokr
     w1 = _f64(w["lokr_w1"]) if "lokr_w1" in w else _f64(w["lokr_w1_a"]) @ _f64(w["lokr_w1_b"])
     if "lokr_w2" in w:
@@ -89,32 +140,6 @@ def delta(
         w1 = w1.unsqueeze(-1)
     out = torch.kron(w1, w2).mul_(s)
     return out.to(torch.float32).reshape(shape)
-
-
-def _product(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    s: float,
-    pair: tuple[torch.Tensor, torch.Tensor] | None,
-    shape: tuple[int, ...],
-) -> torch.Tensor:
-    """(a·b [⊙ pair₀·pair₁])·s in float64, in fixed blocks of rows, rounded into float32."""
-    import torch
-
-    rows, cols = a.shape[0], b.shape[1]
-    if rows * cols != math.prod(shape):
-        raise ValueError(f"factors make {rows}×{cols} values, the tensor needs {list(shape)}")
-    out = torch.empty(rows, cols, dtype=torch.float32)
-    b64 = _f64(b)
-    p1 = _f64(pair[1]) if pair else None
-    step = max(1, ROW_BLOCK // max(cols, 1))
-    for lo in range(0, rows, step):
-        blk = _f64(a[lo : lo + step]) @ b64
-        if pair is not None:
-            assert p1 is not None
-            blk.mul_(_f64(pair[0][lo : lo + step]) @ p1)
-        out[lo : lo + step] = blk.mul_(s)
-    return out.reshape(shape)
 
 
 def dora(weight: torch.Tensor, dw: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:

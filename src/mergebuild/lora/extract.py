@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 ROLES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _QKV = re.compile(r"_self_attn_([qkv])_proj$")
 CACHED = 8  # modules whose factors are kept for their other output key
+ERROR_FIELD = "lora_error"  # --json: module → relative Frobenius error of its factors
 
 
 def module_ranks(
@@ -95,11 +96,20 @@ def factors(
     a: torch.Tensor, base: torch.Tensor, rank: int, clamp_quantile: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(up [out, r], down [r, in·k·k]) of a − base, float32, sign-fixed and clamped."""
-    import numpy as np
     import torch
 
     delta = a.to(torch.float32) - base.to(torch.float32)
-    mat = delta.reshape(delta.shape[0], -1)
+    return svd_factors(delta.reshape(delta.shape[0], -1), rank, clamp_quantile)
+
+
+def svd_factors(
+    mat: torch.Tensor, rank: int, clamp_quantile: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) of a float32 matrix: LAPACK SVD, first `rank` components, fixed signs,
+    clamped (shared by extract_lora and merge_loras, so both write the same convention)."""
+    import numpy as np
+    import torch
+
     u, s, vh = torch.linalg.svd(mat, full_matrices=False)
     r = min(rank, s.shape[0])
     up = u[:, :r] * s[:r]
@@ -116,9 +126,23 @@ def factors(
     return up, down
 
 
-def compute(params: Any, xs: list[torch.Tensor], out_key: str, node_key: str) -> torch.Tensor:
-    """One output tensor (down, up or alpha) of the module `out_key` names."""
+def rel_error(target: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """‖T − up·down‖_F / ‖T‖_F in float64 (4 significant digits: a report figure)."""
     import torch
+
+    norm = float(target.norm())
+    err = float((target - up.to(torch.float64) @ down.to(torch.float64)).norm())
+    return float(f"{(err / norm if norm > 0 else err):.4g}")
+
+
+def compute(
+    params: Any, xs: list[torch.Tensor], out_key: str, node_key: str, report: dict[str, Any]
+) -> torch.Tensor:
+    """One output tensor (down, up or alpha) of the module `out_key` names; each module's
+    relative error goes to `report` (the node's --json entry)."""
+    import torch
+
+    report.setdefault(ERROR_FIELD, {})
 
     role = next(r for r in ROLES if out_key.endswith(r))
     module = out_key[: -len(role)]
@@ -132,7 +156,14 @@ def compute(params: Any, xs: list[torch.Tensor], out_key: str, node_key: str) ->
     r = min(want, a.shape[0], math.prod(a.shape[1:]))
     if role == ".alpha":
         return torch.tensor(float(r), dtype=torch.float32)
-    up, down = FACTORS.get((node_key, module), lambda: factors(a, base, r, params.clamp_quantile))
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        up, down = factors(a, base, r, params.clamp_quantile)
+        target = (a.to(torch.float64) - base.to(torch.float64)).reshape(a.shape[0], -1)
+        report[ERROR_FIELD][module] = rel_error(target, up, down)
+        return up, down
+
+    up, down = FACTORS.get((node_key, module), make)
     if role == ".lora_down.weight":
         return down.reshape(r, *a.shape[1:]).clone()
     return up.reshape(a.shape[0], r, *(1,) * len(kernel)).clone()
@@ -160,11 +191,19 @@ def lora_metadata(params: dict[str, Any], family: str) -> dict[str, str]:
 
 def add_metadata(fused: Any, recipe: Any) -> None:
     """Give every output of an extract_lora node kohya's `ss_*` fields (before it is written)."""
+    from mergebuild.lora.merge import family_of
+    from mergebuild.lora.merge import metadata as merged_metadata
     from mergebuild.sd.arch import detect
 
     for sink in fused.sinks:
         node = recipe.nodes.get(sink.source)
-        if node is None or node.method != "extract_lora" or sink.label not in recipe.outputs:
+        if node is None or sink.label not in recipe.outputs:
             continue
-        family = detect(fused.layouts[node.inputs["a"]]).family
-        sink.metadata.update(lora_metadata(node.params, family))
+        if node.method == "extract_lora":
+            family = detect(fused.layouts[node.inputs["a"]]).family
+            sink.metadata.update(lora_metadata(node.params, family))
+        elif node.method == "merge_loras":
+            loras = [fused.sources.get(n) for n in node.inputs.values()]
+            if all(hasattr(s, "info") for s in loras):
+                family = family_of(loras, list(node.inputs.values()))
+                sink.metadata.update(merged_metadata(node.params, family))

@@ -16,6 +16,8 @@ from mergebuild.engine.safetensors_io import Header, read_header
 from mergebuild.errors import BuildError
 from mergebuild.lora.formats import LoraFormatError, parse
 from mergebuild.lora.keymap import target
+from mergebuild.lora.peft import CONFIG
+from mergebuild.lora.peft import alphas as config_alphas
 from mergebuild.sd.arch import FAMILY_NAMES, component_of
 
 SHOWN_METADATA = (
@@ -59,11 +61,13 @@ def report(path: Path) -> dict[str, Any]:
     comps: Counter[str] = Counter()
     keys: dict[str, Any] = {}
     unmapped = []
+    cfg_alphas, note = config_alphas(path, info)  # a PEFT LoRA's adapter_config.json
     for name, m in sorted(info.modules.items()):
         algos[m.algorithm + (" (tucker)" if m.tucker else "") + (" + dora" if m.dora else "")] += 1
         if m.rank is not None:
             ranks[m.rank] += 1
         alpha = _scalar(path, header, m.parts["alpha"]) if "alpha" in m.parts else None
+        alpha = cfg_alphas.get(name) if alpha is None else alpha
         alphas[alpha if alpha is not None else m.rank or 0] += 1
         t = target(name, family)
         if t is None:
@@ -87,6 +91,8 @@ def report(path: Path) -> dict[str, Any]:
         "components": dict(sorted(comps.items())),
         "blocks": dict(sorted(blocks.items())),
         "unmapped": unmapped,
+        **({"alpha_from": CONFIG} if cfg_alphas else {}),
+        **({"warning": note} if note else {}),
         "metadata": {k: header.metadata[k][:200] for k in SHOWN_METADATA if k in header.metadata},
         "keys": keys,
     }
@@ -111,6 +117,10 @@ def cmd_inspect_lora(path: Path, as_json: bool, show_keys: bool) -> int:
     if r["unmapped"]:
         more = " …" if len(r["unmapped"]) > 5 else ""
         print(f"  unmapped:     {len(r['unmapped'])}: {', '.join(r['unmapped'][:5])}{more}")
+    if "alpha_from" in r:
+        print(f"  alpha from:   {r['alpha_from']}")
+    if "warning" in r:
+        print(f"  warning:      {r['warning']}")
     for k, v in r["metadata"].items():
         print(f"  {k}: {v}")
     if show_keys:

@@ -11,6 +11,9 @@ from pathlib import Path
 from mergebuild.errors import Problem, RecipeError
 from mergebuild.recipe.model import Recipe
 
+LORA_TAKERS = ("bake_lora", "merge_loras")  # methods whose `loras` are LoRA files
+LORA_MAKERS = {"extract_lora": "an extracted", "merge_loras": "a merged"}  # make LoRA factors
+
 
 def lora_models(paths: dict[str, Path]) -> set[str]:
     from mergebuild.lora.source import header_is_lora
@@ -30,18 +33,18 @@ def check_roles(recipe: Recipe, paths: dict[str, Path]) -> None:
     from mergebuild.engine.methods import REGISTRY
 
     loras = lora_models(paths)
-    made = {n.name for n in recipe.nodes.values() if n.method == "extract_lora"}
+    made = {n.name: LORA_MAKERS[n.method] for n in recipe.nodes.values() if n.method in LORA_MAKERS}
     problems = []
     bake = "bake it into a checkpoint: `model + lora(NAME, 0.6)` or method bake_lora"
     for node in recipe.nodes.values():
         method = REGISTRY.get(node.method)
-        takes_loras = method is not None and method.name == "bake_lora"
+        takes_loras = method is not None and method.name in LORA_TAKERS
         for slot, ref in node.inputs.items():
             wants_lora = takes_loras and slot != "base"
             if ref in made:
                 problems.append(
                     Problem(
-                        f"merge '{node.name}': '{ref}' is an extracted LoRA (its keys are LoRA "
+                        f"merge '{node.name}': '{ref}' is {made[ref]} LoRA (its keys are LoRA "
                         "factors): write it to an output, then use that file as a model",
                         node.location,
                     )
@@ -61,7 +64,7 @@ def check_roles(recipe: Recipe, paths: dict[str, Path]) -> None:
                     what = "not a .safetensors file (LoRAs are read from .safetensors only)"
                 problems.append(
                     Problem(
-                        f"merge '{node.name}': '{ref}' is {what}, not a LoRA; bake_lora's "
+                        f"merge '{node.name}': '{ref}' is {what}, not a LoRA; {method.name}'s "
                         "'loras' are LoRA files (kohya, LyCORIS or diffusers/PEFT)",
                         node.location,
                     )

@@ -12,15 +12,18 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo, read_header
 from mergebuild.errors import BuildError
 from mergebuild.lora.formats import LoraFormatError, LoraInfo, Module, is_lora, parse
 from mergebuild.lora.keymap import Target, target
+from mergebuild.lora.peft import alphas
 
 if TYPE_CHECKING:
     import torch
+
+    from mergebuild.lora.delta import Product
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,54 @@ def natural_shape(m: Module, ref: tuple[int, ...] | None) -> tuple[int, ...]:
     return (out, cols)
 
 
+class LoraLayout(dict):  # type: ignore[type-arg]
+    """A LoRA's layout (checkpoint key → ΔW info) that knows its source: merge_loras plans its
+    output modules from the factors, which the engine's layouts alone do not describe."""
+
+    source: LoraSource
+
+
 class _Entry:
     def __init__(self, numel: int) -> None:
         self.lock = threading.Lock()
         self.flat: torch.Tensor | None = None
+        self.rows: _RowBlocks | None = None  # a plain product, formed by row blocks
         self.left = numel  # elements the engine has not read yet
+
+
+class _RowBlocks:
+    """A plain product's ΔW read by fixed row blocks: each chunk forms only the blocks it
+    overlaps, so workers reading chunks of one key form its ΔW in parallel (a whole ΔW under
+    one lock made the other worker wait); a block two chunks share is formed once and kept
+    until both have read it. The blocks are the whole tensor's (delta.Product), so the bytes
+    do not depend on the chunks."""
+
+    def __init__(self, p: Product) -> None:
+        self.p = p
+        self.size = p.step * p.cols  # elements per block
+        self.lock = threading.Lock()
+        self.blocks: dict[int, list[Any]] = {}  # index → [lock, values or None, elements left]
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        import torch
+
+        parts = []
+        total = self.p.rows * self.p.cols
+        for i in range(lo // self.size, (hi - 1) // self.size + 1):
+            blo, bhi = i * self.size, min((i + 1) * self.size, total)
+            with self.lock:
+                b = self.blocks.setdefault(i, [threading.Lock(), None, bhi - blo])
+            with b[0]:
+                if b[1] is None:
+                    b[1] = self.p.block(i).reshape(-1)
+                vals = b[1]
+            a, z = max(lo, blo) - blo, min(hi, bhi) - blo
+            parts.append(vals[a:z])
+            with self.lock:
+                b[2] -= z - a
+                if b[2] <= 0:
+                    self.blocks.pop(i, None)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class LoraSource:
@@ -84,6 +130,11 @@ class LoraSource:
             self._st.close()
             raise BuildError(f"{path}: not a LoRA mergebuild can read: {e}") from None
         self.family = "sd1" if self.info.family == "sd1/sd2" else self.info.family
+        try:
+            self.alphas, self.alpha_note = alphas(path, self.info)  # PEFT: adapter_config.json
+        except BuildError:
+            self._st.close()
+            raise
         self.targets: dict[str, Target] = {}
         self.unmapped: list[str] = []
         self.placements: dict[str, list[Placement]] = {}
@@ -108,6 +159,7 @@ class LoraSource:
             self.placements.setdefault(t.key, []).append(Placement(name, own, rows))
         self._lock = threading.Lock()
         self._cache: dict[str, _Entry] = {}  # ΔW of keys whose chunks are being read
+        self._base: tuple[str, object] | None = None  # (name, source) DoRA renormalises against
 
     @property
     def dora_keys(self) -> list[str]:
@@ -117,38 +169,67 @@ class LoraSource:
             if any(self.info.modules[p.module].dora for p in ps)
         )
 
+    def bind_base(self, name: str, base: object) -> None:
+        """The checkpoint a DoRA LoRA is baked into: its ΔW' = (W + ΔW)·m/‖W + ΔW‖ − W needs W,
+        read here (whole, once per DoRA key) while the engine streams the bake."""
+        if self._base is not None and self._base[1] is not base:
+            raise BuildError(
+                f"{self.path}: a DoRA LoRA is baked into both '{self._base[0]}' and '{name}' in "
+                "one build; its update depends on the model, so bake it in one place per build"
+            )
+        self._base = (name, base)
+
     def reshape(self, key: str, shape: tuple[int, ...]) -> None:
         """Give `key`'s ΔW the checkpoint's shape (same values, other singleton dims)."""
         assert math.prod(shape) == math.prod(self._infos[key].shape)
         self._infos[key] = TensorInfo("F32", shape)
 
     def infos(self) -> dict[str, TensorInfo]:
-        return dict(self._infos)
+        out = LoraLayout(self._infos)
+        out.source = self
+        return out
 
     def _factors_of(self, name: str) -> tuple[dict[str, torch.Tensor], float | None]:
         """A module's factors, read when its key is computed (a LoRA with both SDXL text
         encoders is ~230 MB at rank 32: read on demand, never held whole)."""
         m = self.info.modules[name]
-        w = {role: self._st.read(key) for role, key in m.parts.items()}
+        w = {role: self._st.read(key) for role, key in m.parts.items() if role != "dora_scale"}
         a = w.pop("alpha", None)
-        return w, (float(a.reshape(-1)[0]) if a is not None else None)
+        return w, (float(a.reshape(-1)[0]) if a is not None else self.alphas.get(name))
+
+    def _module_delta(self, p: Placement, key: str, base: torch.Tensor | None) -> torch.Tensor:
+        """One module's ΔW (its own shape); DoRA's ΔW' against the base's rows of `key`."""
+        from mergebuild.lora.delta import delta, dora
+
+        m = self.info.modules[p.module]
+        d = delta(m, *self._factors_of(p.module), p.shape)
+        if not m.dora or base is None:
+            return d
+        w = base if p.rows is None else base[p.rows[0] : p.rows[1]]
+        return dora(w.reshape(p.shape), d, self._st.read(m.parts["dora_scale"]))
+
+    def _base_weight(self, key: str) -> torch.Tensor | None:
+        if self._base is None or not any(
+            self.info.modules[p.module].dora for p in self.placements[key]
+        ):
+            return None
+        src = self._base[1]
+        shape = src.infos()[key].shape  # type: ignore[attr-defined]
+        return src.read_flat(key, 0, math.prod(shape)).reshape(shape)  # type: ignore[attr-defined]
 
     def delta(self, key: str) -> torch.Tensor:
         """The whole ΔW of `key` (float32, its shape), from every module placed there."""
         import torch
 
-        from mergebuild.lora.delta import delta
-
         shape = self._infos[key].shape
         places = self.placements[key]
+        base = self._base_weight(key)
         if len(places) == 1 and places[0].rows is None:
-            p = places[0]
-            return delta(self.info.modules[p.module], *self._factors_of(p.module), shape)
+            return self._module_delta(places[0], key, base).reshape(shape)
         out = torch.zeros(shape, dtype=torch.float32)
         for p in places:
-            d = delta(self.info.modules[p.module], *self._factors_of(p.module), p.shape)
             assert p.rows is not None
-            out[p.rows[0] : p.rows[1]] = d
+            out[p.rows[0] : p.rows[1]] = self._module_delta(p, key, base)
         return out
 
     def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
@@ -157,25 +238,55 @@ class LoraSource:
             if entry is None:
                 entry = self._cache[key] = _Entry(math.prod(self._infos[key].shape))
         with entry.lock:  # one ΔW per key, computed once even when two workers ask for it
-            if entry.flat is None:
-                entry.flat = self.delta(key).reshape(-1)
-            flat = entry.flat
+            if entry.flat is None and entry.rows is None:
+                plain = self._plain(key)
+                if plain is not None:
+                    entry.rows = _RowBlocks(plain)
+                else:
+                    entry.flat = self.delta(key).reshape(-1)
+            flat, rows = entry.flat, entry.rows
+        out = rows.read(lo, hi) if rows is not None else flat[lo:hi]  # type: ignore[index]
         with self._lock:
             entry.left -= hi - lo
             if entry.left <= 0:
                 self._cache.pop(key, None)
-        return flat[lo:hi]
+        return out
+
+    def _plain(self, key: str) -> Product | None:
+        """The key's ΔW as one plain product (one module, whole tensor, no DoRA), or None."""
+        from mergebuild.lora.delta import product
+
+        places = self.placements[key]
+        if len(places) != 1 or places[0].rows is not None:
+            return None
+        m = self.info.modules[places[0].module]
+        if m.dora and self._base is not None:
+            return None
+        p = product(m, *self._factors_of(places[0].module))
+        if p is not None and p.rows * p.cols != math.prod(self._infos[key].shape):
+            return None  # let delta() say what is wrong
+        return p
 
     def close(self) -> None:
         self._cache.clear()
         self._st.close()
 
 
+_IS_LORA: dict[tuple[str, int, int, int, int], bool] = {}  # (path, stat) → answer
+
+
 def header_is_lora(path: Path) -> bool:
-    """Whether a safetensors file holds a LoRA (read from its header; no torch)."""
+    """Whether a safetensors file holds a LoRA (read from its header; no torch). Memoized by
+    the file's stat: a build asks for every model up to 15 times (roles, speculation, each
+    plan, opening), and a 3000-tensor SDXL LoRA header takes ~0.1 s to parse."""
     if path.suffix.lower() not in (".safetensors", ".sft"):
         return False
-    return is_lora(read_header(path).tensors)
+    st = path.stat()
+    sig = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    got = _IS_LORA.get(sig)
+    if got is None:
+        got = _IS_LORA[sig] = is_lora(read_header(path).tensors)
+    return got
 
 
 def open_input(path: Path) -> object:

@@ -21,6 +21,7 @@ from mergebuild.engine.methods.extract_lora import ExtractLora
 from mergebuild.engine.methods.fold import Fold
 from mergebuild.engine.methods.geometric_median import GeometricMedian
 from mergebuild.engine.methods.linear import Linear
+from mergebuild.engine.methods.merge_loras import MergeLoras
 from mergebuild.engine.methods.model_stock import ModelStock
 from mergebuild.engine.methods.n_average import NAverage
 from mergebuild.engine.methods.slerp import Slerp
@@ -58,7 +59,7 @@ TASK_VECTOR_METHODS: tuple[type[Method], ...] = (
     NAverage,
 )
 register(*TASK_VECTOR_METHODS)
-register(BakeLora, ExtractLora)  # LoRA / LyCORIS files in recipes (mergebuild/lora/)
+register(BakeLora, ExtractLora, MergeLoras)  # LoRA / LyCORIS files in recipes (mergebuild/lora/)
 
 
 def get_method(name: str) -> type[Method]:

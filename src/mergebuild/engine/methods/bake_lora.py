@@ -65,6 +65,9 @@ class BakeLora(Method):
 products), formed in float64 and rounded once to float32. `strength` is one number for every
 LoRA or a list with one per LoRA; each may be block weights (a mapping, `{preset: NAME}` or a
 nested list). Keys no LoRA touches are a's tensors, unchanged; the dtype defaults to a's.
+DoRA modules (`dora_scale`) bake as A1111 and ComfyUI do: W + strength·(W_dora − W), W_dora =
+m·(W + ΔW)/‖W + ΔW‖ with the norm per input column ([1, in] magnitudes) or per output row
+([out, 1]); `a` must then be a file (a model, or a node cached by an earlier build).
 A LoRA for another architecture, or modules that map to no tensor of `a` (or to one of another
 shape), are an error naming them; `strict: false` skips those modules with a warning.
 Expression form: `anything + lora(detail, 0.6) + lora(style, 0.4)`."""

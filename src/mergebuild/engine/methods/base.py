@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
@@ -97,6 +97,8 @@ class ComputeContext:
     numel: int  # the whole tensor's element count
     node_key: str  # the node's content key (hex)
     seed: int  # the node's `seed` parameter (0 for methods that are not random)
+    # facts for the node's --json report (extract_lora/merge_loras: each module's error)
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 INPUTS_FORMS = ("slots", "variadic", "base_models")
@@ -206,7 +208,7 @@ class Method:
         parts = [
             {
                 "base_models": f"{cls.base_name}, {cls.models_name}=[..]",
-                "variadic": "models=[..]",
+                "variadic": f"{cls.models_name}=[..]",
             }.get(cls.inputs_form, ", ".join(cls.slots))
         ]
         for name in cls.param_order():

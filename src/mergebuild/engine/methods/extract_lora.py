@@ -57,4 +57,4 @@ is a LoRA file (bake it from that file)."""
     ) -> torch.Tensor:
         from mergebuild.lora.extract import compute
 
-        return compute(params, xs, ctx.tensor, ctx.node_key)
+        return compute(params, xs, ctx.tensor, ctx.node_key, ctx.report)
