@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mergebuild.engine.dtypes import RECIPE_TO_ST, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
-from mergebuild.engine.methods.base import ComputeContext, Params
+from mergebuild.engine.methods.base import ComputeContext, Params, Tiles
 from mergebuild.engine.safetensors_io import TensorInfo
 from mergebuild.errors import BuildError
 from mergebuild.sd.arch import is_position_ids
@@ -327,6 +327,12 @@ class KeyCompute:
                     self.stats[job.name].nonfinite.add(u.key)
                 return out
             else:
+                tiles = None if n is not None else job.method.split(params, xs, ctx)
+                done = None if tiles is None else _from_tiles(tiles, to_torch(info.dtype))
+                if done is not None:
+                    if done[1]:
+                        self.stats[job.name].nonfinite.add(u.key)
+                    return done[0]
                 out = _call(job.method, params, xs, ctx)
             if n is not None:
                 full = a.to(torch.float32, copy=True)
@@ -414,6 +420,28 @@ def _tiled(
         part.copy_(_call(method, params, tile, at))
         bad = _has_nonfinite(part) or bad
     return out.reshape(xs[0].shape), bad
+
+
+def _from_tiles(tiles: Tiles, dtype: torch.dtype) -> tuple[torch.Tensor, bool] | None:
+    """A whole-tensor method's tiles cast one by one into the result (see Tiles), and whether
+    any value is NaN/Inf; None when a tile asks to start over on the whole tensor.
+
+    Casting a tile is casting the whole tensor's slice: the bytes equal `compute(...).to()`.
+    """
+    import torch
+
+    numel = math.prod(tiles.shape)
+    out = torch.empty(numel, dtype=dtype)
+    bad = False
+    for lo in range(0, numel, tiles.step):
+        hi = min(numel, lo + tiles.step)
+        part = tiles.fill(lo, hi)
+        if part is None:
+            return None
+        dst = out[lo:hi]
+        dst.copy_(part)
+        bad = _has_nonfinite(dst) or bad
+    return out.reshape(tiles.shape), bad
 
 
 def _has_nonfinite(x: torch.Tensor) -> bool:
