@@ -85,9 +85,7 @@ def gram(
         step = max(1, BLOCK // max(n_cols, 1))
         if xr.device.type != "cpu" or yr.device.type != "cpu" or n_rows * n_cols == 0:
             for lo in range(0, n_rows, step):
-                for i, v in enumerate(
-                    three(_f64(xr[lo : lo + step]), _f64(yr[lo : lo + step]), 0)
-                ):
+                for i, v in enumerate(three(_f64(xr[lo : lo + step]), _f64(yr[lo : lo + step]), 0)):
                     acc[i] += v
             return acc[0], acc[1], acc[2]
         widen = _Widen(min(step, n_rows) * n_cols)
