@@ -114,6 +114,8 @@ class Tiles:
     step: int  # elements per `fill` call (the last one may be shorter): the caller's tiles
     shape: tuple[int, ...]
     fill: Callable[[int, int], torch.Tensor | None]
+    # fill may return None: the tiles cannot go out before the last one is known
+    may_restart: bool = False
 
     def whole(self) -> torch.Tensor | None:
         """Every tile in one new float32 tensor (None: a tile asked to start over)."""

@@ -93,7 +93,7 @@ give exactly a / b; alpha may be block weights."""
                 return None  # combine's None: the whole tensor is lerped instead
             return p
 
-        return Tiles(FILL_TILE, tuple(a.shape), fill)
+        return Tiles(FILL_TILE, tuple(a.shape), fill, may_restart=True)
 
     @staticmethod
     def compute(params: SlerpParams, xs: list[torch.Tensor]) -> torch.Tensor:
