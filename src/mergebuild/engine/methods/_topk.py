@@ -27,7 +27,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-TILE = 1 << 16  # elements per tile of the passes: the temporaries stay in L2
+TILE = 1 << 17  # elements per tile of the passes: the temporaries stay in L2
 BINS = 1 << 16
 SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 512
 
