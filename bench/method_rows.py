@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from run import DATA, PY, SD_MECHA_VERSION, mergebuild
+from run import DATA, PY, SD_MECHA_VERSION, data_digest, mergebuild
 
 if TYPE_CHECKING:
     from run import Runner
@@ -127,6 +127,7 @@ def add(r: Runner, floors: dict[str, float], mecha: bool) -> None:
         r.dry_run(rcp)
         mine = r.run(f"mergebuild {row.label}", mergebuild(rcp, r.cache), [r.cache], r.cold)
         mine["floor"] = floors[row.inputs]
+        mine["sha256"] = data_digest(r.out)  # the tensor bytes: compared across code changes
         ratio = mine["wall"] / mine["floor"]
         r.check(f"check: {slug} ≤ {row.target}× floor ({ratio:.2f}×)", ratio <= row.target)
         if row.target > 1.3:  # whole-tensor methods also have a memory target

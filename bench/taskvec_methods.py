@@ -1,5 +1,6 @@
 """Per-method compute time and memory on one SD-size tensor, single torch thread (as the
-executor runs each key), optionally against sd-mecha's ties_sum on the same inputs.
+executor runs each key; a whole-tensor method's tiles cast into an fp16 result as the per-key
+stage does), optionally against sd-mecha's ties_sum on the same inputs.
 
     python bench/taskvec_methods.py [--numel N] [--models N] [--sd-mecha] [METHOD ...]
 
@@ -56,7 +57,12 @@ else:
     c = ComputeContext("w", 0, numel, "ab" * 16, 0)
     open("/proc/self/clear_refs", "w").write("5")
     rss0, t, cpu = status("VmRSS"), time.perf_counter(), time.process_time()
-    out = m.compute(p, xs, c) if m.needs_context else m.compute(p, xs)
+    # as the per-key stage does: tiles cast into an fp16 result when the method splits
+    from mergebuild.engine.compute import _from_tiles
+    tiles = m.split(p, xs, c if m.needs_context else None)
+    done = None if tiles is None else _from_tiles(tiles, torch.float16)
+    if done is None:
+        out = (m.compute(p, xs, c) if m.needs_context else m.compute(p, xs)).half()
 dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
 print(f"{{name:20}} {{dt:7.2f}} s wall {{dcpu:7.2f}} s CPU  "
       f"{{dcpu / numel / n * 1e9:6.1f}} ns CPU/element/model  "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mergebuild.engine.dtypes import RECIPE_TO_ST, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
-from mergebuild.engine.methods.base import ComputeContext, Params
+from mergebuild.engine.methods.base import ComputeContext, Params, Tiles
 from mergebuild.engine.safetensors_io import TensorInfo
 from mergebuild.errors import BuildError
 from mergebuild.sd.arch import is_position_ids
@@ -282,25 +282,46 @@ class KeyCompute:
         self,
         u: Unit,
         read: Callable[[str, str, Unit], torch.Tensor],
-        write: Callable[[int, torch.Tensor], None],
+        write: Callable[..., None],
     ) -> None:
         """Every value of unit `u`'s key plan: sources come from `read(name, key, u)`, each
-        value a target wants goes to `write(target index, value)`, dead values are dropped."""
+        value a target wants goes to `write(target index, value)`, dead values are dropped.
+
+        A whole-tensor value that only targets want (no later step reads it) may go out in
+        tiles instead: `write(target index, tile, lo)`, `lo` the tile's first element within
+        the unit. Why: no full-size result is held (see Tiles)."""
         plan = self.key_plan(u.key)
         vals: list[Any] = [None] * len(plan.steps)
         for i, step in enumerate(plan.steps):
             if step.is_job:
-                val = self._compute(self.jobs[step.name], u, [vals[j] for j in step.args])
+                direct = None
+                if step.sinks and i in step.free:  # targets only: tiles may go straight out
+
+                    def direct(tile: torch.Tensor, lo: int, sinks: tuple[int, ...] = step.sinks):
+                        for s in sinks:
+                            write(s, tile, lo)
+
+                val = self._compute(self.jobs[step.name], u, [vals[j] for j in step.args], direct)
             else:  # in its own shape: an inpainting `a` is wider
                 val = read(step.name, step.key, u)
             vals[i] = val
-            for s in step.sinks:
-                write(s, val)
+            if val is not None:  # None: written tile by tile already
+                for s in step.sinks:
+                    write(s, val)
             for j in step.free:
                 vals[j] = None
 
-    def _compute(self, job: NodeJob, u: Unit, args: list[torch.Tensor]) -> torch.Tensor:
-        """Job's value for unit `u` from its inputs' values (`a` alone: the key is not merged)."""
+    def _compute(
+        self,
+        job: NodeJob,
+        u: Unit,
+        args: list[torch.Tensor],
+        direct: Callable[[torch.Tensor, int], None] | None = None,
+    ) -> torch.Tensor | None:
+        """Job's value for unit `u` from its inputs' values (`a` alone: the key is not merged).
+
+        With `direct`, a whole-tensor method's tiles may be handed to it one by one (cast to
+        the job's dtype; a tile buffer reused) instead: None is returned then."""
         info = self.layouts[job.name][u.key]
         own = self.key_sources.get(job.name)
         if own is not None and job.method.optional_inputs:  # None: input lacks the source key
@@ -333,6 +354,16 @@ class KeyCompute:
                     self.stats[job.name].nonfinite.add(u.key)
                 return out
             else:
+                tiles = None if n is not None else job.method.split(params, xs, ctx)
+                if tiles is not None and direct is not None and not tiles.may_restart:
+                    if _stream_tiles(tiles, to_torch(info.dtype), direct):
+                        self.stats[job.name].nonfinite.add(u.key)
+                    return None
+                done = None if tiles is None else _from_tiles(tiles, to_torch(info.dtype))
+                if done is not None:
+                    if done[1]:
+                        self.stats[job.name].nonfinite.add(u.key)
+                    return done[0]
                 out = _call(job.method, params, xs, ctx)
             if n is not None:
                 full = a.to(torch.float32, copy=True)
@@ -422,6 +453,49 @@ def _tiled(
         part.copy_(_call(method, params, tile, at))
         bad = _has_nonfinite(part) or bad
     return out.reshape(xs[0].shape), bad
+
+
+def _from_tiles(tiles: Tiles, dtype: torch.dtype) -> tuple[torch.Tensor, bool] | None:
+    """A whole-tensor method's tiles cast one by one into the result (see Tiles), and whether
+    any value is NaN/Inf; None when a tile asks to start over on the whole tensor.
+
+    Casting a tile is casting the whole tensor's slice: the bytes equal `compute(...).to()`.
+    """
+    import torch
+
+    numel = math.prod(tiles.shape)
+    out = torch.empty(numel, dtype=dtype)
+    bad = False
+    for lo in range(0, numel, tiles.step):
+        hi = min(numel, lo + tiles.step)
+        part = tiles.fill(lo, hi)
+        if part is None:
+            return None
+        dst = out[lo:hi]
+        dst.copy_(part)
+        bad = _has_nonfinite(dst) or bad
+    return out.reshape(tiles.shape), bad
+
+
+def _stream_tiles(
+    tiles: Tiles, dtype: torch.dtype, emit: Callable[[torch.Tensor, int], None]
+) -> bool:
+    """Each tile cast into one reused buffer and handed to `emit(tile, lo)` (which copies it
+    before the next); whether any value is NaN/Inf. The same bytes as `_from_tiles`."""
+    import torch
+
+    numel = math.prod(tiles.shape)
+    buf = torch.empty(min(numel, tiles.step), dtype=dtype)
+    bad = False
+    for lo in range(0, numel, tiles.step):
+        hi = min(numel, lo + tiles.step)
+        part = tiles.fill(lo, hi)
+        assert part is not None  # may_restart is False
+        dst = buf[: hi - lo]
+        dst.copy_(part)
+        bad = _has_nonfinite(dst) or bad
+        emit(dst, lo)
+    return bad
 
 
 def _has_nonfinite(x: torch.Tensor) -> bool:

@@ -182,14 +182,15 @@ class FusedPass:
         return val.reshape(shape) if u.whole else val
 
     def _do_unit(self, u: Unit) -> None:
-        self.compute.evaluate(u, self._read, lambda s, val: self._write(s, u, val))
+        self.compute.evaluate(u, self._read, lambda s, val, lo=0: self._write(s, u, val, lo))
 
-    def _write(self, s: int, u: Unit, val: torch.Tensor) -> None:
-        """Unit `u` of sink `s`, cast to the file's dtype, at its fixed offset."""
+    def _write(self, s: int, u: Unit, val: torch.Tensor, lo: int = 0) -> None:
+        """Unit `u` of sink `s` (or a tile of it starting `lo` elements in), cast to the
+        file's dtype, at its fixed offset."""
         sink = self.sinks[s]
         want = to_torch(sink.infos[u.key].dtype)
         assert sink.writer is not None
-        sink.writer.write(u.key, val if val.dtype == want else val.to(want), u.lo)
+        sink.writer.write(u.key, val if val.dtype == want else val.to(want), u.lo + lo)
 
     def _cost(self, u: Unit) -> int:
         """Rough peak bytes for one unit: raw reads plus float32 temporaries of the computed

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import model_validator
 
-from mergebuild.engine.methods.base import Method, Params
+from mergebuild.engine.methods.base import Method, Params, Tiles
 from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
@@ -75,6 +75,36 @@ def blend(
     return out
 
 
+FILL_TILE = 1 << 16  # elements per tile of blend_tiles: its float32 buffers stay in L2
+
+
+def blend_tiles(
+    a: torch.Tensor, b: torch.Tensor, combined: np.ndarray, params: CosineParams, alpha: float
+) -> Tiles | None:
+    """`blend` as Tiles of whole rows (dim 0): the same k, the same ops on each element, cast
+    into the output tile by tile (None where `blend` is used as is: 0-d, empty, not CPU)."""
+    import numpy as np
+    import torch
+
+    if a.dim() == 0 or a.shape[0] == 0 or a.device.type != "cpu":
+        return None
+    k = np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
+    cols = math.prod(a.shape[1:])
+    kt = torch.from_numpy(k.astype(np.float32)).reshape(1, cols)
+    rest = torch.from_numpy((1.0 - k).astype(np.float32)).reshape(1, cols)
+    a2, b2 = a.reshape(a.shape[0], cols), b.reshape(a.shape[0], cols)
+    rows = max(1, FILL_TILE // cols)
+    size = min(rows, a.shape[0])
+    part, tmp = (torch.empty((size, cols), dtype=torch.float32) for _ in range(2))
+
+    def fill(lo: int, hi: int) -> torch.Tensor:
+        r0, r1 = lo // cols, hi // cols
+        p = part[: r1 - r0].copy_(a2[r0:r1]).mul_(kt)
+        return p.add_(tmp[: r1 - r0].copy_(b2[r0:r1]).mul_(rest)).reshape(-1)
+
+    return Tiles(rows * cols, tuple(a.shape), fill)
+
+
 class AddCosineA(Method):
     name = "add_cosine_a"
     slots = ("a", "b")
@@ -104,12 +134,24 @@ alpha may be block weights."""
   sim_min: 0.9"""
 
     @staticmethod
-    def compute(params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
+    def similarity(params: CosineParams, xs: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+        """(combined similarity per column, |alpha|): the whole-tensor statistics."""
         import numpy as np
 
         a, b = xs
         cos, aa, bb, _ = column_cosines(a, b)
         na, nb = np.count_nonzero(aa > 0), np.count_nonzero(bb > 0)
         mean = float(np.add.reduce(cos)) / np.sqrt(na * nb) if na and nb else 0.0
-        alpha = abs(float(params.alpha))  # type: ignore[arg-type]
-        return blend(a, b, (cos + mean) / 2.0, params, alpha)
+        return (cos + mean) / 2.0, abs(float(params.alpha))  # type: ignore[arg-type]
+
+    @classmethod
+    def split(cls, params: CosineParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
+        if xs[0].dim() == 0 or xs[0].shape[0] == 0 or xs[0].device.type != "cpu":
+            return None
+        combined, alpha = cls.similarity(params, xs)
+        return blend_tiles(xs[0], xs[1], combined, params, alpha)
+
+    @staticmethod
+    def compute(params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        combined, alpha = AddCosineA.similarity(params, xs)
+        return blend(*xs, combined, params, alpha)

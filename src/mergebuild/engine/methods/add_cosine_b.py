@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods.add_cosine_a import CosineParams, blend, column_cosines
-from mergebuild.engine.methods.base import Method
+from mergebuild.engine.methods.add_cosine_a import (
+    CosineParams,
+    blend,
+    blend_tiles,
+    column_cosines,
+)
+from mergebuild.engine.methods.base import Method, Tiles
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -35,7 +41,8 @@ sim_max (default 0..1, sd-mecha's add_cosine_b). alpha may be block weights."""
   alpha: 0.1"""
 
     @staticmethod
-    def compute(params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
+    def similarity(params: CosineParams, xs: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+        """(combined similarity per column, alpha): the whole-tensor statistics."""
         import numpy as np
 
         a, b = xs
@@ -43,5 +50,16 @@ sim_max (default 0..1, sd-mecha's add_cosine_b). alpha may be block weights."""
         ab = float(np.add.reduce(ab_cols))
         den = np.sqrt(float(np.add.reduce(aa))) * np.sqrt(float(np.add.reduce(bb)))
         whole = ab / den if den > 0 else 0.0
-        alpha = float(params.alpha)  # type: ignore[arg-type]
-        return blend(a, b, (cos + whole) / 2.0, params, alpha)
+        return (cos + whole) / 2.0, float(params.alpha)  # type: ignore[arg-type]
+
+    @classmethod
+    def split(cls, params: CosineParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
+        if xs[0].dim() == 0 or xs[0].shape[0] == 0 or xs[0].device.type != "cpu":
+            return None
+        combined, alpha = cls.similarity(params, xs)
+        return blend_tiles(xs[0], xs[1], combined, params, alpha)
+
+    @staticmethod
+    def compute(params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        combined, alpha = AddCosineB.similarity(params, xs)
+        return blend(*xs, combined, params, alpha)

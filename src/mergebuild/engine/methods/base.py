@@ -101,6 +101,41 @@ class ComputeContext:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """A whole-tensor result given tile by tile, once its whole-tensor statistics are known.
+
+    Why: the per-key stage casts each tile into the output dtype as it comes, so no full-size
+    float32 result (4 bytes per element, page-faulted in afresh for every large key) and no
+    full-size cast of it are held: less memory per key in flight, fewer passes over memory.
+    `fill(lo, hi)` returns the float32 values of flat elements [lo, hi) — the same bits the
+    whole computation gives there — in a buffer the next call may reuse, or None when the
+    method must start over on the whole tensor (slerp's lerp fallback on a non-finite value).
+    """
+
+    step: int  # elements per `fill` call (the last one may be shorter): the caller's tiles
+    shape: tuple[int, ...]
+    fill: Callable[[int, int], torch.Tensor | None]
+    # fill may return None: the tiles cannot go out before the last one is known
+    may_restart: bool = False
+
+    def whole(self) -> torch.Tensor | None:
+        """Every tile in one new float32 tensor (None: a tile asked to start over)."""
+        import math
+
+        import torch
+
+        numel = math.prod(self.shape)
+        out = torch.empty(numel, dtype=torch.float32)
+        for lo in range(0, numel, self.step):
+            hi = min(numel, lo + self.step)
+            part = self.fill(lo, hi)
+            if part is None:
+                return None
+            out[lo:hi].copy_(part)
+        return out.reshape(self.shape)
+
+
 INPUTS_FORMS = ("slots", "variadic", "base_models")
 
 
@@ -172,6 +207,15 @@ class Method:
             cls.formula = cls.summary
         if not cls.summary:
             cls.summary = cls.formula
+
+    @classmethod
+    def split(cls, params: Any, xs: list[torch.Tensor], ctx: Any) -> Tiles | None:
+        """A whole-tensor method's result as Tiles (see Tiles), or None: call `compute`.
+
+        `ctx` is the ComputeContext for `needs_context` methods, else None. The default has
+        no split; a method defining one computes `compute` through it, so both give the same
+        bits."""
+        return None
 
     @classmethod
     def output_keys(

@@ -12,10 +12,10 @@ from mergebuild.engine.methods._taskvec import (
     Weight,
     model_weights,
     n_models,
-    ties_merge,
+    ties_tiles,
     weights_error,
 )
-from mergebuild.engine.methods.base import ComputeContext, Method, SeedParams, f32
+from mergebuild.engine.methods.base import ComputeContext, Method, SeedParams, Tiles, f32
 from mergebuild.engine.methods.dare import stream_name
 from mergebuild.sd.blocks import BlockAlpha
 
@@ -62,17 +62,17 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
     def check(cls, params: DareTiesParams, n_inputs: int) -> str | None:
         return weights_error(params.weights, n_models(n_inputs))
 
-    @staticmethod
-    def compute(
-        params: DareTiesParams, xs: list[torch.Tensor], ctx: ComputeContext
-    ) -> torch.Tensor:
+    @classmethod
+    def split(
+        cls, params: DareTiesParams, xs: list[torch.Tensor], ctx: ComputeContext
+    ) -> Tiles | None:
         import numpy as np
 
         from mergebuild.engine import rng
 
         assert isinstance(params.alpha, float | int)
         if params.alpha == 0:
-            return f32(xs[0])
+            return None
         keep = 1.0 - params.p
 
         deltas = TileDeltas(xs, TILE)
@@ -87,5 +87,15 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
                 np.multiply(d.numpy(), mask.numpy(), out=d.numpy())
             return d
 
+        dropped.base = deltas.base  # type: ignore[attr-defined]  # ties_tiles reuses it
         weights = model_weights(params.weights, len(xs) - 1)
-        return ties_merge(xs[0], dropped, weights, params.k, params.vote, params.alpha / keep)
+        return ties_tiles(xs[0], dropped, weights, params.k, params.vote, params.alpha / keep)
+
+    @staticmethod
+    def compute(
+        params: DareTiesParams, xs: list[torch.Tensor], ctx: ComputeContext
+    ) -> torch.Tensor:
+        tiles = DareTies.split(params, xs, ctx)
+        out = f32(xs[0]) if tiles is None else tiles.whole()
+        assert out is not None
+        return out

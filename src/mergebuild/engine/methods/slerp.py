@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods.base import Method, Params, f32
+from mergebuild.engine.methods.base import Method, Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ def lerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 TILE = 1 << 18  # elements per tile of the final combination: one full-size tensor, the result
+FILL_TILE = 1 << 16  # per tile cast into the output (split): its two float32 buffers stay in L2
 
 
 def combine(a: torch.Tensor, b: torch.Tensor, ca: float, cb: float) -> torch.Tensor | None:
@@ -67,30 +68,64 @@ give exactly a / b; alpha may be block weights."""
   b: insta
   alpha: 0.3"""
 
+    @classmethod
+    def split(cls, params: SlerpParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
+        """a·f32(cₐ) + b·f32(c_b) tile by tile: `combine`'s ops on each slice (None: alpha 0
+        or 1, or the lerp fallback — `compute` handles those on the whole tensor)."""
+        import torch
+
+        a, b = xs
+        alpha = float(params.alpha)  # type: ignore[arg-type]
+        if alpha in (0, 1) or a.device.type != "cpu":
+            return None
+        coefs = coefficients(a, b, alpha)
+        if coefs is None:
+            return None
+        ca, cb = coefs
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        size = min(fa.numel(), FILL_TILE)
+        part, tmp = (torch.empty(size, dtype=torch.float32) for _ in range(2))
+
+        def fill(lo: int, hi: int) -> torch.Tensor | None:
+            p = part[: hi - lo]
+            p.copy_(fa[lo:hi]).mul_(ca).add_(tmp[: hi - lo].copy_(fb[lo:hi]).mul_(cb))
+            if not math.isfinite(float(p.sum())) and not bool(torch.isfinite(p).all()):
+                return None  # combine's None: the whole tensor is lerped instead
+            return p
+
+        return Tiles(FILL_TILE, tuple(a.shape), fill, may_restart=True)
+
     @staticmethod
     def compute(params: SlerpParams, xs: list[torch.Tensor]) -> torch.Tensor:
-
-        from mergebuild.engine.methods.reduce import gram1
-
         a, b = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
         if alpha == 0:
             return f32(a)
         if alpha == 1:
             return f32(b)
-        aa, bb, ab = gram1(a, b)
-        na, nb = math.sqrt(aa), math.sqrt(bb)
-        if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)):
+        coefs = coefficients(a, b, alpha)
+        if coefs is None:
             return lerp(a, b, alpha)
-        cos = min(1.0, max(-1.0, ab / (na * nb)))
-        omega = math.acos(cos)
-        sin = math.sin(omega)
-        if not sin >= PARALLEL:
-            return lerp(a, b, alpha)
-        length = (1.0 - alpha) * na + alpha * nb
-        ca = math.sin((1.0 - alpha) * omega) / sin * length / na
-        cb = math.sin(alpha * omega) / sin * length / nb
-        out = combine(a, b, ca, cb)
+        out = combine(a, b, *coefs)
         if out is None:
             return lerp(a, b, alpha)
         return out
+
+
+def coefficients(a: torch.Tensor, b: torch.Tensor, alpha: float) -> tuple[float, float] | None:
+    """(cₐ, c_b) of the formula (float64), or None where slerp falls back to the lerp."""
+    from mergebuild.engine.methods.reduce import gram1
+
+    aa, bb, ab = gram1(a, b)
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)):
+        return None
+    cos = min(1.0, max(-1.0, ab / (na * nb)))
+    omega = math.acos(cos)
+    sin = math.sin(omega)
+    if not sin >= PARALLEL:
+        return None
+    length = (1.0 - alpha) * na + alpha * nb
+    ca = math.sin((1.0 - alpha) * omega) / sin * length / na
+    cb = math.sin(alpha * omega) / sin * length / nb
+    return ca, cb

@@ -12,10 +12,10 @@ from mergebuild.engine.methods._taskvec import (
     TileDeltas,
     model_weights,
     n_models,
-    ties_merge,
+    ties_tiles,
     weights_error,
 )
-from mergebuild.engine.methods.base import Method, f32
+from mergebuild.engine.methods.base import Method, Tiles, f32
 
 if TYPE_CHECKING:
     import torch
@@ -60,17 +60,19 @@ order statistic (an exact selection over the tiles of one δᵢ at a time)."""
     def check(cls, params: TiesParams, n_inputs: int) -> str | None:
         return weights_error(params.weights, n_models(n_inputs))
 
-    @staticmethod
-    def compute(params: TiesParams, xs: list[torch.Tensor]) -> torch.Tensor:
+    @classmethod
+    def split(cls, params: TiesParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
         assert isinstance(params.alpha, float | int)
         if params.alpha == 0:  # "kept from base" (e.g. a block weighted 0) means exactly base
-            return f32(xs[0])
+            return None
         weights = model_weights(params.weights, len(xs) - 1)
-        return ties_merge(
-            xs[0],
-            TileDeltas(xs, TILE),
-            weights,
-            params.k,
-            params.vote,
-            float(params.alpha),
+        return ties_tiles(
+            xs[0], TileDeltas(xs, TILE), weights, params.k, params.vote, float(params.alpha)
         )
+
+    @staticmethod
+    def compute(params: TiesParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        tiles = Ties.split(params, xs, None)
+        out = f32(xs[0]) if tiles is None else tiles.whole()
+        assert out is not None
+        return out

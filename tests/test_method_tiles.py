@@ -1,0 +1,291 @@
+"""Whole-tensor methods computed as statistics + tiles (methods.base.Tiles): the tiles cast into
+the output (or streamed to the files) must give the bytes of the whole computation, and ties'
+9-op form of finite tiles the bytes of its reference form, for any input values.
+
+Inputs include what breaks shortcuts: NaN, ±inf, ±0, a base of −0.0, magnitudes tied at the
+trim threshold, float32 overflow, deltas that are all zero, tensors shorter than a tile and
+not a multiple of it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_st, run_cli
+from mergebuild.engine import compute
+from mergebuild.engine.methods import REGISTRY, _taskvec, add_cosine_a, slerp
+from mergebuild.engine.methods.base import ComputeContext
+
+KINDS = ["plain", "specials", "ties_at_threshold", "overflow", "no_delta", "neg_zero_base"]
+
+
+def _inputs(kind: str, n: int, numel: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Base + n models (float32 values rounded to `dtype`), one flavour of awkward values."""
+    g = np.random.default_rng(seed)
+    base = g.standard_normal(numel).astype(np.float32)
+    xs = [base] + [base + 0.05 * g.standard_normal(numel).astype(np.float32) for _ in range(n)]
+    if kind == "specials":
+        for i, x in enumerate(xs):
+            at = g.choice(numel, size=min(numel, 12), replace=False)
+            x[at[:3]] = np.nan if i % 2 else np.inf
+            x[at[3:6]] = -0.0
+            x[at[6:9]] = 0.0
+            x[at[9:]] = -np.inf
+    elif kind == "ties_at_threshold":  # few distinct magnitudes: many equal to the threshold
+        xs = [np.round(x * 4) / 4 for x in xs]
+    elif kind == "overflow":
+        xs = [x * np.float32(3e38) for x in xs]
+    elif kind == "no_delta":
+        xs = [base.copy() for _ in xs]
+    elif kind == "neg_zero_base":  # −0.0 + (+0.0) is +0.0: a result's zero sign shows
+        xs[0][::3] = -0.0
+        for x in xs[1:]:
+            x[::3] = xs[0][::3]
+    return [torch.from_numpy(x.copy()).to(dtype) for x in xs]
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+TIES_CASES = [
+    ("ties", {"k": 0.2}),
+    ("ties", {"k": 0.2, "vote": "count"}),
+    ("ties", {"k": 1.0}),
+    ("ties", {"k": 0.5, "weights": [1.0, 0.5, 2.0], "alpha": -0.7}),
+    ("ties", {"k": 0.01, "weights": [0.0, 1.0, 3.0], "vote": "count"}),
+    ("dare_ties", {"p": 0.9, "vote": "count", "seed": 1}),
+    ("dare_ties", {"p": 0.5, "k": 0.3, "weights": [2.0, 1.0, 0.5]}),
+    ("della", {"p": 0.7, "eps": 0.2}),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("name", "params"), TIES_CASES)
+def test_ties_quick_tiles_equal_the_reference_form(
+    monkeypatch: pytest.MonkeyPatch, name: str, params: dict, kind: str
+) -> None:
+    """Finite tiles take the 9-op form, others the reference form: either way, the bytes of
+    the reference form everywhere (tensors of 1 to 3 tiles, fp16 and float32 inputs)."""
+    m = REGISTRY[name]
+    for numel, dtype in ((70_001, torch.float16), (150_000, torch.float32), (37, torch.bfloat16)):
+        xs = _inputs(kind, 3, numel, dtype, seed=numel)
+        ctx = ComputeContext("k.weight", 0, numel, "ab" * 16, params.get("seed", 0))
+        p = m.Params(**params)
+
+        def run(xs: list[torch.Tensor] = xs, p: object = p, ctx: ComputeContext = ctx) -> bytes:
+            return _bytes(m.compute(p, xs, ctx) if m.needs_context else m.compute(p, xs))
+
+        monkeypatch.setattr(_taskvec, "QUICK", False)
+        want = run()
+        monkeypatch.setattr(_taskvec, "QUICK", True)
+        assert run() == want, (name, params, kind, numel)
+
+
+SPLIT_CASES = [
+    ("ties", {"k": 0.2}, (301, 257)),
+    ("dare_ties", {"p": 0.8, "k": 0.5, "seed": 3}, (5000,)),
+    ("slerp", {"alpha": 0.3}, (64, 32, 3, 3)),
+    ("slerp", {"alpha": 0.7}, (12_345,)),
+    ("add_cosine_a", {"alpha": 0.0}, (301, 257)),
+    ("add_cosine_a", {"alpha": 0.4, "sim_min": 0.5}, (3, 4000)),  # a row longer than a tile
+    ("add_cosine_b", {"alpha": 0.2}, (7, 5, 3, 3)),
+    ("add_cosine_b", {"alpha": 0.1}, (999,)),
+]
+
+
+@pytest.mark.parametrize("out", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["plain", "specials", "overflow"])
+@pytest.mark.parametrize(("name", "params", "shape"), SPLIT_CASES)
+def test_tiles_cast_and_streamed_equal_the_whole_result(
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    params: dict,
+    shape: tuple[int, ...],
+    kind: str,
+    out: torch.dtype,
+) -> None:
+    """`_from_tiles` and `_stream_tiles` (small tiles: many, the last one short) give the
+    bytes of `compute(...).to(dtype)` and the same NaN/Inf verdict; a slerp tile that asks to
+    start over (its lerp fallback) leaves no tiles written."""
+    for mod, attr in ((slerp, "FILL_TILE"), (add_cosine_a, "FILL_TILE"), (_taskvec, "TILE")):
+        monkeypatch.setattr(mod, attr, 1000)
+    m = REGISTRY[name]
+    numel = math.prod(shape)
+    n = len(m.slots) - 1 if m.inputs_form == "slots" else 3
+    xs = [x.reshape(shape) for x in _inputs(kind, n, numel, torch.float16, seed=numel)]
+    ctx = ComputeContext("k.weight", 0, numel, "cd" * 16, params.get("seed", 0))
+    p = m.Params(**params)
+    whole = (m.compute(p, xs, ctx) if m.needs_context else m.compute(p, xs)).to(out)
+    want = (_bytes(whole), compute._has_nonfinite(whole))
+    tiles = m.split(p, xs, ctx)
+    if tiles is None:  # e.g. slerp's lerp fallback decided by the statistics
+        assert kind != "plain"
+        return
+    done = compute._from_tiles(tiles, out)
+    if done is None:  # a tile asked to start over: only slerp may, and it streams nothing
+        assert tiles.may_restart
+        return
+    assert (_bytes(done[0]), done[1]) == want
+    assert done[0].shape == whole.shape
+    if tiles.may_restart:
+        return
+    got = torch.full((numel,), 7, dtype=out)
+    pieces: list[tuple[int, int]] = []
+
+    def emit(t: torch.Tensor, lo: int) -> None:
+        got[lo : lo + t.numel()] = t
+        pieces.append((lo, t.numel()))
+
+    bad = compute._stream_tiles(m.split(p, xs, ctx), out, emit)
+    assert (_bytes(got), bad) == want
+    assert sum(k for _, k in pieces) == numel
+    assert len(pieces) == -(-numel // tiles.step)  # one per tile, the last one short
+    assert [lo for lo, _ in pieces] == sorted({lo for lo, _ in pieces})  # each once, in order
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fp16 cannot get there
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_slerp_overflowing_result_falls_back_to_lerp(alpha: float, dtype: torch.dtype) -> None:
+    """Finite norms but a result past float32's range: the tiles start over and the key is
+    the plain lerp a·(1−α) + b·α (numpy float32), through the per-key stage."""
+    from mergebuild.engine.compute import KeyCompute, NodeJob, Unit
+    from mergebuild.engine.safetensors_io import TensorInfo
+
+    numel = 5000
+    big = np.float32(3.3e38)
+    a = np.zeros(numel, np.float32)
+    b = np.zeros(numel, np.float32)
+    a[: numel // 2], b[numel // 4 :] = big, big  # overlapping halves: not parallel
+    ta, tb = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
+    st = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}[dtype]
+    key = "model.diffusion_model.out.0.weight"
+    lay = {"a": {key: TensorInfo(st, (numel,))}, "b": {key: TensorInfo(st, (numel,))}}
+
+    class Target:
+        def __init__(self) -> None:
+            self.source, self.vae, self.vae_keys = "m", None, {}
+            self.infos = {key: TensorInfo("F32", (numel,))}
+
+    job = NodeJob("m", REGISTRY["slerp"], REGISTRY["slerp"].Params(alpha=alpha), "fp32", ["a", "b"])
+    kc = KeyCompute(lay, [job], [Target()])
+    got: dict[int, torch.Tensor] = {}
+
+    def write(s: int, val: torch.Tensor, lo: int | None = None) -> None:
+        assert lo is None, "a tile was written before the fallback"
+        got[s] = val.clone()
+
+    kc.evaluate(Unit(key, 0, numel, True), lambda n, k, u: {"a": ta, "b": tb}[n], write)
+    fa, fb = ta.float().numpy(), tb.float().numpy()
+    want = fa * np.float32(1.0 - alpha) + fb * np.float32(alpha)
+    assert np.array_equal(got[0].numpy().view(np.uint32), want.view(np.uint32))
+    assert np.isfinite(want).all() and not kc.stats["m"].nonfinite
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(70_000,), (200_001,), (300, 1000), (3, 70_000), (40, 3, 3)])
+def test_gram_sums_are_the_fixed_block_sums(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """reduce.gram's float64 sums equal their definition computed here in plain numpy: exact
+    products, np.add.reduce per 65 536-element block (axis None) or per block of whole rows
+    (axis 0), blocks added in order."""
+    from mergebuild.engine.methods.reduce import BLOCK, gram
+
+    g = np.random.default_rng(sum(shape))
+    x = torch.from_numpy(g.standard_normal(shape).astype(np.float32)).to(dtype)
+    y = torch.from_numpy(g.standard_normal(shape).astype(np.float32)).to(dtype)
+    fx = x.float().numpy().astype(np.float64).reshape(-1)
+    fy = y.float().numpy().astype(np.float64).reshape(-1)
+    want = [0.0, 0.0, 0.0]
+    for lo in range(0, fx.size, BLOCK):
+        a, b = fx[lo : lo + BLOCK], fy[lo : lo + BLOCK]
+        for i, (u, v) in enumerate(((a, a), (b, b), (a, b))):
+            want[i] += float(np.add.reduce(u * v))
+    got = gram(x, y)
+    if fx.size > BLOCK:  # one block: summed by the short-rows branch, unchanged
+        assert [float(v[0]) for v in got] == want
+    rows = shape[0]
+    cols = fx.size // rows
+    step = max(1, BLOCK // cols)
+    ax, ay = fx.reshape(rows, cols), fy.reshape(rows, cols)
+    acc = [np.zeros(cols) for _ in range(3)]
+    for lo in range(0, rows, step):
+        a, b = ax[lo : lo + step], ay[lo : lo + step]
+        for i, (u, v) in enumerate(((a, a), (b, b), (a, b))):
+            acc[i] += np.add.reduce(u * v, axis=0)
+    for got_i, want_i in zip(gram(x, y, 0), acc, strict=True):
+        assert np.array_equal(got_i, want_i)
+
+
+METHOD_RECIPES = {
+    "ties": "{method: ties, base: a, models: [b, c, d], k: 0.3}",
+    "dare_ties": "{method: dare_ties, base: a, models: [b, c, d], p: 0.6, k: 0.5, seed: 4}",
+    "slerp": "{method: slerp, a: a, b: b, alpha: 0.4}",
+    "add_cosine_a": "{method: add_cosine_a, a: a, b: b, alpha: 0.1}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_RECIPES))
+def test_streamed_build_same_bytes_at_j1_j2_and_reports_nan(
+    tmp_path: Path, model_dir: Path, name: str
+) -> None:
+    """A real build whose node goes to the file tile by tile: -j1 and -j2 write the same
+    bytes, a NaN in one model's key is reported for that key only, and the other keys equal
+    the same build with every key whole (the method called directly, cast to fp16)."""
+    from safetensors.numpy import load_file, save_file
+
+    srcs = [
+        model_dir / f"{s}.safetensors"
+        for s in ("v1-5-pruned", "anything-v3", "nai-full", "nai-sfw")
+    ]
+    models = {n: tmp_path / f"{n}.safetensors" for n in "abcd"}
+    nan_key = "model.diffusion_model.out.2.weight"
+    for (n, path), src in zip(models.items(), srcs, strict=True):
+        t = load_file(str(src))
+        if n == "b":
+            t[nan_key] = t[nan_key].copy()
+            t[nan_key].reshape(-1)[5] = np.nan
+        save_file(t, str(path))
+    outs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"o{jobs}.safetensors"
+        recipe = tmp_path / f"r{jobs}.yaml"
+        lines = "".join(f"  {k}: {v}\n" for k, v in models.items())
+        recipe.write_text(
+            f"mergebuild: 1\nmodels:\n{lines}merges:\n  m: {METHOD_RECIPES[name]}\n"
+            f"outputs:\n  o: {{from: m, path: {out}, dtype: fp16}}\n"
+        )
+        r = run_cli(recipe, "--json", "-j", jobs, cache=tmp_path / f"cache{jobs}")
+        assert r.code == 0, r.err
+        node = next(n for n in r.json["nodes"] if n["name"] == "m")
+        assert node["nonfinite_keys"] == [nan_key]
+        outs[jobs] = out.read_bytes()
+    assert outs["1"] == outs["2"]
+    got = load_st(tmp_path / "o1.safetensors")
+    ins = {n: load_file(str(p)) for n, p in models.items()}
+    m = REGISTRY[name]
+    p = m.Params(**_flow(METHOD_RECIPES[name]))
+    order = ["a", "b"] if m.inputs_form == "slots" else ["a", "b", "c", "d"]
+    checked = 0
+    for key in sorted(got)[::7]:
+        if not np.issubdtype(got[key].dtype, np.floating) or key == nan_key:
+            continue
+        if m.needs_context:  # the node key seeds the masks: dare_ties is compared with itself
+            continue
+        xs = [torch.from_numpy(ins[n][key]) for n in order]
+        want = m.compute(p, xs).to(torch.float16).numpy()
+        assert np.array_equal(got[key].view(np.uint16), want.view(np.uint16)), key
+        checked += 1
+    assert checked > 5 or m.needs_context
+
+
+def _flow(text: str) -> dict:
+    """The parameters of a one-line YAML flow mapping (inputs and `method` left out)."""
+    import yaml
+
+    d = yaml.safe_load(text)
+    return {k: v for k, v in d.items() if k not in ("method", "a", "b", "base", "models")}
