@@ -105,7 +105,27 @@ def blend_tiles(
     return Tiles(rows * cols, tuple(a.shape), fill)
 
 
-class AddCosineA(Method):
+class CosineBlend(Method):
+    """The blend both cosine methods share; each subclass says how it measures similarity."""
+
+    @staticmethod
+    def similarity(params: CosineParams, xs: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+        raise NotImplementedError
+
+    @classmethod
+    def split(cls, params: CosineParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
+        if xs[0].dim() == 0 or xs[0].shape[0] == 0 or xs[0].device.type != "cpu":
+            return None
+        combined, alpha = cls.similarity(params, xs)
+        return blend_tiles(xs[0], xs[1], combined, params, alpha)
+
+    @classmethod
+    def compute(cls, params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        combined, alpha = cls.similarity(params, xs)
+        return blend(*xs, combined, params, alpha)
+
+
+class AddCosineA(CosineBlend):
     name = "add_cosine_a"
     slots = ("a", "b")
     Params = CosineParams
@@ -143,15 +163,3 @@ alpha may be block weights."""
         na, nb = np.count_nonzero(aa > 0), np.count_nonzero(bb > 0)
         mean = float(np.add.reduce(cos)) / np.sqrt(na * nb) if na and nb else 0.0
         return (cos + mean) / 2.0, abs(float(params.alpha))  # type: ignore[arg-type]
-
-    @classmethod
-    def split(cls, params: CosineParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
-        if xs[0].dim() == 0 or xs[0].shape[0] == 0 or xs[0].device.type != "cpu":
-            return None
-        combined, alpha = cls.similarity(params, xs)
-        return blend_tiles(xs[0], xs[1], combined, params, alpha)
-
-    @staticmethod
-    def compute(params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
-        combined, alpha = AddCosineA.similarity(params, xs)
-        return blend(*xs, combined, params, alpha)

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mergebuild.engine.methods.add_cosine_a import (
-    CosineParams,
-    blend,
-    blend_tiles,
-    column_cosines,
-)
-from mergebuild.engine.methods.base import Method, Tiles
+from mergebuild.engine.methods.add_cosine_a import CosineBlend, CosineParams, column_cosines
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
 
-class AddCosineB(Method):
+class AddCosineB(CosineBlend):
     name = "add_cosine_b"
     slots = ("a", "b")
     Params = CosineParams
@@ -51,15 +45,3 @@ sim_max (default 0..1, sd-mecha's add_cosine_b). alpha may be block weights."""
         den = np.sqrt(float(np.add.reduce(aa))) * np.sqrt(float(np.add.reduce(bb)))
         whole = ab / den if den > 0 else 0.0
         return (cos + whole) / 2.0, float(params.alpha)  # type: ignore[arg-type]
-
-    @classmethod
-    def split(cls, params: CosineParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
-        if xs[0].dim() == 0 or xs[0].shape[0] == 0 or xs[0].device.type != "cpu":
-            return None
-        combined, alpha = cls.similarity(params, xs)
-        return blend_tiles(xs[0], xs[1], combined, params, alpha)
-
-    @staticmethod
-    def compute(params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
-        combined, alpha = AddCosineB.similarity(params, xs)
-        return blend(*xs, combined, params, alpha)
