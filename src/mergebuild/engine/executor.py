@@ -240,10 +240,10 @@ class FusedPass:
                     direct[src.fd] = twin
         budget = min(DIRECT_BUFFERS, max_memory // 2)  # read-ahead buffers are memory too
         ranges = [self._ranges(u) for u in units]
-        self._start_taps(ranges)
         readahead = Readahead(ranges, default_window(), direct, buffer_bytes=budget)
         self.readahead = readahead.start()
         try:
+            self._start_taps(ranges)  # inside: the `finally` below stops them
             import torch  # imported once the disk is already busy: it takes about a second
 
             threads = torch.get_num_threads()
