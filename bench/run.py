@@ -384,37 +384,31 @@ def core_rows(r: Runner, floor: dict, floor2: dict, others: bool) -> None:
     r.check("check: first build output == memo-warm output", first == j2)
     two = DATA / f"{arch}-two.yaml"
     recipe(two, m, two_step=True)
+
+    def two_step_row(label: str, cmd: list[str], prepare: Callable[[], None]) -> None:
+        """A two-step row: against the four-input floor and the single add_difference."""
+        row = run(label, cmd, [cache], prepare)
+        row["floor"] = floor2["wall"]
+        row["vs_single"] = row["wall"] / single_wall
+
     r.dry_run(two)  # the memo again (the first-build rows emptied the cache)
-    row = run("mergebuild two-step recipe, cold cache", mergebuild(two, cache), [cache], cold)
-    row["floor"] = floor2["wall"]
-    row["vs_single"] = row["wall"] / single_wall
-    row = run(
-        "mergebuild two-step, first build (inputs never hashed)",
-        mergebuild(two, cache),
-        [cache],
-        never_seen,
+    two_step_row("mergebuild two-step recipe, cold cache", mergebuild(two, cache), cold)
+    two_step_row(
+        "mergebuild two-step, first build (inputs never hashed)", mergebuild(two, cache), never_seen
     )
-    row["floor"] = floor2["wall"]
-    row["vs_single"] = row["wall"] / single_wall
     r.dry_run(two)
     fused = data_digest(out)
-    row = run(
+    two_step_row(
         "mergebuild two-step, s1 `cache: false` (one pass)",
         [*mergebuild(two, cache), "--set", "s1.cache=false"],
-        [cache],
         cold,
     )
-    row["floor"] = floor2["wall"]
-    row["vs_single"] = row["wall"] / single_wall
     # fold: the two steps as one sum a − 0.7·b − 0.3·c + d, rounded once (target ≤ 1.15× single)
-    row = run(
+    two_step_row(
         "mergebuild two-step, s2 `fold: true` (one sum)",
         [*mergebuild(two, cache), "--set", "s2.fold=true"],
-        [cache],
         cold,
     )
-    row["floor"] = floor2["wall"]
-    row["vs_single"] = row["wall"] / single_wall
     # the unfused, step-by-step build: s1 materialized as its own output, then step 2 from it
     step1 = DATA / f"{arch}-step1.yaml"
     step1.write_text(

@@ -96,7 +96,6 @@ class Planner:
         check_lock(resolved, self.locked_inputs)  # the pending ones: once they are hashed
         resolved.update(pending)
         resolved = {n: resolved[n] for n in names}
-        waiting = _downstream(self.graph, pending)
         check_roles(self.recipe, {n: r.path for n, r in resolved.items()})
         check_outputs_spare_inputs(self.recipe, self.store, self.outputs, resolved)
         keys = {n: input_key(r.path, r.hashes.xxh3) for n, r in resolved.items()}  # + PEFT cfg
@@ -154,8 +153,7 @@ class Planner:
                         name,
                         key,
                         "build",
-                        waiting.get(("output", name))
-                        or _corrupt_reason(corrupt.get(key))
+                        _corrupt_reason(corrupt.get(key))
                         or why_output(self.recipe, name, key, keys, journal),
                         True,
                     )
@@ -175,10 +173,8 @@ class Planner:
                 else:
                     have = False
                     status = "build"
-                    why = (
-                        waiting.get(("merge", name))
-                        or _corrupt_reason(corrupt.get(key))
-                        or why_node(self.recipe, name, key, keys, journal)
+                    why = _corrupt_reason(corrupt.get(key)) or why_node(
+                        self.recipe, name, key, keys, journal
                     )
                     needed.update(self.graph.predecessors(("merge", name)))
                 if node.method == "fold":  # `-n` shows what the node folded into
@@ -191,20 +187,6 @@ class Planner:
         items.reverse()
         all_keys = {**keys, **{f"output:{k}": v for k, v in okeys.items()}}
         return Plan(items, all_keys, models, hashed, resolved, facts, corrupt, sorted(pending))
-
-
-def _downstream(graph: nx.DiGraph, pending: dict[str, ResolvedInput]) -> dict[Any, str]:
-    """Graph node → the reason a speculative plan gives: which inputs are not hashed yet."""
-    import networkx as nx
-
-    waits: dict[Any, list[str]] = {}
-    for name in sorted(pending):
-        for node in nx.descendants(graph, ("model", name)):
-            waits.setdefault(node, []).append(name)
-    return {
-        node: f"input {', '.join(repr(n) for n in names)} new: hashed while it is merged"
-        for node, names in waits.items()
-    }
 
 
 def _corrupt_reason(found: tuple[str, str] | None) -> str | None:

@@ -54,8 +54,6 @@ class HashTap:
         self.stash: dict[int, Any] = {}  # offset → bytes arrived ahead of the cursor
         self.stashed = 0
         self.dropped: list[tuple[int, int]] = []  # ranges to read again: the stash was full
-        self.reread = 0  # bytes the tap read that the merge had read too (for the curious)
-        self.own_reads = 0  # bytes the tap read itself (gaps and rereads)
         self.queue: queue.SimpleQueue[tuple[int, Any] | None] = queue.SimpleQueue()
         self.queued = 0  # bytes in `queue`
         self.room = threading.Condition()
@@ -153,9 +151,9 @@ class HashTap:
             inside = i >= 0 and self.cursor < self.ends[i]
             if not inside:  # a gap the merge never reads: read it here
                 nxt = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
-                self._read_own(min(nxt, self.size), reread=False)
+                self._read_own(min(nxt, self.size))
             elif self.finishing or self._dropped_at(self.cursor):
-                self._read_own(self.ends[i], reread=True)  # not coming (again)
+                self._read_own(self.ends[i])  # not coming (again)
             else:
                 return  # wait for the merge to read it
 
@@ -181,7 +179,7 @@ class HashTap:
         self.dropped = [(lo, hi) for lo, hi in self.dropped if hi > pos]
         return any(lo <= pos for lo, _ in self.dropped)
 
-    def _read_own(self, end: int, reread: bool) -> None:
+    def _read_own(self, end: int) -> None:
         """Read and hash [cursor, end) from the file (what the merge skips, or was dropped)."""
         buf = bytearray(min(CHUNK, max(end - self.cursor, 1)))
         while self.cursor < end and not self.abort:
@@ -189,8 +187,6 @@ class HashTap:
             n = os.preadv(self.fd, [want], self.cursor)
             if n <= 0:
                 raise OSError(f"file ended at byte {self.cursor}, expected {self.size} bytes")
-            self.own_reads += n
-            self.reread += n if reread else 0
             self._hash(memoryview(buf)[:n])
 
     def _hash(self, view: memoryview) -> None:

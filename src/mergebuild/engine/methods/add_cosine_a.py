@@ -4,7 +4,8 @@ where they differ, decided column by column from their cosine similarity."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import model_validator
 
@@ -106,11 +107,10 @@ def blend_tiles(
 
 
 class CosineBlend(Method):
-    """The blend both cosine methods share; each subclass says how it measures similarity."""
+    """The blend both cosine methods share; each subclass says how it measures similarity
+    (its `similarity(params, xs)` → (combined similarity per column, alpha))."""
 
-    @staticmethod
-    def similarity(params: CosineParams, xs: list[torch.Tensor]) -> tuple[np.ndarray, float]:
-        raise NotImplementedError
+    similarity: ClassVar[Callable[[CosineParams, list[torch.Tensor]], tuple[np.ndarray, float]]]
 
     @classmethod
     def split(cls, params: CosineParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
