@@ -15,12 +15,14 @@ from typing import Any
 
 from mergebuild.errors import EXIT_RECIPE, MergebuildError, did_you_mean
 from mergebuild.recipe.model import Recipe
+from mergebuild.sd.arch import TEXT_ENCODERS
 from mergebuild.sd.blocks import GROUPS, LAYOUTS
 
 TOL = Fraction(1, 10**9)
 LARGE = Fraction(3, 2)
 ALL = "all"  # the one position of a graph without block weights
 UNET = "UNet"  # the UNet position when block weights vary only by component
+POSITION_GROUPS = (*GROUPS, *TEXT_ENCODERS)  # clip_l…: each encoder may differ (blocks.Weights)
 
 Form = dict[str, Fraction]  # term (model or opaque node) → coefficient
 
@@ -37,6 +39,8 @@ def _alpha(value: Any, pos: str) -> Fraction:
     """A parameter's exact value at a position (BASE, IN00, text_encoder, UNet or all)."""
     if not isinstance(value, dict):
         return Fraction(value)
+    if pos in TEXT_ENCODERS:
+        return Fraction((value.get("encoders") or {}).get(pos, value["text_encoder"]))
     if pos in GROUPS:
         return Fraction(value[pos])
     unet = value["unet"]
@@ -99,22 +103,26 @@ class Explainer:
         nodes (an opaque node's output is one term, whatever weights it uses inside)."""
         node = self.recipe.nodes[name]
         layouts: set[str | None] = set()
+        encoders = False  # per-encoder weights (clip_l…) somewhere: one position each
         if self.linear(name):
             for v in node.params.values():
                 for w in v if isinstance(v, list) else [v]:  # fold: block weights per term
                     if isinstance(w, dict) and "unet" in w:
                         layouts.add(w.get("layout"))
+                        encoders |= bool(w.get("encoders"))
             for ref in node.inputs.values():
                 if ref in self._memo:
                     layouts |= _layouts_of(self._memo[ref].positions)
+                    encoders |= TEXT_ENCODERS[0] in self._memo[ref].positions
         named = {x for x in layouts if x is not None}
         if len(named) > 1:
             raise ExplainError(
                 f"'{name}' mixes block weights of the {' and '.join(sorted(named))} layouts"
             )
+        groups = POSITION_GROUPS if encoders else GROUPS
         if named:
-            return (*LAYOUTS[named.pop()], *GROUPS)
-        return (UNET, *GROUPS) if layouts else (ALL,)
+            return (*LAYOUTS[named.pop()], *groups)
+        return (UNET, *groups) if layouts else (ALL,)
 
     def analyse(self, name: str) -> Analysis:
         """Iterative post-order (a long chain must not hit Python's recursion limit)."""
@@ -178,6 +186,8 @@ def _index(positions: tuple[str, ...], pos: str) -> int:
         return 0
     if pos in positions:
         return positions.index(pos)
+    if pos in TEXT_ENCODERS:  # an input without per-encoder weights: its text_encoder value
+        return positions.index("text_encoder")
     return 0 if pos == ALL else positions.index(UNET)  # a block of a UNet-only input
 
 

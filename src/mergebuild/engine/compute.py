@@ -116,6 +116,9 @@ class KeyCompute:
         self.channel_merge: dict[tuple[str, str], int] = {}
         # job → (output key → the input key it is computed from), for jobs with their own keys
         self.key_sources: dict[str, dict[str, str]] = {}
+        # job → per input slot, a's key → that input's key: Flux files spelled differently
+        # (bare vs model.diffusion_model. keys) are read under their own names
+        self.renames: dict[str, list[dict[str, str] | None]] = {}
         self._key_plans: dict[str, KeyPlan] = {}
         for job in jobs:
             self._plan_job(job)
@@ -126,12 +129,23 @@ class KeyCompute:
         return all(j.method.elementwise for j in self.jobs.values())
 
     def _plan_job(self, job: NodeJob) -> None:
-        from mergebuild.sd.arch import detect, extra_channels, merge_compatibility, unet_root
+        from mergebuild.sd.arch import (
+            detect,
+            extra_channels,
+            flux_key_map,
+            merge_compatibility,
+            unet_root,
+        )
         from mergebuild.sd.blocks import LAYOUT_NAMES, block_alphas
 
         ins = [self.layouts[n] for n in job.inputs]
         a = ins[0]
         archs = [detect(lay) for lay in ins]
+        others = zip(archs[1:], ins[1:], strict=True)
+        renames = [None, *(flux_key_map(archs[0], o, lay) for o, lay in others)]
+        if any(renames):
+            self.renames[job.name] = renames
+            ins = [a, *(_renamed(lay, m) for lay, m in zip(ins[1:], renames[1:], strict=True))]
         job.method.check_inputs(job, [self.sources.get(n) for n in job.inputs], ins)
         if len(ins) > 1 and not job.method.optional_inputs:
             why = merge_compatibility(job.inputs, archs)
@@ -218,11 +232,18 @@ class KeyCompute:
             return [(n, own[key]) for n in job.inputs if not opt or self._has(n, own[key])]
         if not mergeable(key, self.layouts[name][key].dtype):
             return [(job.inputs[0], key)]
+        ins = [(n, self._input_key(job, i, key)) for i, n in enumerate(job.inputs)]
         if job.method.optional_inputs:
-            return [(job.inputs[0], key)] + [(n, key) for n in job.inputs[1:] if self._has(n, key)]
+            return [ins[0]] + [(n, k) for n, k in ins[1:] if self._has(n, k)]
         if self._others_have(job, key):
-            return [(n, key) for n in job.inputs]
-        return [(job.inputs[0], key)]
+            return ins
+        return [ins[0]]
+
+    def _input_key(self, job: NodeJob, slot: int, key: str) -> str:
+        """The name input `slot` of `job` gives key `key` of its `a` (see `renames`)."""
+        ren = self.renames.get(job.name)
+        m = ren[slot] if ren is not None else None
+        return key if m is None else m.get(key, key)
 
     def _make_key_plan(self, key: str) -> KeyPlan:
         """Every value the sinks need for `key`, ordered so inputs come first (an explicit
@@ -301,7 +322,8 @@ class KeyCompute:
                         for s in sinks:
                             write(s, tile, lo)
 
-                val = self._compute(self.jobs[step.name], u, [vals[j] for j in step.args], direct)
+                uk = u if step.key == u.key else replace(u, key=step.key)  # a renamed input
+                val = self._compute(self.jobs[step.name], uk, [vals[j] for j in step.args], direct)
             else:  # in its own shape: an inpainting `a` is wider
                 val = read(step.name, step.key, u)
             vals[i] = val
@@ -334,7 +356,10 @@ class KeyCompute:
 
         if job.method.optional_inputs and len(args) > 1 and own is None:  # None: lacks the key
             it = iter(args[1:])
-            args = [a] + [next(it) if self._has(n, u.key) else None for n in job.inputs[1:]]
+            args = [a] + [
+                next(it) if self._has(n, self._input_key(job, i, u.key)) else None
+                for i, n in enumerate(job.inputs[1:], 1)
+            ]
         if len(args) < len(job.inputs):  # another input lacks the key: a's tensor, cast
             out = a.to(to_torch(info.dtype))
         else:
@@ -380,7 +405,7 @@ class KeyCompute:
     def _others_have(self, job: NodeJob, key: str) -> bool:
         """Every input after `a` has a float tensor `key`: else `a`'s tensor is kept as is."""
         return all(
-            key in self.layouts[n] and is_float(self.layouts[n][key].dtype) for n in job.inputs[1:]
+            self._has(n, self._input_key(job, i, key)) for i, n in enumerate(job.inputs[1:], 1)
         )
 
     def _params(self, job: NodeJob, key: str) -> Params:
@@ -395,6 +420,11 @@ class KeyCompute:
 
             p = memo[key] = resolve_params(job.params, key, root)  # type: ignore[assignment]
         return p
+
+
+def _renamed(layout: dict[str, TensorInfo], m: dict[str, str] | None) -> dict[str, TensorInfo]:
+    """An input's layout under `a`'s key names (only the keys `m` maps)."""
+    return layout if m is None else {ak: layout[k] for ak, k in m.items()}
 
 
 def _float_info(info: TensorInfo | None) -> bool:

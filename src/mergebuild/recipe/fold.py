@@ -100,19 +100,21 @@ def primary(recipe: Recipe, name: str) -> str:
 def _weight(positions: tuple[str, ...], forms: list[dict[str, Fraction]], t: str) -> Any:
     """A term's coefficients (one per position) as one float or canonical block weights."""
     from mergebuild.explain import ALL, UNET, _layouts_of
+    from mergebuild.sd.arch import TEXT_ENCODERS
     from mergebuild.sd.blocks import LAYOUTS, Weights
 
     by = {p: f.get(t, Fraction(0)) for p, f in zip(positions, forms, strict=True)}
     if positions == (ALL,):
         return float(by[ALL])
-    rest = (by["text_encoder"], by["vae"], by["other"])
+    encs = tuple((e, by[e]) for e in TEXT_ENCODERS if e in by)
+    rest = (by["text_encoder"], by["vae"], by["other"], encs)
     if positions[0] == UNET:
         w = Weights(None, (by[UNET],), *rest)
     else:
         (layout,) = _layouts_of(positions)
         assert layout is not None
         w = Weights(layout, tuple(by[b] for b in LAYOUTS[layout]), *rest)
-    n = w.normalized()
+    n = w.normalized_encoders().normalized()
     return float(n) if isinstance(n, Fraction) else n.to_param()
 
 
