@@ -21,6 +21,7 @@ from mergebuild.atomic import fsync_dir, make_temp
 from mergebuild.build.checks import check_device, check_inputs_unchanged
 from mergebuild.build.plan import Item, Plan
 from mergebuild.cache import CacheStore
+from mergebuild.engine.dtypes import FP8_MAX, RECIPE_TO_ST
 from mergebuild.engine.methods import REGISTRY
 from mergebuild.errors import BuildError
 from mergebuild.graph import canonical_json, node_identity
@@ -84,6 +85,7 @@ class Execution:
     def node_stats(st: Any, name: str) -> dict[str, Any]:
         """A built node's report fields (and the warning its NaN/Inf values deserve)."""
         _warn_nonfinite(name, st.nonfinite)
+        _warn_clamped(f"merge '{name}'", st.clamped, st.dtype, len(st.clamped_keys))
         return {
             "dtype": st.dtype,
             "tensors": st.tensors,
@@ -92,6 +94,7 @@ class Execution:
             "copied_non_float": st.copied_non_float,
             "dropped": st.dropped,
             "nonfinite_keys": sorted(st.nonfinite),
+            **({"clamped_values": st.clamped} if st.clamped else {}),
             **{k: dict(sorted(v.items())) for k, v in st.report.items()},  # method's facts
         }
 
@@ -202,6 +205,9 @@ class Execution:
                 fused.run(self.jobs, self.max_memory, on_unit)
             check_inputs_unchanged(plan.models)
             for f in files:
+                if f.item.kind == "output":
+                    dt = RECIPE_TO_ST.get(f.sink.dtype or "", "")
+                    _warn_clamped(f"output '{f.item.name}'", f.sink.clamped, dt)
                 os.fsync(f.sink.fd)
                 os.close(f.sink.fd)
                 f.sink.fd = -1
@@ -256,6 +262,17 @@ class PassResult:
     fused: Any
     seconds: float
     files: list[PassFile] = field(default_factory=list)
+
+
+def _warn_clamped(what: str, n: int, dtype: str, keys: int = 0) -> None:
+    """fp8 has a small range (e4m3fn: ±448): values beyond it are clamped, never inf."""
+    if n:
+        top = FP8_MAX.get(dtype, 0.0)
+        where = f" in {keys} tensors" if keys else ""
+        warnings.warn(
+            f"{what}: {n:,} values{where} beyond the {dtype} range were clamped to ±{top:g}",
+            stacklevel=2,
+        )
 
 
 def _warn_nonfinite(name: str, keys: set[str]) -> None:

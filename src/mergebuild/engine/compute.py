@@ -12,12 +12,13 @@ stage, and the readahead, workers and writers never see a method.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mergebuild.engine.dtypes import RECIPE_TO_ST, is_float, to_torch, widest
+from mergebuild.engine.dtypes import FP8_MAX, RECIPE_TO_ST, cast, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import ComputeContext, Params, Tiles
 from mergebuild.engine.safetensors_io import TensorInfo
@@ -50,6 +51,8 @@ class NodeStats:
     dropped: int = 0  # keys present only in non-A inputs: not in the result
     missing_examples: list[str] = field(default_factory=list)
     nonfinite: set[str] = field(default_factory=set)  # keys whose result holds NaN or Inf
+    clamped: int = 0  # values beyond an fp8 dtype's range, clamped to its largest finite
+    clamped_keys: set[str] = field(default_factory=set)
     report: dict[str, Any] = field(default_factory=dict)  # what a method adds (ctx.report)
 
 
@@ -120,6 +123,7 @@ class KeyCompute:
         # (bare vs model.diffusion_model. keys) are read under their own names
         self.renames: dict[str, list[dict[str, str] | None]] = {}
         self._key_plans: dict[str, KeyPlan] = {}
+        self._lock = threading.Lock()  # workers add to the clamp counts
         for job in jobs:
             self._plan_job(job)
 
@@ -343,8 +347,29 @@ class KeyCompute:
         """Job's value for unit `u` from its inputs' values (`a` alone: the key is not merged).
 
         With `direct`, a whole-tensor method's tiles may be handed to it one by one (cast to
-        the job's dtype; a tile buffer reused) instead: None is returned then."""
-        info = self.layouts[job.name][u.key]
+        the job's dtype; a tile buffer reused) instead: None is returned then. An fp8 job
+        computes in float32 and rounds once at the end, clamped (dtypes.cast)."""
+        dt = self.layouts[job.name][u.key].dtype
+        if dt not in FP8_MAX:
+            return self._compute_as(job, u, args, direct, dt)
+        out = self._compute_as(job, u, args, None, "F32")
+        assert out is not None
+        out, over = cast(out, dt)
+        if over:
+            with self._lock:
+                self.stats[job.name].clamped += over
+                self.stats[job.name].clamped_keys.add(u.key)
+        return out
+
+    def _compute_as(
+        self,
+        job: NodeJob,
+        u: Unit,
+        args: list[torch.Tensor],
+        direct: Callable[[torch.Tensor, int], None] | None,
+        dt: str,
+    ) -> torch.Tensor | None:
+        info = replace(self.layouts[job.name][u.key], dtype=dt)
         own = self.key_sources.get(job.name)
         if own is not None and job.method.optional_inputs:  # None: input lacks the source key
             it = iter(args)

@@ -22,7 +22,14 @@ RANK = {name: i for i, name in enumerate(
 FLOATS = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"}
 
 # recipe dtype names → safetensors names
-RECIPE_TO_ST = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+RECIPE_TO_ST = {
+    "fp16": "F16", "bf16": "BF16", "fp32": "F32",
+    "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2",
+    "fp8_e4m3fn_scaled": "F8_E4M3",  # plus a per-tensor scale_weight (engine/fp8.py)
+}  # fmt: skip
+
+# largest finite value of each fp8 format: what values beyond its range are clamped to
+FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 
 
 def is_float(dt: str) -> bool:
@@ -41,6 +48,27 @@ def widest(dtypes: set[str]) -> str:
         if floats <= {half, *fp8}:
             return half
     return "F32"
+
+
+def cast(t: torch.Tensor, dt: str) -> tuple[torch.Tensor, int]:
+    """`t` in safetensors dtype `dt`, and how many values were beyond an fp8 format's range.
+
+    Why clamp by hand: torch saturates float32 → e4m3fn but overflows float32 → e5m2 to inf,
+    and other tools differ again; a merged model must never gain inf, so every fp8 cast
+    clamps to the largest finite value (NaN stays NaN) and counts what it clamped."""
+    want = to_torch(dt)
+    if t.dtype == want:
+        return t, 0
+    top = FP8_MAX.get(dt)
+    if top is None:
+        return t.to(want), 0
+    import torch
+
+    x = t.float()
+    over = int(torch.count_nonzero(x.abs() > top))
+    if over:
+        x = x.clamp(-top, top)
+    return x.to(want), over
 
 
 def to_torch(dt: str) -> torch.dtype:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mergebuild.engine.compute import KeyCompute, NodeJob, NodeStats, Unit, mergeable
-from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, to_torch
+from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, cast
 from mergebuild.engine.hash_tap import HashTap
 from mergebuild.engine.readahead import (
     DIRECT_BUFFERS,
@@ -70,6 +71,7 @@ class Sink:
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     writer: StreamingWriter | None = None
     vae_keys: dict[str, str] = field(default_factory=dict)  # output key → key in `vae`
+    clamped: int = 0  # values beyond an fp8 output dtype's range, clamped when cast
 
 
 class FusedPass:
@@ -82,6 +84,7 @@ class FusedPass:
         hash_sources: set[str] | None = None,
     ) -> None:
         self.sources, self.sinks, self.device = sources, sinks, device
+        self._clamp_lock = threading.Lock()
         # inputs to hash from the bytes the pass reads (hash_tap.py): a first build reads once
         self.hash_sources = hash_sources or set()
         self.input_hashes: dict[str, FileHashes] = {}  # filled by run()
@@ -188,9 +191,12 @@ class FusedPass:
         """Unit `u` of sink `s` (or a tile of it starting `lo` elements in), cast to the
         file's dtype, at its fixed offset."""
         sink = self.sinks[s]
-        want = to_torch(sink.infos[u.key].dtype)
         assert sink.writer is not None
-        sink.writer.write(u.key, val if val.dtype == want else val.to(want), u.lo + lo)
+        val, over = cast(val, sink.infos[u.key].dtype)
+        if over:  # an fp8 output: values beyond its range were clamped (counted for a warning)
+            with self._clamp_lock:
+                sink.clamped += over
+        sink.writer.write(u.key, val, u.lo + lo)
 
     def _cost(self, u: Unit) -> int:
         """Rough peak bytes for one unit: raw reads plus float32 temporaries of the computed

@@ -393,6 +393,12 @@ class _Resolver:
                 f"{did_you_mean(str(value), DTYPE_ALIASES)}",
                 self.pos.of(where),
             )
+        elif dt.endswith("_scaled") and allow_auto:  # a node's value is one tensor per key
+            self.err(
+                f"dtype {value!r} applies to outputs (it adds a scale_weight per weight); "
+                "give the merge node fp8_e4m3fn, or set it on the output",
+                self.pos.of(where),
+            )
         return dt
 
     def _node(self, name: str, raw: Any) -> NodeSpec | None:

@@ -24,6 +24,9 @@ DTYPE_ALIASES = {
     "fp16": "fp16", "float16": "fp16", "half": "fp16",
     "bf16": "bf16", "bfloat16": "bf16",
     "fp32": "fp32", "float32": "fp32", "float": "fp32",
+    "fp8_e4m3fn": "fp8_e4m3fn", "float8_e4m3fn": "fp8_e4m3fn", "fp8": "fp8_e4m3fn",
+    "fp8_e5m2": "fp8_e5m2", "float8_e5m2": "fp8_e5m2",
+    "fp8_e4m3fn_scaled": "fp8_e4m3fn_scaled",
 }  # fmt: skip
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
