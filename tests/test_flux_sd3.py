@@ -371,3 +371,114 @@ def test_scaled_dtype_is_refused_on_merge_nodes(dit: Path, workdir: Path, cache:
     )
     res = run_cli(r, cache=cache, cwd=workdir)
     assert res.code != 0 and "r.yaml:" in res.err and "applies to outputs" in res.err, res.err
+
+
+def test_scaled_fp8_write_and_read_back_against_float64(
+    dit: Path, workdir: Path, cache: Path
+) -> None:
+    """`fp8_e4m3fn_scaled`: weight matrices as e4m3fn × a float32 scale (amax / 448), other
+    tensors bf16, ComfyUI's marker; read back, a scaled file is its dequantized weights and
+    its scales never reach another file."""
+    import torch
+
+    r = recipe(
+        workdir,
+        {"a": dit / "flux_bare.safetensors", "b": dit / "schnell.safetensors"},
+        "  m: {method: weighted_sum, a: a, b: b, alpha: 0.5, dtype: fp32}\n",
+        "  sc: {from: m, path: out/sc.safetensors, dtype: fp8_e4m3fn_scaled}\n",
+    )
+    res = run_cli(r, cache=cache, cwd=workdir)
+    assert res.code == 0, res.err
+    a, b = f32(dit / "flux_bare.safetensors"), f32(dit / "schnell.safetensors")
+    sc = raw(workdir / "out/sc.safetensors")
+    marker = sc.pop("scaled_fp8")
+    assert marker.dtype == torch.float8_e4m3fn and marker.numel() == 0
+    scaled = 0
+    for k, x in a.items():
+        m = x * np.float32(0.5) + b[k] * np.float32(0.5) if k in b else x
+        if k.endswith(".weight") and x.ndim >= 2:
+            scale = np.float32(np.abs(m).max()) / np.float32(448)
+            got_scale = sc[k.removesuffix("weight") + "scale_weight"]
+            assert got_scale.dtype == torch.float32 and got_scale.shape == ()
+            assert got_scale.item() == scale, k
+            assert sc[k].dtype == torch.float8_e4m3fn
+            want = torch_round(m / scale, "e4m3")
+            np.testing.assert_array_equal(sc[k].float().numpy(), want, err_msg=k)
+            assert np.abs(sc[k].float().numpy()).max() == 448  # the whole range is used
+            scaled += 1
+        else:
+            assert sc[k].dtype == torch.bfloat16, k
+            np.testing.assert_array_equal(sc[k].float().numpy(), torch_round(m, "bf16"))
+    assert scaled > 100 and len(sc) == len(a) + scaled
+    # read back: dequantized exactly (float64 product rounded once to float32), scales hidden
+    r = recipe(
+        workdir,
+        {"sc": workdir / "out/sc.safetensors", "b": dit / "schnell.safetensors"},
+        "  w: {method: weighted_sum, a: sc, b: b, alpha: 0.25}\n",
+        "  back: {from: sc, path: out/back.safetensors, dtype: fp32}\n"
+        "  w: {from: w, path: out/w.safetensors}\n",
+    )
+    res = run_cli(r, "--json", cache=cache, cwd=workdir)
+    assert res.code == 0, res.err
+    back, w = raw(workdir / "out/back.safetensors"), raw(workdir / "out/w.safetensors")
+    assert set(back) == set(w) == set(a)  # no scale_weight, no marker
+    for k in a:
+        if k.endswith(".weight") and a[k].ndim >= 2:
+            q = sc[k].float().numpy().astype(np.float64)
+            s = np.float64(sc[k.removesuffix("weight") + "scale_weight"].item())
+            deq = (q * s).astype(np.float32)
+        else:
+            deq = sc[k].float().numpy()
+        np.testing.assert_array_equal(back[k].numpy(), deq, err_msg=k)
+        if k in b:
+            want = deq * np.float32(0.75) + b[k] * np.float32(0.25)
+            assert w[k].dtype == torch.float32  # auto: F32 (dequantized) with BF16 → F32
+            np.testing.assert_array_equal(w[k].numpy(), want, err_msg=k)
+
+
+def test_doctor_knows_flux_sd3_keys_and_fp8_ranges(dit: Path, workdir: Path, cache: Path) -> None:
+    import torch
+
+    from mergebuild.demo import synthesize
+
+    for name in ("flux_a", "flux_bare", "schnell", "sd3_a"):
+        r = run_cli("doctor", dit / f"{name}.safetensors", "--json", cache=cache)
+        assert r.code == 0 and r.json["findings"] == [], (name, r.out)
+    src = raw(dit / "flux_bare.safetensors")
+    big = "double_blocks.0.img_mlp.0.weight"
+    drop = "single_blocks.5.linear2.weight"
+    over = {k: v for k, v in src.items() if k != drop}
+    over[big] = v = src[big].float() * 1000
+    n_big = int((v.abs() > 448).sum())
+    assert n_big > 0
+    p = synthesize(
+        workdir / "odd.safetensors",
+        "odd",
+        "flux",
+        SCALE,
+        dtype="bf16",
+        form="bare",
+        overrides=over,
+    )
+    # synthesize writes every key of the layout: remove one by rewriting without it
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(p))
+    del t[drop]
+    t["extra.weight"] = torch.zeros(2, 2, dtype=torch.bfloat16)
+    save_file(t, str(p))
+    r = run_cli("doctor", p, "--json", cache=cache)
+    checks = {f["check"]: f for f in r.json["findings"]}
+    assert checks["fp8_range"]["keys"] == [big]
+    assert checks["missing_keys"]["keys"] == [drop]
+    assert checks["unexpected_keys"]["keys"] == ["extra.weight"]
+    # a scaled fp8 file with a broken scale is an error; its design dtype mix is not warned
+    t = {k: v for k, v in load_file(str(dit / "flux_bare.safetensors")).items()}
+    w = "double_blocks.1.img_attn.qkv.weight"
+    t[w] = t[w].float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    t[w.removesuffix("weight") + "scale_weight"] = torch.tensor(float("nan"))
+    save_file(t, str(workdir / "bad_scale.safetensors"))
+    r = run_cli("doctor", workdir / "bad_scale.safetensors", "--json", cache=cache)
+    assert r.code == 1
+    checks = {f["check"]: f for f in r.json["findings"]}
+    assert checks["fp8_scale"]["keys"] == [w] and "mixed_dtypes" not in checks

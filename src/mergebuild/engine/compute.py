@@ -92,6 +92,7 @@ class Target(Protocol):
     vae: str | None
     infos: dict[str, TensorInfo]
     vae_keys: dict[str, str]
+    scaled: dict[str, str]  # keys written as scaled fp8: their scale needs the whole tensor
 
 
 class KeyCompute:
@@ -320,7 +321,8 @@ class KeyCompute:
         for i, step in enumerate(plan.steps):
             if step.is_job:
                 direct = None
-                if step.sinks and i in step.free:  # targets only: tiles may go straight out
+                whole = any(u.key in self.targets[s].scaled for s in step.sinks)
+                if step.sinks and i in step.free and not whole:  # tiles may go straight out
 
                     def direct(tile: torch.Tensor, lo: int, sinks: tuple[int, ...] = step.sinks):
                         for s in sinks:

@@ -72,6 +72,8 @@ class Sink:
     writer: StreamingWriter | None = None
     vae_keys: dict[str, str] = field(default_factory=dict)  # output key → key in `vae`
     clamped: int = 0  # values beyond an fp8 output dtype's range, clamped when cast
+    scaled: dict[str, str] = field(default_factory=dict)  # scaled fp8: weight → scale key
+    derived: set[str] = field(default_factory=set)  # keys written with another (scales, marker)
 
 
 class FusedPass:
@@ -122,6 +124,12 @@ class FusedPass:
             sink.vae_keys = {k: v for k, v in sink.vae_keys.items() if k in base}
             if not base:
                 raise BuildError(f"output '{sink.label}': the options leave no tensors to write")
+        if sink.dtype == "fp8_e4m3fn_scaled":
+            from mergebuild.engine.scaled_fp8 import scaled_layout
+
+            sink.infos, sink.scaled = scaled_layout(base, unet_root(base))
+            sink.derived = set(sink.infos) - set(base)
+            return
         st = RECIPE_TO_ST[sink.dtype] if sink.dtype else None
         sink.infos = {
             k: TensorInfo(st if st and mergeable(k, i.dtype) else i.dtype, i.shape)
@@ -132,8 +140,8 @@ class FusedPass:
 
     def _chunkable(self, key: str) -> bool:
         """Elementwise everywhere and one shape for the key in every layout that has it."""
-        if not self.compute.elementwise:
-            return False
+        if not self.compute.elementwise or any(key in s.scaled for s in self.sinks):
+            return False  # a scaled fp8 weight's scale needs the whole tensor
         shapes = {lay[key].shape for lay in self.layouts.values() if key in lay}
         return len(shapes) == 1
 
@@ -192,7 +200,14 @@ class FusedPass:
         file's dtype, at its fixed offset."""
         sink = self.sinks[s]
         assert sink.writer is not None
-        val, over = cast(val, sink.infos[u.key].dtype)
+        if u.key in sink.scaled:  # a whole tensor (never chunked, never tiled)
+            from mergebuild.engine.scaled_fp8 import quantize
+
+            val, scale = quantize(val)
+            sink.writer.write(sink.scaled[u.key], scale)
+            over = 0
+        else:
+            val, over = cast(val, sink.infos[u.key].dtype)
         if over:  # an fp8 output: values beyond its range were clamped (counted for a warning)
             with self._clamp_lock:
                 sink.clamped += over
@@ -342,5 +357,6 @@ def _key_order(sinks: list[Sink]) -> list[str]:
     for sink in sinks:
         assert sink.writer is not None
         for k in sorted(sink.infos, key=lambda k, w=sink.writer: w.offsets[k]):
-            seen.setdefault(k, None)
+            if k not in sink.derived:
+                seen.setdefault(k, None)
     return list(seen)

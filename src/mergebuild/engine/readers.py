@@ -229,7 +229,13 @@ def _check_in_memory(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def open_model(path: Path) -> SafetensorsSource | CheckpointSource:
     suffix = path.suffix.lower()
     if suffix in (".safetensors", ".sft"):
-        return SafetensorsSource(path)
+        from mergebuild.engine.scaled_fp8 import ScaledFp8Source, is_scaled_file
+
+        src = SafetensorsSource(path)
+        if not is_scaled_file(src.header.tensors):
+            return src
+        src.close()
+        return ScaledFp8Source(path)  # fp8 × scale_weight: dequantized as it is read
     if suffix in CKPT_SUFFIXES:
         return CheckpointSource(path)
     raise BuildError(

@@ -27,8 +27,10 @@ TABLE_COMPONENTS = {
     "diffuser": "unet",
     "clip_l": "text_encoder",
     "clip_g": "text_encoder",
+    "t5xxl": "text_encoder",
     "vae": "vae",
 }
+FP8_E4M3_MAX = 448.0  # fp8_e4m3fn outputs clamp beyond this (engine/dtypes.py)
 MAX_LISTED = 8
 
 
@@ -65,6 +67,8 @@ def position_ids_problem(key: str, dtype: str, t: torch.Tensor) -> str | None:
 
 def _expected_keys(arch: Arch) -> tuple[set[str], set[str]] | None:
     """(required keys, all known keys) for the components present, or None if unknown."""
+    if arch.dit:
+        return _dit_expected_keys(arch)
     if arch.family not in ("sd1", "sdxl") or not arch.prefixed:
         return None
     from mergebuild.demo import key_table
@@ -74,6 +78,28 @@ def _expected_keys(arch: Arch) -> tuple[set[str], set[str]] | None:
         known.add(k)
         comp = TABLE_COMPONENTS.get(spec["component"])
         if comp in arch.components and not spec.get("optional"):
+            required.add(k)
+    return required, known
+
+
+def _dit_expected_keys(arch: Arch) -> tuple[set[str], set[str]] | None:
+    """Flux (dev, schnell; bare or prefixed) and SD3 medium: the packaged key lists, required
+    for the parts the file holds (a transformer-only file needs no encoders)."""
+    if arch.family == "sd3" and arch.variant != "medium":
+        return None  # SD3.5's key list is not packaged
+    from mergebuild.demo import key_table
+    from mergebuild.sd.arch import UNET_PREFIX
+
+    required, known = set(), set()
+    for k, spec in key_table(arch.family).items():
+        comp = spec["component"]
+        if comp == "diffuser" and not arch.prefixed:
+            k = k.removeprefix(UNET_PREFIX)
+        known.add(k)
+        if arch.variant == "schnell" and ".guidance_in." in f".{k}":
+            continue  # schnell is not guidance-distilled
+        held = comp in arch.text_encoders or TABLE_COMPONENTS.get(comp) in arch.components
+        if held and (comp not in ("clip_l", "clip_g", "t5xxl") or comp in arch.text_encoders):
             required.add(k)
     return required, known
 
@@ -94,6 +120,7 @@ def examine(path: Path) -> tuple[Arch, int, list[Finding]]:
         findings: list[Finding] = []
         nonfinite: list[str] = []
         overflow: list[str] = []
+        fp8_over: list[str] = []
         for k in sorted(infos):
             info = infos[k]
             numel = math.prod(info.shape)
@@ -105,11 +132,13 @@ def examine(path: Path) -> tuple[Arch, int, list[Finding]]:
                 continue
             if not is_float(info.dtype) or numel == 0:
                 continue
-            bad, big = _scan(src, k, numel, fp16_check=info.dtype not in FP16_SAFE)
+            bad, big = _scan(src, k, numel, range_check=info.dtype != "F8_E4M3")
             if bad:
                 nonfinite.append(k)
-            if big > FP16_MAX:
+            if big > FP16_MAX and info.dtype not in FP16_SAFE:
                 overflow.append(k)
+            if big > FP8_E4M3_MAX:
+                fp8_over.append(k)
         if nonfinite:
             findings.append(
                 Finding(
@@ -129,12 +158,24 @@ def examine(path: Path) -> tuple[Arch, int, list[Finding]]:
                     overflow,
                 )
             )
+        if fp8_over:
+            findings.append(
+                Finding(
+                    "warning",
+                    "fp8_range",
+                    f"{len(fp8_over)} tensors exceed ±{FP8_E4M3_MAX:g} and are clamped when saved "
+                    f"as fp8_e4m3fn (fp8_e4m3fn_scaled or fp8_e5m2 keep them): "
+                    f"{_listed(fp8_over)}",
+                    fp8_over,
+                )
+            )
+        findings += _scale_findings(src)
         findings += _key_findings(arch, infos)
         floats: dict[str, int] = {}
         for k, i in infos.items():
             if is_float(i.dtype) and not is_position_ids(k):
                 floats[i.dtype] = floats.get(i.dtype, 0) + 1
-        if len(floats) > 1:
+        if len(floats) > 1 and not getattr(src, "scales", None):  # scaled fp8: by design
             mix = ", ".join(f"{d} ×{n}" for d, n in sorted(floats.items()))
             findings.append(Finding("warning", "mixed_dtypes", f"mixed float dtypes: {mix}"))
         return arch, len(infos), findings
@@ -142,7 +183,22 @@ def examine(path: Path) -> tuple[Arch, int, list[Finding]]:
         src.close()
 
 
-def _scan(src: Any, key: str, numel: int, fp16_check: bool) -> tuple[bool, float]:
+def _scale_findings(src: Any) -> list[Finding]:
+    """A scaled fp8 file's scales: zero, negative or non-finite ones break their weight."""
+    bad = sorted(k for k, v in getattr(src, "scales", {}).items() if not (0 < v < math.inf))
+    if not bad:
+        return []
+    return [
+        Finding(
+            "error",
+            "fp8_scale",
+            f"{len(bad)} scale_weight values are zero, negative or not finite: {_listed(bad)}",
+            bad,
+        )
+    ]
+
+
+def _scan(src: Any, key: str, numel: int, range_check: bool) -> tuple[bool, float]:
     """(holds NaN/Inf, largest finite |value|) of one tensor, read in bounded chunks."""
     import torch
 
@@ -157,7 +213,7 @@ def _scan(src: Any, key: str, numel: int, fp16_check: bool) -> tuple[bool, float
             if not bool(finite.all()):
                 bad = True
                 t = t.masked_fill(~finite, 0)
-        if fp16_check:
+        if range_check:
             lo_v, hi_v = torch.aminmax(t)
             big = max(big, -float(lo_v), float(hi_v))
     return bad, big
