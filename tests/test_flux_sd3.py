@@ -482,3 +482,41 @@ def test_doctor_knows_flux_sd3_keys_and_fp8_ranges(dit: Path, workdir: Path, cac
     assert r.code == 1
     checks = {f["check"]: f for f in r.json["findings"]}
     assert checks["fp8_scale"]["keys"] == [w] and "mixed_dtypes" not in checks
+
+
+def test_flux_fill_merges_the_shared_img_in_columns_and_keeps_the_rest(
+    dit: Path, workdir: Path, cache: Path
+) -> None:
+    """Flux Fill (inpainting): like A1111's SD inpainting rule, img_in's noise-latent inputs
+    merge and Fill's image/mask inputs stay; Fill must be `a`."""
+    from mergebuild.demo import synthesize
+
+    fill = synthesize(
+        workdir / "fill.safetensors", "fill", "flux", SCALE, dtype="bf16", in_channels=96
+    )
+    r = run_cli("inspect", fill, "--json", cache=cache)
+    assert r.json["architecture"]["variant"] == "fill"
+    r = recipe(
+        workdir,
+        {"fill": fill, "a": dit / "flux_a.safetensors", "b": dit / "flux_b.safetensors"},
+        "  m: {method: add_difference, a: fill, b: a, c: b, alpha: 0.5}\n"
+        "  bad: {method: weighted_sum, a: a, b: fill, alpha: 0.5}\n",
+        "  m: {from: m, path: out/m.safetensors}\n",
+    )
+    res = run_cli(r, "m", cache=cache, cwd=workdir)
+    assert res.code == 0, res.err
+    f, a, b = (f32(p) for p in (fill, dit / "flux_a.safetensors", dit / "flux_b.safetensors"))
+    m = f32(workdir / "out/m.safetensors")
+    k = P + "img_in.weight"
+    assert f[k].shape == (a[k].shape[0], 6 * a[k].shape[1])
+    n = a[k].shape[1]
+    want = f[k].copy()
+    want[:, :n] = torch_round(f[k][:, :n] + (a[k] - b[k]) * np.float32(0.5), "bf16")
+    np.testing.assert_array_equal(m[k], want)
+    q = P + "double_blocks.2.img_attn.qkv.weight"
+    np.testing.assert_array_equal(m[q], torch_round(f[q] + (a[q] - b[q]) * np.float32(0.5), "bf16"))
+    (workdir / "r.yaml").write_text(
+        (workdir / "r.yaml").read_text().replace("from: m,", "from: bad,")
+    )
+    res = run_cli(workdir / "r.yaml", cache=cache, cwd=workdir)
+    assert res.code != 0 and "put the Fill model in 'a'" in res.err, res.err

@@ -96,9 +96,12 @@ def model_layout(
             out[key] = ({"int64": "I64", "int32": "I32"}[spec["dtype"]], tuple(spec["shape"]))
         else:
             out[key] = (dtype, scaled_shape(spec["shape"], scale))
-    if in_channels != 4:
-        dt, shape = out[CONV_IN]
-        out[CONV_IN] = (dt, (shape[0], in_channels, *shape[2:]))
+    if in_channels != 4:  # SD: the UNet's first conv; Flux: img_in (Fill: 6× final_layer's)
+        first = CONV_IN if arch != "flux" else UNET_PREFIX + "img_in.weight"
+        if form == "bare":
+            first = first.removeprefix(UNET_PREFIX)
+        dt, shape = out[first]
+        out[first] = (dt, (shape[0], in_channels, *shape[2:]))
     return out
 
 

@@ -30,6 +30,7 @@ TE_PREFIX = "text_encoders."  # ComfyUI all-in-one Flux/SD3: text_encoders.clip_
 FLUX_VAE_PREFIX = "vae."
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
 CONV_IN = "input_blocks.0.0.weight"
+FLUX_IMG_IN = "img_in.weight"  # Flux's first layer: wider in Flux Fill
 FAMILY_NAMES = {
     "sd1": "SD1.x",
     "sd2": "SD2.x",
@@ -154,6 +155,11 @@ def detect(infos: Mapping[str, _Shaped]) -> Arch:
         family = _unet_family(infos, root)
         if family in DIT_FAMILIES:
             variant = _dit_variant(infos, root, family)
+            img_in = infos.get(root + FLUX_IMG_IN)
+            if family == "flux" and img_in is not None and len(img_in.shape) == 2:
+                in_ch = int(img_in.shape[1])
+                if _flux_fill(infos, root, in_ch):
+                    variant = "fill"
     if te is not None:
         comps.append("text_encoder")
         if family == "unknown" and te != "dit":
@@ -207,6 +213,13 @@ def _unet_family(infos: Mapping[str, _Shaped], root: str) -> str:
             return "sd2" if proj[0] == 2 else "sd1"
         return "sd1"
     return "unknown"
+
+
+def _flux_fill(infos: Mapping[str, _Shaped], root: str, in_ch: int) -> bool:
+    """Flux Fill (inpainting) feeds image and mask latents with the noise: img_in takes 6×
+    the patches final_layer gives out (384 vs 64 in the real model, and in shrunken ones)."""
+    out = infos.get(root + "final_layer.linear.weight")
+    return out is not None and len(out.shape) == 2 and in_ch == 6 * int(out.shape[0])
 
 
 def _dit_variant(infos: Mapping[str, _Shaped], root: str, family: str) -> str:
@@ -281,6 +294,12 @@ def merge_compatibility(names: list[str], archs: list[Arch]) -> str | None:
                 f"'{a_name}' is {a.describe()} but '{name}' is {other.describe()}: "
                 "SD3 models of different sizes cannot be merged"
             )
+        if a.family == "flux" and other.variant == "fill" and a.variant != "fill":
+            return (
+                f"'{name}' is {other.describe()} (img_in takes {other.in_channels} inputs) but "
+                f"'{a_name}' is not: put the Fill model in 'a' — the merge then applies to the "
+                "inputs both share and keeps Fill's image and mask inputs from 'a'"
+            )
         shared = set(a.components) & set(other.components)
         if a.family == "flux" and other.family == "flux":
             continue  # bare and prefixed transformer keys are mapped (flux_key_map)
@@ -301,7 +320,14 @@ def merge_compatibility(names: list[str], archs: list[Arch]) -> str | None:
 
 def extra_channels(key: str, a_shape: tuple[int, ...], other: tuple[int, ...]) -> bool:
     """True when `key` is an inpainting/pix2pix first conv (8 or 9 input channels) in `a` and a
-    plain 4-channel one in the other model: A1111's rule merges only the first 4 channels."""
+    plain 4-channel one in the other model: A1111's rule merges only the first 4 channels. The
+    same for Flux Fill's img_in against a plain Flux's (the noise-latent inputs come first)."""
+    if key.removeprefix(UNET_PREFIX) == FLUX_IMG_IN:  # Flux Fill's img_in: the first 1/6
+        return (
+            len(a_shape) == len(other) == 2
+            and a_shape[0] == other[0]
+            and a_shape[1] == 6 * other[1]
+        )
     return (
         key.removeprefix(UNET_PREFIX) == CONV_IN
         and len(a_shape) == 4
