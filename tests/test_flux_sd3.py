@@ -75,7 +75,7 @@ def torch_round(x: np.ndarray, dtype: str) -> np.ndarray:
 def recipe(workdir: Path, models: dict[str, str], merges: str, outputs: str) -> Path:
     text = "mergebuild: 1\nmodels:\n"
     text += "".join(f"  {n}: {p}\n" for n, p in models.items())
-    text += "merges:\n" + merges + "outputs:\n" + outputs
+    text += ("merges:\n" + merges if merges else "merges: {}\n") + "outputs:\n" + outputs
     path = workdir / "r.yaml"
     path.write_text(text)
     return path
@@ -520,3 +520,39 @@ def test_flux_fill_merges_the_shared_img_in_columns_and_keeps_the_rest(
     )
     res = run_cli(workdir / "r.yaml", cache=cache, cwd=workdir)
     assert res.code != 0 and "put the Fill model in 'a'" in res.err, res.err
+
+
+def test_output_components_by_transformer_and_encoder(
+    dit: Path, workdir: Path, cache: Path
+) -> None:
+    r = recipe(
+        workdir,
+        {"a": dit / "sd3_a.safetensors"},
+        "",
+        "  tr: {from: a, path: out/tr.safetensors, components: [diffuser]}\n"
+        "  two: {from: a, path: out/two.safetensors, components: [unet, clip_l, t5xxl]}\n"
+        "  all: {from: a, path: out/all.safetensors,"
+        " components: [diffuser, clip_l, clip_g, t5xxl, vae, other]}\n",
+    )
+    res = run_cli(r, "--json", cache=cache, cwd=workdir)
+    assert res.code == 0, res.err
+    keys = set(infos(dit / "sd3_a.safetensors"))
+    tr, two = (
+        set(infos(workdir / "out/tr.safetensors")),
+        set(infos(workdir / "out/two.safetensors")),
+    )
+    assert tr == {k for k in keys if k.startswith(P)}
+    want = {k for k in keys if k.startswith((P, "text_encoders.clip_l.", "text_encoders.t5xxl."))}
+    assert two == want
+    assert set(infos(workdir / "out/all.safetensors")) == keys
+    # naming every part is the plain output: one key, so one cache entry
+    res = run_cli(r, "-n", "--json", cache=cache, cwd=workdir)
+    outs = {n["name"]: n["key"] for n in res.json["nodes"] if n["kind"] == "output"}
+    r2 = recipe(
+        workdir,
+        {"a": dit / "sd3_a.safetensors"},
+        "",
+        "  all: {from: a, path: out/all.safetensors}\n",
+    )
+    res = run_cli(r2, "-n", "--json", cache=cache, cwd=workdir)
+    assert next(n["key"] for n in res.json["nodes"] if n["kind"] == "output") == outs["all"]

@@ -87,7 +87,12 @@ class OutputEntry(_Strict):
     path: str = Field(min_length=1)
     dtype: str | None = None
     prune: StrictBool = False  # drop model_ema.*
-    components: list[Literal["unet", "text_encoder", "vae", "other"]] | None = None
+    components: (
+        list[
+            Literal["unet", "diffuser", "text_encoder", "clip_l", "clip_g", "t5xxl", "vae", "other"]
+        ]
+        | None
+    ) = None
     include: list[str] | None = None  # regexes: keep only matching keys
     exclude: list[str] | None = None  # regexes: drop matching keys
     vae: str | None = None  # a model whose tensors replace first_stage_model.*

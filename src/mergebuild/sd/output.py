@@ -11,7 +11,13 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mergebuild.sd.arch import VAE_PREFIX, VAE_ROOTS, component_of
+from mergebuild.sd.arch import (
+    TEXT_ENCODERS,
+    VAE_PREFIX,
+    VAE_ROOTS,
+    component_of,
+    text_encoder_of,
+)
 
 OUTPUT_COMPONENTS = ("unet", "text_encoder", "vae", "other")
 
@@ -23,8 +29,16 @@ def canonical(
     out: dict[str, Any] = {}
     if prune:
         out["prune"] = True
-    if components is not None and set(components) != set(OUTPUT_COMPONENTS):
-        out["components"] = sorted(set(components))
+    if components is not None:
+        # `diffuser` is the transformer's name for `unet`; naming every encoder is naming
+        # text_encoder (one spelling each, so equal choices share a cache key)
+        comps = {"unet" if c == "diffuser" else c for c in components}
+        if set(TEXT_ENCODERS) <= comps:
+            comps = (comps - set(TEXT_ENCODERS)) | {"text_encoder"}
+        if "text_encoder" in comps:
+            comps -= set(TEXT_ENCODERS)
+        if comps != set(OUTPUT_COMPONENTS):
+            out["components"] = sorted(comps)
     if include:
         out["include"] = sorted(set(include))
     if exclude:
@@ -42,7 +56,8 @@ def selector(options: Mapping[str, Any], root: str | None) -> Callable[[str], bo
     def keep(key: str) -> bool:
         if prune and key.startswith("model_ema."):
             return False
-        if component_of(key, root) not in comps:
+        comp = component_of(key, root)
+        if comp not in comps and not (comp == "text_encoder" and text_encoder_of(key) in comps):
             return False
         if inc and not any(p.search(key) for p in inc):
             return False
