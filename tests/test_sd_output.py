@@ -171,7 +171,8 @@ def test_convert_ckpt_to_pruned_fp16_safetensors(files: dict, tmp_path: Path, ca
         ("{from: a, path: o.safetensors, prun: true}", "did you mean 'prune'?"),
         (
             "{from: a, path: o.safetensors, components: [unet, vea]}",
-            "item 2 of 'components' of output 'o': input should be 'unet', 'diffuser', 'text_encoder', 'clip_l'",
+            "item 2 of 'components' of output 'o': input should be 'unet', 'diffuser', "
+            "'text_encoder', 'clip_l'",
         ),
         (
             "{from: a, path: o.safetensors, vae: myvae, components: [unet]}",

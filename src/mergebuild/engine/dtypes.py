@@ -64,11 +64,14 @@ def cast(t: torch.Tensor, dt: str) -> tuple[torch.Tensor, int]:
         return t.to(want), 0
     import torch
 
-    x = t.float()
+    if t.numel() == 0:
+        return t.to(want), 0
+    lo, hi = torch.aminmax(t)  # one pass, no temporary: most tensors are within range
+    if -top <= float(lo) and float(hi) <= top:
+        return t.to(want), 0
+    x = t.float()  # `t` itself when float32: other sinks share it, so never clamp in place
     over = int(torch.count_nonzero(x.abs() > top))
-    if over:
-        x = x.clamp(-top, top)
-    return x.to(want), over
+    return x.clamp(-top, top).to(want), over
 
 
 def to_torch(dt: str) -> torch.dtype:
