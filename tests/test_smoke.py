@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, SCALE, run_cli
 
 
 def test_example_builds_then_is_cached(workdir: Path, cache: Path) -> None:
@@ -29,6 +29,10 @@ def test_every_example_builds(workdir: Path, cache: Path, example: Path) -> None
     """Each shipped example builds on the demo models and writes every output it declares."""
     recipe = workdir / example.name
     recipe.write_text(example.read_text())
+    if "--arch flux" in example.read_text():  # its models: `demo-models DIR --arch flux`
+        from mergebuild.demo import write_dit_models
+
+        write_dit_models(workdir / "models", "flux", scale=SCALE)
     r = run_cli(recipe, "--json", cache=cache)
     assert r.code == 0, r.err
     outs = [Path(n["path"]) for n in r.json["nodes"] if n["kind"] == "output"]
