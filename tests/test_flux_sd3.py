@@ -556,3 +556,59 @@ def test_output_components_by_transformer_and_encoder(
     )
     res = run_cli(r2, "-n", "--json", cache=cache, cwd=workdir)
     assert next(n["key"] for n in res.json["nodes"] if n["kind"] == "output") == outs["all"]
+
+
+METHODS_ON_FLUX = {
+    "ties": "{method: ties, base: X, models: [Y, Z], k: 0.3}",
+    "slerp": "{method: slerp, a: X, b: Y, alpha: 0.3}",
+    "train_difference": "{method: train_difference, a: X, b: Y, c: Z}",
+    "add_cosine_a": "{method: add_cosine_a, a: X, b: Y, alpha: 0.2}",
+    "smooth_add": "{method: smooth_add, a: X, b: Y, c: Z, alpha: 0.5}",
+    "model_stock": "{method: model_stock, base: X, models: [Y, Z]}",
+    "geometric_median": "{method: geometric_median, models: [X, Y, Z]}",
+    "sum_twice": "{method: sum_twice, a: X, b: Y, c: Z, alpha: 0.3, beta: 0.4}",
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS_ON_FLUX))
+def test_every_method_runs_on_flux_whatever_the_key_spelling(
+    method: str, dit: Path, workdir: Path, cache: Path
+) -> None:
+    """The same method on the same tensors gives the same bytes whether the inputs are all
+    prefixed or mixed with bare-key files (mapped onto `a`'s spelling). The methods' numbers
+    are checked against numpy and sd-mecha in test_methods_*.py; here, the mapping is. (Random
+    methods are left out: their masks are keyed by the node's content key, which differs when
+    the input files do.)"""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    # prefixed copies of the bare files: same tensors, model.diffusion_model. keys
+    for name in ("flux_bare", "schnell"):
+        t = {P + k: v for k, v in load_file(str(dit / f"{name}.safetensors")).items()}
+        save_file(t, str(workdir / f"{name}_p.safetensors"))
+    spec = METHODS_ON_FLUX[method]
+    mixed = spec.replace("X", "a").replace("Y", "bare").replace("Z", "sch")
+    same = spec.replace("X", "a").replace("Y", "bare_p").replace("Z", "sch_p")
+    r = recipe(
+        workdir,
+        {
+            "a": dit / "flux_tr.safetensors",
+            "bare": dit / "flux_bare.safetensors",
+            "sch": dit / "schnell.safetensors",
+            "bare_p": workdir / "flux_bare_p.safetensors",
+            "sch_p": workdir / "schnell_p.safetensors",
+        },
+        f"  mixed: {mixed}\n  same: {same}\n",
+        "  mixed: {from: mixed, path: out/mixed.safetensors}\n"
+        "  same: {from: same, path: out/same.safetensors}\n",
+    )
+    res = run_cli(r, cache=cache, cwd=workdir)
+    assert res.code == 0, res.err
+    got, want = raw(workdir / "out/mixed.safetensors"), raw(workdir / "out/same.safetensors")
+    assert set(got) == set(want) == set(infos(dit / "flux_tr.safetensors"))
+    a = raw(dit / "flux_tr.safetensors")
+    changed = 0
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+        changed += not torch.equal(want[k], a[k])
+    assert changed > len(want) // 2  # the method did merge (not a's tensors passed through)
