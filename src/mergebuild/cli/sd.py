@@ -30,7 +30,7 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--keys", action="store_true", help="print every key with its block")
     b.add_argument(
         "--layout",
-        choices=["sd1", "sdxl"],
+        choices=["sd1", "sdxl", "flux", "sd3", "sd3_large"],
         help="block layout (default: from the detected architecture)",
     )
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -120,7 +120,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     layout = args.layout or arch.block_layout
     if layout is None:
         raise BuildError(
-            f"{args.model}: {arch.describe()} has no UNet block layout; pass --layout sd1|sdxl"
+            f"{args.model}: {arch.describe()} has no block layout; pass --layout "
+            "sd1|sdxl|flux|sd3|sd3_large"
         )
     root = unet_root(infos)
     keys = {k: block_of(k, layout, root) for k in sorted(infos)}
@@ -134,13 +135,14 @@ def cmd_blocks(args: argparse.Namespace) -> int:
             print(f"{blk}\t{k}")
         return 0
     print(f"{args.model}: {arch.describe()}, {LAYOUT_NAMES[layout]} block layout")
+    noun = "transformer" if layout in ("flux", "sd3", "sd3_large") else "UNet"
     for blk in LAYOUTS[layout]:
         members = [k for k, b in keys.items() if b == blk]
         unet = [k for k in members if component_of(k, root) == "unet"]
         params = sum(math.prod(infos[k].shape) for k in members)
         first = unet[0].removeprefix("model.diffusion_model.") if unet else "-"
-        extra = f" + {len(members) - len(unet)} non-UNet" if len(members) > len(unet) else ""
-        print(f"  {blk:<6} {len(unet):>4} UNet tensors{extra:<18} {params:>14,} params  {first}")
+        extra = f" + {len(members) - len(unet)} other" if len(members) > len(unet) else ""
+        print(f"  {blk:<6} {len(unet):>4} {noun} tensors{extra:<14} {params:>14,} params  {first}")
     return 0
 
 
