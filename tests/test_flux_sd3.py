@@ -410,6 +410,8 @@ def test_scaled_fp8_write_and_read_back_against_float64(
             assert sc[k].dtype == torch.bfloat16, k
             np.testing.assert_array_equal(sc[k].float().numpy(), torch_round(m, "bf16"))
     assert scaled > 100 and len(sc) == len(a) + scaled
+    r = run_cli("inspect", workdir / "out/sc.safetensors", "--json", cache=cache)
+    assert r.json["scaled_fp8_weights"] == scaled
     # read back: dequantized exactly (float64 product rounded once to float32), scales hidden
     r = recipe(
         workdir,

@@ -83,6 +83,7 @@ def summary(path: Path) -> dict[str, Any]:
         "components": dict(sorted(comps.items())),
         "dtypes": dict(sorted(Counter(i.dtype for i in infos.values()).items())),
         "ema_tensors": sum(k.startswith("model_ema.") for k in infos),
+        "scaled_fp8_weights": sum(k.endswith(".scale_weight") for k in infos),
     }
 
 
@@ -105,6 +106,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  components:   {comps}")
     print(f"  tensors:      {s['tensors']:,} ({s['parameters']:,} parameters)")
     print(f"  dtypes:       {', '.join(f'{d} ×{n}' for d, n in s['dtypes'].items())}")
+    if s["scaled_fp8_weights"]:
+        print(
+            f"  scaled fp8:   {s['scaled_fp8_weights']} weights × scale_weight "
+            "(merged as fp8 × scale, in float32)"
+        )
     if s["ema_tensors"]:
         print(f"  EMA copy:     {s['ema_tensors']} model_ema.* tensors")
     return 0
