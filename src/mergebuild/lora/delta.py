@@ -18,6 +18,7 @@ depend on how the engine chunks a tensor or on `-j`.
 from __future__ import annotations
 
 import math
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,6 +40,19 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     import torch
 
     return t.to(torch.float64)
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """This thread's float64 buffer of at least `n` elements (at most ROW_BLOCK are asked)."""
+    import torch
+
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _local.buf = torch.empty(max(n, ROW_BLOCK), dtype=torch.float64)
+    return buf[:n]
 
 
 def _mat(t: torch.Tensor) -> torch.Tensor:
@@ -63,21 +77,27 @@ class Product:
         s: float,
         pair: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        self.a, self.b64, self.s = a, _f64(b), s
+        # the scale goes into b once (exact products in float64 either way, to within float64
+        # rounding): no pass over every element of ΔW just to scale it
+        self.a, self.b64, self.s = a, _f64(b).mul_(s), s
         self.p0 = pair[0] if pair else None
         self.p1 = _f64(pair[1]) if pair else None
         self.rows, self.cols = a.shape[0], b.shape[1]
         self.step = max(1, ROW_BLOCK // max(self.cols, 1))
 
     def block(self, i: int) -> torch.Tensor:
-        """Rows [i·step, (i+1)·step) as float32: float64 products, rounded once."""
+        """Rows [i·step, (i+1)·step) as float32: float64 products, rounded once. The float64
+        product lands in a per-thread scratch buffer: a fresh 8 MB one per block would be
+        mapped and faulted in every time."""
         import torch
 
         lo = i * self.step
-        blk = _f64(self.a[lo : lo + self.step]) @ self.b64
+        a = _f64(self.a[lo : lo + self.step])
+        blk = _scratch(a.shape[0] * self.cols).view(a.shape[0], self.cols)
+        torch.matmul(a, self.b64, out=blk)
         if self.p0 is not None:
             blk.mul_(_f64(self.p0[lo : lo + self.step]) @ self.p1)
-        return blk.mul_(self.s).to(torch.float32)
+        return blk.to(torch.float32)
 
     def whole(self, shape: tuple[int, ...]) -> torch.Tensor:
         import torch
