@@ -614,3 +614,47 @@ def test_every_method_runs_on_flux_whatever_the_key_spelling(
         assert torch.equal(got[k], want[k]), k
         changed += not torch.equal(want[k], a[k])
     assert changed > len(want) // 2  # the method did merge (not a's tensors passed through)
+
+
+def test_scaled_fp8_inputs_keep_their_stored_bytes_for_hashes_and_copies(
+    dit: Path, workdir: Path, cache: Path
+) -> None:
+    """A scaled input's content key is the hash of its file, whether the first build hashes it
+    while merging or hashed it first; `doctor --fix` copies it byte for byte, still scaled."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(dit / "flux_bare.safetensors"))
+    for k in [k for k in t if k.endswith(".weight") and t[k].ndim == 2][:20]:
+        t[k] = (t[k].float() / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
+        t[k.removesuffix("weight") + "scale_weight"] = torch.tensor(0.01)
+    save_file(t, str(workdir / "sc.safetensors"))
+    digest = hashlib.sha256((workdir / "sc.safetensors").read_bytes()).hexdigest()
+    r = recipe(
+        workdir,
+        {"sc": workdir / "sc.safetensors", "b": dit / "schnell.safetensors"},
+        "  m: {method: weighted_sum, a: sc, b: b, alpha: 0.5}\n",
+        "  m: {from: m, path: out/m.safetensors}\n",
+    )
+    keys = []
+    for c, first in ((cache / "fresh", None), (cache / "hashed", "-n")):
+        if first:
+            assert run_cli(r, first, cache=c, cwd=workdir).code == 0
+        res = run_cli(r, "--json", cache=c, cwd=workdir)
+        assert res.code == 0, res.err
+        keys.append({n["name"]: n["key"] for n in res.json["nodes"]})
+    assert keys[0] == keys[1]
+    lock = run_cli("lock", r, cache=cache / "hashed", cwd=workdir)
+    assert lock.code == 0, lock.err
+    assert any(digest in p.read_text() for p in workdir.glob("*.lock*"))
+    fix = run_cli("doctor", workdir / "sc.safetensors", "--fix", workdir / "fixed.safetensors")
+    assert fix.code == 0, fix.err
+    fixed = load_file(str(workdir / "fixed.safetensors"))
+    assert set(fixed) == set(t)
+    same = [
+        torch.equal(fixed[k].reshape(-1).view(torch.uint8), t[k].reshape(-1).view(torch.uint8))
+        for k in t
+    ]
+    assert all(same)

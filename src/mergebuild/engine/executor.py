@@ -184,12 +184,15 @@ class FusedPass:
                     if tap is not None:
                         tap.feed(offset, data)
                         tap = None
-        if val is None:
-            val = src.read_flat(key, lo, hi)
-            if tap is not None:
-                import torch
+        if val is None and tap is not None:  # the tap hashes the stored bytes
+            import torch
 
-                tap.feed(offset, val.view(torch.uint8).numpy())
+            assert isinstance(src, SafetensorsSource)
+            stored = src.read_stored(key, lo, hi)
+            tap.feed(offset, stored.view(torch.uint8).numpy())
+            val = src.decode(key, stored)
+        elif val is None:
+            val = src.read_flat(key, lo, hi)
         return val.reshape(shape) if u.whole else val
 
     def _do_unit(self, u: Unit) -> None:

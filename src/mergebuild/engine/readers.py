@@ -226,13 +226,15 @@ def _check_in_memory(tensors: dict[str, torch.Tensor], path: Path) -> None:
             )
 
 
-def open_model(path: Path) -> SafetensorsSource | CheckpointSource:
+def open_model(path: Path, stored: bool = False) -> SafetensorsSource | CheckpointSource:
+    """The model at `path` as a merge reads it; `stored=True`: a safetensors file's tensors as
+    stored (a scaled fp8 file not dequantized: for byte-for-byte copies)."""
     suffix = path.suffix.lower()
     if suffix in (".safetensors", ".sft"):
         from mergebuild.engine.scaled_fp8 import ScaledFp8Source, is_scaled_file
 
         src = SafetensorsSource(path)
-        if not is_scaled_file(src.header.tensors):
+        if stored or not is_scaled_file(src.header.tensors):
             return src
         src.close()
         return ScaledFp8Source(path)  # fp8 × scale_weight: dequantized as it is read

@@ -45,7 +45,7 @@ class ScaledFp8Source(SafetensorsSource):
     """A scaled-fp8 safetensors file read as its dequantized float32 weights.
 
     Still a SafetensorsSource: byte ranges and hashing see the file's own bytes; only the
-    tensors made from them are dequantized (`read_flat`, `tensor_from`)."""
+    tensors made from them are dequantized (`decode`)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -62,7 +62,7 @@ class ScaledFp8Source(SafetensorsSource):
                     f"{path}: '{key}' is {info.dtype}{list(info.shape)}; only one float32 "
                     "scale per tensor is supported"
                 )
-            self.scales[weight] = float(super().read_flat(key, 0, 1)[0])
+            self.scales[weight] = float(self.read_stored(key, 0, 1)[0])
 
     def infos(self) -> dict[str, TensorInfo]:
         out = {}
@@ -72,19 +72,14 @@ class ScaledFp8Source(SafetensorsSource):
             out[k] = TensorInfo("F32", info.shape) if k in self.scales else info
         return out
 
-    def _dequantize(self, key: str, t: torch.Tensor) -> torch.Tensor:
+    def decode(self, key: str, stored: torch.Tensor) -> torch.Tensor:
+        """fp8 × scale in float32 for a scaled weight (stored bytes are what gets hashed)."""
         scale = self.scales.get(key)
         if scale is None:
-            return t
+            return stored
         import torch
 
-        return t.to(torch.float32).mul_(torch.tensor(scale, dtype=torch.float32))
-
-    def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
-        return self._dequantize(key, super().read_flat(key, lo, hi))
-
-    def tensor_from(self, key: str, data: object) -> torch.Tensor:
-        return self._dequantize(key, super().tensor_from(key, data))
+        return stored.to(torch.float32).mul_(torch.tensor(scale, dtype=torch.float32))
 
 
 def scaled_layout(

@@ -261,7 +261,7 @@ def write_fixed(path: Path, out: Path) -> list[str]:
     from mergebuild.engine.safetensors_io import TensorInfo
     from mergebuild.engine.stream_writer import StreamingWriter
 
-    src = open_model(path)
+    src = open_model(path, stored=True)  # a scaled fp8 file stays scaled
     try:
         infos = src.infos()
         new_infos = dict(infos)
