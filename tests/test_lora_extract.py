@@ -142,13 +142,76 @@ def test_extract_is_deterministic_across_j(workdir: Path, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     "use",
-    ["  again: ex * 0.5 + anything * 0.5\n", "  again: anything + lora(ex, 0.5)\n"],
+    [
+        "  again: ex * 0.5 + anything * 0.5\n",
+        "  again: {method: bake_lora, a: ex, loras: [ex], strength: 0.5}\n",
+        "  again: {method: bake_lora, a: anything, loras: [ex]}\n  ex2: {cache: false}\n",
+    ],
 )
 def test_extracted_node_is_not_a_checkpoint(workdir: Path, cache: Path, use: str) -> None:
     node = "{method: extract_lora, a: anything, base: sd15, rank: 4}"
+    if "cache: false" in use:  # a LoRA made in the recipe is read back from the cache
+        node = "{method: extract_lora, a: anything, base: sd15, rank: 4, cache: false}"
+        use = use.replace("  ex2: {cache: false}\n", "")
     r = run_cli(write(workdir, node, extra=use), cache=cache)
     assert r.code == 2 and "Traceback" not in r.err
     assert "'ex' is an extracted LoRA" in r.err and "x.yaml:" in r.err
+    assert "cache: false" in r.err if "bake_lora, a: anything" in use else True
+
+
+def test_extracted_lora_baked_and_merged_in_the_same_recipe(
+    workdir: Path, cache: Path, tmp_path: Path
+) -> None:
+    """extract_lora → bake_lora and → merge_loras in one recipe: the LoRA is built in a pass
+    of its own, then read from the cache like a LoRA file; the same bytes as writing it out
+    and baking the file with a second recipe."""
+    node = "{method: extract_lora, a: anything, base: sd15, rank: 8}"
+    extra = (
+        "  back: sd15 + lora(ex, 0.7)\n"
+        "  both: {method: merge_loras, loras: [ex, ex], weights: [0.5, 0.25]}\n"
+        "  back2: {method: bake_lora, a: sd15, loras: [both]}\n"
+    )
+    recipe = write(workdir, node, extra=extra)
+    recipe.write_text(
+        recipe.read_text()
+        + "  back: {from: back, path: out/back.safetensors}\n"
+        + "  back2: {from: back2, path: out/back2.safetensors}\n"
+    )
+    r = run_cli(recipe, "--json", cache=cache)
+    assert r.code == 0, r.err
+    assert {n["name"] for n in r.json["nodes"] if n["status"] == "built"} >= {"ex", "back"}
+    again = run_cli(recipe, "--json", cache=cache)
+    assert all(n["status"] == "cached" for n in again.json["nodes"] if n["kind"] == "merge")
+    # the two-recipe way, in another cache
+    (workdir / "models" / "ex.safetensors").write_bytes(
+        (workdir / "out/ex.safetensors").read_bytes()
+    )
+    two = workdir / "two.yaml"
+    two.write_text(
+        "mergebuild: 1\nmodels:\n  sd15: models/v1-5-pruned.safetensors\n"
+        "  ex: models/ex.safetensors\nmerges:\n  back: sd15 + lora(ex, 0.7)\n"
+        "  back2: {method: bake_lora, a: sd15, loras: [ex], strength: 0.75}\n"
+        "outputs:\n  back: {from: back, path: out/back-two.safetensors}\n"
+        "  back2: {from: back2, path: out/back2-two.safetensors}\n"
+    )
+    r = run_cli(two, cache=tmp_path / "other")
+    assert r.code == 0, r.err
+    one = load_st(workdir / "out/back.safetensors")
+    ref = load_st(workdir / "out/back-two.safetensors")
+    base = load_st(workdir / "models/v1-5-pruned.safetensors")
+    assert set(one) == set(ref)
+    assert all(one[k].tobytes() == ref[k].tobytes() for k in ref)
+    assert sum(one[k].tobytes() != base[k].tobytes() for k in base) > 200
+    # merge_loras of [ex, ex] with weights 0.5, 0.25 is ex at 0.75 (exact when ranks add up):
+    # baked at strength 1 it is within fp16 rounding of ex baked at 0.75
+    b2, r2 = (
+        load_st(workdir / "out/back2.safetensors"),
+        load_st(workdir / "out/back2-two.safetensors"),
+    )
+    for k in r2:
+        x, y = b2[k].astype(np.float32), r2[k].astype(np.float32)
+        step = np.spacing(np.abs(r2[k])).astype(np.float32)  # one step of the file's dtype
+        assert np.all(np.abs(x - y) <= 2 * step), k
 
 
 def test_json_reports_each_modules_relative_error(workdir: Path, cache: Path) -> None:

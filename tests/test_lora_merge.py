@@ -303,11 +303,32 @@ def test_refusals(workdir: Path, cache: Path, loras, merge: str, code: int, need
 @pytest.mark.parametrize(
     "use",
     [
-        "  baked: anything + lora(merged, 0.5)\n",
-        "  again: {method: merge_loras, loras: [merged, style]}\n",
         "  mixed: weighted_sum(anything, merged, 0.5)\n",
+        "  mixed: {method: bake_lora, a: merged, loras: [style]}\n",
     ],
 )
-def test_merged_node_is_not_an_input(workdir: Path, cache: Path, loras, use: str) -> None:
+def test_merged_node_is_not_a_checkpoint(workdir: Path, cache: Path, loras, use: str) -> None:
     merge = "{method: merge_loras, loras: [detail, style]}"
     _fails(run_cli(recipe(workdir, merge, extra=use), cache=cache), 2, "'merged' is a merged LoRA")
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        "  baked: anything + lora(merged, 0.5)\n",
+        "  again: {method: merge_loras, loras: [merged, style]}\n",
+    ],
+)
+def test_merged_node_feeds_loras_in_the_same_recipe(
+    workdir: Path, cache: Path, loras, use: str
+) -> None:
+    """A merged LoRA is built in a pass of its own, then baked or merged again as a LoRA
+    (the numbers of a cached LoRA's bake are checked in test_lora_extract.py)."""
+    merge = "{method: merge_loras, loras: [detail, style]}"
+    name = use.split(":")[0].strip()
+    out = f"  {name}: {{from: {name}, path: out/{name}.safetensors}}\n"
+    r = run_cli(recipe(workdir, merge, extra=use, outputs=out), "--json", cache=cache)
+    assert r.code == 0, r.err
+    built = {n["name"] for n in r.json["nodes"] if n["status"] == "built"}
+    assert {"merged", name} <= built
+    assert (workdir / f"out/{name}.safetensors").stat().st_size > 0

@@ -24,7 +24,7 @@ from mergebuild.cache import CacheStore
 from mergebuild.engine.dtypes import FP8_MAX, RECIPE_TO_ST
 from mergebuild.engine.methods import REGISTRY
 from mergebuild.errors import BuildError
-from mergebuild.graph import canonical_json, node_identity
+from mergebuild.graph import canonical_json, node_identity, schedule
 from mergebuild.hashing import SplitChecksum
 from mergebuild.progress import Progress
 from mergebuild.provenance import output_metadata
@@ -67,8 +67,7 @@ class Execution:
         files = [i for i in building if i.kind == "output" or i.stored]
         done: set[str] = set()  # merge nodes cached by an earlier pass
         stats: dict[str, Any] = {}
-        for lo in range(0, len(files), MAX_FILES_PER_PASS):
-            group = files[lo : lo + MAX_FILES_PER_PASS]
+        for group in self.groups(files):
             jobs = self._pass_jobs(plan, group, done)
             fused, seconds = self._run_pass(plan, group, jobs)
             for item in [*group, *(i for i in jobs if not i.stored)]:
@@ -80,6 +79,38 @@ class Execution:
         for item in building:
             if item.kind == "merge":
                 item.stats = self.node_stats(stats[item.name], item.name)
+
+    def groups(self, files: list[Item]) -> list[list[Item]]:
+        """Files in passes of at most MAX_FILES_PER_PASS, in schedule order — and a LoRA made
+        in the recipe (extract_lora, merge_loras) in a pass before any that bakes or merges
+        it: its consumers read its factors from the cache, as they would read a LoRA file."""
+        from mergebuild.lora.roles import LORA_MAKERS
+
+        level: dict[str, int] = {}
+        for kind, name in schedule(self.recipe):
+            if kind != "merge":
+                continue
+            node = self.recipe.nodes[name]
+            level[name] = max(
+                (
+                    level[r] + (self.recipe.nodes[r].method in LORA_MAKERS)
+                    for r in node.inputs.values()
+                    if r in level
+                ),
+                default=0,
+            )
+
+        def of(item: Item) -> int:
+            name = item.name if item.kind == "merge" else self.recipe.outputs[item.name].source
+            return level.get(name, 0)
+
+        groups = []
+        for lv in sorted({of(i) for i in files}):
+            mine = [i for i in files if of(i) == lv]
+            groups += [
+                mine[i : i + MAX_FILES_PER_PASS] for i in range(0, len(mine), MAX_FILES_PER_PASS)
+            ]
+        return groups
 
     @staticmethod
     def node_stats(st: Any, name: str) -> dict[str, Any]:
@@ -136,6 +167,7 @@ class Execution:
         from mergebuild.engine.safetensors_io import SafetensorsSource
         from mergebuild.graph import job_args
         from mergebuild.lora.extract import add_metadata as add_lora_metadata
+        from mergebuild.lora.roles import LORA_MAKERS
         from mergebuild.lora.source import open_input
 
         by_name = {(i.kind, i.name): i for i in plan.items}
@@ -167,6 +199,8 @@ class Execution:
             for name in sorted(needed_sources - built_names):
                 if name in self.recipe.models:
                     sources[name] = open_input(plan.inputs[name].path)
+                elif self.recipe.nodes[name].method in LORA_MAKERS:  # factors: read as a LoRA
+                    sources[name] = open_input(by_name[("merge", name)].path)
                 else:
                     sources[name] = SafetensorsSource(by_name[("merge", name)].path)
             for item in group:

@@ -85,14 +85,13 @@ def unhashed_inputs(
 
 def build_speculatively(builder: Builder, plan: Plan) -> dict[tuple[str, str], Item] | None:
     """Steps 2-4 above for a speculative `plan`; returns the items it built or dropped (by
-    (kind, name), with status, seconds and stats), or None when it cannot (too many files)."""
-    from mergebuild.build.execute import FILES_PER_PASS_FDS, MAX_FILES_PER_PASS, Execution
+    (kind, name), with status, seconds and stats), or None when it cannot: more than one
+    pass (too many files, or a LoRA made in the recipe and baked in it)."""
+    from mergebuild.build.execute import FILES_PER_PASS_FDS, Execution
     from mergebuild.build.locks import locked
 
     building = plan.to_build()
     group = [i for i in building if i.kind == "output" or i.stored]
-    if not group or len(group) > MAX_FILES_PER_PASS:
-        return None
     ex = Execution(
         builder.recipe,
         builder.store,
@@ -101,6 +100,8 @@ def build_speculatively(builder: Builder, plan: Plan) -> dict[tuple[str, str], I
         builder.max_memory,
         builder.device,
     )
+    if not group or len(ex.groups(group)) > 1:
+        return None
     merges = [i for i in building if i.kind == "merge"]
     pending = set(plan.pending)
     with ex.pass_files(plan, group, merges, hash_inputs=pending, temp_shard="00") as done:

@@ -41,14 +41,25 @@ def check_roles(recipe: Recipe, paths: dict[str, Path]) -> None:
         takes_loras = method is not None and method.name in LORA_TAKERS
         for slot, ref in node.inputs.items():
             wants_lora = takes_loras and slot != "base"
-            if ref in made:
+            if ref in made and not wants_lora:
                 problems.append(
                     Problem(
                         f"merge '{node.name}': '{ref}' is {made[ref]} LoRA (its keys are LoRA "
-                        "factors): write it to an output, then use that file as a model",
+                        f"factors), not a checkpoint; {bake}",
                         node.location,
                     )
                 )
+            elif ref in made and recipe.nodes[ref].cache is False:
+                problems.append(
+                    Problem(
+                        f"merge '{node.name}': '{ref}' is {made[ref]} LoRA with 'cache: false'; "
+                        "a LoRA made in the recipe is read back from the cache: drop "
+                        "'cache: false'",
+                        node.location,
+                    )
+                )
+            elif ref in made:
+                continue  # built in an earlier pass, then read as a LoRA (execute.py)
             elif ref in loras and not wants_lora:
                 where = f"'{method.base_name}' of bake_lora" if takes_loras else "an input"
                 problems.append(
