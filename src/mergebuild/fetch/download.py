@@ -149,10 +149,7 @@ def _fetch(source: str, fd: int, sha: str, name: str, progress: Progress) -> Any
             with contextlib.suppress(Exception):
                 opened.stream.close()
     if opened.total is not None and hasher.size != opened.total:
-        raise FetchError(
-            f"the connection closed after {hasher.size:,} of {opened.total:,} bytes"
-            + (f" (resumed at {resumed:,})" if resumed else "")
-        )
+        raise FetchError(_cut(hasher.size, opened.total, "closed"))
     found = hasher.result()
     if found.sha256 != sha:
         os.ftruncate(fd, 0)
@@ -163,6 +160,11 @@ def _fetch(source: str, fd: int, sha: str, name: str, progress: Progress) -> Any
     return found
 
 
+def _cut(got: int, total: int | None, why: str) -> str:
+    of = f" of {total:,}" if total is not None else ""
+    return f"the transfer stopped after {got:,}{of} bytes ({why}); the next run resumes it"
+
+
 def _copy(opened: Any, fd: int, hasher: StreamHasher, bar: _Bar) -> None:
     """Stream the source to the partial's end, chunk by chunk (bounded memory)."""
     os.lseek(fd, hasher.size, os.SEEK_SET)
@@ -170,9 +172,7 @@ def _copy(opened: Any, fd: int, hasher: StreamHasher, bar: _Bar) -> None:
         try:
             chunk = opened.stream.read(CHUNK)
         except Exception as e:  # a reset, a timeout, http.client.IncompleteRead, a backend's own
-            raise FetchError(
-                f"the transfer failed after {hasher.size:,} bytes: {type(e).__name__}: {e}"
-            ) from None
+            raise FetchError(_cut(hasher.size, opened.total, f"{type(e).__name__}")) from None
         if not chunk:
             return
         if hasher.size + len(chunk) > MAX_MODEL_SIZE:

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
 
 from mergebuild import __version__
 
@@ -64,8 +65,7 @@ def hf_url(spec: str) -> tuple[str, dict[str, str]]:
     from mergebuild.fetch.sources import parse_hf
 
     try:
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import build_hf_headers
+        from huggingface_hub import constants, get_token, hf_hub_url
     except ImportError:
         raise FetchError(
             "hf: sources need huggingface_hub: pip install 'mergebuild[remote]'"
@@ -73,8 +73,9 @@ def hf_url(spec: str) -> tuple[str, dict[str, str]]:
     ref = parse_hf(spec)
     endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: the module reads it at import
     url = hf_hub_url(ref.repo, ref.path, revision=ref.revision, endpoint=endpoint)
-    headers = build_hf_headers(library_name="mergebuild", library_version=__version__)
-    return url, {k: v for k, v in headers.items() if k.lower() == "authorization"}
+    # not build_hf_headers(): its user agent asks the endpoint for an "agent" registry first
+    token = None if constants.HF_HUB_DISABLE_IMPLICIT_TOKEN else get_token()
+    return url, ({"Authorization": f"Bearer {token}"} if token else {})
 
 
 def open_http(url: str, offset: int, auth: dict[str, str]) -> Opened:
@@ -117,10 +118,13 @@ def open_fsspec(url: str, offset: int) -> Opened:
             f"{url.split('://', 1)[0]}:// URLs need fsspec: pip install 'mergebuild[remote]'"
         ) from None
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        if url.lower().startswith("file://"):  # fsspec keeps %20 as is; a URL means a space
+            fs, path = fsspec.filesystem("file"), unquote(urlsplit(url).path)
+        else:
+            fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:  # an unknown protocol, or its package is missing
         raise FetchError(f"cannot open this kind of URL: {e}") from None
-    if "local" in getattr(fs, "protocol", ()) or "file" in getattr(fs, "protocol", ()):
+    if "file" in fs.protocol or "local" in fs.protocol:
         _check_local(path)
     try:
         size = fs.size(path)

@@ -144,7 +144,10 @@ def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str 
         if any("BlockAlpha" in str(x) for x in e["loc"]):
             continue  # the canonical block-weight branch of `float | BlockAlpha`: noise to users
         loc = tuple(
-            x for x in e["loc"] if x not in ("str", "ModelEntry", "float", "constrained-float")
+            x
+            for x in e["loc"]
+            if x not in ("str", "ModelEntry", "float", "constrained-float")
+            and not str(x).startswith("function-after[")  # a model validator's own step
         )
         path = (*prefix, *loc)
         name = ".".join(str(x) for x in path) or "recipe"
@@ -187,6 +190,10 @@ def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str 
                     pos.of(path, key=True),
                 )
             )
+        elif kind == "value_error" and path[:1] == ("models",):  # ours: keep URL, HF_TOKEN…
+            where = f"'{path[-1]}' of " if len(path) > 2 else ""
+            why = e["msg"].removeprefix("Value error, ")
+            out.append(Problem(f"{where}{_where(path[:2], '')}: {why}", pos.of(path)))
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
