@@ -350,19 +350,80 @@ def test_fetch_command_downloads_without_building(
     assert (tmp_path / "w" / SEED_OUT).read_bytes() == seed_build.output
 
 
-def test_lock_keeps_urls_and_hf(server: FileServer, model_dir: Path, tmp_path: Path) -> None:
-    data = served_gape(server, model_dir)
-    urls = [server.url("/m/" + GAPE), "s3://team/models/gape60.safetensors"]
-    gape = {"sha256": sha256(data), "urls": urls, "hf": "someone/gape/gape60.safetensors@abc123"}
-    recipe = seed_recipe(tmp_path / "w", model_dir, gape)
+def test_lock_and_extract_keep_sources_so_a_shared_recipe_is_self_contained(
+    server: FileServer, model_dir: Path, seed_build: SeedBuild, tmp_path: Path
+) -> None:
+    """The author's recipe gets every input by URL; `lock` records the sources; `extract
+    --sources LOCK` on the output gives a recipe that builds the same bytes on a machine that
+    has nothing but that recipe (fresh cache, no models)."""
+    names = {
+        "anything": "anything-v3.safetensors",
+        "nai_full": "nai-full.safetensors",
+        "nai_sfw": "nai-sfw.safetensors",
+        "gape": GAPE,
+    }
+    hf = "someone/gape/gape60.safetensors@abc123"
+    author = tmp_path / "author"
+    recipe = seed_recipe(author, model_dir, {})
+    doc = yaml.safe_load(recipe.read_text())
+    for name, file in names.items():
+        data = (model_dir / file).read_bytes()
+        server.files[f"/m/{file}"] = data
+        doc["models"][name] = {"sha256": sha256(data), "urls": [server.url(f"/m/{file}")]}
+    doc["models"]["gape"]["hf"] = hf
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
     r = run_cli("lock", recipe, "-q", cache=tmp_path / "cache")
     assert r.code == 0, r.err
     lock = yaml.safe_load(recipe.with_suffix(".lock").read_text())
-    assert lock["models"]["gape"]["urls"] == urls
-    assert lock["models"]["gape"]["hf"] == "someone/gape/gape60.safetensors@abc123"
-    assert "urls" not in lock["models"]["anything"]
+    for name, file in names.items():
+        assert lock["models"][name]["urls"] == [server.url(f"/m/{file}")]
+    assert lock["models"]["gape"]["hf"] == hf and "hf" not in lock["models"]["anything"]
+    out = author / SEED_OUT
+    assert out.read_bytes() == seed_build.output  # where inputs come from is not in the bytes
     v = run_cli("verify", recipe, cache=tmp_path / "cache")  # the lock reads back
     assert v.code == 0, v.err
+
+    friend = tmp_path / "friend"
+    friend.mkdir()
+    x = run_cli(
+        "extract", out, "--sources", recipe.with_suffix(".lock"), "-o", "shared.yaml", cwd=friend
+    )
+    assert x.code == 0, x.err
+    shared = yaml.safe_load((friend / "shared.yaml").read_text())
+    assert shared["models"]["gape"]["hf"] == hf
+    assert {n: m["urls"] for n, m in shared["models"].items()} == {
+        n: [server.url(f"/m/{f}")] for n, f in names.items()
+    }
+    before = len(server.gets())
+    b = run_cli(friend / "shared.yaml", cache=tmp_path / "friend-cache", cwd=friend)
+    assert b.code == 0, b.err
+    assert len(server.gets()) == before + 4
+    assert (friend / "anything-nsfw-gape.safetensors").read_bytes() == seed_build.output
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ({"sha256": "abc", "urls": ["http://h/x"]}, "no full sha256"),
+        ({"sha256": "F" * 64, "urls": "http://h/x"}, "must be a list"),
+        ({"sha256": "F" * 64, "urls": ["http://u:p@h/x"]}, "credentials"),
+        ({"sha256": "F" * 64, "hf": "../x"}, "owner/repo/path"),
+    ],
+)
+def test_extract_sources_skips_bad_entries(
+    model_dir: Path, seed_build: SeedBuild, tmp_path: Path, entry: dict, why: str
+) -> None:
+    out = seed_build.cache.parent / SEED_OUT
+    sources = tmp_path / "catalogue.yaml"
+    sha = sha256((model_dir / GAPE).read_bytes())
+    good = {"sha256": sha, "urls": ["https://mirror.example/gape60.safetensors"]}
+    sources.write_text(yaml.safe_dump({"models": {"bad": entry, "gape": good}}))
+    r = run_cli("extract", out, "--sources", sources)
+    assert r.code == 0, r.err
+    assert "model 'bad' skipped" in r.err and why in r.err
+    doc = yaml.safe_load(r.out)
+    assert doc["models"]["gape"]["urls"] == good["urls"]
+    assert sum("urls" in m or "hf" in m for m in doc["models"].values()) == 1
 
 
 # -- the Hugging Face hub, imitated -------------------------------------------------------------
