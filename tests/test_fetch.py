@@ -9,11 +9,11 @@ Face hub. Every build's output is compared with the seed example built from loca
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +46,7 @@ class FileServer:
     status: dict[str, int] = field(default_factory=dict)  # path → an error status to answer
     redirects: dict[str, str] = field(default_factory=dict)  # path → Location (302)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    slow: dict[str, float] = field(default_factory=dict)  # path → seconds to spread the body over
     port: int = 0
 
     def url(self, path: str) -> str:
@@ -105,6 +106,13 @@ class _Handler(BaseHTTPRequestHandler):
         if not body:
             return
         cut = st.cut.pop(path, None)
+        if path in st.slow:
+            step = max(1, (len(data) - start) // 10)
+            for at in range(start, len(data), step):
+                self.wfile.write(data[at : at + step])
+                self.wfile.flush()
+                time.sleep(st.slow[path] / 10)
+            return
         if cut is None:
             self.wfile.write(data[start:])
             return
@@ -518,6 +526,60 @@ def test_dry_run_and_cached_build_import_no_network_library(
 
     light(str(recipe), "-n")
     assert run_cli(recipe, cache=cache).code == 0
-    light(str(recipe), "-q")  # fully cached, the input in the store
-    light(str(recipe), "--json")
-    assert json.loads(run_cli(recipe, "--json", cache=cache).out)["summary"]["built"] == 0
+    light(str(recipe), "--json")  # fully cached, the input in the store
+
+
+def test_two_processes_download_one_model_once(
+    server: FileServer, model_dir: Path, tmp_path: Path
+) -> None:
+    """The second waits on the partial's lock, then finds the model stored."""
+    import subprocess
+    import sys
+
+    from conftest import SRC
+
+    data = served_gape(server, model_dir)
+    server.slow["/m/" + GAPE] = 1.0
+    cache = tmp_path / "cache"
+    recipe = seed_recipe(
+        tmp_path / "w", model_dir, {"sha256": sha256(data), "urls": [server.url("/m/" + GAPE)]}
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "mergebuild", "fetch", str(recipe), "--json"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in (0, 1)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert len(server.gets()) == 1
+    statuses = sorted(yaml.safe_load(o)["models"]["gape"]["status"] for o in outs)
+    assert statuses == ["downloaded", "present"] or statuses == ["downloaded", "downloaded"]
+    assert store_files(cache) == [f"{sha256(data)}.safetensors"]
+    assert (cache / "models" / "sha256" / f"{sha256(data)}.safetensors").read_bytes() == data
+
+
+@pytest.mark.parametrize("planted", ["models", "models/sha256", "partial"])
+def test_planted_symlinks_in_the_store_are_refused(
+    server: FileServer, model_dir: Path, tmp_path: Path, planted: str
+) -> None:
+    from mergebuild.cacheroot import ensure_marker
+
+    data = served_gape(server, model_dir)
+    cache, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    ensure_marker(cache)
+    elsewhere.mkdir()
+    victim = elsewhere / "victim"
+    victim.write_bytes(b"not yours")
+    if planted == "partial":
+        (cache / "models" / "sha256").mkdir(parents=True)
+        link = cache / "models" / "sha256" / f".mergebuild-tmp-{sha256(data)}.part"
+        link.symlink_to(victim)
+    else:
+        (cache / planted).parent.mkdir(parents=True, exist_ok=True)
+        (cache / planted).symlink_to(elsewhere, target_is_directory=True)
+    recipe = seed_recipe(
+        tmp_path / "w", model_dir, {"sha256": sha256(data), "urls": [server.url("/m/" + GAPE)]}
+    )
+    r = run_cli("fetch", recipe, cache=cache)
+    assert r.code == 1 and "Traceback" not in r.err
+    assert server.requests == []
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["victim"]
+    assert victim.read_bytes() == b"not yours"
