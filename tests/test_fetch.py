@@ -583,3 +583,25 @@ def test_planted_symlinks_in_the_store_are_refused(
     assert server.requests == []
     assert sorted(p.name for p in elsewhere.iterdir()) == ["victim"]
     assert victim.read_bytes() == b"not yours"
+
+
+def test_cache_clean_empties_the_store_and_gc_keeps_it(
+    server: FileServer, model_dir: Path, tmp_path: Path
+) -> None:
+    data = served_gape(server, model_dir)
+    cache = tmp_path / "cache"
+    recipe = seed_recipe(
+        tmp_path / "w", model_dir, {"sha256": sha256(data), "urls": [server.url("/m/" + GAPE)]}
+    )
+    assert run_cli("fetch", recipe, cache=cache).code == 0
+    stored = cache / "models" / "sha256" / f"{sha256(data)}.safetensors"
+    gc = run_cli("cache", "gc", cache=cache)
+    assert gc.code == 0 and stored.read_bytes() == data  # a download is not a build product
+    partial = stored.with_name(f".mergebuild-tmp-{'0' * 64}.part")
+    partial.write_bytes(b"half")
+    mine = stored.with_name("my-notes.txt")
+    mine.write_bytes(b"mine")
+    r = run_cli("cache", "clean", cache=cache)
+    assert r.code == 0, r.err
+    assert not stored.exists() and not partial.exists()
+    assert mine.read_bytes() == b"mine" and "models/sha256/my-notes.txt" in r.out + r.err
