@@ -605,3 +605,40 @@ def test_cache_clean_empties_the_store_and_gc_keeps_it(
     assert r.code == 0, r.err
     assert not stored.exists() and not partial.exists()
     assert mine.read_bytes() == b"mine" and "models/sha256/my-notes.txt" in r.out + r.err
+
+
+@pytest.mark.parametrize("partial", ["complete", "longer than the file", "wrong bytes"])
+def test_a_stale_partial_is_finished_restarted_or_dropped(
+    server: FileServer, model_dir: Path, tmp_path: Path, partial: str
+) -> None:
+    from mergebuild.cacheroot import ensure_marker
+
+    data = served_gape(server, model_dir)
+    cache = tmp_path / "cache"
+    ensure_marker(cache)
+    d = cache / "models" / "sha256"
+    d.mkdir(parents=True)
+    part = d / f".mergebuild-tmp-{sha256(data)}.part"
+    wrong = bytearray(data[:400_000])
+    wrong[10] ^= 0xFF
+    part.write_bytes(
+        {"complete": data, "longer than the file": data + b"x" * 10, "wrong bytes": wrong}[partial]
+    )
+    url = server.url("/m/" + GAPE)
+    recipe = seed_recipe(tmp_path / "w", model_dir, {"sha256": sha256(data), "urls": [url]})
+    r = run_cli("fetch", recipe, cache=cache)
+    if partial == "wrong bytes":  # resumed from byte 400 000, then refused as a whole
+        assert r.code == 1 and sha256(data) in r.err and url in r.err
+        assert store_files(cache) == []
+        assert server.gets()[-1].headers.get("Range") == "bytes=400000-"
+        r = run_cli("fetch", recipe, cache=cache)  # starts from nothing
+    assert r.code == 0, r.err
+    assert (d / f"{sha256(data)}.safetensors").read_bytes() == data
+    assert store_files(cache) == [f"{sha256(data)}.safetensors"]
+    gets = server.gets()
+    if partial == "complete":
+        assert gets == []
+    elif partial == "longer than the file":  # 416, then the whole file
+        assert [g.headers.get("Range") for g in gets] == [f"bytes={len(data) + 10}-", None]
+    else:
+        assert gets[-1].headers.get("Range") is None

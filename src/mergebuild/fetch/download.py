@@ -129,6 +129,10 @@ def _fetch(source: str, fd: int, sha: str, name: str, progress: Progress) -> Any
     """Complete the partial from `source`; its FileHashes, or FetchError (partial kept, or
     emptied on a mismatch)."""
     hasher = _rehash(fd)
+    if hasher.size:  # a run killed between the last byte and the rename: nothing to fetch
+        found = hasher.result()
+        if found.sha256 == sha:
+            return found  # (hexdigest does not end a hash: the prefix's state goes on below)
     try:
         opened = open_source(source, hasher.size)
     except RangeRefused:  # the partial is as long as the file (or longer): start afresh
