@@ -46,7 +46,8 @@ def add_parsers(sub: Any) -> None:
         type=Path,
         default=[],
         metavar="FILE",
-        help="a recipe or lock: give inputs with the same sha256 its urls/hf (repeatable)",
+        help="a recipe or lock file: inputs with a sha256 listed there get its urls/hf "
+        "(repeatable)",
     )
     e.add_argument("--debug", action="store_true")
 
