@@ -352,6 +352,9 @@ def test_fetch_command_downloads_without_building(
     assert len(server.requests) == 1
     stored = cache / "models" / "sha256" / f"{sha256(data)}.safetensors"
     assert stored.read_bytes() == data
+    deps = run_cli("deps", recipe, cache=cache)  # make sees the stored file as a prerequisite
+    assert deps.code == 0, deps.err
+    assert str(stored) in deps.out
 
 
 def test_lock_and_extract_keep_sources_so_a_shared_recipe_is_self_contained(
