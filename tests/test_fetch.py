@@ -47,6 +47,7 @@ class FileServer:
     redirects: dict[str, str] = field(default_factory=dict)  # path → Location (302)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
     slow: dict[str, float] = field(default_factory=dict)  # path → seconds to spread the body over
+    stall: float = 0.0  # after a cut: hold the connection open this long, sending nothing
     port: int = 0
 
     def url(self, path: str) -> str:
@@ -118,6 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(data[start : start + cut])  # then the connection dies mid-body
         self.wfile.flush()
+        time.sleep(st.stall)
         self.connection.shutdown(socket.SHUT_RDWR)
         self.close_connection = True
 
@@ -245,6 +247,25 @@ def test_truncated_download_is_kept_and_resumed_with_a_range(
     assert server.gets()[-1].headers.get("Range") == f"bytes={cut}-"
     assert len(server.gets()) == 2
     assert store_files(cache) == [f"{sha256(data)}.safetensors"]
+    assert (cache / "models" / "sha256" / f"{sha256(data)}.safetensors").read_bytes() == data
+
+
+def test_a_stalled_transfer_times_out_and_resumes(
+    server: FileServer, model_dir: Path, tmp_path: Path
+) -> None:
+    data = served_gape(server, model_dir)
+    server.cut["/m/" + GAPE], server.stall = 200_000, 3.0
+    cache = tmp_path / "cache"
+    recipe = seed_recipe(
+        tmp_path / "w", model_dir, {"sha256": sha256(data), "urls": [server.url("/m/" + GAPE)]}
+    )
+    env = {"MERGEBUILD_FETCH_TIMEOUT": "0.5"}
+    first = run_cli("fetch", recipe, cache=cache, env=env)
+    assert first.code == 1 and "Traceback" not in first.err
+    assert f"stopped after 200,000 of {len(data):,} bytes (TimeoutError)" in first.err
+    second = run_cli("fetch", recipe, cache=cache, env=env)
+    assert second.code == 0, second.err
+    assert server.gets()[-1].headers.get("Range") == "bytes=200000-"
     assert (cache / "models" / "sha256" / f"{sha256(data)}.safetensors").read_bytes() == data
 
 

@@ -172,9 +172,11 @@ def _cut(got: int, total: int | None, why: str) -> str:
 def _copy(opened: Any, fd: int, hasher: StreamHasher, bar: _Bar) -> None:
     """Stream the source to the partial's end, chunk by chunk (bounded memory)."""
     os.lseek(fd, hasher.size, os.SEEK_SET)
+    # read1: what has arrived (up to CHUNK), so a stall loses nothing already received
+    read = getattr(opened.stream, "read1", opened.stream.read)
     while True:
         try:
-            chunk = opened.stream.read(CHUNK)
+            chunk = read(CHUNK)
         except Exception as e:  # a reset, a timeout, http.client.IncompleteRead, a backend's own
             raise FetchError(_cut(hasher.size, opened.total, f"{type(e).__name__}")) from None
         if not chunk:
