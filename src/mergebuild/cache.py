@@ -43,6 +43,7 @@ from mergebuild.cacheroot import (
     unlink_file,
 )
 from mergebuild.errors import BuildError
+from mergebuild.fetch.store import clean_store
 from mergebuild.hashing import (
     HashMemo,
     SplitChecksum,
@@ -514,8 +515,13 @@ class CacheStore:
                             report.files += 1
                         else:
                             report.unknown.append(f"{sub}/{name}")
+            removed, odd = clean_store(root)  # downloaded models (fetch/store.py)
+            report.files += removed
+            report.unknown += odd
             _rmdirs(root, list(SUBDIRS))
             for name in _names(root):
+                if name == "models" and odd:
+                    continue  # its leftovers are listed already
                 if TEMP.match(name) and unlink_file(root, name):
                     report.files += 1
                 elif name != MARKER:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mergebuild.atomic import TMP_PREFIX
 from mergebuild.errors import BuildError
+from mergebuild.fetch.store import stored_model
 from mergebuild.hashing import FileHashes, HashMemo, stat_signature
 from mergebuild.recipe.model import ModelInput, Recipe
 from mergebuild.textfile import JSON_CAP, read_capped
@@ -227,7 +228,11 @@ def _candidates(
 
 
 def resolve_model(
-    model: ModelInput, memo: HashMemo, dirs: list[Path], walks: dict[Path, _Walk] | None = None
+    model: ModelInput,
+    memo: HashMemo,
+    dirs: list[Path],
+    walks: dict[Path, _Walk] | None = None,
+    cache_root: Path | None = None,
 ) -> ResolvedInput:
     pin = model.sha256
     fs = virtual_fs(model.path) if model.path is not None else None
@@ -249,6 +254,12 @@ def resolve_model(
         if model.path is not None and model.path.exists():
             raise BuildError(f"model '{model.name}': input model is not a file: {model.path}")
         raise BuildError(f"model '{model.name}': input model not found: {model.path}")
+    stored = stored_model(cache_root, pin) if cache_root is not None else None
+    if stored is not None:  # downloaded before (fetch/): named by its hash, checked again
+        hashes, memoized = memo.hashes(stored)
+        if hashes.sha256 == pin:
+            sig = stat_signature(stored.stat())
+            return ResolvedInput(model.name, stored, hashes, sig, memoized)
     where = ([f"{model.path} (does not exist)"] if model.path is not None else []) + [
         str(d) for d in dirs
     ]
@@ -296,7 +307,11 @@ def resolve_model(
 
 
 def resolve_models(
-    recipe: Recipe, names: list[str], memo: HashMemo, extra_dirs: list[Path] | None = None
+    recipe: Recipe,
+    names: list[str],
+    memo: HashMemo,
+    extra_dirs: list[Path] | None = None,
+    cache_root: Path | None = None,
 ) -> dict[str, ResolvedInput]:
     """Resolve every named model; report all that fail at once."""
     dirs = search_dirs(recipe, extra_dirs)
@@ -306,7 +321,7 @@ def resolve_models(
 
     def resolve(name: str) -> ResolvedInput | str:
         try:
-            return resolve_model(recipe.models[name], memo, dirs, walks)
+            return resolve_model(recipe.models[name], memo, dirs, walks, cache_root)
         except BuildError as e:
             return str(e)
 

@@ -37,6 +37,8 @@ class LockedModel(_Entry):
     sha256: Sha256
     size: Size
     path: str | None = None
+    urls: list[str] | None = None  # where the recipe downloads it from (fetch/)
+    hf: str | None = None
 
 
 class LockedNode(_Entry):
@@ -142,6 +144,12 @@ def _rel(recipe: Recipe, path: Path | None) -> str | None:
     return None if path is None else os.path.relpath(path, recipe.directory)
 
 
+def _sources(recipe: Recipe, name: str) -> dict[str, Any]:
+    """A model's `urls` / `hf`, so the published lock says where to get each input too."""
+    m = recipe.models[name]
+    return {**({"urls": list(m.urls)} if m.urls else {}), **({"hf": m.hf} if m.hf else {})}
+
+
 def make_lock(recipe: Recipe, plan: Any, outputs: dict[str, tuple[str, int]]) -> dict[str, Any]:
     """The lock of a finished build: `outputs` maps output name → (sha256, size)."""
     from mergebuild.graph import named_inputs, node_identity
@@ -157,6 +165,7 @@ def make_lock(recipe: Recipe, plan: Any, outputs: dict[str, tuple[str, int]]) ->
                 # where the recipe says it is; a file found by hash elsewhere is the
                 # author's own business (the lock must be publishable)
                 "path": _rel(recipe, recipe.models[name].path),
+                **_sources(recipe, name),
             }
             for name, r in sorted(plan.inputs.items())
         },

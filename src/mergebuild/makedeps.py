@@ -37,8 +37,11 @@ class OutputDeps:
     prerequisites: list[Path]  # recipe files first, then the lock, then model files
 
 
-def output_deps(recipe: Recipe, memo: HashMemo, model_dirs: list[Path]) -> list[OutputDeps]:
-    """What each output's bytes depend on, as files."""
+def output_deps(
+    recipe: Recipe, memo: HashMemo, model_dirs: list[Path], cache_root: Path | None = None
+) -> list[OutputDeps]:
+    """What each output's bytes depend on, as files (a downloaded model: its file in the
+    cache's model store, once `mergebuild fetch` put it there)."""
     g = build_graph(recipe)
     files = list(recipe.sources)
     lock = lock_path(recipe)
@@ -51,7 +54,8 @@ def output_deps(recipe: Recipe, memo: HashMemo, model_dirs: list[Path]) -> list[
     if pinned:
         from mergebuild.locate import resolve_models
 
-        found = {n: r.path for n, r in resolve_models(recipe, pinned, memo, model_dirs).items()}
+        resolved = resolve_models(recipe, pinned, memo, model_dirs, cache_root)
+        found = {n: r.path for n, r in resolved.items()}
     out = []
     for name, spec in recipe.outputs.items():
         models = sorted(n for k, n in nx.ancestors(g, ("output", name)) if k == "model")

@@ -18,7 +18,8 @@ from mergebuild.build.plan import Item, Plan, Planner
 from mergebuild.build.speculate import DROPPED, build_speculatively
 from mergebuild.cache import CacheStore
 from mergebuild.errors import BuildError, Problem, RecipeError, did_you_mean
-from mergebuild.graph import build_graph
+from mergebuild.fetch.missing import fetch_missing
+from mergebuild.graph import build_graph, schedule
 from mergebuild.progress import Progress
 from mergebuild.recipe.model import Recipe
 
@@ -63,12 +64,17 @@ class Builder:
             self.recipe, self.store, self.graph, self.outputs, self.model_dirs, self.locked_inputs
         ).plan(speculate)
 
+    def models(self) -> list[str]:
+        """The input models the selected outputs depend on."""
+        return [n for k, n in schedule(self.recipe, self.outputs) if k == "model"]
+
     def run(self) -> tuple[Plan, float]:
         """Build what the plan says, publish every selected output, record the journal.
 
         New inputs are hashed while the first pass merges them (speculate.py); what that
         could not build (a plan too long for one pass) is then built the usual way."""
         t0 = time.perf_counter()
+        fetch_missing(self.recipe, self.models(), self.store, self.model_dirs, self.progress)
         plan = self.plan(speculate=self.speculate)
         early: dict[tuple[str, str], Item] = {}
         if plan.pending and plan.to_build():

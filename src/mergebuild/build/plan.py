@@ -14,6 +14,7 @@ from mergebuild.build.checks import check_lock, check_outputs_spare_inputs
 from mergebuild.build.journal import why_node, why_output
 from mergebuild.build.speculate import unhashed_inputs
 from mergebuild.cache import CacheStore
+from mergebuild.fetch.missing import absent, placeholder
 from mergebuild.graph import canonical_json, node_identity, schedule, xxh3_hex
 from mergebuild.locate import ResolvedInput, resolve_models
 from mergebuild.lora.peft import input_key
@@ -65,6 +66,7 @@ class Plan:
     corrupt: dict[str, tuple[str, str]] = field(default_factory=dict)  # key → (name, why)
     # models not hashed yet (speculative plan): their keys and hashes are placeholders
     pending: list[str] = field(default_factory=list)
+    downloads: list[str] = field(default_factory=list)  # models `-n` would download first
 
     def to_build(self) -> list[Item]:
         return [i for i in self.items if i.status == "build"]
@@ -90,20 +92,31 @@ class Planner:
         order = schedule(self.recipe, self.outputs)
         names = [n for k, n in order if k == "model"]
         pending = unhashed_inputs(self.recipe, self.graph, names, self.store) if speculate else {}
+        rest = [n for n in names if n not in pending]
+        # a build downloads these first (fetch/); `-n` plans them with placeholders
+        to_fetch = absent(self.recipe, rest, self.store, self.model_dirs)
         resolved = resolve_models(
-            self.recipe, [n for n in names if n not in pending], self.store.hashes, self.model_dirs
+            self.recipe,
+            [n for n in rest if n not in to_fetch],
+            self.store.hashes,
+            self.model_dirs,
+            self.store.root,
         )
         check_lock(resolved, self.locked_inputs)  # the pending ones: once they are hashed
         resolved.update(pending)
+        resolved.update({n: placeholder(self.recipe.models[n], self.store.root) for n in to_fetch})
         resolved = {n: resolved[n] for n in names}
-        check_roles(self.recipe, {n: r.path for n, r in resolved.items()})
+        check_roles(self.recipe, {n: r.path for n, r in resolved.items() if n not in to_fetch})
         check_outputs_spare_inputs(self.recipe, self.store, self.outputs, resolved)
         keys = {n: input_key(r.path, r.hashes.xxh3) for n, r in resolved.items()}  # + PEFT cfg
         models = {n: (r.path, r.signature) for n, r in resolved.items()}
         hashed = [n for n, r in resolved.items() if not r.memoized]
         facts = {
             n: InputFacts(
-                r.hashes.sha256, r.hashes.legacy, r.hashes.size, read_input_metadata(r.path)
+                r.hashes.sha256,
+                r.hashes.legacy,
+                r.hashes.size,
+                read_input_metadata(r.path) if n not in to_fetch else {},
             )
             for n, r in resolved.items()
         }
@@ -186,7 +199,9 @@ class Planner:
                 items.append(item)
         items.reverse()
         all_keys = {**keys, **{f"output:{k}": v for k, v in okeys.items()}}
-        return Plan(items, all_keys, models, hashed, resolved, facts, corrupt, sorted(pending))
+        plan = Plan(items, all_keys, models, hashed, resolved, facts, corrupt, sorted(pending))
+        plan.downloads = to_fetch
+        return plan
 
 
 def _corrupt_reason(found: tuple[str, str] | None) -> str | None:

@@ -45,6 +45,7 @@ def build_report(args: argparse.Namespace, builder: Any, plan: Any, seconds: flo
                 "sha256": r.hashes.sha256,
                 "hashed": n in plan.hashed,
                 "hashed_while_merging": n in builder.hashed_while_merging,
+                **({"download": True} if n in plan.downloads else {}),
             }
             for n, r in plan.inputs.items()
         },
@@ -117,6 +118,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
         return 0
     if args.dry_run:
+        from mergebuild.fetch.sources import describe
+
+        for n in plan.downloads:  # a dry run never downloads
+            m = builder.recipe.models[n]
+            progress.log(f"{'download':<8} {n:<32} {describe(m.urls, m.hf)}")
         for i in plan.items:
             label = i.name if i.kind == "merge" else f"{i.name} (output)"
             progress.log(

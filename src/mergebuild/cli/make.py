@@ -30,7 +30,8 @@ def cmd_make(args: argparse.Namespace) -> int:
     from mergebuild.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, [], allow_outside_paths=True)
-    deps = output_deps(recipe, CacheStore(args.cache_dir).hashes, args.models)
+    store = CacheStore(args.cache_dir)
+    deps = output_deps(recipe, store.hashes, args.models, store.root)
     text = depfile(deps) if args.command == "deps" else rules(recipe, deps)
     if getattr(args, "output", None):
         write_bytes(args.output, text.encode())

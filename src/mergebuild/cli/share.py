@@ -40,6 +40,15 @@ def add_parsers(sub: Any) -> None:
     e = sub.add_parser("extract", help="print a runnable recipe rebuilt from a model's metadata")
     e.add_argument("model", type=Path)
     e.add_argument("-o", "--output", type=Path, help="write the recipe here instead of stdout")
+    e.add_argument(
+        "--sources",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="a recipe or lock file: inputs with a sha256 listed there get its urls/hf "
+        "(repeatable)",
+    )
     e.add_argument("--debug", action="store_true")
 
 
@@ -218,6 +227,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
         result = extract(prov)
     except BuildError as e:
         raise BuildError(f"{args.model}: {e}") from None
+    for src in args.sources:  # downloads are not in the provenance: fetch/catalogue.py
+        from mergebuild.fetch.catalogue import attach_sources, read_sources
+
+        known, skipped = read_sources(src)
+        result.warnings += skipped
+        named = attach_sources(result.doc, known)
+        if named:
+            result.comments.append(f"download sources from {src.name}: {', '.join(named)}")
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     text = result.text()

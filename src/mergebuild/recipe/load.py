@@ -245,6 +245,8 @@ class _Resolver:
                 self._path(entry.path, ("models", name)) if entry.path else None,
                 self.pos.of(("models", name)),
                 entry.sha256,
+                tuple(entry.urls or ()),
+                entry.hf,
             )
         for name, raw in self.rf.merges.items():
             if name in self.rf.models:

@@ -15,6 +15,8 @@ class ModelInput:
     path: Path | None  # None: found by `sha256` in the search paths
     location: Location | None = None
     sha256: str | None = None  # full hash or a prefix of at least 10 hex digits (AutoV2)
+    urls: tuple[str, ...] = ()  # where to download it when not found (fetch/; full sha256)
+    hf: str | None = None  # `owner/repo/path@revision` on the Hugging Face hub
 
 
 @dataclass(frozen=True)

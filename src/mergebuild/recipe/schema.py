@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from mergebuild.errors import Problem, did_you_mean
+from mergebuild.fetch.sources import MAX_URLS, hf_problem, url_problem
 from mergebuild.recipe.yamlpos import Path, Positions
 
 RECIPE_VERSION = 1
@@ -56,15 +57,38 @@ Sha256 = Annotated[
 
 
 class ModelEntry(_Strict):
-    """A file by path, by content (full SHA-256 or its 10-hex AutoV2 prefix), or both."""
+    """A file by path, by content (full SHA-256 or its 10-hex AutoV2 prefix), or both; `urls`
+    and `hf` say where to download it when it is not found (fetch/: the full hash verifies it)."""
 
     path: str | None = Field(default=None, min_length=1)
     sha256: Sha256 | None = None
+    urls: list[str] | None = Field(default=None, min_length=1, max_length=MAX_URLS)
+    hf: str | None = None
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, value: list[str] | None) -> list[str] | None:
+        for i, url in enumerate(value or []):
+            if (why := url_problem(url)) is not None:
+                raise ValueError(f"URL {i + 1}: {why}")
+        return value
+
+    @field_validator("hf")
+    @classmethod
+    def _hf(cls, value: str | None) -> str | None:
+        if value is not None and (why := hf_problem(value)) is not None:
+            raise ValueError(why)
+        return value
 
     @model_validator(mode="after")
     def _path_or_hash(self) -> ModelEntry:
         if self.path is None and self.sha256 is None:
             raise ValueError("give 'path', 'sha256' (or its 10-hex AutoV2 prefix), or both")
+        if (self.urls or self.hf) and (self.sha256 is None or len(self.sha256) != 64):
+            raise ValueError(
+                "'urls' and 'hf' need the full 'sha256' (64 hex digits) to verify the "
+                "download; a 10-hex AutoV2 prefix is not enough"
+            )
         return self
 
 
@@ -117,7 +141,7 @@ class RecipeFile(_Strict):
 FIELD_NAMES = {
     (): ["mergebuild", "search_paths", "include", "models", "merges", "outputs"],
     "output": ["from", "path", "dtype", "prune", "components", "include", "exclude", "vae"],
-    "model": ["path", "sha256"],
+    "model": ["path", "sha256", "urls", "hf"],
 }
 
 
@@ -128,7 +152,10 @@ def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str 
         if any("BlockAlpha" in str(x) for x in e["loc"]):
             continue  # the canonical block-weight branch of `float | BlockAlpha`: noise to users
         loc = tuple(
-            x for x in e["loc"] if x not in ("str", "ModelEntry", "float", "constrained-float")
+            x
+            for x in e["loc"]
+            if x not in ("str", "ModelEntry", "float", "constrained-float")
+            and not str(x).startswith("function-after[")  # a model validator's own step
         )
         path = (*prefix, *loc)
         name = ".".join(str(x) for x in path) or "recipe"
@@ -171,6 +198,10 @@ def problems_from(err: ValidationError, prefix: Path, pos: Positions, what: str 
                     pos.of(path, key=True),
                 )
             )
+        elif kind == "value_error" and path[:1] == ("models",):  # ours: keep URL, HF_TOKEN…
+            where = f"'{path[-1]}' of " if len(path) > 2 else ""
+            why = e["msg"].removeprefix("Value error, ")
+            out.append(Problem(f"{where}{_where(path[:2], '')}: {why}", pos.of(path)))
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
