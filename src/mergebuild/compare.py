@@ -208,19 +208,31 @@ def _sum_keys(ref: Any, x: Any, b: Any | None, keys: list[str], jobs: int) -> di
         return dict(zip(keys, pool.map(one, keys), strict=True))
 
 
+SUM_TILE = 1 << 15  # float64 elements per tile: the temporaries of one tile stay in L2
+
+
 def _chunk_sums(
     y: torch.Tensor, x: torch.Tensor, b: Any | None, key: str, lo: int, hi: int
 ) -> Sums:
+    """A chunk's float64 sums, tile by tile (added in order: the same figures on any run).
+    Why tiles: float64 copies of a whole 4 Mi-element chunk stream through main memory; the
+    same work on L2-sized tiles ran 4-5× faster."""
     import torch
 
-    y64, x64 = y.to(torch.float64), x.to(torch.float64)
-    d = x64 - y64
-    s = Sums(dxy=float(torch.dot(d, d)), yy=float(torch.dot(y64, y64)), elements=hi - lo)
-    if b is not None:
-        b64 = b.read_flat(key, lo, hi).to(torch.float64)
-        xa, ya = x64.sub_(b64), y64.sub_(b64)
-        s.ab, s.aa = float(torch.dot(xa, ya)), float(torch.dot(xa, xa))
-        s.bb = float(torch.dot(ya, ya))
+    bb = None if b is None else b.read_flat(key, lo, hi)
+    s = Sums(elements=hi - lo)
+    for t in range(0, hi - lo, SUM_TILE):
+        y64 = y[t : t + SUM_TILE].to(torch.float64, copy=True)  # copies: sub_ below
+        x64 = x[t : t + SUM_TILE].to(torch.float64, copy=True)
+        d = x64 - y64
+        s.dxy += float(torch.dot(d, d))
+        s.yy += float(torch.dot(y64, y64))
+        if bb is not None:
+            b64 = bb[t : t + SUM_TILE].to(torch.float64)
+            xa, ya = x64.sub_(b64), y64.sub_(b64)
+            s.ab += float(torch.dot(xa, ya))
+            s.aa += float(torch.dot(xa, xa))
+            s.bb += float(torch.dot(ya, ya))
     return s
 
 
