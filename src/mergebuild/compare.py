@@ -162,18 +162,21 @@ def compare(
             names[0], names[1:], str(base) if base else None, by, layout, [], [], {}
         )
         groups: set[str] = set()
+        mine: list[set[str]] = []
         for name, src in zip(names[1:], others, strict=True):
             info = src.infos()
-            mine = [k for k in keys if k in info and info[k].shape == rinfo[k].shape]
+            mine.append({k for k in keys if k in info and info[k].shape == rinfo[k].shape})
             result.skipped[name] = sorted(
-                k for k in set(rinfo) - set(mine) if not k.endswith("position_ids")
+                k for k in set(rinfo) - mine[-1] if not k.endswith("position_ids")
             )
-            per_key = _sum_keys(ref, src, bsrc, mine, jobs)
+        per_key = _sum_keys(ref, others, bsrc, keys, mine, jobs)
+        for i in range(len(others)):
             sums: dict[str, Sums] = {}
-            for k in mine:  # fixed order: the reference file's
-                g = group_of(k, by, layout, root)
-                groups.add(g)
-                sums.setdefault(g, Sums()).add(per_key[k])
+            for k in keys:  # fixed order: the reference file's
+                if k in mine[i]:
+                    g = group_of(k, by, layout, root)
+                    groups.add(g)
+                    sums.setdefault(g, Sums()).add(per_key[k][i])
             result.sums.append(sums)
         result.groups = _group_order(groups, by, layout)
         return result
@@ -193,16 +196,26 @@ def _chunks(n: int) -> Iterator[tuple[int, int]]:
         yield lo, min(n, lo + CHUNK)
 
 
-def _sum_keys(ref: Any, x: Any, b: Any | None, keys: list[str], jobs: int) -> dict[str, Sums]:
-    """Per-key sums; chunks of a key are added in order, so threads change no figure."""
+def _sum_keys(
+    ref: Any, xs: list[Any], b: Any | None, keys: list[str], mine: list[set[str]], jobs: int
+) -> dict[str, list[Sums | None]]:
+    """Per key, every compared model's sums (None where it lacks the key). Each file is read
+    once: a chunk of the reference and of the base serves every model. Chunks of a key are
+    added in order, so threads change no figure."""
     infos = ref.infos()
-    _advise(ref, x, b)
+    _advise(ref, *xs, b)
 
-    def one(key: str) -> Sums:
-        s = Sums()
+    def one(key: str) -> list[Sums | None]:
+        out: list[Sums | None] = [Sums() if key in m else None for m in mine]
+        if not any(out):
+            return out
         for lo, hi in _chunks(math.prod(infos[key].shape)):
-            s.add(_chunk_sums(ref.read_flat(key, lo, hi), x.read_flat(key, lo, hi), b, key, lo, hi))
-        return s
+            y = ref.read_flat(key, lo, hi)
+            bb = None if b is None else b.read_flat(key, lo, hi)
+            for x, s in zip(xs, out, strict=True):
+                if s is not None:
+                    s.add(_chunk_sums(y, x.read_flat(key, lo, hi), bb, lo, hi))
+        return out
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         return dict(zip(keys, pool.map(one, keys), strict=True))
@@ -212,14 +225,13 @@ SUM_TILE = 1 << 15  # float64 elements per tile: the temporaries of one tile sta
 
 
 def _chunk_sums(
-    y: torch.Tensor, x: torch.Tensor, b: Any | None, key: str, lo: int, hi: int
+    y: torch.Tensor, x: torch.Tensor, bb: torch.Tensor | None, lo: int, hi: int
 ) -> Sums:
     """A chunk's float64 sums, tile by tile (added in order: the same figures on any run).
     Why tiles: float64 copies of a whole 4 Mi-element chunk stream through main memory; the
     same work on L2-sized tiles ran 4-5× faster."""
     import torch
 
-    bb = None if b is None else b.read_flat(key, lo, hi)
     s = Sums(elements=hi - lo)
     for t in range(0, hi - lo, SUM_TILE):
         y64 = y[t : t + SUM_TILE].to(torch.float64, copy=True)  # copies: sub_ below
