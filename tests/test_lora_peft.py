@@ -141,3 +141,31 @@ def test_broken_config_is_one_message(workdir: Path, cache: Path, text: str, nee
     (workdir / "peft" / "adapter_config.json").write_text(text)
     _fails(build(workdir, cache), 1, "adapter_config.json", needle)
     assert not (workdir / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", ["lora_magnitude_vector", "lora_magnitude_vector.weight"])
+def test_peft_dora_magnitudes_per_output_row(workdir: Path, cache: Path, suffix: str) -> None:
+    """PEFT's DoRA: W' = m·(W + s·BA)/‖W + s·BA‖ with the norm of each output row and m
+    `lora_magnitude_vector` (one value per row); baked as ΔW' = W' − W at the strength."""
+    model = load_st(workdir / "models" / "anything-v3.safetensors")
+    prods = write_peft(workdir, model)
+    from safetensors.numpy import load_file
+
+    path = workdir / "peft" / "adapter_model.safetensors"
+    t = load_file(str(path))
+    rng = np.random.default_rng(5)
+    mags = {}
+    for mod, key in MODULES.items():
+        mags[key] = (np.abs(rng.standard_normal(model[key].shape[0])) + 0.5).astype(np.float16)
+        t[f"{mod}.{suffix}"] = mags[key]
+    save_file(t, str(path))
+    config(workdir, lora_alpha=8)  # scale 2
+    r = build(workdir, cache)
+    assert r.code == 0, r.err
+    out = load_st(workdir / "out" / "baked.safetensors")
+    for key, p in prods.items():
+        w = model[key].astype(np.float64)
+        merged = w + 2.0 * p
+        norm = np.linalg.norm(merged, axis=1, keepdims=True)
+        d = merged * (mags[key].astype(np.float64)[:, None] / norm) - w
+        assert_close_fp16(out[key], bake_ref(model[key], [(d, 0.8)]))

@@ -24,6 +24,9 @@ PARTS = {
     "lora.up.weight": "up",
     "alpha": "alpha",
     "dora_scale": "dora_scale",
+    # PEFT's DoRA magnitude: one value per output row (newer PEFT saves it as a `.weight`)
+    "lora_magnitude_vector.weight": "dora_scale",
+    "lora_magnitude_vector": "dora_scale",
     **{
         f"{k}": k
         for k in (
