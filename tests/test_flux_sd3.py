@@ -658,3 +658,48 @@ def test_scaled_fp8_inputs_keep_their_stored_bytes_for_hashes_and_copies(
         for k in t
     ]
     assert all(same)
+
+
+def test_flux_light_paths_do_not_import_torch(dit: Path, workdir: Path, cache: Path) -> None:
+    """`-n`, a fully cached build, `inspect` and `blocks` of Flux / scaled-fp8 files read
+    headers only: no torch."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import SRC
+
+    t = load_file(str(dit / "flux_bare.safetensors"))
+    w = "double_blocks.1.img_attn.qkv.weight"
+    t[w] = t[w].float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    t[w.removesuffix("weight") + "scale_weight"] = torch.tensor(0.5)
+    save_file(t, str(workdir / "sc.safetensors"))
+    r = recipe(
+        workdir,
+        {"sc": workdir / "sc.safetensors", "a": dit / "flux_a.safetensors"},
+        "  m: {method: weighted_sum, a: a, b: sc, alpha: {double_blocks.0-9: 0.3, default: 0.5}}\n",
+        "  m: {from: m, path: out/m.safetensors, dtype: fp8_e4m3fn_scaled}\n",
+    )
+    assert run_cli(r, cache=cache, cwd=workdir).code == 0
+    probe = (
+        "import sys; from mergebuild.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; raise SystemExit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CACHE_DIR": str(cache)}
+    for args in (
+        [str(r), "-n"],
+        [str(r)],
+        ["inspect", str(workdir / "sc.safetensors")],
+        ["blocks", str(dit / "flux_a.safetensors")],
+    ):
+        p = subprocess.run(
+            [sys.executable, "-c", probe, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+        )
+        assert p.returncode == 0, (args, p.stderr)
