@@ -31,7 +31,7 @@ class Builder:
         store: CacheStore,
         outputs: list[str] | None = None,
         jobs: int = 1,
-        max_memory: int = 2 << 30,
+        max_memory: int = 1 << 30,
         progress: Progress | None = None,
         device: str = "cpu",
         model_dirs: list[Path] | None = None,

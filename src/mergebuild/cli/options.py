@@ -62,8 +62,8 @@ def build_options(b: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--max-memory",
         type=size,
-        default=size("2G"),
-        help="bound on tensor bytes in flight (default 2G); read buffers: min(96M, half)",
+        default=size("1G"),
+        help="bound on tensor bytes in flight (default 1G); read buffers: min(96M, half)",
     )
     b.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
     b.add_argument(
