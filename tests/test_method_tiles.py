@@ -169,7 +169,7 @@ def test_slerp_overflowing_result_falls_back_to_lerp(alpha: float, dtype: torch.
 
     class Target:
         def __init__(self) -> None:
-            self.source, self.vae, self.vae_keys = "m", None, {}
+            self.source, self.vae, self.vae_keys, self.scaled = "m", None, {}, {}
             self.infos = {key: TensorInfo("F32", (numel,))}
 
     job = NodeJob("m", REGISTRY["slerp"], REGISTRY["slerp"].Params(alpha=alpha), "fp32", ["a", "b"])
