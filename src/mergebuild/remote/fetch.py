@@ -24,8 +24,15 @@ if TYPE_CHECKING:
     from mergebuild.cache import CacheStore
     from mergebuild.remote.store import RemoteCache
 
-CHUNK = 8 << 20  # one ranged read
+CHUNK = 8 << 20  # one ranged read (MERGEBUILD_REMOTE_CHUNK: bytes, for slow links)
 WINDOW = 4  # ranged reads in flight at once: at most WINDOW * CHUNK bytes in memory
+
+
+def chunk_size() -> int:
+    try:
+        return max(4096, int(os.environ.get("MERGEBUILD_REMOTE_CHUNK", CHUNK)))
+    except ValueError:
+        return CHUNK
 
 
 class _Checker:
@@ -67,7 +74,7 @@ def fetch(remote: RemoteCache, store: CacheStore, key: str, info: dict[str, Any]
     RemoteEntryBad: the entry is corrupt or truncated (the partial file is deleted, so the
     next try starts afresh). RemoteUnavailable: cut off (the partial file stays for a resume).
     """
-    size = info["size"]
+    size, chunk = info["size"], chunk_size()
     checker = _Checker(info)
     have = remote.object_size(key)
     if have is None:
@@ -77,11 +84,11 @@ def fetch(remote: RemoteCache, store: CacheStore, key: str, info: dict[str, Any]
     part = part_path(store, key)
     fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
-        resumed = _continue(fd, checker, size)
+        resumed = _continue(fd, checker, size, chunk)
         pos = resumed
         while pos < size:
-            starts = [s for s in range(pos, min(size, pos + WINDOW * CHUNK), CHUNK)]
-            ends = [min(s + CHUNK, size) for s in starts]
+            starts = list(range(pos, min(size, pos + WINDOW * chunk), chunk))
+            ends = [min(s + chunk, size) for s in starts]
             for s, e, data in zip(starts, ends, remote.read_range(key, starts, ends), strict=True):
                 if len(data) != e - s:
                     raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
@@ -107,17 +114,17 @@ def fetch(remote: RemoteCache, store: CacheStore, key: str, info: dict[str, Any]
     return resumed
 
 
-def _continue(fd: int, checker: _Checker, size: int) -> int:
+def _continue(fd: int, checker: _Checker, size: int, chunk: int) -> int:
     """Hash what an earlier, cut-off download left; returns where to go on from (0: anew)."""
     have = os.fstat(fd).st_size
     if have > size:
         os.ftruncate(fd, 0)
         return 0
-    have -= have % CHUNK  # whole chunks only: the last one may have been cut mid-write
+    have -= have % chunk  # whole chunks only: the last one may have been cut mid-write
     os.ftruncate(fd, have)
     at = 0
     while at < have:
-        data = os.pread(fd, min(CHUNK, have - at), at)
+        data = os.pread(fd, min(chunk, have - at), at)
         if not data:
             break
         checker.update(data)

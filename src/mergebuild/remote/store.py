@@ -27,7 +27,6 @@ S3_DEFAULTS: dict[str, Any] = {
         "read_timeout": 60,
         "retries": {"max_attempts": 2, "mode": "standard"},
     },
-    "retries": 2,
 }
 
 
