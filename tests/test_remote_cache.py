@@ -285,7 +285,9 @@ def test_build_pushes_and_a_fresh_cache_pulls_every_node(
     assert "0 pushed, 2 already there" in push_again.out
 
 
-def test_cache_ls_remote_lists_complete_entries(weed: Weed, pushed: dict, s3_prefix: str) -> None:
+def test_cache_ls_remote_lists_complete_entries(
+    weed: Weed, pushed: dict, s3_prefix: str, seed_build: SeedBuild
+) -> None:
     copy_remote(weed, pushed, s3_prefix)
     fs = s3fs_client(weed.endpoint)
     fs.rm(remote_path(s3_prefix, pushed["node_key"], ".json"))  # a half-upload: not listed
@@ -293,7 +295,7 @@ def test_cache_ls_remote_lists_complete_entries(weed: Weed, pushed: dict, s3_pre
     assert r.code == 0, r.err
     assert [o["key"] for o in r.json["objects"]] == [pushed["output_key"]]
     text = run_cli("cache", "ls", "--remote", s3_prefix, env=s3_env(weed.endpoint))
-    assert f"1 objects, 2.4 MB on {s3_prefix}" in text.out
+    assert f"1 objects, {len(seed_build.output) / 1e6:,.1f} MB on {s3_prefix}" in text.out
 
 
 # -- bad remote entries: reported (or ignored), rebuilt locally, never copied in ------------
@@ -382,7 +384,9 @@ def test_push_replaces_a_corrupt_remote_entry(
 # -- a remote that cannot be used: a warning (or, required, one error) ---------------------
 
 
-def _unusable(weed: Weed, prefix: str, what: str) -> tuple[str, dict[str, str], str]:
+def _unusable(
+    weed: Weed, prefix: str, what: str, tmp_path: Path
+) -> tuple[str, dict[str, str], str]:
     if what == "wrong secret":
         return prefix, s3_env(weed.endpoint, secret="not-the-secret"), "signature"
     if what == "missing bucket":
@@ -390,7 +394,8 @@ def _unusable(weed: Weed, prefix: str, what: str) -> tuple[str, dict[str, str], 
     if what == "server down":
         (port,) = _free_ports(1)
         return prefix, s3_env(f"http://127.0.0.1:{port}"), "cannot be used"
-    return "/nonexistent-mergebuild-remote/dir", {}, "no directory"
+    (tmp_path / "a-file").write_text("")  # a directory remote cannot be made below a file
+    return str(tmp_path / "a-file" / "remote"), {}, "no directory"
 
 
 @pytest.mark.parametrize(
@@ -399,7 +404,7 @@ def _unusable(weed: Weed, prefix: str, what: str) -> tuple[str, dict[str, str], 
 def test_unusable_remote_warns_and_builds_locally(
     weed: Weed, s3_prefix: str, tmp_path: Path, model_dir: Path, seed_build: SeedBuild, what: str
 ) -> None:
-    url, env, words = _unusable(weed, s3_prefix, what)
+    url, env, words = _unusable(weed, s3_prefix, what, tmp_path)
     recipe = recipe_in(tmp_path, model_dir)
     required = run_cli(recipe, "--remote", url, "--remote-required", cache=tmp_path / "c", env=env)
     assert required.code == 1
@@ -533,8 +538,8 @@ def test_bad_partial_download_is_not_trusted(
     weed: Weed, pushed: dict, s3_prefix: str, tmp_path: Path, model_dir: Path,
     seed_build: SeedBuild, partial: str,
 ) -> None:  # fmt: skip
-    """A partial file that is not a prefix of the object: the checksum catches it, the entry
-    is rebuilt (or re-downloaded) and the cache holds the right bytes."""
+    """A partial file that is not a prefix of the object: the checksum catches it and the
+    object is downloaded again from its first byte."""
     copy_remote(weed, pushed, s3_prefix)
     key = pushed["output_key"]
     cache = tmp_path / "c"
@@ -545,8 +550,10 @@ def test_bad_partial_download_is_not_trusted(
     (shard / f".mergebuild-tmp-{key}.part").write_bytes(data)
     recipe = recipe_in(tmp_path, model_dir)
     env = {**s3_env(weed.endpoint), "MERGEBUILD_REMOTE_CHUNK": "65536"}
-    r = run_cli(recipe, "--remote", s3_prefix, cache=cache, env=env)
-    assert r.code == 0, r.err
+    r = run_cli(recipe, "--remote", s3_prefix, "--json", cache=cache, env=env)
+    assert r.code == 0 and "warning" not in r.err, r.err
+    out = next(i for i in r.json["nodes"] if i["kind"] == "output")
+    assert out["reason"].startswith("remote hit: pulled"), out  # downloaded again, whole
     assert (tmp_path / SEED_OUT).read_bytes() == seed_build.output
     assert (shard / f"{key}.safetensors").stat().st_size == size
     assert_complete_entries_only(cache)

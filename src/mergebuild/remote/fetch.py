@@ -74,8 +74,8 @@ def fetch(remote: RemoteCache, store: CacheStore, key: str, info: dict[str, Any]
     RemoteEntryBad: the entry is corrupt or truncated (the partial file is deleted, so the
     next try starts afresh). RemoteUnavailable: cut off (the partial file stays for a resume).
     """
-    size, chunk = info["size"], chunk_size()
-    checker = _Checker(info)
+    size = info["size"]
+    _Checker(info)  # no checksum: nothing is downloaded
     have = remote.object_size(key)
     if have is None:
         raise RemoteEntryBad("sidecar without its object")
@@ -84,28 +84,26 @@ def fetch(remote: RemoteCache, store: CacheStore, key: str, info: dict[str, Any]
     part = part_path(store, key)
     fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
-        resumed = _continue(fd, checker, size, chunk)
-        pos = resumed
-        while pos < size:
-            starts = list(range(pos, min(size, pos + WINDOW * chunk), chunk))
-            ends = [min(s + chunk, size) for s in starts]
-            for s, e, data in zip(starts, ends, remote.read_range(key, starts, ends), strict=True):
-                if len(data) != e - s:
-                    raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
-                _pwrite_all(fd, data, s)
-                checker.update(data)
-            pos = ends[-1]
+        checker = _Checker(info)
+        resumed = _continue(fd, checker, size)
         try:
-            found = checker.result(info)
+            found = _download(remote, key, fd, checker, resumed, size, info)
         except RemoteEntryBad:
-            os.close(fd)
-            fd = -1
-            part.unlink(missing_ok=True)
-            raise
+            if not resumed:
+                raise
+            # the earlier partial file may be what is wrong: once more from the start
+            os.ftruncate(fd, 0)
+            checker, resumed = _Checker(info), 0
+            found = _download(remote, key, fd, checker, 0, size, info)
         os.fsync(fd)
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    except RemoteEntryBad:
+        os.close(fd)
+        part.unlink(missing_ok=True)
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
     target = store.object_path(key)
     os.replace(part, target)
     fsync_dir(target.parent)
@@ -114,17 +112,41 @@ def fetch(remote: RemoteCache, store: CacheStore, key: str, info: dict[str, Any]
     return resumed
 
 
-def _continue(fd: int, checker: _Checker, size: int, chunk: int) -> int:
+def _download(
+    remote: RemoteCache,
+    key: str,
+    fd: int,
+    checker: _Checker,
+    pos: int,
+    size: int,
+    info: dict[str, Any],
+) -> SplitChecksum | None:
+    """Bytes `pos`… of the object into `fd`, a window of ranged reads at a time; the
+    checksum of the whole file if it matches the sidecar's."""
+    chunk = chunk_size()
+    while pos < size:
+        starts = list(range(pos, min(size, pos + WINDOW * chunk), chunk))
+        ends = [min(s + chunk, size) for s in starts]
+        for s, e, data in zip(starts, ends, remote.read_range(key, starts, ends), strict=True):
+            if len(data) != e - s:
+                raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
+            _pwrite_all(fd, data, s)
+            checker.update(data)
+        pos = ends[-1]
+    return checker.result(info)
+
+
+def _continue(fd: int, checker: _Checker, size: int) -> int:
     """Hash what an earlier, cut-off download left; returns where to go on from (0: anew)."""
     have = os.fstat(fd).st_size
     if have > size:
         os.ftruncate(fd, 0)
         return 0
-    have -= have % chunk  # whole chunks only: the last one may have been cut mid-write
-    os.ftruncate(fd, have)
+    # chunks are written in file order, so what is there is a prefix even if the last write
+    # was cut short; after a power loss it may hold zeros, which the checksum then catches
     at = 0
     while at < have:
-        data = os.pread(fd, min(chunk, have - at), at)
+        data = os.pread(fd, min(CHUNK, have - at), at)
         if not data:
             break
         checker.update(data)

@@ -99,7 +99,12 @@ class RemoteCache:
                 if not fs.isdir(self.root):
                     if not create:
                         raise RemoteUnavailable(f"no directory {self.root}")
-                    fs.makedirs(self.root, exist_ok=True)
+                    try:  # its parent must exist: a mistyped share is not made on local disk
+                        os.mkdir(self.root)
+                    except OSError as e:
+                        raise RemoteUnavailable(
+                            f"no directory {self.root} ({e.strerror})"
+                        ) from None
                 return
             bucket = self.root.split("/", 1)[0]
             fs.ls(bucket, detail=False, refresh=True)  # s3: missing bucket, credentials, down
