@@ -25,9 +25,10 @@ S3_DEFAULTS: dict[str, Any] = {
     "config_kwargs": {
         "connect_timeout": 5,
         "read_timeout": 60,
-        "retries": {"max_attempts": 2, "mode": "standard"},
+        "retries": {"max_attempts": 1, "mode": "standard"},
     },
 }
+S3_RETRIES = 3  # s3fs's own tries, with 0.1 s, 0.17 s, ... between them
 
 
 class RemoteUnavailable(Exception):
@@ -67,7 +68,8 @@ class RemoteCache:
                 ) from None
             url = self.url if "://" in self.url else os.path.abspath(self.url)
             options = dict(self.options)
-            if url.startswith(("s3://", "s3a://")):
+            s3 = url.startswith(("s3://", "s3a://"))
+            if s3:
                 for k, v in S3_DEFAULTS.items():
                     options.setdefault(k, v)
             try:
@@ -77,6 +79,8 @@ class RemoteCache:
             except Exception as e:
                 raise RemoteUnavailable(_short(e)) from None
             self.root = root.rstrip("/")
+            if s3:
+                self._fs.retries = S3_RETRIES
         return self._fs
 
     @property
