@@ -10,6 +10,7 @@ is written: the local cache never shows a partial or unchecked object.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from mergebuild.cache import CacheStore
     from mergebuild.remote.store import RemoteCache
 
-CHUNK = 8 << 20  # one ranged read (MERGEBUILD_REMOTE_CHUNK: bytes, for slow links)
+CHUNK = 16 << 20  # one ranged read (MERGEBUILD_REMOTE_CHUNK: bytes, for slow links)
 WINDOW = 4  # ranged reads in flight at once: at most WINDOW * CHUNK bytes in memory
 
 
@@ -121,18 +122,32 @@ def _download(
     size: int,
     info: dict[str, Any],
 ) -> SplitChecksum | None:
-    """Bytes `pos`… of the object into `fd`, a window of ranged reads at a time; the
-    checksum of the whole file if it matches the sidecar's."""
+    """Bytes `pos`… of the object into `fd`; the checksum of the whole file if it matches
+    the sidecar's. The next window of ranged reads is in flight while one is written and
+    hashed: at most two windows in memory."""
     chunk = chunk_size()
-    while pos < size:
-        starts = list(range(pos, min(size, pos + WINDOW * chunk), chunk))
-        ends = [min(s + chunk, size) for s in starts]
-        for s, e, data in zip(starts, ends, remote.read_range(key, starts, ends), strict=True):
-            if len(data) != e - s:
-                raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
-            _pwrite_all(fd, data, s)
-            checker.update(data)
-        pos = ends[-1]
+
+    def window(at: int) -> tuple[list[int], list[int]]:
+        starts = list(range(at, min(size, at + WINDOW * chunk), chunk))
+        return starts, [min(s + chunk, size) for s in starts]
+
+    with ThreadPoolExecutor(1) as pool:
+        starts, ends = window(pos)
+        ahead = pool.submit(remote.read_range, key, starts, ends) if pos < size else None
+        while ahead is not None:
+            parts = ahead.result()
+            done, (starts, ends) = (starts, ends), window(ends[-1])
+            ahead = pool.submit(remote.read_range, key, starts, ends) if starts else None
+            try:
+                for s, e, data in zip(*done, parts, strict=True):
+                    if len(data) != e - s:
+                        raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
+                    _pwrite_all(fd, data, s)
+                    checker.update(data)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
     return checker.result(info)
 
 
