@@ -492,14 +492,16 @@ def test_bad_cache_section_is_a_recipe_error(
 
 
 class ThrottledProxy:
-    """A TCP proxy on loopback that slows the server's answers, and can be cut like a dead
-    server (listener and every connection closed at once)."""
+    """A TCP proxy on loopback that slows the traffic (`up`: to the server, `down`: back),
+    counts what it forwarded, and can be cut like a dead server (listener and every
+    connection closed at once)."""
 
-    def __init__(self, upstream: int, bytes_per_second: int) -> None:
-        self.upstream, self.rate = upstream, bytes_per_second
+    def __init__(self, upstream: int, down: int = 0, up: int = 0) -> None:
+        self.upstream, self.down, self.up = upstream, down, up
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.socks: list[socket.socket] = [self.listener]
+        self.sent = {"up": 0, "down": 0}
         self.alive = True
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -511,15 +513,15 @@ class ThrottledProxy:
                 return
             server = socket.create_connection(("127.0.0.1", self.upstream))
             self.socks += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, 0), daemon=True).start()
-            threading.Thread(
-                target=self._pump, args=(server, client, self.rate), daemon=True
-            ).start()
+            for args in ((client, server, "up"), (server, client, "down")):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, rate: int) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, way: str) -> None:
+        rate = self.up if way == "up" else self.down
         with contextlib.suppress(OSError):
             while self.alive and (data := src.recv(16384)):
                 dst.sendall(data)
+                self.sent[way] += len(data)
                 if rate:
                     time.sleep(len(data) / rate)
         with contextlib.suppress(OSError):
@@ -534,6 +536,43 @@ class ThrottledProxy:
                 s.close()
 
 
+def test_upload_cut_off_leaves_nothing_half_visible(
+    weed: Weed, pushed: dict, s3_prefix: str, tmp_path: Path, model_dir: Path,
+    seed_build: SeedBuild,
+) -> None:  # fmt: skip
+    """The server vanishes mid-push: no entry is visible half-written (a reader finds each
+    complete or absent, never corrupt); the next push completes the remote."""
+    proxy = ThrottledProxy(weed.ports[6], up=500_000)
+    recipe = recipe_in(tmp_path, model_dir)
+    cmd = [sys.executable, "-m", "mergebuild", "push", str(recipe), "--remote", s3_prefix]
+    child = subprocess.Popen(
+        [*cmd, "--cache-dir", str(pushed["cache"])],
+        env={**os.environ, "PYTHONPATH": str(SRC), **s3_env(f"http://127.0.0.1:{proxy.port}")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while proxy.sent["up"] < 600_000:
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.02)
+    proxy.cut()
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 1, (out, err)
+    assert err.startswith(f"error: remote cache {s3_prefix} cannot be used"), err
+    assert "Traceback" not in err
+
+    env = s3_env(weed.endpoint)
+    pull = run_cli("pull", recipe, "--remote", s3_prefix, cache=tmp_path / "c", env=env)
+    assert pull.code == 0 and pull.err == "", pull.err  # absent, never corrupt
+    assert "0 pulled, 0 already local, 2 not on the remote" in pull.out
+    again = run_cli("push", recipe, "--remote", s3_prefix, cache=pushed["cache"], env=env)
+    assert again.code == 0 and "2 pushed, 0 already there" in again.out, again.err
+    r = run_cli(recipe, "--remote", s3_prefix, "--json", cache=tmp_path / "c", env=env)
+    assert r.code == 0 and r.json["summary"]["built"] == 0, r.err
+    assert (tmp_path / SEED_OUT).read_bytes() == seed_build.output
+
+
 def test_download_cut_off_then_resumed(
     weed: Weed, pushed: dict, s3_prefix: str, tmp_path: Path, model_dir: Path,
     seed_build: SeedBuild,
@@ -541,7 +580,7 @@ def test_download_cut_off_then_resumed(
     """The server vanishes mid-download: nothing enters the cache; the next run continues the
     partial download with Range reads and gets the exact bytes."""
     copy_remote(weed, pushed, s3_prefix)
-    proxy = ThrottledProxy(weed.ports[6], 400_000)
+    proxy = ThrottledProxy(weed.ports[6], down=400_000)
     recipe = recipe_in(tmp_path, model_dir)
     cache = tmp_path / "c"
     env = {**s3_env(f"http://127.0.0.1:{proxy.port}"), "MERGEBUILD_REMOTE_CHUNK": "65536"}
