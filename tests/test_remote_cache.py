@@ -703,3 +703,58 @@ def test_dry_run_and_cached_build_with_a_remote_do_not_import_torch(
     assert "pulled" in light(str(b), "--remote", str(shared)).stdout  # a pull needs no torch
     light(str(b), "--remote", str(shared))  # fully cached now
     assert (tmp_path / "b" / SEED_OUT).read_bytes() == seed_build.output
+
+
+# -- read-only https:// (here http on loopback) -------------------------------------------
+
+
+def _range_server(root: Path) -> Any:
+    """A static file server with single-range support, as a CDN or a bucket's web endpoint."""
+    import functools
+    import http.server
+    import re
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def send_head(self) -> Any:
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            path = Path(self.translate_path(self.path))
+            if not m or not path.is_file():
+                return super().send_head()
+            data = path.read_bytes()
+            start = int(m.group(1))
+            end = min(int(m.group(2)) if m.group(2) else len(data) - 1, len(data) - 1)
+            body = data[start : end + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            import io
+
+            return io.BytesIO(body)
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_http_remote_is_read_only(
+    pushed: dict, tmp_path: Path, model_dir: Path, seed_build: SeedBuild
+) -> None:
+    shutil.copytree(pushed["cache"] / "objects", tmp_path / "site" / "objects")
+    server = _range_server(tmp_path / "site")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        recipe = recipe_in(tmp_path, model_dir)
+        env = {"MERGEBUILD_REMOTE_CHUNK": "65536", "NO_PROXY": "127.0.0.1"}
+        r = run_cli(recipe, "--remote", url, "--json", cache=tmp_path / "c", env=env)
+        assert r.code == 0 and r.json["summary"]["built"] == 0, r.err
+        assert (tmp_path / SEED_OUT).read_bytes() == seed_build.output
+        push = run_cli("push", recipe, "--remote", url, cache=tmp_path / "c", env=env)
+        assert push.code == 1 and "read-only" in push.err and "Traceback" not in push.err
+    finally:
+        server.shutdown()

@@ -103,6 +103,8 @@ class Session:
         if self.down:
             return 0, 0
         try:
+            if self.remote.http:
+                raise RemoteUnavailable("an http(s) remote is read-only: push to its source")
             self._probe(create=True)
             for name, key in entries:
                 if key in self.fetched or not self.store.has(key):
