@@ -758,3 +758,32 @@ def test_http_remote_is_read_only(
         assert push.code == 1 and "read-only" in push.err and "Traceback" not in push.err
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("plant", ["fifo", "directory", "oversized", "fifo object"])
+def test_hostile_directory_remote_entry(
+    pushed: dict, tmp_path: Path, model_dir: Path, plant: str
+) -> None:
+    """A share anyone can write to: a FIFO, a directory or a huge file where a sidecar (or
+    object) should be is reported, never waited on or read into memory whole."""
+    shutil.copytree(pushed["cache"] / "objects", tmp_path / "shared" / "objects")
+    key = pushed["output_key"]
+    sidecar = tmp_path / "shared" / "objects" / key[:2] / f"{key}.json"
+    obj = sidecar.with_suffix(".safetensors")
+    if plant == "fifo object":
+        obj.unlink()
+        os.mkfifo(obj)
+    else:
+        sidecar.unlink()
+        if plant == "fifo":
+            os.mkfifo(sidecar)
+        elif plant == "directory":
+            sidecar.mkdir()
+        else:
+            with open(sidecar, "wb") as f:
+                f.truncate(64 << 20)  # sparse: larger than any sidecar mergebuild writes
+    recipe = recipe_in(tmp_path, model_dir)
+    r = run_cli("pull", recipe, "--remote", tmp_path / "shared", cache=tmp_path / "c", timeout=60)
+    assert r.code == 1 and "Traceback" not in r.err, r.err
+    assert f"remote cache entry {key}" in r.err
+    assert "1 pulled, 0 already local, 1 not on the remote" in r.out

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mergebuild.cacheroot import KEY
-from mergebuild.textfile import JSON_CAP
+from mergebuild.textfile import JSON_CAP, TextFileError, read_capped
 
 # An s3 remote that is down must cost seconds, not botocore's minutes of retries
 S3_DEFAULTS: dict[str, Any] = {
@@ -130,9 +130,14 @@ class RemoteCache:
         """The entry's sidecar (None: no complete entry). RemoteEntryBad if it is unreadable,
         RemoteUnavailable if the remote does not answer."""
         try:
-            raw = self.fs.cat_file(self.path(key, ".json"), start=0, end=JSON_CAP + 1)
+            if self.local:  # a FIFO or device planted on a share must not hang or flood us
+                raw = read_capped(self.path(key, ".json"), JSON_CAP)
+            else:
+                raw = self.fs.cat_file(self.path(key, ".json"), start=0, end=JSON_CAP + 1)
         except FileNotFoundError:
             return None
+        except TextFileError as e:
+            raise RemoteEntryBad(f"sidecar: {e}") from None
         except RemoteUnavailable:
             raise
         except Exception as e:
