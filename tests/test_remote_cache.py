@@ -26,6 +26,14 @@ import pytest
 from conftest import EXAMPLES, SEED_OUT, SRC, SeedBuild, run_cli
 
 BUCKET = "mbtest"
+
+
+def first_fast(n: int, values: list[str]) -> list:
+    """The first `n` variants run in `make test`; the rest are marked slow (as conftest's
+    FAST_VARIANTS): `make test-reliability` runs them all."""
+    return [v if i < n else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(values)]
+
+
 KEY_ID, SECRET = "mergebuild-test", "mergebuild-test-secret"
 
 
@@ -342,6 +350,10 @@ CORRUPTIONS = {
 }
 
 
+FAULT_ORDER = ["flipped byte", "truncated", "sidecar missing", "sidecar garbage"]
+FAULT_ORDER += [f for f in CORRUPTIONS if f not in FAULT_ORDER]
+
+
 def corrupt(weed: Weed, pushed: dict, prefix: str, fault: str) -> str | None:
     """The pushed entries under `prefix`, the output's made bad; the warning's words."""
     copy_remote(weed, pushed, prefix)
@@ -357,7 +369,7 @@ def corrupt(weed: Weed, pushed: dict, prefix: str, fault: str) -> str | None:
     return message
 
 
-@pytest.mark.parametrize("fault", list(CORRUPTIONS))
+@pytest.mark.parametrize("fault", first_fast(4, FAULT_ORDER))
 def test_bad_remote_entry_is_not_pulled(
     weed: Weed, pushed: dict, s3_prefix: str, tmp_path: Path, model_dir: Path, fault: str
 ) -> None:
@@ -378,7 +390,7 @@ def test_bad_remote_entry_is_not_pulled(
     ]
 
 
-@pytest.mark.parametrize("fault", ["flipped byte", "truncated", "sidecar missing"])
+@pytest.mark.parametrize("fault", first_fast(2, ["flipped byte", "sidecar missing", "truncated"]))
 def test_bad_remote_output_is_rebuilt_locally(
     weed: Weed, pushed: dict, s3_prefix: str, tmp_path: Path, model_dir: Path,
     seed_build: SeedBuild, fault: str,
@@ -616,7 +628,7 @@ def test_download_cut_off_then_resumed(
     assert_complete_entries_only(cache)
 
 
-@pytest.mark.parametrize("partial", ["garbage", "longer than the object"])
+@pytest.mark.parametrize("partial", first_fast(1, ["garbage", "longer than the object"]))
 def test_bad_partial_download_is_not_trusted(
     weed: Weed, pushed: dict, s3_prefix: str, tmp_path: Path, model_dir: Path,
     seed_build: SeedBuild, partial: str,
@@ -642,7 +654,7 @@ def test_bad_partial_download_is_not_trusted(
     assert_complete_entries_only(cache)
 
 
-@pytest.mark.parametrize("kind", ["s3", "directory"])
+@pytest.mark.parametrize("kind", first_fast(1, ["s3", "directory"]))
 def test_two_caches_push_the_same_key_at_once(
     weed: Weed, pushed: dict, s3_prefix: str, tmp_path: Path, model_dir: Path,
     seed_build: SeedBuild, kind: str,
@@ -760,7 +772,7 @@ def test_http_remote_is_read_only(
         server.shutdown()
 
 
-@pytest.mark.parametrize("plant", ["fifo", "directory", "oversized", "fifo object"])
+@pytest.mark.parametrize("plant", first_fast(1, ["fifo", "directory", "oversized", "fifo object"]))
 def test_hostile_directory_remote_entry(
     pushed: dict, tmp_path: Path, model_dir: Path, plant: str
 ) -> None:
