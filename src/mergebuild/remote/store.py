@@ -105,6 +105,9 @@ class RemoteCache:
                         raise RemoteUnavailable(f"no directory {self.root}")
                     try:  # its parent must exist: a mistyped share is not made on local disk
                         os.mkdir(self.root)
+                    except FileExistsError:
+                        if not os.path.isdir(self.root):
+                            raise RemoteUnavailable(f"{self.root} is not a directory") from None
                     except OSError as e:
                         raise RemoteUnavailable(
                             f"no directory {self.root} ({e.strerror})"
