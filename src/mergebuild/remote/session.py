@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from mergebuild.cache import CacheStore
 
 
+LOCK_WAIT = 600.0  # seconds to wait for another process's download or build of a key
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -74,7 +77,13 @@ class Session:
                 self.fetched[key] = f"remote hit ({_mb(info['size'])} to download)"
                 return self.fetched[key]
             t0 = time.perf_counter()
-            with self.store.lock(key):  # one downloader per key; a builder's result wins
+            from filelock import Timeout
+
+            try:  # one downloader per key; a builder's result wins
+                lock = self.store.lock(key).acquire(timeout=LOCK_WAIT)
+            except Timeout:
+                return None  # held all this time: build it the usual way (which waits)
+            with lock:
                 if self.store.has(key):
                     return None
                 from mergebuild.remote.fetch import fetch
