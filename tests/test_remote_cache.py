@@ -50,6 +50,16 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, even killed (Linux), so a killed
+    pytest leaves no server behind."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Weed:
     """A `weed mini` process serving S3 on 127.0.0.1 only (every port chosen free)."""
 
@@ -105,6 +115,7 @@ class Weed:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
