@@ -181,6 +181,7 @@ def main() -> None:
     result = {
         "command": f"python bench/remote.py {' '.join(sys.argv[1:])}",
         "machine": f"{os.cpu_count()} cores",
+        "load_average_after": [round(x, 1) for x in os.getloadavg()],  # a shared machine?
         "object_bytes": out.stat().st_size,
         "seconds": {k: round(v, 2) for k, v in rows.items()},
         "pull_over_build": round(rows["pull"] / rows["build"], 3),
