@@ -55,13 +55,20 @@ class Builder:
         self.progress = progress or Progress(enabled=False)
         self.speculate = True  # hash new inputs while merging them (False: hash them first)
         self.hashed_while_merging: list[str] = []  # set by run()
+        self.remote: object | None = None  # a remote cache session (remote/session.py)
         self.graph = build_graph(recipe)
 
     def plan(self, speculate: bool = False) -> Plan:
         """What is cached, what to build and why (no tensor is read). `speculate`: new inputs
         get placeholder hashes instead of being read (build/speculate.py)."""
         return Planner(
-            self.recipe, self.store, self.graph, self.outputs, self.model_dirs, self.locked_inputs
+            self.recipe,
+            self.store,
+            self.graph,
+            self.outputs,
+            self.model_dirs,
+            self.locked_inputs,
+            self.remote,
         ).plan(speculate)
 
     def models(self) -> list[str]:

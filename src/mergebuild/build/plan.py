@@ -83,9 +83,11 @@ class Planner:
         outputs: list[str],
         model_dirs: list[Path],
         locked_inputs: dict[str, str] | None,
+        remote: Any = None,
     ) -> None:
         self.recipe, self.store, self.graph, self.outputs = recipe, store, graph, outputs
         self.model_dirs, self.locked_inputs = model_dirs, locked_inputs
+        self.remote = remote  # remote/session.py: `lookup` pulls a needed key into the store
 
     def plan(self, speculate: bool = False) -> Plan:
         """With `speculate`, models never hashed get placeholder hashes (speculate.py)."""
@@ -145,11 +147,15 @@ class Planner:
         needed: set[tuple[str, str]] = set()
         items: list[Item] = []
         corrupt: dict[str, tuple[str, str]] = {}
+        hits: dict[str, str] = {}  # key → "remote hit…": pulled (or, dry run, pullable)
 
         def usable(name: str, key: str) -> bool:
             """In the cache and its bytes match their checksum (checked only for entries used)."""
+            hit = self.remote.lookup(name, key) if self.remote is not None else None
+            if hit is not None:
+                hits[key] = hit
             if not self.store.has(key):
-                return False
+                return hit is not None  # a dry run's remote hit, not downloaded
             why = self.store.problem(key)
             if why is not None:
                 corrupt[key] = (name, why)
@@ -159,7 +165,7 @@ class Planner:
             if kind == "output":
                 key = okeys[name]
                 if usable(name, key):
-                    item = Item("output", name, key, "cached", "in cache", True)
+                    item = Item("output", name, key, "cached", hits.get(key, "in cache"), True)
                 else:
                     item = Item(
                         "output",
@@ -182,7 +188,7 @@ class Planner:
                 if ("merge", name) not in needed:
                     status, why = "cached", "in cache" if have else "not needed: downstream cached"
                 elif usable(name, key):
-                    status, why = "cached", "in cache"
+                    status, why = "cached", hits.get(key, "in cache")
                 else:
                     have = False
                     status = "build"

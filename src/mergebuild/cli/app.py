@@ -13,12 +13,24 @@ import sys
 import warnings
 
 from mergebuild import __version__
-from mergebuild.cli import build, cache, compare, demo, explain, graph, make, methods, sd, share
+from mergebuild.cli import (
+    build,
+    cache,
+    compare,
+    demo,
+    explain,
+    graph,
+    make,
+    methods,
+    remote,
+    sd,
+    share,
+)
 from mergebuild.cli import fetch as fetch_
 from mergebuild.errors import EXIT_RECIPE, MergebuildError
 
 # in this order in `mergebuild --help`
-GROUPS = (build, share, fetch_, graph, cache, demo, sd, methods, explain, compare, make)
+GROUPS = (build, share, fetch_, remote, graph, cache, demo, sd, methods, explain, compare, make)
 HANDLERS = {name: cmd for group in GROUPS for name, cmd in group.COMMANDS.items()}
 COMMANDS = tuple(HANDLERS)
 

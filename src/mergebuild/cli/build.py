@@ -94,6 +94,7 @@ def update_lock(builder: Any, plan: Any) -> tuple[Path, dict[str, tuple[str, int
 
 def cmd_build(args: argparse.Namespace) -> int:
     no_stamp = args.json or args.update_lock or getattr(args, "command", "build") != "build"
+    no_stamp = no_stamp or args.push  # a push needs the plan's keys
     if not no_stamp:
         from mergebuild.noop import answer
 
@@ -112,6 +113,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             record(args, builder, plan)
         if args.update_lock:
             progress.log(f"wrote {update_lock(builder, plan)[0]}")
+        if builder.remote is not None and builder.remote.settings.push:
+            from mergebuild.remote.commands import push_plan
+
+            push_plan(builder, plan)
     report = build_report(args, builder, plan, seconds)
     built = sum(i.status in ("built", "build") for i in plan.items)
     if args.json:

@@ -28,10 +28,17 @@ def add_parsers(sub: Any) -> None:
         "--remove", action="store_true", help="verify: delete entries that fail the check"
     )
     c.add_argument("--json", action="store_true")
+    c.add_argument(
+        "--remote", nargs="?", const="", metavar="URL", help="ls: the remote cache's entries"
+    )
     common(c)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    if args.remote is not None and args.action == "ls":
+        from mergebuild.remote.commands import cmd_ls_remote
+
+        return cmd_ls_remote(args.remote or None, args.json)
     store = open_store(args)
     if args.action == "verify":
         return _cache_verify(store, args.remove, args.json)

@@ -76,6 +76,9 @@ def build_options(b: argparse.ArgumentParser) -> None:
     )
     allow_outside(b)
     common(b)
+    from mergebuild.remote.config import add_options
+
+    add_options(b)
 
 
 def open_store(args: argparse.Namespace) -> Any:
@@ -93,7 +96,7 @@ def make_builder(args: argparse.Namespace, outputs: list[str] | None, check_lock
 
     recipe = load_recipe(args.recipe, args.overrides, args.allow_outside_paths)
     human = sys.stderr if args.json else sys.stdout
-    return Builder(
+    builder = Builder(
         recipe,
         open_store(args),
         recipe.select_outputs(outputs),  # a swept output's name: all its members
@@ -104,3 +107,7 @@ def make_builder(args: argparse.Namespace, outputs: list[str] | None, check_lock
         model_dirs=args.models,
         locked_inputs=locked_inputs(read_lock(recipe)) if check_lock else None,
     )
+    from mergebuild.remote.attach import attach
+
+    attach(args, builder)
+    return builder

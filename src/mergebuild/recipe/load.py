@@ -201,6 +201,7 @@ class _Resolver:
         including: tuple[Path, ...] = (),
     ) -> None:
         self.recipe = Recipe(path=path, sources=[path])
+        self.recipe.cache = rf.cache.model_dump() if rf.cache else None
         self.landing: dict[str, str] = {}  # output name → where its file really lands
         self.landed: dict[Any, str] = {}  # realpath / (dir, casefolded name) → output name
         self.rf, self.data, self.pos = rf, data, pos

@@ -61,6 +61,7 @@ class Recipe:
     # sweeps (recipe/sweep.py): a swept node's or output's name → its members' names
     node_members: dict[str, list[str]] = field(default_factory=dict)
     output_members: dict[str, list[str]] = field(default_factory=dict)
+    cache: dict[str, Any] | None = None  # the top `cache:` section: a remote (remote/config.py)
 
     @property
     def directory(self) -> Path:

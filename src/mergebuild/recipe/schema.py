@@ -122,6 +122,14 @@ class OutputEntry(_Strict):
     vae: str | None = None  # a model whose tensors replace first_stage_model.*
 
 
+class CacheEntry(_Strict):
+    """`cache:` at the top: a remote cache to pull from and push to (remote/)."""
+
+    remote: str | None = Field(default=None, min_length=1)  # any fsspec URL or a directory
+    push: StrictBool = False
+    remote_options: dict[str, Any] = Field(default_factory=dict)  # e.g. s3fs endpoint_url
+
+
 class RecipeFile(_Strict):
     mergebuild: Literal[1]
     search_paths: list[str] = Field(default_factory=list)
@@ -129,6 +137,7 @@ class RecipeFile(_Strict):
     models: dict[DottedName, str | ModelEntry] = Field(default_factory=dict)
     merges: dict[NodeName, Any] = Field(default_factory=dict)
     outputs: dict[str, OutputEntry]
+    cache: CacheEntry | None = None
 
     @field_validator("mergebuild", mode="before")
     @classmethod
@@ -139,7 +148,8 @@ class RecipeFile(_Strict):
 
 
 FIELD_NAMES = {
-    (): ["mergebuild", "search_paths", "include", "models", "merges", "outputs"],
+    (): ["mergebuild", "search_paths", "include", "models", "merges", "outputs", "cache"],
+    "cache": ["remote", "push", "remote_options"],
     "output": ["from", "path", "dtype", "prune", "components", "include", "exclude", "vae"],
     "model": ["path", "sha256", "urls", "hf"],
 }
@@ -228,4 +238,6 @@ def _choices_for(path: Path) -> list[str]:
         return FIELD_NAMES["output"]
     if path[0] == "models":
         return FIELD_NAMES["model"]
+    if path[0] == "cache":
+        return FIELD_NAMES["cache"]
     return []

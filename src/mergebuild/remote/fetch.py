@@ -1,0 +1,176 @@
+"""Download one remote entry into the local store: streamed, resumable, checked, atomic.
+
+The bytes go to `.mergebuild-tmp-<key>.part` in the object's shard directory (a name `cache gc`
+sweeps), a window of chunks at a time (bounded memory); a download cut off leaves that file, and
+the next fetch of the key continues it with Range reads. Only once the whole file matches the
+remote sidecar's xxh3 checksum is it fsynced and renamed into place, then the local sidecar
+is written: the local cache never shows a partial or unchecked object.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from mergebuild.atomic import TMP_PREFIX, fsync_dir
+from mergebuild.cache import CHECKSUM, SPLIT
+from mergebuild.hashing import SplitChecksum
+from mergebuild.remote.store import RemoteEntryBad
+
+if TYPE_CHECKING:
+    from mergebuild.cache import CacheStore
+    from mergebuild.remote.store import RemoteCache
+
+CHUNK = 16 << 20  # one ranged read (MERGEBUILD_REMOTE_CHUNK: bytes, for slow links)
+WINDOW = 4  # ranged reads in flight at once: at most WINDOW * CHUNK bytes in memory
+
+
+def chunk_size() -> int:
+    try:
+        return max(4096, int(os.environ.get("MERGEBUILD_REMOTE_CHUNK", CHUNK)))
+    except ValueError:
+        return CHUNK
+
+
+class _Checker:
+    """The checksum the remote sidecar promises, computed over the bytes in file order."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.split = SplitChecksum.parse(info.get(SPLIT))
+        if self.split is None and not isinstance(info.get(CHECKSUM), str):
+            raise RemoteEntryBad("sidecar without a checksum")
+        self.head, self.body = xxhash.xxh3_128(), xxhash.xxh3_128()
+        self.at = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        cut = min(len(data), max(0, self.split.head_bytes - self.at)) if self.split else 0
+        self.head.update(data[:cut])
+        self.body.update(data[cut:])
+        self.at += len(data)
+
+    def result(self, info: dict[str, Any]) -> SplitChecksum | None:
+        """The checksum if it matches the sidecar's; RemoteEntryBad if not."""
+        if self.split is not None:
+            got = SplitChecksum(self.split.head_bytes, self.head.hexdigest(), self.body.hexdigest())
+            ok = got == self.split
+        else:
+            got, ok = None, self.body.hexdigest() == info[CHECKSUM]
+        if not ok:
+            raise RemoteEntryBad("checksum mismatch (remote bytes corrupted)")
+        return got
+
+
+def part_path(store: CacheStore, key: str) -> Path:
+    """Where the download of `key` accumulates: one name per key, so a later run resumes."""
+    return store.object_dir(key) / f"{TMP_PREFIX}{key}.part"
+
+
+def fetch(remote: RemoteCache, store: CacheStore, key: str, info: dict[str, Any]) -> int:
+    """Download `key` (its remote sidecar `info`) into `store`; returns the bytes resumed from.
+
+    RemoteEntryBad: the entry is corrupt or truncated (the partial file is deleted, so the
+    next try starts afresh). RemoteUnavailable: cut off (the partial file stays for a resume).
+    """
+    size = info["size"]
+    _Checker(info)  # no checksum: nothing is downloaded
+    have = remote.object_size(key)
+    if have is None:
+        raise RemoteEntryBad("sidecar without its object")
+    if have != size:
+        raise RemoteEntryBad(f"object is {have} bytes, its sidecar says {size} (truncated?)")
+    part = part_path(store, key)
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        checker = _Checker(info)
+        resumed = _continue(fd, checker, size)
+        try:
+            found = _download(remote, key, fd, checker, resumed, size, info)
+        except RemoteEntryBad:
+            if not resumed:
+                raise
+            # the earlier partial file may be what is wrong: once more from the start
+            os.ftruncate(fd, 0)
+            checker, resumed = _Checker(info), 0
+            found = _download(remote, key, fd, checker, 0, size, info)
+        os.fsync(fd)
+    except RemoteEntryBad:
+        os.close(fd)
+        part.unlink(missing_ok=True)
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    target = store.object_path(key)
+    os.replace(part, target)
+    fsync_dir(target.parent)
+    keep = {k: v for k, v in info.items() if k not in (SPLIT, CHECKSUM, "created", "size")}
+    store.write_sidecar(key, {**keep, "pulled_from": remote.url}, found)
+    return resumed
+
+
+def _download(
+    remote: RemoteCache,
+    key: str,
+    fd: int,
+    checker: _Checker,
+    pos: int,
+    size: int,
+    info: dict[str, Any],
+) -> SplitChecksum | None:
+    """Bytes `pos`… of the object into `fd`; the checksum of the whole file if it matches
+    the sidecar's. The next window of ranged reads is in flight while one is written and
+    hashed: at most two windows in memory."""
+    chunk = chunk_size()
+
+    def window(at: int) -> tuple[list[int], list[int]]:
+        starts = list(range(at, min(size, at + WINDOW * chunk), chunk))
+        return starts, [min(s + chunk, size) for s in starts]
+
+    with ThreadPoolExecutor(1) as pool:
+        starts, ends = window(pos)
+        ahead = pool.submit(remote.read_range, key, starts, ends) if pos < size else None
+        while ahead is not None:
+            parts = ahead.result()
+            done, (starts, ends) = (starts, ends), window(ends[-1])
+            ahead = pool.submit(remote.read_range, key, starts, ends) if starts else None
+            try:
+                for s, e, data in zip(*done, parts, strict=True):
+                    if len(data) != e - s:
+                        raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
+                    _pwrite_all(fd, data, s)
+                    checker.update(data)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
+    return checker.result(info)
+
+
+def _continue(fd: int, checker: _Checker, size: int) -> int:
+    """Hash what an earlier, cut-off download left; returns where to go on from (0: anew)."""
+    have = os.fstat(fd).st_size
+    if have > size:
+        os.ftruncate(fd, 0)
+        return 0
+    # chunks are written in file order, so what is there is a prefix even if the last write
+    # was cut short; after a power loss it may hold zeros, which the checksum then catches
+    at = 0
+    while at < have:
+        data = os.pread(fd, min(CHUNK, have - at), at)
+        if not data:
+            break
+        checker.update(data)
+        at += len(data)
+    return at
+
+
+def _pwrite_all(fd: int, data: bytes, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
