@@ -146,6 +146,7 @@ FAST_VARIANTS = {
     "test_dry_run_plans_10000_nodes": 1,
     "test_any_change_takes_the_normal_path": 4,
     "test_extract_output_never_replaces_a_model": 2,
+    "test_every_method_runs_on_flux_whatever_the_key_spelling": 3,
 }
 
 
