@@ -178,33 +178,47 @@ def _import_ray() -> Any:
     return ray
 
 
-def _connect(ray: Any, cpus: int) -> bool:
-    """Attach to $RAY_ADDRESS, else start a local cluster of `cpus` CPUs on loopback.
-    True when this process started the cluster (and must stop it)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no reporting home from a build
+# Set before Ray is imported (it reads them then) and inherited by the cluster it starts.
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",  # a build reports nothing home
+}
+LOCAL_ENV = {
+    # Ray's own switch for "a cluster of this machine only": every service binds and
+    # advertises 127.0.0.1 instead of the machine's network address
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # the raylet waits this long for its Python agents: 20-30 s by default, which a loaded
+    # 2-core machine exceeded (the cluster then aborts)
+    "RAY_agent_register_timeout_ms": "120000",
+}
+
+
+def _connect(cpus: int) -> tuple[Any, bool]:
+    """Ray attached to $RAY_ADDRESS, else a local cluster of `cpus` CPUs on loopback; and
+    whether this process started that cluster (and must stop it)."""
     address = os.environ.get("RAY_ADDRESS")
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    for k, v in {**RAY_ENV, **({} if address else LOCAL_ENV)}.items():
+        os.environ.setdefault(k, v)
+    ray = _import_ray()
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if address:
             ray.init(address=address, **quiet)
-            return False
+            return ray, False
         ray.init(
             num_cpus=cpus,
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE,
-            _node_ip_address="127.0.0.1",
             **quiet,
         )
-    except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError...
+    except Exception as e:  # Ray raises ConnectionError, RuntimeError, plain Exception...
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise BuildError(f"cannot start or reach {where}: {e}") from e
-    return True
+    return ray, True
 
 
 def _submit(builder: Builder, plan: Plan, units: list[Unit]) -> list[dict]:
     """One task per unit, each after the tasks it reads from; results as they complete."""
-    ray = _import_ray()
-    started = _connect(ray, builder.jobs)
+    ray, started = _connect(builder.jobs)
     try:
         task = ray.remote(num_cpus=1)(run_unit)
         shared = ray.put((builder.recipe, plan))  # once, not once per task
