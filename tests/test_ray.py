@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from conftest import SRC, load_st, run_cli
 pytest.importorskip("ray")  # the `ray` extra (in `dev`, so `make test` has it)
 
 ALPHAS = ["0.25", "0.5", "0.75", "1"]
-RECIPE = """\
+RECIPE = f"""\
 mergebuild: 1
 models:
   anything: models/anything-v3.safetensors
@@ -34,17 +35,19 @@ models:
   nai_sfw: models/nai-sfw.safetensors
   insta: models/insta.safetensors
 merges:
-  base: {method: weighted_sum, a: anything, b: insta, alpha: 0.3}
+  base: {{method: weighted_sum, a: anything, b: insta, alpha: 0.3}}
   mix:
     expr: base + (nai_full - nai_sfw) * alpha
-    sweep: {alpha: [%s]}
+    sweep: {{alpha: [{", ".join(ALPHAS)}]}}
 outputs:
-  mix: {from: mix, path: "out/mix-{alpha}.safetensors"}
-""" % ", ".join(ALPHAS)
+  mix: {{from: mix, path: "out/mix-{{alpha}}.safetensors"}}
+"""
 # base feeds the sweep: it is stored and built first; each member is an output built after it
 ENTRIES = 1 + len(ALPHAS)
 # Ray's own switch for a cluster of this machine only: every service on 127.0.0.1
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# the test cluster's own token (Ray's token authentication), never ~/.ray/auth_token
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def _free_port() -> int:
@@ -62,6 +65,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {
         **os.environ,
         **LOOPBACK,
+        **AUTH,
         "PYTHONPATH": str(SRC),
         "RAY_agent_register_timeout_ms": "120000",
     }
@@ -103,7 +107,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _ray_env(address: str) -> dict[str, str]:
-    return {**LOOPBACK, "RAY_ADDRESS": address}
+    return {**LOOPBACK, **AUTH, "RAY_ADDRESS": address}
 
 
 def _work(base: Path, model_dir: Path, name: str) -> Path:
@@ -122,7 +126,7 @@ def _outputs(recipe: Path) -> dict[str, bytes]:
 def _fake_ray(tmp: Path) -> str:
     """A PYTHONPATH whose `ray` cannot be imported (as when the extra is not installed)."""
     fake = tmp / "noray"
-    (fake / "ray").mkdir(parents=True)
+    (fake / "ray").mkdir(parents=True, exist_ok=True)
     (fake / "ray" / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
     return f"{fake}{os.pathsep}{SRC}"
 
@@ -200,6 +204,9 @@ def test_sweep_on_ray_equals_local_build_and_reruns_cached(
     assert _outputs(on_ray) == outputs
 
 
+CLIENT_ARGS = ("--json", "--executor", "ray")
+
+
 def test_two_clients_on_one_cluster_build_each_entry_once(
     tmp_path: Path, model_dir: Path, ray_address: str
 ) -> None:
@@ -226,8 +233,7 @@ def test_two_clients_on_one_cluster_build_each_entry_once(
             with open(tmp_path / f"out{n}", "wb") as out, open(tmp_path / f"err{n}", "wb") as err:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "mergebuild", str(recipe), "--json"]
-                        + ["--executor", "ray"],
+                        [sys.executable, "-m", "mergebuild", str(recipe), *CLIENT_ARGS],
                         env=env,
                         stdout=out,
                         stderr=err,
@@ -285,7 +291,7 @@ def test_ray_unavailable_is_one_readable_error(tmp_path: Path, model_dir: Path, 
             "RAY_ADDRESS": f"127.0.0.1:{_free_port()}",  # nothing listens there
             "RAY_gcs_rpc_server_connect_timeout_s": "3",
         }
-        want = "cannot start or reach the Ray cluster at 127.0.0.1:"
+        want = "cannot reach the Ray cluster at 127.0.0.1:"
     r = run_cli(recipe, "--executor", executor, cache=cache, env=env, timeout=240)
     assert r.code != 0
     assert want in r.err, r.err

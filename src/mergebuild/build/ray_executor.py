@@ -181,6 +181,7 @@ def _import_ray() -> Any:
 # Set before Ray is imported (it reads them then) and inherited by the cluster it starts.
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",  # a build reports nothing home
+    "RAY_BACKEND_LOG_LEVEL": "error",  # not a warning a second while a connection is refused
 }
 LOCAL_ENV = {
     # Ray's own switch for "a cluster of this machine only": every service binds and
@@ -211,8 +212,13 @@ def _connect(cpus: int) -> tuple[Any, bool]:
             **quiet,
         )
     except Exception as e:  # Ray raises ConnectionError, RuntimeError, plain Exception...
-        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise BuildError(f"cannot start or reach {where}: {e}") from e
+        if not address:
+            raise BuildError(f"cannot start a local Ray cluster: {e}") from e
+        raise BuildError(
+            f"cannot reach the Ray cluster at {address}: {e} (a cluster with token "
+            "authentication also needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or "
+            "~/.ray/auth_token)"
+        ) from e
     return ray, True
 
 
