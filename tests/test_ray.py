@@ -7,6 +7,7 @@ byte for byte with a local build in another cache dir, and with numpy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -97,12 +98,15 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.5)
         yield f"127.0.0.1:{port}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: it stops the services it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        # its process group holds the services it started: SIGTERM, then SIGKILL what is left
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=10)
+        time.sleep(1)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        head.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -159,118 +163,165 @@ def _check_numbers(recipe: Path, model_dir: Path) -> None:
 
 
 def _statuses(report: dict) -> dict[str, str]:
+    """key → status of every entry the build writes (outputs and stored nodes)."""
     return {n["key"]: n["status"] for n in report["nodes"] if n["kind"] == "output" or n["path"]}
-
-
-def test_sweep_on_ray_equals_local_build_and_reruns_cached(
-    tmp_path: Path, model_dir: Path, ray_address: str
-) -> None:
-    local = _work(tmp_path, model_dir, "local")
-    r = run_cli(local, "--json", "-j", "2", cache=tmp_path / "c-local")
-    assert r.code == 0, r.err
-    on_ray = _work(tmp_path, model_dir, "ray")
-    r = run_cli(
-        on_ray, "--json", "--executor", "ray", cache=tmp_path / "c-ray", env=_ray_env(ray_address)
-    )
-    assert r.code == 0, r.err
-    assert f"{ENTRIES} cache entries to build as Ray tasks" in r.err
-    built = _statuses(r.json)
-    assert len(built) == ENTRIES and set(built.values()) == {"built"}, built
-    members = [n for n in r.json["nodes"] if n["name"].startswith("mix[")]
-    assert all(n["status"] == "built" for n in members), members  # computed in its output's pass
-    assert _outputs(on_ray) == _outputs(local)
-    _check_numbers(on_ray, model_dir)
-    # every entry published with its sidecar, no temp left behind
-    objects = sorted((tmp_path / "c-ray" / "objects").rglob("*"))
-    assert sorted(p.stem for p in objects if p.suffix == ".safetensors") == sorted(built)
-    assert sorted(p.stem for p in objects if p.suffix == ".json") == sorted(built)
-    assert not [p for p in objects if "tmp" in p.name]
-
-    # again: all cached, no task, not even Ray imported (a `ray` that cannot be imported)
-    outputs = _outputs(on_ray)
-    for args in (["--json"], []):
-        again = run_cli(
-            on_ray,
-            *args,
-            "--executor",
-            "ray",
-            cache=tmp_path / "c-ray",
-            env={"PYTHONPATH": _fake_ray(tmp_path), "RAY_ADDRESS": "127.0.0.1:1"},
-        )
-        assert again.code == 0, again.err
-        assert "Ray tasks" not in again.err + again.out
-        if args:
-            assert set(_statuses(again.json).values()) == {"cached"}
-    assert _outputs(on_ray) == outputs
 
 
 CLIENT_ARGS = ("--json", "--executor", "ray")
 
 
-def test_two_clients_on_one_cluster_build_each_entry_once(
-    tmp_path: Path, model_dir: Path, ray_address: str
-) -> None:
-    """The test holds `base`'s cache lock until both clients have planned and submitted every
-    entry: their tasks then race for each key, and each key must be built exactly once."""
-    recipe = _work(tmp_path, model_dir, "w")
-    cache = tmp_path / "cache"
+def _two_clients(recipe: Path, cache: Path, address: str, tmp: Path) -> list[dict]:
+    """Two CLI clients started at once on one cluster and one cache dir. The test holds
+    `base`'s cache lock until both have planned and submitted every entry: their tasks then
+    race for each key (deterministically: neither could find anything cached when planning)."""
     plan = run_cli(recipe, "-n", "--json", cache=cache)
     assert plan.code == 0, plan.err
     base_key = next(n["key"] for n in plan.json["nodes"] if n["name"] == "base")
     from mergebuild.cache import CacheStore
 
-    env = {
-        **os.environ,
-        **_ray_env(ray_address),
-        "PYTHONPATH": str(SRC),
-        "MERGEBUILD_CACHE_DIR": str(cache),
-    }
+    env = {**os.environ, **_ray_env(address), "PYTHONPATH": str(SRC)}
+    env["MERGEBUILD_CACHE_DIR"] = str(cache)
     lock = CacheStore(cache).lock(base_key)
     lock.acquire()
     procs: list[subprocess.Popen] = []
+    errs = [tmp / f"err{n}" for n in range(2)]
     try:
         for n in range(2):
-            with open(tmp_path / f"out{n}", "wb") as out, open(tmp_path / f"err{n}", "wb") as err:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "mergebuild", str(recipe), *CLIENT_ARGS],
-                        env=env,
-                        stdout=out,
-                        stderr=err,
-                    )
-                )
-        deadline = time.monotonic() + 120
-        while not all(
-            b"Ray tasks" in (tmp_path / f"err{n}").read_bytes() for n in range(len(procs))
-        ):
-            assert all(p.poll() is None for p in procs), [
-                (tmp_path / f"err{n}").read_text() for n in range(len(procs))
-            ]
+            with open(tmp / f"out{n}", "wb") as out, open(errs[n], "wb") as err:
+                cmd = [sys.executable, "-m", "mergebuild", str(recipe), *CLIENT_ARGS]
+                procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err))
+        deadline = time.monotonic() + 150
+        while not all(b"Ray tasks" in e.read_bytes() for e in errs):
+            assert all(p.poll() is None for p in procs), [e.read_text() for e in errs]
             assert time.monotonic() < deadline, "clients did not submit their tasks"
             time.sleep(0.2)
         time.sleep(1)  # let both `base` tasks reach the lock
     finally:
         lock.release()
-    for p in procs:
-        try:
-            assert p.wait(timeout=180) == 0
-        finally:
-            if p.poll() is None:
-                p.kill()
-    reports = [json.loads((tmp_path / f"out{n}").read_text()) for n in range(len(procs))]
-    statuses = [_statuses(r) for r in reports]
-    keys = set(statuses[0])
-    assert len(keys) == ENTRIES and set(statuses[1]) == keys
-    for key in keys:
-        assert sorted(s[key] for s in statuses) == ["built", "cached"], key
-    meanwhile = [
-        n
-        for r in reports
-        for n in r["nodes"]
-        if n["reason"] == "in cache (built meanwhile by another build)"
-    ]
-    assert len(meanwhile) == ENTRIES
+        for p in procs:
+            try:
+                p.wait(timeout=180)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [e.read_text() for e in errs]
+    for e in errs:
+        assert f"{ENTRIES} cache entries to build as Ray tasks" in e.read_text()
+    return [json.loads((tmp / f"out{n}").read_text()) for n in range(2)]
+
+
+def test_sweep_on_ray(tmp_path: Path, model_dir: Path, ray_address: str) -> None:
+    """One test, so that `-n 2` starts one cluster: a 4-member sweep built by two clients at
+    once equals a local build, builds each entry once, and is then all cached without Ray."""
+    local = _work(tmp_path, model_dir, "local")
+    r = run_cli(local, "--json", "-j", "2", cache=tmp_path / "c-local")
+    assert r.code == 0, r.err
+    recipe = _work(tmp_path, model_dir, "ray")
+    cache = tmp_path / "c-ray"
+    reports = _two_clients(recipe, cache, ray_address, tmp_path)
+
+    # bytes identical to the local build (other cache dir), numbers as numpy computes them
+    assert _outputs(recipe) == _outputs(local)
     _check_numbers(recipe, model_dir)
+    assert _statuses(reports[0]).keys() == _statuses(r.json).keys()  # the same keys
+
+    # each entry built by exactly one of the two clients, found cached by the other
+    statuses = [_statuses(rep) for rep in reports]
+    assert len(statuses[0]) == ENTRIES and statuses[0].keys() == statuses[1].keys()
+    for key in statuses[0]:
+        assert sorted(s[key] for s in statuses) == ["built", "cached"], (key, statuses)
+    meanwhile = "in cache (built meanwhile by another build)"
+    for rep, st in zip(reports, statuses, strict=True):
+        for n in rep["nodes"]:
+            if n["key"] in st:
+                assert (n["status"] == "cached") == (n["reason"] == meanwhile), n
+    # a member of the sweep is computed in its output's pass, by whichever client built that
+    for alpha in ALPHAS:
+        name = f"mix[alpha={alpha}]"
+        built = [n["status"] for rep in reports for n in rep["nodes"] if n["name"] == name]
+        assert sorted(built) == ["built", "cached"], (name, built)
+
+    # every entry published with its sidecar, no temp left behind
+    objects = sorted((cache / "objects").rglob("*"))
+    assert sorted(p.stem for p in objects if p.suffix == ".safetensors") == sorted(statuses[0])
+    assert sorted(p.stem for p in objects if p.suffix == ".json") == sorted(statuses[0])
+    assert not [p for p in objects if p.is_file() and p.suffix not in (".json", ".safetensors")]
+
+    # again: all cached, no task, not even Ray imported (a `ray` that cannot be imported);
+    # with --json (the planning path) and without (the no-op stamp)
+    outputs = _outputs(recipe)
+    for args in (["--json"], [], ["--json", "mix[alpha=0.5]"]):
+        again = run_cli(
+            recipe,
+            *args,
+            "--executor",
+            "ray",
+            cache=cache,
+            env={"PYTHONPATH": _fake_ray(tmp_path), "RAY_ADDRESS": "127.0.0.1:1"},
+        )
+        assert again.code == 0, again.err
+        assert "Ray tasks" not in again.err + again.out
+        if "--json" in args:
+            assert set(_statuses(again.json).values()) == {"cached"}, again.json
+    assert _outputs(recipe) == outputs
+
+
+def test_units_follow_cache_boundaries(workdir: Path, cache: Path) -> None:
+    """A task per file written; nodes without a cache file are computed in each pass that
+    needs them; a task waits for the stored nodes it reads."""
+    from mergebuild.build import Builder
+    from mergebuild.build.ray_executor import plan_units, sub_plan
+    from mergebuild.cache import CacheStore
+    from mergebuild.recipe import load_recipe
+
+    path = workdir / "u.yaml"
+    path.write_text(
+        "mergebuild: 1\n"
+        "models:\n"
+        "  anything: models/anything-v3.safetensors\n"
+        "  insta: models/insta.safetensors\n"
+        "  wd13: models/wd13.safetensors\n"
+        "  nai_full: models/nai-full.safetensors\n"
+        "  nai_sfw: models/nai-sfw.safetensors\n"
+        "merges:\n"
+        "  base: {method: weighted_sum, a: anything, b: insta, alpha: 0.3}\n"
+        "  mid: {method: weighted_sum, a: base, b: wd13, alpha: 0.5, cache: false}\n"
+        "  top: {method: add_difference, a: mid, b: nai_full, c: nai_sfw, alpha: 0.5}\n"
+        "  kept: {method: weighted_sum, a: base, b: anything, alpha: 0.2, cache: true}\n"
+        "  side: {method: weighted_sum, a: kept, b: mid, alpha: 0.4}\n"
+        "outputs:\n"
+        "  o_top: {from: top, path: out/top.safetensors}\n"
+        "  o_side: {from: side, path: out/side.safetensors}\n"
+        "  o_mid: {from: mid, path: out/mid.safetensors}\n"
+    )
+    recipe = load_recipe(path, [])
+    plan = Builder(recipe, CacheStore(cache)).plan()
+    units = plan_units(recipe, plan)
+    got = {u.name: (u.kind, u.computes, sorted(units[i].name for i in u.after)) for u in units}
+    assert got == {
+        "base": ("merge", (), []),
+        "kept": ("merge", (), ["base"]),
+        "o_top": ("output", ("mid", "top"), ["base"]),
+        "o_side": ("output", ("mid", "side"), ["base", "kept"]),
+        "o_mid": ("output", ("mid",), ["base"]),
+    }
+    for n, u in enumerate(units):  # topological: a unit comes after those it waits for
+        assert all(i < n for i in u.after)
+    sub = sub_plan(plan, next(u for u in units if u.name == "o_side"))
+    assert {i.name for i in sub.to_build()} == {"o_side", "mid", "side"}
+    assert len(plan.to_build()) == 8  # the driver's plan is left as it was
+
+    # `base` cached already (a local build of one output): no unit for it, nobody waits
+    r = run_cli(path, "o_mid", cache=cache)
+    assert r.code == 0, r.err
+    plan = Builder(recipe, CacheStore(cache)).plan()
+    units = plan_units(recipe, plan)
+    got = {u.name: (u.computes, [units[i].name for i in u.after]) for u in units}
+    assert got == {
+        "kept": ((), []),
+        "o_top": (("mid", "top"), []),
+        "o_side": (("mid", "side"), ["kept"]),
+    }
 
 
 @pytest.mark.parametrize(
@@ -286,11 +337,7 @@ def test_ray_unavailable_is_one_readable_error(tmp_path: Path, model_dir: Path, 
     if case == "unknown executor":
         executor, want = "dask", "invalid choice: 'dask'"
     elif case == "no cluster at RAY_ADDRESS":
-        env = {
-            **LOOPBACK,
-            "RAY_ADDRESS": f"127.0.0.1:{_free_port()}",  # nothing listens there
-            "RAY_gcs_rpc_server_connect_timeout_s": "3",
-        }
+        env = {**LOOPBACK, "RAY_ADDRESS": f"127.0.0.1:{_free_port()}"}  # nothing listens
         want = "cannot reach the Ray cluster at 127.0.0.1:"
     r = run_cli(recipe, "--executor", executor, cache=cache, env=env, timeout=240)
     assert r.code != 0

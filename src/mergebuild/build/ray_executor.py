@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
 import time
 import warnings
@@ -201,6 +202,8 @@ def _connect(cpus: int) -> tuple[Any, bool]:
         os.environ.setdefault(k, v)
     ray = _import_ray()
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if address:
+        _probe(address)
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -220,6 +223,21 @@ def _connect(cpus: int) -> tuple[Any, bool]:
             "~/.ray/auth_token)"
         ) from e
     return ray, True
+
+
+def _probe(address: str, seconds: float = 10.0) -> None:
+    """Fail fast when nothing listens at a host:port address: Ray itself retried for minutes.
+    Other forms (auto, a file of addresses...) are left to Ray."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d{1,5})/?", address.strip())
+    if m is None:
+        return
+    try:
+        socket.create_connection((m[1], int(m[2])), timeout=seconds).close()
+    except OSError as e:
+        raise BuildError(
+            f"cannot reach the Ray cluster at {address}: nothing answers at {m[1]}:{m[2]} "
+            f"({e.strerror or e})"
+        ) from None
 
 
 def _submit(builder: Builder, plan: Plan, units: list[Unit]) -> list[dict]:
