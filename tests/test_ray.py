@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -170,10 +170,18 @@ def _statuses(report: dict) -> dict[str, str]:
 CLIENT_ARGS = ("--json", "--executor", "ray")
 
 
-def _two_clients(recipe: Path, cache: Path, address: str, tmp: Path) -> list[dict]:
-    """Two CLI clients started at once on one cluster and one cache dir. The test holds
-    `base`'s cache lock until both have planned and submitted every entry: their tasks then
-    race for each key (deterministically: neither could find anything cached when planning)."""
+def _clients_held(
+    recipe: Path,
+    cache: Path,
+    address: str,
+    tmp: Path,
+    clients: int,
+    on_submitted: Callable[[], None] | None = None,
+) -> list[tuple[int, str, str]]:
+    """CLI clients started at once on one cluster and one cache dir; (code, out, err) each.
+    The test holds `base`'s cache lock until every client has planned and submitted its tasks
+    (then runs `on_submitted`): the tasks then race for each key, deterministically, since no
+    client could find anything cached when planning."""
     plan = run_cli(recipe, "-n", "--json", cache=cache)
     assert plan.code == 0, plan.err
     base_key = next(n["key"] for n in plan.json["nodes"] if n["name"] == "base")
@@ -184,10 +192,11 @@ def _two_clients(recipe: Path, cache: Path, address: str, tmp: Path) -> list[dic
     lock = CacheStore(cache).lock(base_key)
     lock.acquire()
     procs: list[subprocess.Popen] = []
-    errs = [tmp / f"err{n}" for n in range(2)]
+    outs = [tmp / f"{recipe.parent.name}-out{n}" for n in range(clients)]
+    errs = [tmp / f"{recipe.parent.name}-err{n}" for n in range(clients)]
     try:
-        for n in range(2):
-            with open(tmp / f"out{n}", "wb") as out, open(errs[n], "wb") as err:
+        for out_path, err_path in zip(outs, errs, strict=True):
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 cmd = [sys.executable, "-m", "mergebuild", str(recipe), *CLIENT_ARGS]
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err))
         deadline = time.monotonic() + 150
@@ -195,7 +204,9 @@ def _two_clients(recipe: Path, cache: Path, address: str, tmp: Path) -> list[dic
             assert all(p.poll() is None for p in procs), [e.read_text() for e in errs]
             assert time.monotonic() < deadline, "clients did not submit their tasks"
             time.sleep(0.2)
-        time.sleep(1)  # let both `base` tasks reach the lock
+        time.sleep(1)  # let the `base` tasks reach the lock
+        if on_submitted is not None:
+            on_submitted()
     finally:
         lock.release()
         for p in procs:
@@ -204,10 +215,40 @@ def _two_clients(recipe: Path, cache: Path, address: str, tmp: Path) -> list[dic
             finally:
                 if p.poll() is None:
                     p.kill()
-    assert [p.returncode for p in procs] == [0, 0], [e.read_text() for e in errs]
-    for e in errs:
-        assert f"{ENTRIES} cache entries to build as Ray tasks" in e.read_text()
-    return [json.loads((tmp / f"out{n}").read_text()) for n in range(2)]
+    return [
+        (p.returncode, o.read_text(), e.read_text())
+        for p, o, e in zip(procs, outs, errs, strict=True)
+    ]
+
+
+def _two_clients(recipe: Path, cache: Path, address: str, tmp: Path) -> list[dict]:
+    runs = _clients_held(recipe, cache, address, tmp, 2)
+    assert [code for code, _, _ in runs] == [0, 0], runs
+    for _, _, err in runs:
+        assert f"{ENTRIES} cache entries to build as Ray tasks" in err
+    return [json.loads(out) for _, out, _ in runs]
+
+
+def _task_fails(tmp: Path, model_dir: Path, address: str) -> None:
+    """A task's error (an input changed after the driver hashed it) ends the build with its
+    one message: exit 1, no traceback, no output, nothing cached for the failed entry."""
+    w = tmp / "changed"
+    shutil.copytree(model_dir, w / "models")
+    (w / "r.yaml").write_text(RECIPE)
+    insta = w / "models" / "insta.safetensors"
+    cache = tmp / "c-changed"
+
+    def touch() -> None:
+        st = insta.stat()
+        os.utime(insta, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    [(code, out, err)] = _clients_held(w / "r.yaml", cache, address, tmp, 1, touch)
+    assert code == 1, (out, err)
+    assert "error: 'base': input model 'insta'" in err and "changed during the build" in err
+    assert "Traceback" not in err
+    assert json.loads(out)["exit_code"] == 1
+    assert not (w / "out").exists()
+    assert not list((cache / "objects").rglob("*.safetensors"))
 
 
 def test_sweep_on_ray(tmp_path: Path, model_dir: Path, ray_address: str) -> None:
@@ -255,7 +296,7 @@ def test_sweep_on_ray(tmp_path: Path, model_dir: Path, ray_address: str) -> None
     # again: all cached, no task, not even Ray imported (a `ray` that cannot be imported);
     # with --json (the planning path) and without (the no-op stamp)
     outputs = _outputs(recipe)
-    for args in (["--json"], [], ["mix[alpha=0.5]", "--json"]):
+    for args in (["--json"], [], ["mix[alpha=0.5]", "--json"], ["-n"]):
         again = run_cli(
             recipe,
             *args,
@@ -269,6 +310,8 @@ def test_sweep_on_ray(tmp_path: Path, model_dir: Path, ray_address: str) -> None
         if "--json" in args:
             assert set(_statuses(again.json).values()) == {"cached"}, again.json
     assert _outputs(recipe) == outputs
+
+    _task_fails(tmp_path, model_dir, ray_address)
 
 
 def test_units_follow_cache_boundaries(workdir: Path, cache: Path) -> None:

@@ -182,7 +182,6 @@ def _import_ray() -> Any:
 # Set before Ray is imported (it reads them then) and inherited by the cluster it starts.
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",  # a build reports nothing home
-    "RAY_BACKEND_LOG_LEVEL": "error",  # not a warning a second while a connection is refused
 }
 LOCAL_ENV = {
     # Ray's own switch for "a cluster of this machine only": every service binds and
@@ -265,12 +264,10 @@ def _submit(builder: Builder, plan: Plan, units: list[Unit]) -> list[dict]:
             try:
                 got = ray.get(ready[0])
             except ray.exceptions.RayError as e:
-                _cancel(ray, pending)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BuildError(f"Ray task for '{units[n].name}' failed: {first}") from e
-            if got["status"] == "error":
-                _cancel(ray, pending)
-                raise BuildError(got["message"])
+            if got["status"] not in ("built", "cached"):  # an error (a skip follows one)
+                raise BuildError(got.get("message") or f"'{units[n].name}' was not built")
             results[n] = got
             for w in got.get("warnings", []):
                 warnings.warn(w, stacklevel=1)
@@ -282,15 +279,6 @@ def _submit(builder: Builder, plan: Plan, units: list[Unit]) -> list[dict]:
     finally:
         if started:
             ray.shutdown()
-
-
-def _cancel(ray: Any, refs: list[Any]) -> None:
-    """Tasks not started yet are dropped; running ones finish (their entries stay valid)."""
-    for ref in refs:
-        try:
-            ray.cancel(ref)
-        except Exception:  # already finished, or a Ray without cancel for it: harmless
-            continue
 
 
 def _apply(plan: Plan, units: list[Unit], results: list[dict]) -> None:
