@@ -393,3 +393,20 @@ def test_ray_unavailable_is_one_readable_error(tmp_path: Path, model_dir: Path, 
     assert "Traceback" not in r.err
     assert not (recipe.parent / "out").exists()
     assert not list((cache / "objects").rglob("*.safetensors")) if cache.exists() else True
+
+
+def test_local_cluster_without_address(tmp_path: Path, model_dir: Path) -> None:
+    """No RAY_ADDRESS: the CLI starts its own cluster (loopback), builds on it, stops it."""
+    one = "mix[alpha=0.5]"
+    local = _work(tmp_path, model_dir, "local")
+    r = run_cli(local, one, "-q", cache=tmp_path / "c-local")
+    assert r.code == 0, r.err
+    recipe = _work(tmp_path, model_dir, "ray")
+    env = {**AUTH, "RAY_ADDRESS": ""}  # the token in the environment: nothing in ~/.ray
+    r = run_cli(recipe, one, "--json", "--executor", "ray", cache=tmp_path / "c", env=env)
+    assert r.code == 0, r.err
+    assert "2 cache entries to build as Ray tasks" in r.err  # base, then the one output
+    assert set(_statuses(r.json).values()) == {"built"}
+    name = "mix-0.5.safetensors"
+    assert (recipe.parent / "out" / name).read_bytes() == (local.parent / "out" / name).read_bytes()
+    assert sorted(p.name for p in (recipe.parent / "out").iterdir()) == [name]
