@@ -371,6 +371,29 @@ def test_units_follow_cache_boundaries(workdir: Path, cache: Path) -> None:
         "o_side": (("mid", "side"), ["kept"]),
     }
 
+    # a cached build, a dry run and --help with `--executor ray` import neither Ray nor torch
+    for args in (["o_mid", "--json"], ["o_mid"], ["-n"], ["--help"]):
+        assert _heavy_imports(["build", str(path), *args, "--executor", "ray"], cache) == []
+
+
+def _heavy_imports(argv: list[str], cache: Path) -> list[str]:
+    probe = (
+        "import sys\n"
+        "from mergebuild.cli import main\n"
+        "try:\n"
+        "    rc = main(sys.argv[1:])\n"
+        "except SystemExit as e:  # --help\n"
+        "    rc = e.code\n"
+        "print('HEAVY', *[m for m in ('ray', 'torch') if m in sys.modules])\n"
+        "raise SystemExit(rc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "MERGEBUILD_CACHE_DIR": str(cache)}
+    p = subprocess.run(
+        [sys.executable, "-c", probe, *argv], env=env, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    return p.stdout.splitlines()[-1].split()[1:]
+
 
 @pytest.mark.parametrize(
     "case",
