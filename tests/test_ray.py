@@ -311,6 +311,24 @@ def test_sweep_on_ray(tmp_path: Path, model_dir: Path, ray_address: str) -> None
             assert set(_statuses(again.json).values()) == {"cached"}, again.json
     assert _outputs(recipe) == outputs
 
+    # a corrupted entry: the task that rebuilds it says so (its warning reaches the driver)
+    out_key = next(
+        n["key"]
+        for n in reports[0]["nodes"]
+        if n["name"] == "mix[alpha=1]" and n["kind"] == "output"
+    )
+    obj = cache / "objects" / out_key[:2] / f"{out_key}.safetensors"
+    data = bytearray(obj.read_bytes())
+    data[-3] ^= 0xFF
+    obj.unlink()  # a new inode: the published output keeps its bytes
+    obj.write_bytes(bytes(data))
+    fixed = run_cli(recipe, "--json", "--executor", "ray", cache=cache, env=_ray_env(ray_address))
+    assert fixed.code == 0, fixed.err
+    assert f"cache entry {out_key} ('mix[alpha=1]') corrupted: checksum mismatch" in fixed.err
+    assert [k for k, v in _statuses(fixed.json).items() if v == "built"] == [out_key]
+    assert obj.read_bytes() == (local.parent / "out" / "mix-1.safetensors").read_bytes()
+    assert _outputs(recipe) == _outputs(local)
+
     _task_fails(tmp_path, model_dir, ray_address)
 
 
