@@ -443,8 +443,13 @@ def test_local_cluster_without_address(tmp_path: Path, model_dir: Path) -> None:
     r = run_cli(local, one, "-q", cache=tmp_path / "c-local")
     assert r.code == 0, r.err
     recipe = _work(tmp_path, model_dir, "ray")
-    env = {**AUTH, "RAY_ADDRESS": ""}  # the token in the environment: nothing in ~/.ray
-    r = run_cli(recipe, one, "--json", "--executor", "ray", cache=tmp_path / "c", env=env)
+    temp = Path(f"/tmp/mbray-local-{os.getpid()}")  # its sessions, not /tmp/ray (short path)
+    # the token in the environment: nothing written to ~/.ray
+    env = {**AUTH, "RAY_ADDRESS": "", "RAY_TMPDIR": str(temp)}
+    try:
+        r = run_cli(recipe, one, "--json", "--executor", "ray", cache=tmp_path / "c", env=env)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert r.code == 0, r.err
     assert "2 cache entries to build as Ray tasks" in r.err  # base, then the one output
     assert set(_statuses(r.json).values()) == {"built"}
