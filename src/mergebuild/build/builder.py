@@ -119,6 +119,12 @@ class Builder:
                         self.max_memory,
                         self.device,
                     ).execute(plan)
+        self.finish(plan)
+        return plan, time.perf_counter() - t0
+
+    def finish(self, plan: Plan) -> None:
+        """Publish every selected output from the cache and record the journal: the end of
+        every build, whoever computed its nodes (this process, or Ray tasks)."""
         for item in plan.items:
             if item.kind == "output":
                 obj = self.store.object_path(item.key)
@@ -130,7 +136,6 @@ class Builder:
             elif item.stored and item.path is not None and item.path.exists():
                 item.bytes = item.path.stat().st_size
         record(self.recipe, self.store, plan)
-        return plan, time.perf_counter() - t0
 
     def _drop_corrupt(self, plan: Plan) -> None:
         """Report and delete entries that failed their checksum; the build writes them anew."""

@@ -27,6 +27,13 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="accept inputs that differ from RECIPE.lock and rewrite it after the build",
     )
+    b.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: build the cache entries as Ray tasks ($RAY_ADDRESS, else a local cluster of "
+        "-j CPUs) into a cache dir every worker shares; needs mergebuild[ray]",
+    )
 
 
 def build_report(args: argparse.Namespace, builder: Any, plan: Any, seconds: float) -> dict:
@@ -106,7 +113,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         plan = builder.plan()
         seconds = 0.0
     else:
-        plan, seconds = builder.run()
+        if getattr(args, "executor", "local") == "ray":
+            from mergebuild.build.ray_executor import run_on_ray
+
+            plan, seconds = run_on_ray(builder)
+        else:
+            plan, seconds = builder.run()
         if not no_stamp:
             from mergebuild.noop import record
 
