@@ -15,7 +15,6 @@ output must be byte-identical to the built one. Big files go to --work (default
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import DATA, PY, SRC, evict, measure, models, recipe  # noqa: E402
+from run import digest as sha256  # noqa: E402
 
 KEY_ID, SECRET, BUCKET = "bench", "bench-secret", "mbbench"
 
@@ -82,14 +82,6 @@ def start_weed(data: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.3)
     proc.terminate()
     raise SystemExit("weed mini did not answer within 60 s")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main() -> None:
