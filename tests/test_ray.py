@@ -436,6 +436,7 @@ def test_ray_unavailable_is_one_readable_error(tmp_path: Path, model_dir: Path, 
     assert not list((cache / "objects").rglob("*.safetensors")) if cache.exists() else True
 
 
+@pytest.mark.slow  # ~15 s: a second cluster start; make test-reliability runs it
 def test_local_cluster_without_address(tmp_path: Path, model_dir: Path) -> None:
     """No RAY_ADDRESS: the CLI starts its own cluster (loopback), builds on it, stops it."""
     one = "mix[alpha=0.5]"
