@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from run import DATA, FLOOR, PY, SRC, evict, measure, mergebuild
+from run import DATA, FLOOR, PY, SRC, evict, measure, mergebuild, models
 
 HERE = Path(__file__).resolve().parent
 SIZES = {"1/4": 0.25, "1/2": 0.5, "full": 1.0}
@@ -27,21 +27,9 @@ FULL_BYTES = 23.8e9  # one bf16 Flux.1 dev transformer
 
 
 def inputs(label: str, scale: float) -> dict[str, Path]:
-    """Two transformer-only files, generated in a child (the parent's RSS stays small)."""
-    tag = label.replace("/", "_")
-    out = {}
-    for name in "ab":
-        path = DATA / f"flux-{tag}-{name}.safetensors"
-        if not path.exists():
-            print(f"generating {path.name} (once)...", flush=True)
-            code = (
-                "from pathlib import Path; from mergebuild.demo import synthesize;"
-                f"synthesize(Path({str(path)!r}), {name!r}, 'flux', {scale}, dtype='bf16',"
-                " form='bare')"
-            )
-            subprocess.run([PY, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(SRC)})
-        out[name] = path
-    return out
+    """Two transformer-only files (bf16, bare keys), made once by run.models."""
+    tag = "flux-" + label.replace("/", "_")
+    return models("flux", "ab", tag, scale=scale, dtype="bf16", form="bare")
 
 
 def recipe(path: Path, m: dict[str, Path], out: Path, dtype: str) -> Path:

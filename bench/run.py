@@ -78,18 +78,22 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, floa
     return wall, hwm_kb / 1024 / 1024, cpu, usage.ru_inblock * 512 / 1e9
 
 
-def models(arch: str) -> dict[str, Path]:
-    """Generate inputs in a child process: the parent stays small, because a child inherits
-    the parent's peak RSS at fork/exec and would report it as its own."""
+def models(
+    arch: str, names: str = "abcd", tag: str | None = None, **synth: object
+) -> dict[str, Path]:
+    """`DATA/{tag}-{name}.safetensors` (tag: the arch), each made once by `synthesize` (full
+    size unless `synth` says otherwise) in a child process: the parent stays small, because a
+    child inherits the parent's peak RSS at fork/exec and would report it as its own."""
     DATA.mkdir(parents=True, exist_ok=True)
+    kwargs = {"scale": 1, **synth}
     out = {}
-    for name in "abcd":
-        path = DATA / f"{arch}-{name}.safetensors"
+    for name in names:
+        path = DATA / f"{tag or arch}-{name}.safetensors"
         if not path.exists():
             print(f"generating {path.name} (once)...", flush=True)
             code = (
-                "import sys; from pathlib import Path; from mergebuild.demo import synthesize;"
-                f"synthesize(Path({str(path)!r}), {name!r}, arch={arch!r}, scale=1)"
+                "from pathlib import Path; from mergebuild.demo import synthesize;"
+                f"synthesize(Path({str(path)!r}), {name!r}, arch={arch!r}, **{kwargs!r})"
             )
             subprocess.run([PY, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(SRC)})
         out[name] = path

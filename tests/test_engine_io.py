@@ -30,8 +30,8 @@ def test_readahead_advises_exactly_the_bytes_the_merge_reads(
     names: dict[int, str] = {}
     real_read, real_open = SafetensorsSource.read_stored, SafetensorsSource.__init__
 
-    def opening(self: SafetensorsSource, path: Path) -> None:
-        real_open(self, path)
+    def opening(self: SafetensorsSource, path: Path, header: object = None) -> None:
+        real_open(self, path, header)
         names[self.fd] = path.name
 
     def reading(self: SafetensorsSource, key: str, lo: int, hi: int):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mergebuild.cli.options import allow_outside, common, open_store
+from mergebuild.cli.options import allow_outside, common, models_option, open_store
 
 
 def add_parsers(sub: Any) -> None:
@@ -23,14 +23,7 @@ def add_parsers(sub: Any) -> None:
     f.add_argument("-n", "--dry-run", action="store_true", help="say what would be downloaded")
     f.add_argument("--json", action="store_true", help="print one JSON report on stdout")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
-    f.add_argument(
-        "--models",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="DIR",
-        help="also look here for models pinned by sha256 (repeatable)",
-    )
+    models_option(f)
     allow_outside(f)
     common(f)
 

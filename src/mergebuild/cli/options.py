@@ -32,6 +32,17 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def models_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--models",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="also look here for models pinned by sha256 (repeatable)",
+    )
+
+
 def allow_outside(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-outside-paths",
@@ -66,14 +77,7 @@ def build_options(b: argparse.ArgumentParser) -> None:
         help="bound on tensor bytes in flight (default 1G); read buffers: min(96M, half)",
     )
     b.add_argument("--device", default="cpu", help="where to compute: cpu (default) or cuda[:N]")
-    b.add_argument(
-        "--models",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="DIR",
-        help="also look here for models pinned by sha256 (repeatable)",
-    )
+    models_option(b)
     allow_outside(b)
     common(b)
     from mergebuild.remote.config import add_options

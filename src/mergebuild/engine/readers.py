@@ -231,13 +231,13 @@ def open_model(path: Path, stored: bool = False) -> SafetensorsSource | Checkpoi
     stored (a scaled fp8 file not dequantized: for byte-for-byte copies)."""
     suffix = path.suffix.lower()
     if suffix in (".safetensors", ".sft"):
+        from mergebuild.engine.safetensors_io import read_header
         from mergebuild.engine.scaled_fp8 import ScaledFp8Source, is_scaled_file
 
-        src = SafetensorsSource(path)
-        if stored or not is_scaled_file(src.header.tensors):
-            return src
-        src.close()
-        return ScaledFp8Source(path)  # fp8 × scale_weight: dequantized as it is read
+        header = read_header(path)  # read once, whichever reader gets it
+        if stored or not is_scaled_file(header.tensors):
+            return SafetensorsSource(path, header)
+        return ScaledFp8Source(path, header)  # fp8 × scale_weight: dequantized as it is read
     if suffix in CKPT_SUFFIXES:
         return CheckpointSource(path)
     raise BuildError(

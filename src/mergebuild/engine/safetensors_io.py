@@ -156,9 +156,9 @@ def _pread_into(fd: int, buf: object, offset: int) -> None:
 class SafetensorsSource:
     """A safetensors file opened for tensor-by-tensor reads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, header: Header | None = None) -> None:
         self.path = path
-        self.header = read_header(path)
+        self.header = header if header is not None else read_header(path)
         self.fd = os.open(path, os.O_RDONLY)
 
     @property

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergebuild.engine.dtypes import FP8_MAX, cast, is_float
-from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo
+from mergebuild.engine.safetensors_io import Header, SafetensorsSource, TensorInfo
 from mergebuild.errors import BuildError
 
 if TYPE_CHECKING:
@@ -47,8 +47,8 @@ class ScaledFp8Source(SafetensorsSource):
     Still a SafetensorsSource: byte ranges and hashing see the file's own bytes; only the
     tensors made from them are dequantized (`decode`)."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, header: Header | None = None) -> None:
+        super().__init__(path, header)
         tensors = self.header.tensors
         self.scales: dict[str, float] = {}
         for key, (info, _, _) in tensors.items():
