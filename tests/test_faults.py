@@ -24,7 +24,7 @@ import pytest
 from conftest import EXAMPLES, SRC, SeedBuild, run_cli
 
 OUT = Path("out/anything-nsfw-gape.safetensors")
-SLOW_CHUNKS = {"MERGEBUILD_CHUNK_ELEMENTS": "32", "MERGEBUILD_WRITE_BLOCK": "4096"}
+SLOW_CHUNKS = {"MERGEBUILD_CHUNK_ELEMENTS": "128", "MERGEBUILD_WRITE_BLOCK": "4096"}
 TMP = ".mergebuild-tmp-"
 
 
@@ -387,7 +387,7 @@ def test_killed_builder_releases_its_lock(
     recipe = setup(workdir)
     new = seed_build.output
     cache = tmp_path / "c"
-    first = spawn(recipe, "--json", cache=cache, env={"MERGEBUILD_CHUNK_ELEMENTS": "16"})
+    first = spawn(recipe, "--json", cache=cache, env={"MERGEBUILD_CHUNK_ELEMENTS": "64"})
     while not temps(cache / "objects") and first.poll() is None:
         time.sleep(0.01)
     second = spawn(recipe, "--json", cache=cache, env=SLOW_CHUNKS)
@@ -458,7 +458,7 @@ def test_concurrent_builds_sharing_many(
 def test_input_modified_during_build(workdir: Path, cache: Path, tmp_path: Path, how: str) -> None:
     recipe = setup(workdir)
     victim = workdir / "models" / "gape60.safetensors"
-    p = spawn(recipe, "--json", cache=cache, env={"MERGEBUILD_CHUNK_ELEMENTS": "16"})
+    p = spawn(recipe, "--json", cache=cache, env={"MERGEBUILD_CHUNK_ELEMENTS": "64"})
     # wait until the merge is writing (a temp object exists), then change an input
     while not temps(cache / "objects") and p.poll() is None:
         time.sleep(0.01)
