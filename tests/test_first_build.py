@@ -311,16 +311,20 @@ def test_a_first_build_reads_each_input_once(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("stash", [0, 1 << 12, 1 << 30])
-def test_hash_tap_against_hashlib(tmp_path: Path, seed: int, stash: int) -> None:
+@pytest.mark.parametrize("mb, n_cuts", [(2, 60), (12, 12)], ids=["small ranges", "mixed"])
+def test_hash_tap_against_hashlib(
+    tmp_path: Path, seed: int, stash: int, mb: int, n_cuts: int
+) -> None:
     """Ranges fed in a shuffled order, some twice, some never (gaps), a stash too small or
-    large enough: the tap's hashes equal hashlib's over the whole file."""
+    large enough, ranges below the tap's batch size (copied and held back) alone or mixed
+    with larger ones: the tap's hashes equal hashlib's over the whole file."""
     from mergebuild.engine.hash_tap import HashTap
 
     rnd = random.Random(seed)
-    data = rnd.randbytes(rnd.randrange(1 << 20, 3 << 20))
+    data = rnd.randbytes(rnd.randrange(mb << 19, mb << 20))
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    cuts = sorted(rnd.sample(range(1, len(data)), 60))
+    cuts = sorted(rnd.sample(range(1, len(data)), n_cuts))
     spans = list(zip([0, *cuts], [*cuts, len(data)], strict=True))
     planned = [s for i, s in enumerate(spans) if i % 7 != 3]  # the rest: gaps the tap reads
     fed = planned + rnd.sample(planned, 10)

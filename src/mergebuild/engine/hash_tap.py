@@ -9,8 +9,9 @@ bounded stash, and bytes the merge will never read (gaps between its planned ran
 by the tap itself, through the page cache. A range that finds the stash full is dropped and
 read again by the tap when the cursor gets there: only then is a byte read twice.
 
-Fed bytes are the merge's own buffers, not copies: the engine never modifies a tensor it read
-in place (methods work on float32 copies, methods/base.f32), so hashing them later is safe.
+Fed bytes are the merge's own buffers (small ranges are copied, to be batched): the engine
+never modifies a tensor it read in place (methods work on float32 copies, methods/base.f32),
+so hashing them later is safe.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ STASH_BYTES = 64 << 20
 # Bytes fed but not yet taken by the tap's thread: past this, `feed` waits (the merge must not
 # outrun the hashing with buffers the tap still holds; SHA-256 is the slower of the two).
 QUEUE_BYTES = 32 << 20
+# Ranges below this are copied and handed to the tap's thread in batches of about this many
+# bytes: one wake-up (and GIL hand-off) per range costs more than hashing a small tensor.
+BATCH_BYTES = 1 << 20
 
 
 class HashTap:
@@ -54,8 +58,10 @@ class HashTap:
         self.stash: dict[int, Any] = {}  # offset → bytes arrived ahead of the cursor
         self.stashed = 0
         self.dropped: list[tuple[int, int]] = []  # ranges to read again: the stash was full
-        self.queue: queue.SimpleQueue[tuple[int, Any] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[list[tuple[int, Any]] | None] = queue.SimpleQueue()
         self.queued = 0  # bytes in `queue`
+        self.pending: list[tuple[int, Any]] = []  # small ranges not queued yet (BATCH_BYTES)
+        self.pending_bytes = 0
         self.room = threading.Condition()
         self.stopped = False  # the thread ended: feeders never wait
         self.error: BaseException | None = None
@@ -70,16 +76,41 @@ class HashTap:
         n = len(memoryview(data).cast("B"))
         if not n:
             return
+        if n < BATCH_BYTES:
+            small = bytes(memoryview(data).cast("B"))  # a copy: the read buffer is freed now
+            with self.room:
+                self.pending.append((offset, small))
+                self.pending_bytes += n
+                if self.pending_bytes < BATCH_BYTES:
+                    return
+                batch, n = self._take_pending()
+        else:  # the small ranges held so far go first: the cursor may be waiting for them
+            with self.room:
+                batch, held = self._take_pending()
+            batch.append((offset, data))
+            n += held
+        self._put(batch, n)
+
+    def _take_pending(self) -> tuple[list[tuple[int, Any]], int]:
+        batch, n = self.pending, self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
+        return batch, n
+
+    def _put(self, batch: list[tuple[int, Any]], n: int) -> None:
         with self.room:
             while self.queued and self.queued + n > QUEUE_BYTES and not self.stopped:
                 self.room.wait()
             if self.stopped:
                 return  # failed (finish() reports it) or closed: nothing to hash any more
             self.queued += n
-        self.queue.put((offset, data))
+        self.queue.put(batch)
 
     def finish(self) -> FileHashes:
         """The file's hashes: waits for the tap to hash what is left (reading what it must)."""
+        with self.room:
+            batch, n = self._take_pending()
+        if batch:
+            self._put(batch, n)
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
@@ -93,6 +124,7 @@ class HashTap:
             self.queue.put(None)
             self.thread.join()
         self.stash.clear()
+        self.pending.clear()
 
     # -- the tap's thread -----------------------------------------------------------------
 
@@ -102,13 +134,16 @@ class HashTap:
                 self._advance()
                 if self.abort:
                     return
-                item = self.queue.get()
-                if item is None:
+                batch = self.queue.get()
+                if batch is None:
                     self.finishing = True
                     self._advance()
                     return
-                n = self._take(*item)
-                del item
+                n = 0
+                for offset, data in batch:
+                    n += self._take(offset, data)
+                    self._advance()
+                del batch, data  # the merge's buffers are not held past this
                 with self.room:
                     self.queued -= n
                     self.room.notify_all()
@@ -119,6 +154,7 @@ class HashTap:
                 self.stopped = True
                 self.room.notify_all()
             self.stash.clear()
+            self.pending.clear()
             while True:  # release whatever the merge queued meanwhile
                 try:
                     self.queue.get_nowait()
