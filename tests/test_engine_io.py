@@ -6,6 +6,7 @@ same values, and a disk without room for the build is refused before anything is
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,46 @@ def test_direct_reads_of_unaligned_ranges_and_their_fallbacks(tmp_path: Path) ->
         assert ra.take(*units[0][0]) is None
         ra.stop()
         os.close(bad)
+    finally:
+        os.close(twin)
+        os.close(fd)
+
+
+def test_units_too_large_for_direct_buffers_are_advised_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole tensor larger than half the direct buffers is read by its worker: the readahead
+    advises it into the page cache ahead of time instead of leaving the disk idle."""
+    from mergebuild.engine import readahead
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(64 * 4096))
+    fd = os.open(path, os.O_RDONLY)
+    twin = readahead.open_direct(fd)
+    if twin < 0:
+        pytest.skip("no O_DIRECT on this filesystem")
+    advised: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def fadvise(f: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length))
+        real(f, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    units = [[(fd, 0, 4096)], [(fd, 4096, 40 * 4096)], [(fd, 41 * 4096, 4096)]]
+    try:
+        ra = readahead.Readahead(units, 1 << 30, {fd: twin}, buffer_bytes=16 * 4096, head=0)
+        ra.start()
+        for i in range(3):
+            ra.advance(i)
+        ra.take(*units[0][0])
+        assert ra.take(*units[1][0]) is None  # not read directly: its worker reads it
+        ra.take(*units[2][0])
+        deadline = time.monotonic() + 10
+        while not advised and time.monotonic() < deadline:  # the advising thread's pace
+            time.sleep(0.01)
+        ra.stop()
+        assert advised == [(4096, 40 * 4096)]  # and only it went the page-cache way
     finally:
         os.close(twin)
         os.close(fd)

@@ -108,6 +108,11 @@ def open_direct(fd: int, flags: int = os.O_RDONLY) -> int:
         return -1  # e.g. tmpfs before Linux 6.6
 
 
+def _aligned(ranges: Sequence[tuple[int, int, int]]) -> int:
+    """Bytes of direct-read buffer the (fd, offset, length) ranges need, ALIGN-aligned."""
+    return sum(-(-(off + n) // ALIGN) * ALIGN - off // ALIGN * ALIGN for _, off, n in ranges if n)
+
+
 class _BufferBudget:
     """A budget of `size` bytes for direct-read buffers: one region per unit, in unit order.
 
@@ -188,6 +193,13 @@ class Readahead:
         # direct reads: ranges issued by the driver (start, advance), in unit order
         self.fetches: dict[tuple[int, int, int], _Fetch] = {}
         self.next_unit = self.first_direct
+        # units too large for the direct buffers (whole tensors of a whole-tensor method, say):
+        # their workers read them, so they take the page-cache route ahead of time instead
+        self.huge = {
+            i
+            for i, ranges in enumerate(units)
+            if _aligned([r for r in ranges if r[0] in self.direct]) > buffer_bytes // 2
+        }
         self.requests: queue.SimpleQueue[tuple[_Fetch, int, int, int] | None] = queue.SimpleQueue()
         self.direct_bytes = 0  # read with O_DIRECT, for tests and the curious
 
@@ -196,6 +208,7 @@ class Readahead:
             return self
         if hasattr(os, "posix_fadvise") and (
             self.first_direct > 0
+            or self.huge
             or any(fd not in self.direct for ranges in self.units for fd, _, _ in ranges)
         ):
             self.threads.append(threading.Thread(target=self._advise, name="readahead"))
@@ -248,7 +261,7 @@ class Readahead:
         issued = 0
         for i, ranges in enumerate(self.units):
             for fd, offset, length in ranges:
-                if fd in self.direct and i >= self.first_direct:
+                if fd in self.direct and i >= self.first_direct and i not in self.huge:
                     continue
                 with self.cond:
                     while not self.stopping and issued - self.consumed > self.window:
@@ -279,7 +292,7 @@ class Readahead:
                         (fd, twin, offset, length, lo, -(-(offset + length) // ALIGN) * ALIGN)
                     )
             need = sum(hi - lo for *_, lo, hi in spans)
-            if need > self.buffers.size // 2:  # a huge whole tensor: its worker reads it
+            if self.next_unit in self.huge:  # its worker reads it (advised, see _advise)
                 self.next_unit += 1
                 continue
             region = self.buffers.alloc(need) if need else None
