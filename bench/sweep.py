@@ -95,7 +95,7 @@ def separate_builds(r: Runner, label: str) -> dict:
         r.dry_run(rcp)
         r.cold()
         evict(*r.m.values(), r.cache)
-        w, s, c = measure(mergebuild(rcp, r.cache))
+        w, s, c, _ = measure(mergebuild(rcp, r.cache))
         wall, rss, cpu = wall + w, max(rss, s), cpu + c
     row = {"arch": r.arch, "group": "sweep", "job": label, "wall": wall, "rss": rss, "cpu": cpu}
     r.rows.append(row)

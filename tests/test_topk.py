@@ -116,6 +116,27 @@ def test_a_good_sample_needs_no_radix_pass(monkeypatch):
         same(select(x, j, sampler(x)), want(x, j))
 
 
+@pytest.mark.parametrize("j", [1, 2, N // 5, 4 * N // 5, N])
+def test_several_tensors_in_one_pass(monkeypatch, j):
+    """kth_smallest_abs_many: each tensor's own exact rank-j value, when one of them needs the
+    radix fallback (a lying sample, a crowded window) and the others do not."""
+    calls = []
+    radix = _topk._radix
+    monkeypatch.setattr(
+        _topk,
+        "_radix",
+        lambda *a: calls.append(1) or radix(*a),  # type: ignore[func-returns-value]
+    )
+    xs = [data(kind, seed=i) for i, kind in enumerate(KINDS)]
+    samples = [sampler(x) for x in xs]
+    samples[0] = lambda step: torch.full((N // step,), 5.0)  # far above every value of xs[0]
+    buf = torch.empty(_topk.TILE, dtype=torch.float32)
+    got = _topk.kth_smallest_abs_many([filler(x) for x in xs], N, [j] * len(xs), buf, samples)
+    for x, g in zip(xs, got, strict=True):
+        same(np.array([g], dtype=np.float32).view(np.uint32)[0], want(x, j))
+    assert calls, "the lying sample did not reach the fallback"
+
+
 def test_rank_outside_the_tensor_is_refused():
     x = data("normal")
     with pytest.raises(ValueError, match="rank"):

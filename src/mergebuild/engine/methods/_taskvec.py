@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field
 
 from mergebuild.engine.methods._topk import TILE as SELECT_TILE
-from mergebuild.engine.methods._topk import Fill, Sample, kth_smallest_abs
+from mergebuild.engine.methods._topk import Fill, Sample, kth_smallest_abs, kth_smallest_abs_many
 from mergebuild.engine.methods.base import Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
 
@@ -119,6 +119,20 @@ def trim_threshold(
     return kth_smallest_abs(fill, numel, j, buf, sample)
 
 
+def trim_thresholds(
+    numel: int,
+    k: float,
+    fills: list[Fill],
+    buf: torch.Tensor,
+    samples: list[Sample] | None = None,
+) -> list[float | None]:
+    """`trim_threshold` of several task vectors of one tensor, in one pass over its tiles."""
+    j = max(int((1.0 - k) * numel), 1)
+    if j == 1 or numel == 0:
+        return [None] * len(fills)
+    return list(kth_smallest_abs_many(fills, numel, [j] * len(fills), buf, samples))
+
+
 # Elements per tile of the elementwise phase: its ~8 float32 tile buffers (2 MB) stay in L2;
 # 2^16 measured 20% faster than 2^18 on SD1's token embedding, 2^15 slower again (call overhead).
 TILE = 1 << 16
@@ -173,10 +187,11 @@ def ties_tiles(
     thresholds: dict[int, float | None] = {i: None for i, _ in active}
     if k < 1.0 and numel > 0:
         scratch = torch.empty(min(numel, SELECT_TILE), dtype=torch.float32)
-        for i, _ in active:  # trim on the unweighted δᵢ
-            strided = getattr(deltas, "strided", None)  # plain δ (ties): a cheap exact sample
-            sample = None if strided is None else partial(strided, i)
-            thresholds[i] = trim_threshold(numel, k, partial(deltas, i), scratch, sample)
+        ids = [i for i, _ in active]  # trim on the unweighted δᵢ
+        strided = getattr(deltas, "strided", None)  # plain δ (ties): a cheap exact sample
+        samples = None if strided is None else [partial(strided, i) for i in ids]
+        got = trim_thresholds(numel, k, [partial(deltas, i) for i in ids], scratch, samples)
+        thresholds.update(zip(ids, got, strict=True))
         del scratch
     # hardshrink(δ, λ) keeps |δ| > λ: with λ the float32 just below the threshold, |δ| ≥ thr
     shrink = {i: _below(t) for i, t in thresholds.items()}

@@ -7,7 +7,8 @@ and ~7 ns per element. Here the float32 bit patterns of |x| are compared as unsi
 
 1. a deterministic sample (every s-th element, or evenly spread blocks) gives a window
    [L, H] of bit patterns that very likely holds rank j;
-2. one chunked pass counts the elements below L and keeps the few inside [L, H];
+2. one chunked pass counts the elements below L and keeps the few inside [L, H] (one pass
+   for several tensors of a key: the TIES task vectors share the base's tiles);
 3. if rank j falls inside the window, numpy's introselect on those candidates gives it.
    Otherwise (an unlucky sample, or a window too crowded to keep) an exact radix select runs:
    a histogram of the top 16 bits, then of the low 16 bits within the chosen bin.
@@ -19,7 +20,7 @@ equals `np.partition(|x|, j - 1)[j - 1]` bit for bit. Memory: a few tiles and th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,16 +47,41 @@ def kth_smallest_abs(
     fits in one tile is selected directly (numpy's introselect, one fill). `sample(step)`, if
     given, returns x[::step] (a cheap, evenly spread sample); else blocks of `fill` are used.
     """
-    if not 1 <= j <= numel:
-        raise ValueError(f"rank {j} outside 1..{numel}")
+    return kth_smallest_abs_many([fill], numel, [j], buf, [sample])[0]
+
+
+def kth_smallest_abs_many(
+    fills: Sequence[Fill],
+    numel: int,
+    js: Sequence[int],
+    buf: torch.Tensor,
+    samples: Sequence[Sample | None] | None = None,
+) -> list[float]:
+    """`kth_smallest_abs` of several tensors of one size (rank js[m] of fills[m]), each exact.
+
+    Why: TIES trims every task vector δₘ = xₘ − base of a key. One pass over the tiles for all
+    of them, tile by tile, converts the base tile once for all models (TileDeltas caches it)
+    and reads each input tile while the others are still in cache."""
+    for j in js:
+        if not 1 <= j <= numel:
+            raise ValueError(f"rank {j} outside 1..{numel}")
     if numel <= TILE:
-        arr = fill(0, numel, buf[:numel]).abs_().numpy()
-        arr.partition(j - 1)
-        return float(arr[j - 1])
-    low, high = _window(_sample(fill, numel, buf, sample), j / numel)
-    found = _in_window(fill, numel, j, buf, low, high)
-    bits = found if found is not None else _radix(fill, numel, j, buf)
-    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+        out = []
+        for f, j in zip(fills, js, strict=True):
+            arr = f(0, numel, buf[:numel]).abs_().numpy()
+            arr.partition(j - 1)
+            out.append(float(arr[j - 1]))
+        return out
+    windows = [
+        _window(_sample(f, numel, buf, None if samples is None else samples[m]), j / numel)
+        for m, (f, j) in enumerate(zip(fills, js, strict=True))
+    ]
+    found = _in_windows(fills, numel, js, buf, windows)
+    out = []
+    for f, j, bits in zip(fills, js, found, strict=True):
+        b = bits if bits is not None else _radix(f, numel, j, buf)
+        out.append(float(np.array([b], dtype=np.uint32).view(np.float32)[0]))
+    return out
 
 
 def _sample(fill: Fill, numel: int, buf: torch.Tensor, sample: Sample | None) -> np.ndarray:
@@ -86,38 +112,57 @@ def _window(sample: np.ndarray, p: float) -> tuple[int, int]:
     return low, high
 
 
-def _in_window(
-    fill: Fill, numel: int, j: int, buf: torch.Tensor, low: int, high: int
-) -> int | None:
-    """One pass: count |x| below L, keep those in [L, H]; the bits of rank j, or None."""
-    cap = max(numel // 8, TILE)  # a crowded window (say 80% zeros) is not worth keeping
-    width = np.uint32(high - low)
+def _in_windows(
+    fills: Sequence[Fill],
+    numel: int,
+    js: Sequence[int],
+    buf: torch.Tensor,
+    windows: Sequence[tuple[int, int]],
+) -> list[int | None]:
+    """One pass over the tiles (tiles outer, tensors inner): per tensor, count |x| below its
+    window's L and keep those in [L, H]; the bits of its rank j, or None (not in the window,
+    or the window too crowded to keep: say 80% zeros)."""
+    cap = max(numel // 8, TILE)
     shifted = np.empty(TILE, dtype=np.uint32)
     below_l, inside = np.empty(TILE, dtype=np.bool_), np.empty(TILE, dtype=np.bool_)
-    below, count, kept = 0, 0, []
-    for bits in _tiles(fill, numel, buf):
-        m = len(bits)
-        np.less(bits, low, out=below_l[:m])
-        below += int(np.count_nonzero(below_l[:m]))
-        np.subtract(bits, np.uint32(low), out=shifted[:m])  # wraps below L: outside [0, H−L]
-        np.less_equal(shifted[:m], width, out=inside[:m])
-        if low == high:  # one value: counting is enough
-            count += int(np.count_nonzero(inside[:m]))
-            continue
-        # positions then values: 0.6 ns per element against 1.7 for np.compress (and 2.2 for
-        # bits[mask]) at the window's density of a few per thousand
-        c = bits.take(np.flatnonzero(inside[:m]))
-        count += c.size
-        if count > cap:
-            return None
-        kept.append(c)
-    if not below < j <= below + count:
-        return None
-    if low == high:
-        return low
-    cands = np.concatenate(kept)
-    cands.partition(j - below - 1)
-    return int(cands[j - below - 1])
+    n = len(fills)
+    below, count = [0] * n, [0] * n
+    kept: list[list[np.ndarray] | None] = [[] for _ in range(n)]  # None: window too crowded
+    for lo in range(0, numel, TILE):
+        hi = min(numel, lo + TILE)
+        m = hi - lo
+        for t, (fill, (low, high)) in enumerate(zip(fills, windows, strict=True)):
+            keep = kept[t]
+            if keep is None:
+                continue
+            bits = fill(lo, hi, buf[:m]).abs_().numpy().view(np.uint32)
+            np.less(bits, low, out=below_l[:m])
+            below[t] += int(np.count_nonzero(below_l[:m]))
+            np.subtract(bits, np.uint32(low), out=shifted[:m])
+            np.less_equal(shifted[:m], np.uint32(high - low), out=inside[:m])
+            if low == high:
+                count[t] += int(np.count_nonzero(inside[:m]))
+                continue
+            # positions then values: 0.6 ns per element against 1.7 for np.compress (and 2.2
+            # for bits[mask]) at the window's density of a few per thousand
+            c = bits.take(np.flatnonzero(inside[:m]))
+            count[t] += c.size
+            if count[t] > cap:
+                kept[t] = None
+                continue
+            keep.append(c)
+    out: list[int | None] = []
+    for t, (j, (low, high)) in enumerate(zip(js, windows, strict=True)):
+        keep = kept[t]
+        if keep is None or not below[t] < j <= below[t] + count[t]:
+            out.append(None)
+        elif low == high:
+            out.append(low)
+        else:
+            cands = np.concatenate(keep)
+            cands.partition(j - below[t] - 1)
+            out.append(int(cands[j - below[t] - 1]))
+    return out
 
 
 def _radix(fill: Fill, numel: int, j: int, buf: torch.Tensor) -> int:
