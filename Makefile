@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/noop.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/flux.py
 
 clean:

@@ -136,17 +136,18 @@ def aligned(n):  # malloc'd and 4 KiB-aligned, as O_DIRECT needs
     pad = -ctypes.addressof(raw) % 4096
     return memoryview(raw).cast("B")[pad : pad + n]
 
-def write_output():
+def write_output():  # `out`: one path, or several separated by commas (a sweep's outputs)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if mode != "buffered" else 0)
-    fd = os.open(out, flags, 0o644)
     buf = aligned(step)
-    pos = 0
-    while pos < size:
-        n = min(len(buf), size - pos)
-        pos += os.pwrite(fd, buf[: -(-n // 4096) * 4096 if mode != "buffered" else n], pos)
-    os.ftruncate(fd, size)
-    os.fsync(fd)
-    os.close(fd)
+    for o in out.split(","):
+        fd = os.open(o, flags, 0o644)
+        pos = 0
+        while pos < size:
+            n = min(len(buf), size - pos)
+            pos += os.pwrite(fd, buf[: -(-n // 4096) * 4096 if mode != "buffered" else n], pos)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        os.close(fd)
 
 if mode == "overlap":  # the write runs while the reads do (as a streaming merge's does)
     writer = threading.Thread(target=write_output)

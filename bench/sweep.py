@@ -28,24 +28,6 @@ OUT = DATA / "sweep-out"
 ALPHAS = (0.25, 0.5, 0.75)
 PRESETS = ("GRAD_V", "COSINE", "SMOOTHSTEP")
 
-# bench/run.py's floor, writing every output listed (comma-separated) instead of one
-_WRITE = FLOOR.index("flags = os.O_WRONLY")
-FLOOR_N = (
-    FLOOR[:_WRITE]
-    + """flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if mode == "direct" else 0)
-buf = aligned(step)
-for o in out.split(","):
-    fd = os.open(o, flags, 0o644)
-    pos = 0
-    while pos < size:
-        n = min(len(buf), size - pos)
-        pos += os.pwrite(fd, buf[: -(-n // 4096) * 4096 if mode == "direct" else n], pos)
-    os.ftruncate(fd, size)
-    os.fsync(fd)
-    os.close(fd)
-"""
-)
-
 
 def sweep_recipe(path: Path, m: dict[str, Path], sweep: str, template: str) -> Path:
     models = "".join(f"  {k}: {m[k]}\n" for k in "abc")
@@ -69,7 +51,7 @@ def floor_n(r: Runner, label: str, n: int) -> dict:
     rows = [
         r.run(
             f"{label} ({read} read, {mode} write)",
-            [PY, "-c", FLOOR_N, read, mode, *abc, outs, str(r.size)],
+            [PY, "-c", FLOOR, read, mode, *abc, outs, str(r.size)],
             prepare=clear_outputs,
         )
         for read, mode in (("buffered", "buffered"), ("buffered", "direct"), ("direct", "direct"))

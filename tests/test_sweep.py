@@ -434,6 +434,31 @@ def test_member_output_name_taken_by_hand(tmp_path: Path) -> None:
     assert "output 'o[alpha=0.2]' is also a member of swept output 'o'" in str(e.value)
 
 
+def test_an_included_sweep_is_named_by_member(tmp_path: Path) -> None:
+    """A swept node of an included recipe: referring to it as a whole is one located error
+    naming its members; one member, named in the explicit form, is a node like any other."""
+    recipe(
+        tmp_path,
+        "  nsfw:\n    expr: anything + (nai_full - nai_sfw) * alpha\n"
+        "    sweep: {alpha: [0.25, 0.5]}\n",
+        '  nsfw: {from: nsfw, path: "out/nsfw-{alpha}.safetensors"}\n',
+        name="base.yaml",
+    )
+    top = tmp_path / "top.yaml"
+    head = "mergebuild: 1\ninclude: {b: base.yaml}\nmodels: {gape: models/gape60.safetensors}\n"
+    tail = "outputs:\n  g: {from: g, path: out/g.safetensors}\n"
+    top.write_text(head + "merges:\n  g: b.nsfw + (gape - b.nai_full) * 0.5\n" + tail)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(top, [])
+    assert "top.yaml:5:6: 'b.nsfw' is swept in the included recipe" in str(e.value)
+    assert "b.nsfw[alpha=0.25], b.nsfw[alpha=0.5]" in str(e.value)
+    top.write_text(
+        head + 'merges:\n  g: {method: add_difference, a: "b.nsfw[alpha=0.5]", b: gape, '
+        "c: b.nai_full, alpha: 0.5}\n" + tail
+    )
+    assert load_recipe(top, []).nodes["g"].inputs["a"] == "b.nsfw[alpha=0.5]"
+
+
 def test_cap_can_be_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     merges = (
         "  m: {method: weighted_sum, a: insta, b: wd13, sweep: {alpha: {range: [0, 1, 0.001]}}}\n"

@@ -846,6 +846,14 @@ class _At(Positions):
 
 
 def _unknown_ref(ref: str, models: set[str], merges: set[str]) -> str:
+    members = sorted(m for m in merges if m.startswith(ref + "["))
+    if members and "." in ref:  # the sweep of an included recipe: its members are plain nodes
+        shown = ", ".join(members[:3]) + (", …" if len(members) > 3 else "")
+        return (
+            f"'{ref}' is swept in the included recipe (members {shown}); a recipe does not "
+            f"sweep along an included sweep: name one member in the explicit form "
+            f'(a: "{members[0]}"), or put the sweep in this recipe'
+        )
     close = did_you_mean(ref, sorted([*models, *merges]))
     kind = "model" if not close or close.split("'")[1] in models else "node"
     return f"unknown {kind} '{ref}'{close}"
