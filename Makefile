@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/noop.py
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/compare.py
+	$(BIN)/python bench/lora_bake.py
 	$(BIN)/python bench/flux.py
 
 clean:
