@@ -65,7 +65,7 @@ def _work(src: LoraSource, key: str, bounds: list[int], got: np.ndarray, parity:
 
 
 @pytest.mark.parametrize("algo", ["lora", "locon", "loha"])
-@pytest.mark.parametrize("block", [1 << 20, 40, 7])
+@pytest.mark.parametrize("block", [1 << 20, 1 << 18, 40, 7])
 def test_row_blocks_equal_the_whole(tmp_path: Path, monkeypatch, algo: str, block: int) -> None:
     monkeypatch.setattr(delta_mod, "ROW_BLOCK", block)
     path, key, ref = files(tmp_path)[algo]

@@ -26,7 +26,11 @@ if TYPE_CHECKING:
 
     from mergebuild.lora.formats import Module
 
-ROW_BLOCK = 1 << 20  # float64 elements per block of rows: bounded temporaries
+# float64 elements per block of rows: 2 MB, so the block stays in L2 between its matmul and
+# its rounding (rank-32 SDXL module: 3.3 -> 1.9 ns per element against 1 << 20). The bits
+# were the same as with 1 << 20 for every module shape tried (an element's float64 dot product
+# over the rank does not depend on how many rows its block has)
+ROW_BLOCK = 1 << 18
 
 
 def scale(module: Module, alpha: float | None) -> float:
