@@ -30,9 +30,11 @@ if TYPE_CHECKING:
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
-# Uniforms are produced in blocks of this many elements: a few uint64 temporaries of 2 MB stay
-# in cache and a whole-tensor caller never holds 8 bytes per element of a 60 M tensor at once.
-BLOCK = 1 << 18
+# Uniforms are produced in blocks of this many elements: the two uint64 temporaries (512 KB
+# each) stay in L2, and a whole-tensor caller never holds 8 bytes per element of a 60 M tensor
+# at once. keep_mask over 14.7 M elements: 2.9 ns per element, against 6.8 with 1 << 18 (4 MB
+# of temporaries). The values are a function of the element index alone, whatever the block.
+BLOCK = 1 << 16
 
 
 def stream_key(seed: int, node_key: str, tensor: str) -> int:
