@@ -14,14 +14,9 @@ was met. Results: bench/compare_results.md. `python bench/compare.py [--repeat N
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-from pathlib import Path
 
-from run import FLOOR, PY, Runner, report
-
-HERE = Path(__file__).resolve().parent
+from run import FLOOR, PY, Runner, report, write_results
 
 
 def main() -> None:
@@ -53,19 +48,17 @@ def main() -> None:
     )
     table = report(rows)
     print("\n" + table)
-    header = (
-        "# mergebuild benchmark: compare\n\n"
-        f"Machine: {os.cpu_count()} cores. Full-size SD1 (fp16, 2.1 GB each). Page cache emptied "
-        "(posix_fadvise DONTNEED) before every run; wall time and peak RSS of the child "
-        "(VmHWM); best of the runs per row. × floor: against reading a, b, c once (the faster "
-        "of a deep page-cache window and O_DIRECT), in the same run. Load average (1 min) at "
-        f"the start and the end of the run: {load_start:.1f}, {os.getloadavg()[0]:.1f}.\n\n"
-        f"Command: `python bench/compare.py {' '.join(sys.argv[1:])}`\n\n"
+    write_results(
+        "compare_results.md",
+        "compare",
+        "Full-size SD1 (fp16, 2.1 GB each). Page cache emptied (posix_fadvise DONTNEED) before "
+        "every run; wall time and peak RSS of the child (VmHWM); best of the runs per row. "
+        "× floor: against reading a, b, c once (the faster of a deep page-cache window and "
+        "O_DIRECT), in the same run.",
+        rows,
+        load_start,
+        table,
     )
-    (HERE / "compare_results.md").write_text(
-        header + table + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n"
-    )
-    print(f"\nwritten to {HERE / 'compare_results.md'}")
 
 
 if __name__ == "__main__":

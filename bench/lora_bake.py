@@ -16,7 +16,6 @@ Results: bench/lora_results.md. `python bench/lora_bake.py [--repeat N]`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ DATA = HERE / ".data"
 sys.path.insert(0, str(SRC))
 sys.path.insert(0, str(HERE))
 
-from run import FLOOR, PY, evict, measure, report  # noqa: E402
+from run import FLOOR, PY, evict, measure, report, write_results  # noqa: E402
 
 ATTN = re.compile(r"\.(to_[qkv]|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2)\.weight$")
 TE1 = re.compile(r"\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)\.weight$")
@@ -191,21 +190,19 @@ def main() -> None:
     out.unlink(missing_ok=True)
     table = report(rows)
     print("\n" + table)
-    header = (
-        "# mergebuild benchmark: baking LoRAs\n\n"
-        f"Machine: {os.cpu_count()} cores. Full-size synthetic SDXL (fp16, 6.9 GB) and two "
-        "kohya rank-32 LoRAs (UNet attention/feed-forward/proj, both text encoders; 230 MB "
-        "each): `xl + lora(la, 0.6) + lora(lb, 0.4)`, `-j2`. Page cache emptied before every "
-        "run; wall time and peak RSS of the child (VmHWM); best of the runs per row. × floor: "
-        "against reading the three inputs once and writing a model-sized output (fsync), the "
-        "fastest of buffered / O_DIRECT reads and writes, in the same run. Load average "
-        f"(1 min) at the start and the end: {load_start:.1f}, {os.getloadavg()[0]:.1f}.\n\n"
-        f"Command: `python bench/lora_bake.py {' '.join(sys.argv[1:])}`\n\n"
+    write_results(
+        "lora_results.md",
+        "baking LoRAs",
+        "Full-size synthetic SDXL (fp16, 6.9 GB) and two kohya rank-32 LoRAs (UNet attention/"
+        "feed-forward/proj, both text encoders; 230 MB each): `xl + lora(la, 0.6) + lora(lb, "
+        "0.4)`, `-j2`. Page cache emptied before every run; wall time and peak RSS of the child "
+        "(VmHWM); best of the runs per row. × floor: against reading the three inputs once and "
+        "writing a model-sized output (fsync), the fastest of buffered / O_DIRECT reads and "
+        "writes, in the same run.",
+        rows,
+        load_start,
+        table,
     )
-    (HERE / "lora_results.md").write_text(
-        header + table + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n"
-    )
-    print(f"\nwritten to {HERE / 'lora_results.md'}")
 
 
 if __name__ == "__main__":

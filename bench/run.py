@@ -508,6 +508,22 @@ def report(rows: list[dict]) -> str:
 GROUPS = ("core", "methods")
 
 
+def write_results(
+    name: str, title: str, about: str, rows: list[dict], load_start: float, table: str
+) -> None:
+    """bench/NAME: a title, what was measured, the load average, the command, the table and
+    the rows as JSON (the format every bench script writes)."""
+    script = Path(sys.argv[0]).name
+    text = (
+        f"# mergebuild benchmark: {title}\n\nMachine: {os.cpu_count()} cores. {about} Load "
+        f"average (1 min) at the start and the end of the run: {load_start:.1f}, "
+        f"{os.getloadavg()[0]:.1f}.\n\nCommand: `python bench/{script} "
+        f"{' '.join(sys.argv[1:])}`\n\n{table}\n\n```json\n{json.dumps(rows, indent=1)}\n```\n"
+    )
+    (HERE / name).write_text(text)
+    print(f"\nwritten to {HERE / name}")
+
+
 def earlier_rows(rows: list[dict]) -> list[dict]:
     """Rows of the previous results.md that this run did not measure again (a partial run,
     e.g. `--rows methods`, keeps the others, shown apart: their × floor is their own run's)."""

@@ -15,15 +15,23 @@ Results: bench/sweep_results.md. `python bench/sweep.py [--repeat N] [--no-nine]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
-from run import DATA, FLOOR, PY, Runner, data_digest, evict, measure, mergebuild, report
+from run import (
+    DATA,
+    FLOOR,
+    PY,
+    Runner,
+    data_digest,
+    evict,
+    measure,
+    mergebuild,
+    report,
+    write_results,
+)
 
-HERE = Path(__file__).resolve().parent
 OUT = DATA / "sweep-out"
 ALPHAS = (0.25, 0.5, 0.75)
 PRESETS = ("GRAD_V", "COSINE", "SMOOTHSTEP")
@@ -139,23 +147,20 @@ def main() -> None:
     shutil.rmtree(r.cache, ignore_errors=True)
     table = report(rows)
     print("\n" + table)
-    header = (
-        "# mergebuild benchmark: sweeps\n\n"
-        f"Machine: {os.cpu_count()} cores. Full-size SD1 (fp16, 2.1 GB each), add_difference, "
-        "fp16 outputs, `-j2`. Page cache emptied (posix_fadvise DONTNEED) before every run, "
-        "cache cold; wall time and peak RSS of the child (VmHWM); best of the runs per row. "
-        "× floor: against reading a, b, c once and writing every output of the row (fsync), "
-        "the fastest of buffered / O_DIRECT reads and writes, in the same run. The separate "
-        "builds are three runs, one alpha each, each from a cold page cache (wall and CPU "
-        "summed, RSS the largest); the sweep row's `vs_separate` in the JSON is its wall "
-        "over theirs. Load average (1 min) at the start and the end of the run: "
-        f"{load_start:.1f}, {os.getloadavg()[0]:.1f}.\n\n"
-        f"Command: `python bench/sweep.py {' '.join(sys.argv[1:])}`\n\n"
+    write_results(
+        "sweep_results.md",
+        "sweeps",
+        "Full-size SD1 (fp16, 2.1 GB each), add_difference, fp16 outputs, `-j2`. Page cache "
+        "emptied (posix_fadvise DONTNEED) before every run, cache cold; wall time and peak RSS "
+        "of the child (VmHWM); best of the runs per row. × floor: against reading a, b, c once "
+        "and writing every output of the row (fsync), the fastest of buffered / O_DIRECT reads "
+        "and writes, in the same run. The separate builds are three runs, one alpha each, each "
+        "from a cold page cache (wall and CPU summed, RSS the largest); the sweep row's "
+        "`vs_separate` in the JSON is its wall over theirs.",
+        rows,
+        load_start,
+        table,
     )
-    (HERE / "sweep_results.md").write_text(
-        header + table + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n"
-    )
-    print(f"\nwritten to {HERE / 'sweep_results.md'}")
 
 
 if __name__ == "__main__":

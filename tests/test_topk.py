@@ -86,6 +86,19 @@ def test_one_tile_is_selected_directly():
         same(select(x, j), want(x, j))
 
 
+@pytest.fixture
+def radix_calls(monkeypatch) -> list[int]:
+    """The radix fallback, counted: one entry per call."""
+    calls: list[int] = []
+    radix = _topk._radix
+    monkeypatch.setattr(
+        _topk,
+        "_radix",
+        lambda *a: calls.append(1) or radix(*a),  # type: ignore[func-returns-value]
+    )
+    return calls
+
+
 @pytest.mark.parametrize(
     "lie",
     [
@@ -94,19 +107,12 @@ def test_one_tile_is_selected_directly():
         lambda n: torch.linspace(-1e30, 1e30, n),  # spans everything: too crowded to keep
     ],
 )
-def test_a_misleading_sample_falls_back_to_the_radix_select(monkeypatch, lie):
+def test_a_misleading_sample_falls_back_to_the_radix_select(radix_calls, lie):
     """The sample only places the window: a wrong one costs a pass, never a wrong value."""
-    calls = []
-    radix = _topk._radix
-    monkeypatch.setattr(
-        _topk,
-        "_radix",
-        lambda *a: calls.append(1) or radix(*a),  # type: ignore[func-returns-value]
-    )
     x = data("normal", seed=3)
     for j in (N // 5, 4 * N // 5):
         same(select(x, j, lambda step: lie(N // step)), want(x, j))
-    assert len(calls) == 2
+    assert len(radix_calls) == 2
 
 
 def test_a_good_sample_needs_no_radix_pass(monkeypatch):
@@ -117,16 +123,9 @@ def test_a_good_sample_needs_no_radix_pass(monkeypatch):
 
 
 @pytest.mark.parametrize("j", [1, 2, N // 5, 4 * N // 5, N])
-def test_several_tensors_in_one_pass(monkeypatch, j):
+def test_several_tensors_in_one_pass(radix_calls, j):
     """kth_smallest_abs_many: each tensor's own exact rank-j value, when one of them needs the
     radix fallback (a lying sample, a crowded window) and the others do not."""
-    calls = []
-    radix = _topk._radix
-    monkeypatch.setattr(
-        _topk,
-        "_radix",
-        lambda *a: calls.append(1) or radix(*a),  # type: ignore[func-returns-value]
-    )
     xs = [data(kind, seed=i) for i, kind in enumerate(KINDS)]
     samples = [sampler(x) for x in xs]
     samples[0] = lambda step: torch.full((N // step,), 5.0)  # far above every value of xs[0]
@@ -134,7 +133,7 @@ def test_several_tensors_in_one_pass(monkeypatch, j):
     got = _topk.kth_smallest_abs_many([filler(x) for x in xs], N, [j] * len(xs), buf, samples)
     for x, g in zip(xs, got, strict=True):
         same(np.array([g], dtype=np.float32).view(np.uint32)[0], want(x, j))
-    assert calls, "the lying sample did not reach the fallback"
+    assert radix_calls, "the lying sample did not reach the fallback"
 
 
 def test_rank_outside_the_tensor_is_refused():
