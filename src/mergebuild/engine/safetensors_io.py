@@ -98,6 +98,7 @@ def read_header(path: Path) -> Header:
 
 
 def _parse_header(path: Path) -> Header:
+    """read_header without the memo."""
 
     def bad(why: str) -> BuildError:
         return BuildError(f"{path}: not a valid safetensors file: {why}")

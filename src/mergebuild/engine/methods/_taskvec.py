@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field
 
 from mergebuild.engine.methods._topk import TILE as SELECT_TILE
-from mergebuild.engine.methods._topk import Fill, Sample, kth_smallest_abs, kth_smallest_abs_many
+from mergebuild.engine.methods._topk import Fill, Sample, kth_smallest_abs_many
 from mergebuild.engine.methods.base import Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
 
@@ -103,22 +103,6 @@ class TileDeltas:
         return f32(self.flat[i][::step]).sub_(self.flat[0][::step])
 
 
-def trim_threshold(
-    numel: int, k: float, fill: Fill, buf: torch.Tensor, sample: Sample | None = None
-) -> float | None:
-    """sd-mecha's TIES threshold: the j-th smallest |δ| with j = max(⌊(1−k)·numel⌋, 1).
-
-    Elements with |δ| ≥ threshold are kept (ties at the threshold included), so at least
-    numel − j + 1 elements survive. None means "keep everything" (k = 1: the threshold would
-    be min |δ|). Exact and deterministic: a radix select over the tiles `fill` writes into
-    `buf` (see _topk.py), never a full-size |δ|.
-    """
-    j = max(int((1.0 - k) * numel), 1)
-    if j == 1 or numel == 0:
-        return None
-    return kth_smallest_abs(fill, numel, j, buf, sample)
-
-
 def trim_thresholds(
     numel: int,
     k: float,
@@ -126,7 +110,13 @@ def trim_thresholds(
     buf: torch.Tensor,
     samples: list[Sample] | None = None,
 ) -> list[float | None]:
-    """`trim_threshold` of several task vectors of one tensor, in one pass over its tiles."""
+    """sd-mecha's TIES threshold of each task vector of one tensor, in one pass over its
+    tiles: the j-th smallest |δ| with j = max(⌊(1−k)·numel⌋, 1).
+
+    Elements with |δ| ≥ threshold are kept (ties at the threshold included), so at least
+    numel − j + 1 elements survive. None means "keep everything" (k = 1: the threshold would
+    be min |δ|). Exact and deterministic: a radix select over the tiles each `fill` writes into
+    `buf` (see _topk.py), never a full-size |δ|."""
     j = max(int((1.0 - k) * numel), 1)
     if j == 1 or numel == 0:
         return [None] * len(fills)
