@@ -191,6 +191,33 @@ def test_units_too_large_for_direct_buffers_are_advised_ahead(
         os.close(fd)
 
 
+def test_small_units_are_batched_in_order_within_their_limits() -> None:
+    """_batches: every unit once, in order; a unit of SMALL_UNIT elements or more alone; a
+    batch of small ones stops at BATCH_ELEMENTS elements or `cap` bytes read."""
+    import random
+
+    from mergebuild.engine import executor
+    from mergebuild.engine.compute import Unit
+
+    rnd = random.Random(5)
+    sizes = [rnd.choice([1, 100, 5000, 40_000, executor.SMALL_UNIT, 3 << 20]) for _ in range(400)]
+    units = [Unit(f"k{i}", 0, n, True) for i, n in enumerate(sizes)]
+    read = [2 * n for n in sizes]
+    cap = 200_000
+    batches = list(executor._batches(units, read, cap))
+    assert [u for _, b in batches for u in b] == units
+    at = 0
+    for first, batch in batches:
+        assert first == at and batch
+        at += len(batch)
+        if any(u.hi >= executor.SMALL_UNIT for u in batch):
+            assert len(batch) == 1
+        if len(batch) > 1:
+            assert sum(read[first : first + len(batch)]) <= cap
+            assert sum(u.hi for u in batch[:-1]) < executor.BATCH_ELEMENTS
+    assert any(len(b) > 1 for _, b in batches)
+
+
 def test_tiled_arithmetic_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
