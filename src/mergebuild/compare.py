@@ -217,19 +217,13 @@ def _sum_keys(
                     s.add(_chunk_sums(y, x.read_flat(key, lo, hi), bb, lo, hi))
         return out
 
-    import torch
-
     from mergebuild.engine.tuning import merging
 
-    threads = torch.get_num_threads()
-    # as a merge pass: parallel over keys, one torch thread each (else OpenMP's pool spins on
-    # the cores the readers need), freed read buffers reused instead of page-faulted afresh
-    torch.set_num_threads(1)
-    try:
-        with merging(), ThreadPoolExecutor(max(1, jobs)) as pool:
-            return dict(zip(keys, pool.map(one, keys), strict=True))
-    finally:
-        torch.set_num_threads(threads)
+    # the merge's process settings: freed read buffers reused instead of page-faulted afresh,
+    # no GC scans. (Not one torch thread per worker, as the merge has: torch.dot's float64
+    # sums then differed in the last bits from run to run.)
+    with merging(), ThreadPoolExecutor(max(1, jobs)) as pool:
+        return dict(zip(keys, pool.map(one, keys), strict=True))
 
 
 SUM_TILE = 1 << 15  # float64 elements per tile: the temporaries of one tile stay in L2
@@ -240,39 +234,30 @@ def _chunk_sums(
 ) -> Sums:
     """A chunk's float64 sums, tile by tile (added in order: the same figures on any run).
     Why tiles: float64 copies of a whole 4 Mi-element chunk stream through main memory; the
-    same work on L2-sized tiles ran 4-5× faster. Why through float32 (_widen): torch's
-    half → double conversion is not vectorised (~2.6 ns per element, most of compare's time);
-    half → float → double is exact too, so the values are the same."""
+    same work on L2-sized tiles ran 4-5× faster. Widened through float32 (reduce.Widen): the
+    same values as half → double, faster."""
     import torch
+
+    from mergebuild.engine.methods.reduce import Widen
 
     s = Sums(elements=hi - lo)
     size = min(SUM_TILE, hi - lo)
-    f32 = torch.empty(size, dtype=torch.float32)
-    y64, x64, b64 = (torch.empty(size, dtype=torch.float64) for _ in range(3))
+    widen = Widen(size, 3)
     d = torch.empty(size, dtype=torch.float64)
     for t in range(0, hi - lo, SUM_TILE):
         n = min(SUM_TILE, hi - lo - t)
-        yt = _widen(y[t : t + n], y64[:n], f32)
-        xt = _widen(x[t : t + n], x64[:n], f32)
+        yt = torch.from_numpy(widen(0, y[t : t + n]))
+        xt = torch.from_numpy(widen(1, x[t : t + n]))
         dt = torch.sub(xt, yt, out=d[:n])
         s.dxy += float(torch.dot(dt, dt))
         s.yy += float(torch.dot(yt, yt))
         if bb is not None:
-            bt = _widen(bb[t : t + n], b64[:n], f32)
+            bt = torch.from_numpy(widen(2, bb[t : t + n]))
             xa, ya = xt.sub_(bt), yt.sub_(bt)
             s.ab += float(torch.dot(xa, ya))
             s.aa += float(torch.dot(xa, xa))
             s.bb += float(torch.dot(ya, ya))
     return s
-
-
-def _widen(src: torch.Tensor, out: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
-    """`src` as float64 in `out` (half and bfloat16 through the float32 buffer `f32`)."""
-    import torch
-
-    if src.dtype in (torch.float16, torch.bfloat16):
-        return out.copy_(f32[: src.numel()].copy_(src))
-    return out.copy_(src)
 
 
 def _advise(*sources: Any) -> None:

@@ -25,7 +25,7 @@ def _f64(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.float64).cpu().numpy()  # a GPU tensor too: the sums stay on the CPU
 
 
-class _Widen:
+class Widen:
     """float64 copies of CPU blocks into buffers reused block after block.
 
     Why: `x.to(float64)` costs ~2.6 ns per element from float16 (torch's direct half → double
@@ -33,15 +33,15 @@ class _Widen:
     ~0.6 ns. Both conversions are exact, so the float64 values, and every sum, are the same.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, count: int = 2) -> None:
         import torch
 
         self.f32 = torch.empty(size, dtype=torch.float32)
-        self.f64 = [torch.empty(size, dtype=torch.float64) for _ in range(2)]
+        self.f64 = [torch.empty(size, dtype=torch.float64) for _ in range(count)]
         self.prod = np.empty(size, dtype=np.float64)
 
     def __call__(self, which: int, x: torch.Tensor) -> np.ndarray:
-        """x (flat, CPU, at most `size` elements) as float64, in buffer `which` (0 or 1)."""
+        """x (flat, CPU, at most `size` elements) as float64, in buffer `which` (< count)."""
         import torch
 
         n = x.numel()
@@ -88,7 +88,7 @@ def gram(
                 for i, v in enumerate(three(_f64(xr[lo : lo + step]), _f64(yr[lo : lo + step]), 0)):
                     acc[i] += v
             return acc[0], acc[1], acc[2]
-        widen = _Widen(min(step, n_rows) * n_cols)
+        widen = Widen(min(step, n_rows) * n_cols)
         for lo in range(0, n_rows, step):
             rows = min(step, n_rows - lo)
             a = widen(0, xr[lo : lo + rows].reshape(-1)).reshape(rows, n_cols)
@@ -105,7 +105,7 @@ def gram(
             for i, v in enumerate(three(_f64(xr[lo : lo + step]), _f64(yr[lo : lo + step]), 1)):
                 out[i][lo : lo + step] = v
         return out[0], out[1], out[2]
-    widen = _Widen(BLOCK) if xr.device.type == "cpu" and yr.device.type == "cpu" else None
+    widen = Widen(BLOCK) if xr.device.type == "cpu" and yr.device.type == "cpu" else None
     for r in range(n_rows):  # long rows (a whole tensor): blocks summed in order
         total = [0.0, 0.0, 0.0]
         for lo in range(0, n_cols, BLOCK):
