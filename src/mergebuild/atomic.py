@@ -18,6 +18,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, at: int) -> None:
+    """Write all of `data` at offset `at` (os.pwrite may write less than it is given)."""
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
 def make_temp(directory: Path, suffix: str = "") -> tuple[int, Path]:
     """A new temp file in `directory` with normal (umask) permissions, not mkstemp's 0600."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from mergebuild.atomic import pwrite_all
 from mergebuild.engine.dtypes import ITEMSIZE, to_torch
 from mergebuild.engine.readahead import ALIGN, open_direct
 from mergebuild.engine.safetensors_io import TensorInfo, layout
@@ -134,7 +135,7 @@ class StreamingWriter:
                 n = min(len(view), self._block_size(index) - offset)
                 block = self._block(index)
                 if block is None:
-                    _pwrite_all(self.fd, view[:n], pos)
+                    pwrite_all(self.fd, view[:n], pos)
                 else:
                     block.buf[offset : offset + n] = view[:n]
                     block.filled += n
@@ -209,7 +210,7 @@ class StreamingWriter:
             with self._lock:  # this disk wants other alignment: go buffered from here on
                 self._use_direct = False
                 self._writeback = _sync_file_range()
-        _pwrite_all(self.fd, memoryview(block.buf)[: block.size], pos)
+        pwrite_all(self.fd, memoryview(block.buf)[: block.size], pos)
         if self._writeback is not None:
             self._writeback(self.fd, pos, block.size)
 
@@ -278,12 +279,6 @@ def check_space(writers: list[StreamingWriter]) -> None:
                 f"No space left on device: the build writes {total / 1e9:.2f} GB, "
                 f"{free / 1e9:.2f} GB are free",
             )
-
-
-def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
-    while len(view):
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
 
 
 def _sync_file_range() -> Callable[[int, int, int], None] | None:

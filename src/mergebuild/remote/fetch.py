@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from mergebuild.atomic import TMP_PREFIX, fsync_dir
+from mergebuild.atomic import TMP_PREFIX, fsync_dir, pwrite_all
 from mergebuild.cache import CHECKSUM, SPLIT
 from mergebuild.hashing import SplitChecksum
 from mergebuild.remote.store import RemoteEntryBad
@@ -142,7 +142,7 @@ def _download(
                 for s, e, data in zip(*done, parts, strict=True):
                     if len(data) != e - s:
                         raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
-                    _pwrite_all(fd, data, s)
+                    pwrite_all(fd, data, s)
                     checker.update(data)
             except BaseException:
                 if ahead is not None:
@@ -167,10 +167,3 @@ def _continue(fd: int, checker: _Checker, size: int) -> int:
         checker.update(data)
         at += len(data)
     return at
-
-
-def _pwrite_all(fd: int, data: bytes, at: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, at)
-        view, at = view[n:], at + n
