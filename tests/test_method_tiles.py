@@ -221,6 +221,26 @@ def test_gram_sums_are_the_fixed_block_sums(shape: tuple[int, ...], dtype: torch
         assert np.array_equal(got_i, want_i)
 
 
+def test_gram_of_float16_extremes_is_exact() -> None:
+    """float16 products are taken in float32 (reduce.Products): at the largest normal and the
+    smallest subnormal values the sums still equal float64 products' sums bit for bit."""
+    from mergebuild.engine.methods.reduce import gram
+
+    tiny, big = float(np.finfo(np.float16).smallest_subnormal), float(np.finfo(np.float16).max)
+    vals = np.array([tiny, -tiny, big, -big, 1.0, 2.0**-14, 3 * tiny, 0.0], dtype=np.float16)
+    x = np.tile(vals, 10_000)  # > one block: the long-rows branch
+    y = np.roll(x, 3)
+    fx, fy = x.astype(np.float64), y.astype(np.float64)
+    got = gram(torch.from_numpy(x), torch.from_numpy(y))
+    want = [0.0, 0.0, 0.0]
+    for lo in range(0, fx.size, 65_536):
+        a, b = fx[lo : lo + 65_536], fy[lo : lo + 65_536]
+        for i, (u, v) in enumerate(((a, a), (b, b), (a, b))):
+            want[i] += float(np.add.reduce(u * v))
+    assert [float(v[0]) for v in got] == want
+    assert want[2] != 0.0 and all(np.isfinite(want))
+
+
 METHOD_RECIPES = {
     "ties": "{method: ties, base: a, models: [b, c, d], k: 0.3}",
     "dare_ties": "{method: dare_ties, base: a, models: [b, c, d], p: 0.6, k: 0.5, seed: 4}",
