@@ -149,6 +149,20 @@ def test_tiles_cast_and_streamed_equal_the_whole_result(
     assert [lo for lo, _ in pieces] == sorted({lo for lo, _ in pieces})  # each once, in order
 
 
+def test_slerp_tiles_stream_when_no_value_can_overflow() -> None:
+    """float16 inputs: the norms bound every result far below float32's maximum, so slerp's
+    tiles go out as they come (no restart); huge bfloat16 values keep the restart."""
+    m = REGISTRY["slerp"]
+    p = m.Params(alpha=0.3)
+    g = np.random.default_rng(5)
+    xs = [torch.from_numpy(g.standard_normal(5000).astype(np.float32)).half() for _ in range(2)]
+    tiles = m.split(p, xs, None)
+    assert tiles is not None and not tiles.may_restart
+    big = [(x.float() * 1e37).to(torch.bfloat16) for x in xs]
+    tiles = m.split(p, big, None)
+    assert tiles is not None and tiles.may_restart
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fp16 cannot get there
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
 def test_slerp_overflowing_result_falls_back_to_lerp(alpha: float, dtype: torch.dtype) -> None:

@@ -11,6 +11,7 @@ from mergebuild.sd.blocks import BlockAlpha
 if TYPE_CHECKING:
     import torch
 
+F32_MAX = 3.4028234663852886e38
 PARALLEL = 1e-6  # sin Ω below this: a and b (anti)parallel, slerp ill-conditioned → lerp
 
 
@@ -78,22 +79,30 @@ give exactly a / b; alpha may be block weights."""
         alpha = float(params.alpha)  # type: ignore[arg-type]
         if alpha in (0, 1) or a.device.type != "cpu":
             return None
-        coefs = coefficients(a, b, alpha)
-        if coefs is None:
+        found = _coefficients(a, b, alpha)
+        if found is None:
             return None
-        ca, cb = coefs
+        ca, cb, na, nb = found
         fa, fb = a.reshape(-1), b.reshape(-1)
         size = min(fa.numel(), FILL_TILE)
         part, tmp = (torch.empty(size, dtype=torch.float32) for _ in range(2))
+        # |a·cₐ + b·c_b| ≤ ‖a‖·|cₐ| + ‖b‖·|c_b| (a norm bounds every element): far below the
+        # float32 maximum (and cₐ, c_b themselves finite in float32), no tile can overflow;
+        # finite norms mean finite inputs. The lerp fallback cannot happen then, so the tiles
+        # need no check and may go out as they come.
+        bound = max(na * abs(ca) + nb * abs(cb), abs(ca), abs(cb))
+        safe = 2.0 * bound < F32_MAX
 
         def fill(lo: int, hi: int) -> torch.Tensor | None:
             p = part[: hi - lo]
             p.copy_(fa[lo:hi]).mul_(ca).add_(tmp[: hi - lo].copy_(fb[lo:hi]).mul_(cb))
+            if safe:
+                return p
             if not math.isfinite(float(p.sum())) and not bool(torch.isfinite(p).all()):
                 return None  # combine's None: the whole tensor is lerped instead
             return p
 
-        return Tiles(FILL_TILE, tuple(a.shape), fill, may_restart=True)
+        return Tiles(FILL_TILE, tuple(a.shape), fill, may_restart=not safe)
 
     @staticmethod
     def compute(params: SlerpParams, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -114,6 +123,14 @@ give exactly a / b; alpha may be block weights."""
 
 def coefficients(a: torch.Tensor, b: torch.Tensor, alpha: float) -> tuple[float, float] | None:
     """(cₐ, c_b) of the formula (float64), or None where slerp falls back to the lerp."""
+    found = _coefficients(a, b, alpha)
+    return None if found is None else found[:2]
+
+
+def _coefficients(
+    a: torch.Tensor, b: torch.Tensor, alpha: float
+) -> tuple[float, float, float, float] | None:
+    """(cₐ, c_b, ‖a‖, ‖b‖), or None where slerp falls back to the lerp."""
     from mergebuild.engine.methods.reduce import gram1
 
     aa, bb, ab = gram1(a, b)
@@ -128,4 +145,4 @@ def coefficients(a: torch.Tensor, b: torch.Tensor, alpha: float) -> tuple[float,
     length = (1.0 - alpha) * na + alpha * nb
     ca = math.sin((1.0 - alpha) * omega) / sin * length / na
     cb = math.sin(alpha * omega) / sin * length / nb
-    return ca, cb
+    return ca, cb, na, nb
