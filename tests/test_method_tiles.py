@@ -323,3 +323,37 @@ def _flow(text: str) -> dict:
 
     d = yaml.safe_load(text)
     return {k: v for k, v in d.items() if k not in ("method", "a", "b", "base", "models")}
+
+
+def test_large_whole_units_hand_memory_back_without_changing_bytes(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After each whole unit of TRIM_ELEMENTS elements or more the worker calls malloc_trim
+    (freed input tensors go back to the system, not kept in glibc's arenas); the file is the
+    same bytes as a build that never trims."""
+    from mergebuild.cli import main
+    from mergebuild.engine import executor
+
+    srcs = {n: model_dir / f"{s}.safetensors" for n, s in zip("abcd", (
+        "v1-5-pruned", "anything-v3", "nai-full", "nai-sfw"), strict=True)}  # fmt: skip
+    lines = "".join(f"  {k}: {v}\n" for k, v in srcs.items())
+    trims: list[int] = []
+    outs = []
+    for limit in (1 << 62, 1 << 12):
+        if executor._TRIM is not None:
+            real = executor._TRIM
+            monkeypatch.setattr(
+                executor, "_TRIM", lambda pad, real=real: trims.append(pad) or real(pad)
+            )
+        monkeypatch.setattr(executor, "TRIM_ELEMENTS", limit)
+        out = tmp_path / f"o{limit}.safetensors"
+        recipe = tmp_path / f"r{limit}.yaml"
+        recipe.write_text(
+            f"mergebuild: 1\nmodels:\n{lines}merges:\n  m: {METHOD_RECIPES['ties']}\n"
+            f"outputs:\n  o: {{from: m, path: {out}, dtype: fp16}}\n"
+        )
+        assert main([str(recipe), "-q", "-j", "2", "--cache-dir", str(tmp_path / f"c{limit}")]) == 0
+        outs.append(out.read_bytes())
+        if executor._TRIM is not None:
+            assert bool(trims) == (limit < 1 << 62)
+    assert outs[0] == outs[1]
