@@ -62,7 +62,7 @@ def _trimmer() -> Callable[[int], int] | None:
     import ctypes
 
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
     except (OSError, AttributeError):
         return None
 
