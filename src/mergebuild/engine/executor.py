@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FusedPass", "NodeJob", "NodeStats", "Sink", "Source", "Unit"]
 
-# 2 Mi elements (8 MB as float32); the variable exists so tests can exercise chunking on tiny models
 TRIM_ELEMENTS = 1 << 23  # a whole unit this large hands its freed memory back (see _trimmer)
 
 
@@ -68,6 +67,7 @@ def _trimmer() -> Callable[[int], int] | None:
 
 
 _TRIM = _trimmer()
+# 2 Mi elements (8 MB as float32); the variable exists so tests can exercise chunking on tiny models
 CHUNK_ELEMENTS = int(os.environ.get("MERGEBUILD_CHUNK_ELEMENTS", 1 << 21))
 # units below SMALL_UNIT elements go to the workers in batches of about BATCH_ELEMENTS (_batches)
 SMALL_UNIT, BATCH_ELEMENTS = 1 << 16, 1 << 18

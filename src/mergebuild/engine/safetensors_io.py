@@ -176,6 +176,9 @@ def _parse_header(path: Path) -> Header:
     return Header(tensors, meta, 8 + n)
 
 
+HUGE_READ = 4 << 20
+
+
 def _pread_into(fd: int, buf: object, offset: int) -> None:
     view = memoryview(buf)
     while view:
@@ -225,10 +228,13 @@ class SafetensorsSource:
 
         info, begin, _ = self.header.tensors[key]
         size = ITEMSIZE[info.dtype]
-        # numpy's allocator asks for transparent huge pages from 4 MiB on: a large read buffer
-        # is faulted in 2 MiB at a time instead of 4 KiB
-        raw = np.empty((hi - lo) * size, dtype=np.uint8)
-        out = torch.from_numpy(raw).view(to_torch(info.dtype))
+        nbytes = (hi - lo) * size
+        if nbytes >= HUGE_READ:  # numpy's allocator asks for transparent huge pages from 4 MiB:
+            # a large read buffer is faulted in 2 MiB at a time instead of 4 KiB
+            raw = torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
+            out = raw.view(to_torch(info.dtype))
+        else:
+            out = torch.empty(hi - lo, dtype=to_torch(info.dtype))
         if hi > lo:
             try:
                 _pread_into(
