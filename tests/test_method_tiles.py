@@ -263,6 +263,12 @@ METHOD_RECIPES = {
 }
 
 
+def _four_models(model_dir: Path) -> dict[str, Path]:
+    """The test models as a (base), b, c, d: one base and three of its fine-tunes."""
+    names = ("v1-5-pruned", "anything-v3", "nai-full", "nai-sfw")
+    return {n: model_dir / f"{s}.safetensors" for n, s in zip("abcd", names, strict=True)}
+
+
 @pytest.mark.parametrize("name", sorted(METHOD_RECIPES))
 def test_streamed_build_same_bytes_at_j1_j2_and_reports_nan(
     tmp_path: Path, model_dir: Path, name: str
@@ -272,10 +278,7 @@ def test_streamed_build_same_bytes_at_j1_j2_and_reports_nan(
     the same build with every key whole (the method called directly, cast to fp16)."""
     from safetensors.numpy import load_file, save_file
 
-    srcs = [
-        model_dir / f"{s}.safetensors"
-        for s in ("v1-5-pruned", "anything-v3", "nai-full", "nai-sfw")
-    ]
+    srcs = list(_four_models(model_dir).values())
     models = {n: tmp_path / f"{n}.safetensors" for n in "abcd"}
     nan_key = "model.diffusion_model.out.2.weight"
     for (n, path), src in zip(models.items(), srcs, strict=True):
@@ -332,19 +335,16 @@ def test_large_whole_units_hand_memory_back_without_changing_bytes(
     (freed input tensors go back to the system, not kept in glibc's arenas); the file is the
     same bytes as a build that never trims."""
     from mergebuild.cli import main
-    from mergebuild.engine import executor
+    from mergebuild.engine import executor, tuning
 
-    srcs = {n: model_dir / f"{s}.safetensors" for n, s in zip("abcd", (
-        "v1-5-pruned", "anything-v3", "nai-full", "nai-sfw"), strict=True)}  # fmt: skip
-    lines = "".join(f"  {k}: {v}\n" for k, v in srcs.items())
+    real = tuning._malloc_trim
+    if real is None:
+        pytest.skip("no glibc malloc_trim")
     trims: list[int] = []
+    monkeypatch.setattr(tuning, "_malloc_trim", lambda pad: trims.append(pad) or real(pad))
+    lines = "".join(f"  {k}: {v}\n" for k, v in _four_models(model_dir).items())
     outs = []
     for limit in (1 << 62, 1 << 12):
-        if executor._TRIM is not None:
-            real = executor._TRIM
-            monkeypatch.setattr(
-                executor, "_TRIM", lambda pad, real=real: trims.append(pad) or real(pad)
-            )
         monkeypatch.setattr(executor, "TRIM_ELEMENTS", limit)
         out = tmp_path / f"o{limit}.safetensors"
         recipe = tmp_path / f"r{limit}.yaml"
@@ -354,6 +354,5 @@ def test_large_whole_units_hand_memory_back_without_changing_bytes(
         )
         assert main([str(recipe), "-q", "-j", "2", "--cache-dir", str(tmp_path / f"c{limit}")]) == 0
         outs.append(out.read_bytes())
-        if executor._TRIM is not None:
-            assert bool(trims) == (limit < 1 << 62)
+        assert bool(trims) == (limit < 1 << 62)
     assert outs[0] == outs[1]

@@ -36,7 +36,7 @@ from mergebuild.engine.readahead import (
 )
 from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo
 from mergebuild.engine.stream_writer import StreamingWriter, check_space
-from mergebuild.engine.tuning import merging
+from mergebuild.engine.tuning import merging, release_freed_memory
 from mergebuild.errors import BuildError
 from mergebuild.hashing import FileHashes
 
@@ -45,28 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FusedPass", "NodeJob", "NodeStats", "Sink", "Source", "Unit"]
 
-TRIM_ELEMENTS = 1 << 23  # a whole unit this large hands its freed memory back (see _trimmer)
-
-
-def _trimmer() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None (another libc).
-
-    Why: a whole-tensor unit holds every input of its key at once (SD1 ties: 4 × 29 MB for
-    the largest convolutions, per worker). Freed, those blocks stay in glibc's arenas, cut up
-    by the next keys' smaller allocations, and the process kept ~200 MB it no longer used:
-    SD1 ties peaked at 1.0-1.15 GB. Trimming after each large whole unit returns them
-    (0.83-0.88 GB); the reads that follow fault their pages in as huge pages
-    (safetensors_io.read_stored), which keeps the cost of that near 3% of the build.
-    """
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _trimmer()
+TRIM_ELEMENTS = 1 << 23  # a whole unit this large hands its freed memory back (tuning.py)
 # 2 Mi elements (8 MB as float32); the variable exists so tests can exercise chunking on tiny models
 CHUNK_ELEMENTS = int(os.environ.get("MERGEBUILD_CHUNK_ELEMENTS", 1 << 21))
 # units below SMALL_UNIT elements go to the workers in batches of about BATCH_ELEMENTS (_batches)
@@ -221,8 +200,8 @@ class FusedPass:
 
     def _do_unit(self, u: Unit) -> None:
         self.compute.evaluate(u, self._read, lambda s, val, lo=0: self._write(s, u, val, lo))
-        if _TRIM is not None and u.whole and u.hi - u.lo >= TRIM_ELEMENTS:
-            _TRIM(0)
+        if u.whole and u.hi - u.lo >= TRIM_ELEMENTS:
+            release_freed_memory()
 
     def _write(self, s: int, u: Unit, val: torch.Tensor, lo: int = 0) -> None:
         """Unit `u` of sink `s` (or a tile of it starting `lo` elements in), cast to the

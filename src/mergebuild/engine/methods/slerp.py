@@ -11,7 +11,6 @@ from mergebuild.sd.blocks import BlockAlpha
 if TYPE_CHECKING:
     import torch
 
-F32_MAX = 3.4028234663852886e38
 PARALLEL = 1e-6  # sin Ω below this: a and b (anti)parallel, slerp ill-conditioned → lerp
 
 
@@ -79,7 +78,7 @@ give exactly a / b; alpha may be block weights."""
         alpha = float(params.alpha)  # type: ignore[arg-type]
         if alpha in (0, 1) or a.device.type != "cpu":
             return None
-        found = _coefficients(a, b, alpha)
+        found = coefficients(a, b, alpha)
         if found is None:
             return None
         ca, cb, na, nb = found
@@ -91,7 +90,7 @@ give exactly a / b; alpha may be block weights."""
         # finite norms mean finite inputs. The lerp fallback cannot happen then, so the tiles
         # need no check and may go out as they come.
         bound = max(na * abs(ca) + nb * abs(cb), abs(ca), abs(cb))
-        safe = 2.0 * bound < F32_MAX
+        safe = 2.0 * bound < torch.finfo(torch.float32).max
 
         def fill(lo: int, hi: int) -> torch.Tensor | None:
             p = part[: hi - lo]
@@ -112,25 +111,20 @@ give exactly a / b; alpha may be block weights."""
             return f32(a)
         if alpha == 1:
             return f32(b)
-        coefs = coefficients(a, b, alpha)
-        if coefs is None:
+        found = coefficients(a, b, alpha)
+        if found is None:
             return lerp(a, b, alpha)
-        out = combine(a, b, *coefs)
+        out = combine(a, b, *found[:2])
         if out is None:
             return lerp(a, b, alpha)
         return out
 
 
-def coefficients(a: torch.Tensor, b: torch.Tensor, alpha: float) -> tuple[float, float] | None:
-    """(cₐ, c_b) of the formula (float64), or None where slerp falls back to the lerp."""
-    found = _coefficients(a, b, alpha)
-    return None if found is None else found[:2]
-
-
-def _coefficients(
+def coefficients(
     a: torch.Tensor, b: torch.Tensor, alpha: float
 ) -> tuple[float, float, float, float] | None:
-    """(cₐ, c_b, ‖a‖, ‖b‖), or None where slerp falls back to the lerp."""
+    """(cₐ, c_b) of the formula (float64) and ‖a‖, ‖b‖, or None where slerp falls back to
+    the lerp."""
     from mergebuild.engine.methods.reduce import gram1
 
     aa, bb, ab = gram1(a, b)
