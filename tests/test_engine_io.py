@@ -5,6 +5,7 @@ same values, and a disk without room for the build is refused before anything is
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -239,6 +240,25 @@ def test_tiled_arithmetic_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     b[40, 3] = np.inf  # in the 5th tile only
     _, bad = compute._tiled(method, params, [torch.from_numpy(x) for x in (a, b, c)], torch.float16)
     assert bad
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_nonfinite_check_on_sums_that_overflow(dtype: str) -> None:
+    """The check sums in the tile's own dtype: a float16 sum beyond 65504 is a false alarm
+    that the bit test must clear; one inf or NaN anywhere must always be found."""
+    import torch
+
+    from mergebuild.engine.compute import _has_nonfinite
+
+    dt = getattr(torch, dtype)
+    big = torch.full((300_000,), 60000.0 if dtype == "float16" else 3e38).to(dt)
+    assert math.isinf(float(big.sum())) and not _has_nonfinite(big)
+    for bad in (math.inf, -math.inf, math.nan):
+        x = big.clone()
+        x[123_457] = bad
+        assert _has_nonfinite(x), bad
+        assert _has_nonfinite(x[123_000:124_000].clone())
+    assert not _has_nonfinite(torch.empty(0, dtype=dt))
 
 
 def test_build_that_cannot_fit_is_refused_before_writing(

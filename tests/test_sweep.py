@@ -631,3 +631,57 @@ def test_adding_a_value_builds_only_the_new_member(workdir: Path, cache: Path) -
     assert graph.code == 0, graph.err
     assert "merge  soft[alpha=0.5]" in graph.out and "a=nsfw[alpha=0.5]" in graph.out
     shutil.rmtree(workdir / "out")
+
+
+def test_members_in_one_tile_run_equal_numpy_and_the_unit_path(workdir: Path, cache: Path) -> None:
+    """A sweep's members on the same inputs go out together tile by tile (sharing b − c);
+    a hand-written twin that feeds another node takes the unit-by-unit path: both equal
+    numpy bit for bit, and only the members that really hold an inf report it."""
+    from safetensors.numpy import save_file
+
+    full = load_st(workdir / "models" / "nai-full.safetensors")
+    key = max((k for k, v in full.items() if v.dtype.kind == "f"), key=lambda k: full[k].size)
+    poisoned = full[key].copy()
+    poisoned.flat[17] = np.inf
+    save_file({**full, key: poisoned}, str(workdir / "models" / "nai-inf.safetensors"))
+    path = workdir / "tiles.yaml"
+    path.write_text(
+        "mergebuild: 1\nmodels:\n"
+        "  anything: models/anything-v3.safetensors\n"
+        "  nai_inf: models/nai-inf.safetensors\n"
+        "  nai_sfw: models/nai-sfw.safetensors\n"
+        "  insta: models/insta.safetensors\n"
+        "merges:\n"
+        "  nsfw: {method: add_difference, a: anything, b: nai_inf, c: nai_sfw,\n"
+        "         sweep: {alpha: [0, 0.5, 2]}}\n"
+        "  twin: {method: add_difference, a: anything, b: nai_inf, c: nai_sfw, alpha: 0.5}\n"
+        "  soft: {method: weighted_sum, a: twin, b: insta, alpha: 0.5}\n"
+        "outputs:\n"
+        '  nsfw: {from: nsfw, path: "out/n-{alpha}.safetensors"}\n'
+        "  twin: {from: twin, path: out/twin.safetensors}\n"
+        "  soft: {from: soft, path: out/soft.safetensors}\n"
+    )
+    r = run_cli(path, "--json", "-j", "2", cache=cache)
+    assert r.code == 0, r.err
+    flagged = {n["name"]: n["nonfinite_keys"] for n in r.json["nodes"] if n["kind"] == "merge"}
+    assert flagged["nsfw[alpha=0]"] == []
+    assert flagged["nsfw[alpha=0.5]"] == [key] and flagged["nsfw[alpha=2]"] == [key]
+    assert flagged["twin"] == [key]
+    a = load_st(workdir / "models" / "anything-v3.safetensors")
+    sfw = load_st(workdir / "models" / "nai-sfw.safetensors")
+    b = {**full, key: poisoned}
+    members = {alpha: load_st(workdir / "out" / f"n-{alpha}.safetensors") for alpha in (0, 0.5, 2)}
+    twin = load_st(workdir / "out" / "twin.safetensors")
+    compared = 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k, x in a.items():
+            if x.dtype.kind != "f":
+                continue
+            for alpha, got in members.items():
+                want = (
+                    f32(x) if alpha == 0 else f32(x) + (f32(b[k]) - f32(sfw[k])) * np.float32(alpha)
+                )
+                np.testing.assert_array_equal(got[k], want.astype(x.dtype), err_msg=k)
+            assert twin[k].tobytes() == members[0.5][k].tobytes(), k
+            compared += 1
+    assert compared > 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mergebuild.engine.methods.base import Method, Params, f32
@@ -45,3 +46,24 @@ block weights. Expression form: `a + (b - c) * 0.5`."""
         out.sub_(c)
         out.mul_(params.alpha)
         return out.add_(a)
+
+    @classmethod
+    def compute_many(
+        cls, params: list[AddDifferenceParams], xs: list[torch.Tensor]
+    ) -> Iterator[torch.Tensor]:
+        """b − c and float32 a once for every member: the same float32 values `compute` forms
+        (widening is exact), then each member's own multiply and add, in compute's order, so
+        its bits."""
+        import torch
+
+        a, b, c = xs
+        a32 = f32(a)
+        diff: torch.Tensor | None = None
+        for p in params:
+            if p.alpha == 0:
+                yield a32
+                continue
+            if diff is None:
+                diff = f32(b).sub_(c)
+                out = torch.empty_like(diff)
+            yield torch.mul(diff, p.alpha, out=out).add_(a32)

@@ -7,7 +7,7 @@ and the README's table: inputs form, parameter ranges, streaming class, randomne
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_args
 
@@ -207,6 +207,15 @@ class Method:
             cls.formula = cls.summary
         if not cls.summary:
             cls.summary = cls.formula
+
+    @classmethod
+    def compute_many(cls, params: list[Any], xs: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """`compute(p, xs)` for each p in turn: the members of a sweep on one tile (elementwise
+        methods without context only). A method may share what does not depend on the
+        parameters (add_difference: b − c once) as long as each result has compute's bits.
+        A result may live in a buffer the next one reuses: the caller copies it first."""
+        for p in params:
+            yield cls.compute(p, xs)
 
     @classmethod
     def split(cls, params: Any, xs: list[torch.Tensor], ctx: Any) -> Tiles | None:
