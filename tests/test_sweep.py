@@ -656,7 +656,9 @@ def test_members_in_one_tile_run_equal_numpy_and_the_unit_path(workdir: Path, ca
         "         sweep: {alpha: [0, 0.5, 2]}}\n"
         "  twin: {method: add_difference, a: anything, b: nai_inf, c: nai_sfw, alpha: 0.5}\n"
         "  soft: {method: weighted_sum, a: twin, b: insta, alpha: 0.5}\n"
+        "  mix: {method: weighted_sum, a: anything, b: insta, sweep: {alpha: [0, 0.3, 1]}}\n"
         "outputs:\n"
+        '  mix: {from: mix, path: "out/m-{alpha}.safetensors"}\n'
         '  nsfw: {from: nsfw, path: "out/n-{alpha}.safetensors"}\n'
         "  twin: {from: twin, path: out/twin.safetensors}\n"
         "  soft: {from: soft, path: out/soft.safetensors}\n"
@@ -672,6 +674,8 @@ def test_members_in_one_tile_run_equal_numpy_and_the_unit_path(workdir: Path, ca
     b = {**full, key: poisoned}
     members = {alpha: load_st(workdir / "out" / f"n-{alpha}.safetensors") for alpha in (0, 0.5, 2)}
     twin = load_st(workdir / "out" / "twin.safetensors")
+    insta = load_st(workdir / "models" / "insta.safetensors")
+    mixed = {alpha: load_st(workdir / "out" / f"m-{alpha}.safetensors") for alpha in (0, 0.3, 1)}
     compared = 0
     with np.errstate(invalid="ignore", over="ignore"):
         for k, x in a.items():
@@ -683,5 +687,10 @@ def test_members_in_one_tile_run_equal_numpy_and_the_unit_path(workdir: Path, ca
                 )
                 np.testing.assert_array_equal(got[k], want.astype(x.dtype), err_msg=k)
             assert twin[k].tobytes() == members[0.5][k].tobytes(), k
+            y, w = f32(insta[k]), np.float32(0.3)
+            np.testing.assert_array_equal(mixed[0][k], x, err_msg=k)
+            np.testing.assert_array_equal(mixed[1][k], insta[k], err_msg=k)
+            want = (f32(x) * (np.float32(1) - w) + y * w).astype(x.dtype)
+            np.testing.assert_array_equal(mixed[0.3][k], want, err_msg=k)
             compared += 1
     assert compared > 100

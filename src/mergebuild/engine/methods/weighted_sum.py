@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mergebuild.engine.methods.base import Method, Params, f32
@@ -44,3 +45,22 @@ Expression form: `a * 0.7 + b * 0.3` or `weighted_sum(a, b, 0.3)`."""
             return f32(b)
         out = f32(a).mul_(1.0 - params.alpha)
         return out.add_(f32(b).mul_(params.alpha))
+
+    @classmethod
+    def compute_many(
+        cls, params: list[WeightedSumParams], xs: list[torch.Tensor]
+    ) -> Iterator[torch.Tensor]:
+        """a and b widened to float32 once for every member (exact), then each member's own
+        two multiplies and add, in compute's order, so its bits."""
+        import torch
+
+        a32, b32 = f32(xs[0]), f32(xs[1])
+        out, part = torch.empty_like(a32), torch.empty_like(a32)
+        for p in params:
+            if p.alpha == 0:
+                yield a32
+            elif p.alpha == 1:
+                yield b32
+            else:
+                torch.mul(a32, 1.0 - p.alpha, out=out)
+                yield out.add_(torch.mul(b32, p.alpha, out=part))
