@@ -408,8 +408,7 @@ class KeyCompute:
         import torch
 
         jobs = [self.jobs[step.name] for step in steps]
-        xs = [x if _direct(x) else x.to(torch.float32) for x in args]
-        flat = [x.reshape(-1) for x in xs]
+        flat = [x.reshape(-1) for x in _computable(args)]
         numel = flat[0].numel()
         params = [self._params(job, u.key) for job in jobs]
         size = min(numel, TILE_ELEMENTS)
@@ -422,7 +421,7 @@ class KeyCompute:
             results = jobs[0].method.compute_many(params, [x[lo:hi] for x in flat])
             for n, (step, res, buf) in enumerate(zip(steps, results, bufs, strict=True)):
                 tile = buf[: hi - lo]
-                tile.copy_(res.reshape(-1))
+                tile.copy_(res)
                 bad[n] = _has_nonfinite(tile) or bad[n]
                 for s in step.sinks:
                     write(s, tile, lo)
@@ -482,8 +481,7 @@ class KeyCompute:
             out = a.to(to_torch(info.dtype))
         else:
             params = self._params(job, u.key)
-            xs = list(args)
-            xs = [x if x is None or _direct(x) else x.to(torch.float32) for x in xs]
+            xs = _computable(args)
             n = self.channel_merge.get((job.name, u.key))
             if n is not None:  # inpainting/pix2pix conv_in: merge channels [0, n), keep a's others
                 xs = [x if x is None or x.shape[1] == n else x[:, :n] for x in xs]
@@ -670,7 +668,10 @@ def _has_nonfinite(x: torch.Tensor) -> bool:
     return not bool(torch.isfinite(x).all())
 
 
-def _direct(x: torch.Tensor) -> bool:
+def _computable(xs: Sequence[torch.Tensor | None]) -> list[Any]:
+    """Inputs as a method takes them: float16/bfloat16/float32 as they are (mixed ops widen
+    exactly), anything else (float64, fp8) converted to float32 first; None stays None."""
     import torch
 
-    return x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    direct = (torch.float16, torch.bfloat16, torch.float32)
+    return [x if x is None or x.dtype in direct else x.to(torch.float32) for x in xs]
