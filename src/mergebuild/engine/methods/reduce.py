@@ -125,6 +125,9 @@ def gram(
                 for i, v in enumerate(three(_f64(xr[lo : lo + step]), _f64(yr[lo : lo + step]), 0)):
                     acc[i] += v
             return acc[0], acc[1], acc[2]
+        if n_cols > 1 and _compiled_ok(xr, yr):  # one column: numpy sums it pairwise
+            _column_sums(xr, yr, step, acc)
+            return acc[0], acc[1], acc[2]
         products = Products(min(step, n_rows) * n_cols)
         for lo in range(0, n_rows, step):
             rows = min(step, n_rows - lo)
@@ -141,9 +144,11 @@ def gram(
                 out[i][lo : lo + step] = v
         return out[0], out[1], out[2]
     products = Products(BLOCK) if xr.device.type == "cpu" and yr.device.type == "cpu" else None
+    compiled = _compiled_ok(xr, yr)
     for r in range(n_rows):  # long rows (a whole tensor): blocks summed in order
         total = [0.0, 0.0, 0.0]
-        for lo in range(0, n_cols, BLOCK):
+        start = _block_sums(xr[r], yr[r], total) if compiled else 0
+        for lo in range(start, n_cols, BLOCK):
             if products is None:
                 a, b = _f64(xr[r, lo : lo + BLOCK]), _f64(yr[r, lo : lo + BLOCK])
                 for i, v in enumerate(three(a, b, None)):
@@ -161,3 +166,72 @@ def gram1(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
     """(‖x‖², ‖y‖², ⟨x, y⟩) over the whole tensors."""
     xx, yy, xy = gram(x, y)
     return float(xx[0]), float(yy[0]), float(xy[0])
+
+
+# -- the same sums through the compiled loops of _kernels.py (same bits, GIL released) --------
+
+SUPER = 4  # BLOCKs per compiled call: fewer calls, and float32 buffers of 1 MB each
+
+
+def _compiled_ok(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """CPU tensors of dtypes whose products are exact in float64 (float16, bfloat16, float32):
+    there the compiled loops give the numpy path's bits (see _kernels.py)."""
+    import torch
+
+    exact = (torch.float16, torch.bfloat16, torch.float32)
+    return x.device.type == y.device.type == "cpu" and x.dtype in exact and y.dtype in exact
+
+
+class _Float32:
+    """x as float32 numpy, by pieces: a view where it already is, else a copy into a buffer
+    reused from piece to piece (the conversion from 16 bits is exact)."""
+
+    def __init__(self, x: torch.Tensor, size: int) -> None:
+        import torch
+
+        self.x = x
+        self.buf = None if x.dtype == torch.float32 else torch.empty(size, dtype=torch.float32)
+
+    def __call__(self, lo: int, hi: int) -> np.ndarray:
+        part = self.x[lo:hi]
+        if self.buf is None:
+            return part.contiguous().numpy()
+        return self.buf[: hi - lo].copy_(part).numpy()
+
+
+def _block_sums(x: torch.Tensor, y: torch.Tensor, total: list[float]) -> int:
+    """Adds the sums of x's and y's whole BLOCKs (flat) to `total` in block order, as the
+    numpy path would; returns where the partial last block starts (left to that path)."""
+    from mergebuild.engine.methods._kernels import block_sums
+
+    full = x.numel() // BLOCK * BLOCK
+    step = SUPER * BLOCK
+    fx, fy = _Float32(x, min(full, step)), _Float32(y, min(full, step))
+    out = np.empty((3, SUPER))
+    for lo in range(0, full, step):
+        hi = min(full, lo + step)
+        n = (hi - lo) // BLOCK
+        block_sums(fx(lo, hi), fy(lo, hi), out[:, :n])
+        for b in range(n):
+            for i in range(3):
+                total[i] += float(out[i, b])
+    return full
+
+
+def _column_sums(x: torch.Tensor, y: torch.Tensor, step: int, acc: list[np.ndarray]) -> None:
+    """acc += the per-column sums of 2-D x and y, blocks of `step` rows (the numpy path's
+    order); a few blocks per compiled call."""
+    from mergebuild.engine.methods._kernels import column_sums
+
+    n_rows, n_cols = x.shape
+    rows = max(step, SUPER * BLOCK // max(n_cols, 1) // step * step)  # whole blocks per call
+    size = min(rows, n_rows) * n_cols
+    fx, fy = _Float32(x.reshape(-1), size), _Float32(y.reshape(-1), size)
+    both = np.stack(acc)
+    for lo in range(0, n_rows, rows):
+        hi = min(n_rows, lo + rows)
+        a = fx(lo * n_cols, hi * n_cols).reshape(hi - lo, n_cols)
+        b = fy(lo * n_cols, hi * n_cols).reshape(hi - lo, n_cols)
+        column_sums(a, b, step, both)
+    for i in range(3):
+        acc[i][:] = both[i]

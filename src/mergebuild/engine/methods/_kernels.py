@@ -1,0 +1,91 @@
+"""Compiled loops (numba) for the float64 sums of reduce.py, in exactly numpy's order.
+
+Why: `gram` needs Σx², Σy², Σxy in float64 over whole tensors. As numpy and torch calls that
+is ~11 calls per 64 Ki elements (convert, multiply, widen, reduce, three times), and two merge
+workers then spend their time handing the GIL back and forth: measured, two threads ran those
+sums no faster than one. Here one call per 256 Ki elements does the products and the sums
+in registers, without the GIL.
+
+Same bits as the numpy path, by construction and by test (tests/test_kernels.py): every
+product of two float16, bfloat16 or float32 values is exact in float64 (at most 48 significant
+bits), so only the order of the additions matters, and it is numpy's:
+- `block_sums` is `np.add.reduce` of each 64 Ki block, i.e. numpy's pairwise sum: 512 leaves
+  of 128 elements, each summed in 8 lanes then ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), the leaf
+  results combined in a perfect binary tree (64 Ki is a power of two, so numpy halves exactly);
+- `column_sums` is `acc += np.add.reduce(block, axis=0)` per block of rows: each column summed
+  row after row from the block's first row, then added to the accumulator.
+No fast-math flags: LLVM neither reassociates nor fuses these additions.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+BLOCK = 1 << 16  # reduce.BLOCK: one np.add.reduce call of the numpy path
+LEAF = 128  # numpy's PW_BLOCKSIZE: below it, pairwise_sum adds in 8 lanes
+LEAVES = BLOCK // LEAF
+
+# compiled on first call, cached on disk by numba; this module is imported only by the sums
+# that use it, so --help, -n and a cached build never load numba
+_jit = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+
+@_jit
+def block_sums(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    """out[t, b] = np.add.reduce(p_t[b·BLOCK:(b+1)·BLOCK]) for p = x·x, y·y, x·y (float64)
+    over float32 x, y whose length is a multiple of BLOCK."""
+    leaves = np.empty((3, LEAVES))
+    r = np.empty((3, 8))
+    x8, y8 = x.reshape(-1, 8), y.reshape(-1, 8)
+    for b in range(x.size // BLOCK):
+        for leaf in range(LEAVES):
+            row = np.uint64(b * (BLOCK // 8) + leaf * (LEAF // 8))
+            xr, yr = x8[row], y8[row]
+            for j in range(8):
+                u, v = np.float64(xr[j]), np.float64(yr[j])
+                r[0, j] = u * u
+                r[1, j] = v * v
+                r[2, j] = u * v
+            for i in range(np.uint64(1), np.uint64(LEAF // 8)):
+                xr, yr = x8[row + i], y8[row + i]
+                for j in range(8):
+                    u, v = np.float64(xr[j]), np.float64(yr[j])
+                    r[0, j] += u * u
+                    r[1, j] += v * v
+                    r[2, j] += u * v
+            for t in range(3):
+                leaves[t, leaf] = ((r[t, 0] + r[t, 1]) + (r[t, 2] + r[t, 3])) + (
+                    (r[t, 4] + r[t, 5]) + (r[t, 6] + r[t, 7])
+                )
+        m = LEAVES
+        while m > 1:
+            m //= 2
+            for t in range(3):
+                for q in range(m):
+                    leaves[t, q] = leaves[t, 2 * q] + leaves[t, 2 * q + 1]
+        for t in range(3):
+            out[t, b] = leaves[t, 0]
+
+
+@_jit
+def column_sums(x: np.ndarray, y: np.ndarray, step: int, acc: np.ndarray) -> None:
+    """acc[t] += Σ over rows of p_t, per column, for float32 (rows, cols) x, y: block by
+    block of `step` rows, each block summed row after row from its first row."""
+    n_rows, n_cols = x.shape
+    s = np.empty((3, n_cols))
+    for lo in range(0, n_rows, step):
+        for j in range(n_cols):
+            u, v = np.float64(x[lo, j]), np.float64(y[lo, j])
+            s[0, j] = u * u
+            s[1, j] = v * v
+            s[2, j] = u * v
+        for i in range(lo + 1, min(n_rows, lo + step)):
+            for j in range(n_cols):
+                u, v = np.float64(x[i, j]), np.float64(y[i, j])
+                s[0, j] += u * u
+                s[1, j] += v * v
+                s[2, j] += u * v
+        for t in range(3):
+            for j in range(n_cols):
+                acc[t, j] += s[t, j]
