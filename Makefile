@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -c 'from mergebuild.engine.methods import _kernels; _kernels.warm()'
 	touch $(STAMP)
 
 demo: install

@@ -207,15 +207,22 @@ def test_slerp_overflowing_result_falls_back_to_lerp(alpha: float, dtype: torch.
     [(70_000,), (200_001,), (600_000,), (300, 1000), (2000, 700), (3, 70_000), (40, 3, 3)],
 )
 @pytest.mark.parametrize("nonfinite", [False, True])
+@pytest.mark.parametrize("compiled_min", [0, 1 << 40])  # every shape compiled; none
 def test_gram_sums_are_the_fixed_block_sums(
-    shape: tuple[int, ...], dtype: torch.dtype, nonfinite: bool
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    nonfinite: bool,
+    compiled_min: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """reduce.gram's float64 sums equal their definition computed here in plain numpy: exact
     products, np.add.reduce per 65 536-element block (axis None) or per block of whole rows
     (axis 0), blocks added in order. Shapes span several calls of the compiled loops
     (_kernels.py) and their partial last pieces; inf, NaN and −0 go through them as in numpy."""
+    from mergebuild.engine.methods import reduce
     from mergebuild.engine.methods.reduce import BLOCK, gram
 
+    monkeypatch.setattr(reduce, "COMPILED_MIN", compiled_min)
     g = np.random.default_rng(sum(shape))
     scale = np.exp(g.standard_normal(shape) * 2)  # magnitudes over many binades
     x = torch.from_numpy((g.standard_normal(shape) * scale).astype(np.float32)).to(dtype)

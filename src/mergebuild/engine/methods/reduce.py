@@ -125,7 +125,7 @@ def gram(
                 for i, v in enumerate(three(_f64(xr[lo : lo + step]), _f64(yr[lo : lo + step]), 0)):
                     acc[i] += v
             return acc[0], acc[1], acc[2]
-        if n_cols > 1 and _compiled_ok(xr, yr):  # one column: numpy sums it pairwise
+        if n_cols > 1 and compiled_ok(xr, yr):  # one column: numpy sums it pairwise
             _column_sums(xr, yr, step, acc)
             return acc[0], acc[1], acc[2]
         products = Products(min(step, n_rows) * n_cols)
@@ -144,7 +144,7 @@ def gram(
                 out[i][lo : lo + step] = v
         return out[0], out[1], out[2]
     products = Products(BLOCK) if xr.device.type == "cpu" and yr.device.type == "cpu" else None
-    compiled = _compiled_ok(xr, yr)
+    compiled = compiled_ok(xr, yr)
     for r in range(n_rows):  # long rows (a whole tensor): blocks summed in order
         total = [0.0, 0.0, 0.0]
         start = _block_sums(xr[r], yr[r], total) if compiled else 0
@@ -171,18 +171,23 @@ def gram1(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
 # -- the same sums through the compiled loops of _kernels.py (same bits, GIL released) --------
 
 SUPER = 4  # BLOCKs per compiled call: fewer calls, and float32 buffers of 1 MB each
+# Smaller tensors keep the numpy path: loading numba and its cached loops costs ~1 s once per
+# process, which only tensors of millions of elements (a full-size model's) earn back.
+COMPILED_MIN = 1 << 20
 
 
-def _compiled_ok(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """CPU tensors of dtypes whose products are exact in float64 (float16, bfloat16, float32):
-    there the compiled loops give the numpy path's bits (see _kernels.py)."""
+def compiled_ok(*xs: torch.Tensor) -> bool:
+    """Large CPU tensors of dtypes whose products are exact in float64 (float16, bfloat16,
+    float32): there the compiled loops give the numpy path's bits (see _kernels.py)."""
     import torch
 
     exact = (torch.float16, torch.bfloat16, torch.float32)
-    return x.device.type == y.device.type == "cpu" and x.dtype in exact and y.dtype in exact
+    return all(
+        x.device.type == "cpu" and x.dtype in exact and x.numel() >= COMPILED_MIN for x in xs
+    )
 
 
-class _Float32:
+class Float32:
     """x as float32 numpy, by pieces: a view where it already is, else a copy into a buffer
     reused from piece to piece (the conversion from 16 bits is exact)."""
 
@@ -206,7 +211,7 @@ def _block_sums(x: torch.Tensor, y: torch.Tensor, total: list[float]) -> int:
 
     full = x.numel() // BLOCK * BLOCK
     step = SUPER * BLOCK
-    fx, fy = _Float32(x, min(full, step)), _Float32(y, min(full, step))
+    fx, fy = Float32(x, min(full, step)), Float32(y, min(full, step))
     out = np.empty((3, SUPER))
     for lo in range(0, full, step):
         hi = min(full, lo + step)
@@ -226,7 +231,7 @@ def _column_sums(x: torch.Tensor, y: torch.Tensor, step: int, acc: list[np.ndarr
     n_rows, n_cols = x.shape
     rows = max(step, SUPER * BLOCK // max(n_cols, 1) // step * step)  # whole blocks per call
     size = min(rows, n_rows) * n_cols
-    fx, fy = _Float32(x.reshape(-1), size), _Float32(y.reshape(-1), size)
+    fx, fy = Float32(x.reshape(-1), size), Float32(y.reshape(-1), size)
     both = np.stack(acc)
     for lo in range(0, n_rows, rows):
         hi = min(n_rows, lo + rows)
