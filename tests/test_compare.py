@@ -183,3 +183,34 @@ def test_a_swept_node_compares_all_its_members_and_plots_them(workdir: Path, cac
     assert {(row["group"], row["rel_l2"]) for row in one.json["rows"]} == {
         (g, v) for (m, g), v in rel.items() if m == "nsfw[alpha=0.5]"
     }
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_compiled_chunk_sums_equal_numpy(with_base: bool, dtype: str) -> None:
+    """The compiled sums (_kernels.difference_sums, used for full-size models) give
+    numpy's float64 figures, every lane and the partial last tile included, and the same bits
+    on every call."""
+    import torch
+
+    from mergebuild import compare
+
+    g = np.random.default_rng(7)
+    n = 3 * compare.SUM_TILE * 8 + 1234  # three full tiles and a ragged one
+    t = getattr(torch, dtype)
+    base = g.standard_normal(n).astype(np.float32)
+    y = torch.from_numpy(base + 0.01 * g.standard_normal(n).astype(np.float32)).to(t)
+    x = torch.from_numpy(base + 0.02 * g.standard_normal(n).astype(np.float32)).to(t)
+    b = torch.from_numpy(base).to(t) if with_base else None
+    got = compare._chunk_sums(y, x, b, 0, n, compiled=True)
+    assert got == compare._chunk_sums(y, x, b, 0, n, compiled=True)
+    yd, xd = y.double().numpy(), x.double().numpy()
+    want = [((xd - yd) ** 2).sum(), (yd**2).sum()]
+    if b is not None:
+        bd = b.double().numpy()
+        want += [((xd - bd) * (yd - bd)).sum(), ((xd - bd) ** 2).sum(), ((yd - bd) ** 2).sum()]
+    have = [got.dxy, got.yy] + ([got.ab, got.aa, got.bb] if b is not None else [])
+    assert have == pytest.approx(want, rel=1e-12)
+    assert got.elements == n
+    if b is None:
+        assert got.ab == got.aa == got.bb == 0.0

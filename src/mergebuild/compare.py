@@ -202,8 +202,12 @@ def _sum_keys(
     """Per key, every compared model's sums (None where it lacks the key). Each file is read
     once: a chunk of the reference and of the base serves every model. Chunks of a key are
     added in order, so threads change no figure."""
+    from mergebuild.engine.methods import reduce
+
     infos = ref.infos()
     _advise(ref, *xs, b)
+    # full-size models: every chunk through the compiled loops (numba's ~1 s load pays off)
+    compiled = sum(math.prod(infos[k].shape) for k in keys) >= reduce.COMPILED_MIN
 
     def one(key: str) -> list[Sums | None]:
         out: list[Sums | None] = [Sums() if key in m else None for m in mine]
@@ -214,23 +218,37 @@ def _sum_keys(
             bb = None if b is None else b.read_flat(key, lo, hi)
             for x, s in zip(xs, out, strict=True):
                 if s is not None:
-                    s.add(_chunk_sums(y, x.read_flat(key, lo, hi), bb, lo, hi))
+                    s.add(_chunk_sums(y, x.read_flat(key, lo, hi), bb, lo, hi, compiled))
         return out
+
+    import torch
 
     from mergebuild.engine.tuning import merging
 
     # the merge's process settings: freed read buffers reused instead of page-faulted afresh,
-    # no GC scans. (Not one torch thread per worker, as the merge has: torch.dot's float64
-    # sums then differed in the last bits from run to run.)
-    with merging(), ThreadPoolExecutor(max(1, jobs)) as pool:
-        return dict(zip(keys, pool.map(one, keys), strict=True))
+    # no GC scans. One torch thread per reader when the compiled loops sum (torch then only
+    # widens 16-bit values: two threads each splitting that copy in two ran 3x slower); else
+    # torch's own (torch.dot's float64 sums differed in the last bits from run to run with one)
+    threads = torch.get_num_threads()
+    if compiled:
+        torch.set_num_threads(1)
+    try:
+        with merging(), ThreadPoolExecutor(max(1, jobs)) as pool:
+            return dict(zip(keys, pool.map(one, keys), strict=True))
+    finally:
+        torch.set_num_threads(threads)
 
 
 SUM_TILE = 1 << 15  # float64 elements per tile: the temporaries of one tile stay in L2
 
 
 def _chunk_sums(
-    y: torch.Tensor, x: torch.Tensor, bb: torch.Tensor | None, lo: int, hi: int
+    y: torch.Tensor,
+    x: torch.Tensor,
+    bb: torch.Tensor | None,
+    lo: int,
+    hi: int,
+    compiled: bool = False,
 ) -> Sums:
     """A chunk's float64 sums, tile by tile (added in order: the same figures on any run).
     Why tiles: float64 copies of a whole 4 Mi-element chunk stream through main memory; the
@@ -241,6 +259,8 @@ def _chunk_sums(
     from mergebuild.engine.methods.reduce import Widen
 
     s = Sums(elements=hi - lo)
+    if compiled:
+        return _compiled_sums(y, x, bb, s)
     size = min(SUM_TILE, hi - lo)
     widen = Widen(size, 3)
     d = torch.empty(size, dtype=torch.float64)
@@ -257,6 +277,38 @@ def _chunk_sums(
             s.ab += float(torch.dot(xa, ya))
             s.aa += float(torch.dot(xa, xa))
             s.bb += float(torch.dot(ya, ya))
+    return s
+
+
+LANES = 1024  # independent float64 accumulators per sum in the compiled loop
+
+
+def _compiled_sums(y: torch.Tensor, x: torch.Tensor, bb: torch.Tensor | None, s: Sums) -> Sums:
+    """`_chunk_sums` as compiled loops (_kernels.difference_sums) that release the GIL, so the
+    reading threads sum in parallel. Element i of the chunk goes to lane i mod LANES, each
+    lane adds in order, and the lanes are then added pairwise in a fixed tree: the figures
+    depend only on the chunk's values."""
+    import numpy as np
+
+    from mergebuild.engine.methods._kernels import difference_sums
+    from mergebuild.engine.methods.reduce import AsNumpy
+
+    n = s.elements
+    size = min(n, SUM_TILE * 8)
+    fy, fx = AsNumpy(y, size), AsNumpy(x, size)
+    fb = None if bb is None else AsNumpy(bb, size)
+    none = np.empty(0, dtype=np.float32)
+    acc = np.zeros((5, LANES))
+    for t in range(0, n, size):  # size is a multiple of LANES: lanes stay i mod LANES
+        hi = min(n, t + size)
+        difference_sums(fy(t, hi), fx(t, hi), none if fb is None else fb(t, hi), acc)
+    width = LANES
+    while width > 1:
+        width //= 2
+        acc = acc[:, :width] + acc[:, width : 2 * width]
+    s.dxy, s.yy = float(acc[0, 0]), float(acc[1, 0])
+    if bb is not None:
+        s.ab, s.aa, s.bb = float(acc[2, 0]), float(acc[3, 0]), float(acc[4, 0])
     return s
 
 

@@ -91,9 +91,38 @@ def column_sums(x: np.ndarray, y: np.ndarray, step: int, acc: np.ndarray) -> Non
                 acc[t, j] += s[t, j]
 
 
+@_jit
+def difference_sums(y: np.ndarray, x: np.ndarray, b: np.ndarray, acc: np.ndarray) -> None:
+    """compare's float64 sums of float32 y, x (and base b unless it is empty), added into
+    acc[:, j] for the elements i ≡ j (mod W), W = acc.shape[1], each lane in index order:
+    acc[0] ‖x−y‖², acc[1] ‖y‖², acc[2] ⟨x−b, y−b⟩, acc[3] ‖x−b‖², acc[4] ‖y−b‖². Lanes are
+    independent, so the loops vectorise without reordering any addition (the figures do not
+    depend on the machine); the caller combines the lanes in a fixed order."""
+    n, w = y.size, acc.shape[1]
+    for lo in range(0, n, w):
+        width = min(w, n - lo)
+        if b.size == 0:
+            for j in range(width):
+                yv, xv = np.float64(y[lo + j]), np.float64(x[lo + j])
+                d = xv - yv
+                acc[0, j] += d * d
+                acc[1, j] += yv * yv
+        else:
+            for j in range(width):
+                yv, xv, bv = np.float64(y[lo + j]), np.float64(x[lo + j]), np.float64(b[lo + j])
+                d, xa, ya = xv - yv, xv - bv, yv - bv
+                acc[0, j] += d * d
+                acc[1, j] += yv * yv
+                acc[2, j] += xa * ya
+                acc[3, j] += xa * xa
+                acc[4, j] += ya * ya
+
+
 def warm() -> None:
     """Compile every loop now (numba caches the machine code on disk): `make install` calls
     this so that no build pays the compile (~1-2 s each time this file changes)."""
     x = np.zeros(BLOCK, dtype=np.float32)
     block_sums(x, x, np.zeros((3, 1)))
     column_sums(x.reshape(-1, 8), x.reshape(-1, 8), 4, np.zeros((3, 8)))
+    difference_sums(x, x, x, np.zeros((5, 8)))
+    difference_sums(x, x, x[:0], np.zeros((5, 8)))

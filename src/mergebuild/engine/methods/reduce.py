@@ -187,15 +187,16 @@ def compiled_ok(*xs: torch.Tensor) -> bool:
     )
 
 
-class Float32:
-    """x as float32 numpy, by pieces: a view where it already is, else a copy into a buffer
-    reused from piece to piece (the conversion from 16 bits is exact)."""
+class AsNumpy:
+    """x as numpy by pieces: 16-bit floats widened (exactly) to float32 in a buffer reused from
+    piece to piece, other dtypes as views."""
 
     def __init__(self, x: torch.Tensor, size: int) -> None:
         import torch
 
         self.x = x
-        self.buf = None if x.dtype == torch.float32 else torch.empty(size, dtype=torch.float32)
+        wide = x.dtype in (torch.float16, torch.bfloat16)
+        self.buf = torch.empty(size, dtype=torch.float32) if wide else None
 
     def __call__(self, lo: int, hi: int) -> np.ndarray:
         part = self.x[lo:hi]
@@ -211,7 +212,7 @@ def _block_sums(x: torch.Tensor, y: torch.Tensor, total: list[float]) -> int:
 
     full = x.numel() // BLOCK * BLOCK
     step = SUPER * BLOCK
-    fx, fy = Float32(x, min(full, step)), Float32(y, min(full, step))
+    fx, fy = AsNumpy(x, min(full, step)), AsNumpy(y, min(full, step))
     out = np.empty((3, SUPER))
     for lo in range(0, full, step):
         hi = min(full, lo + step)
@@ -231,7 +232,7 @@ def _column_sums(x: torch.Tensor, y: torch.Tensor, step: int, acc: list[np.ndarr
     n_rows, n_cols = x.shape
     rows = max(step, SUPER * BLOCK // max(n_cols, 1) // step * step)  # whole blocks per call
     size = min(rows, n_rows) * n_cols
-    fx, fy = Float32(x.reshape(-1), size), Float32(y.reshape(-1), size)
+    fx, fy = AsNumpy(x.reshape(-1), size), AsNumpy(y.reshape(-1), size)
     both = np.stack(acc)
     for lo in range(0, n_rows, rows):
         hi = min(n_rows, lo + rows)
