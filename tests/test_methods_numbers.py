@@ -74,9 +74,15 @@ def train_difference_ref(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: flo
     return np.where(d == 0, A, A + 1.8 * alpha * np.sign(d) * q * np.abs(d))
 
 
+@pytest.mark.parametrize("compiled", [False, True])  # torch ops; _kernels.train_difference
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("alpha", [1.0, 0.35, -2.0])
-def test_train_difference(dtype: torch.dtype, alpha: float) -> None:
+def test_train_difference(
+    dtype: torch.dtype, alpha: float, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergebuild.engine.methods import train_difference
+
+    monkeypatch.setattr(train_difference, "COMPILED_TILE", 0 if compiled else 1 << 40)
     a, b, c = (rand((64, 17), s, dtype) for s in (7, 8, 9))
     b[:5] = c[:5]  # b == c on some rows: a exactly there
     b[5:8] = a[5:8]  # b == a: nothing added
@@ -90,6 +96,34 @@ def test_train_difference(dtype: torch.dtype, alpha: float) -> None:
     assert_close(out, ref, np.abs(A) + 1.8 * abs(alpha) * np.abs(B - C))
     assert np.array_equal(out[:5], A[:5]) and np.array_equal(out[8], A[8])
     assert np.array_equal(np.signbit(out[:5]), np.signbit(A[:5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_train_difference_compiled_loop_gives_torch_bits(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled loop and the torch ops give the same bits, awkward values included: inf,
+    NaN, ±0, subnormals, b == c, b == a, |d| + n overflowing."""
+    from mergebuild.engine.methods import train_difference
+
+    g = np.random.default_rng(3)
+    n = 5000
+    xs = [g.standard_normal(n).astype(np.float32) * np.exp(g.standard_normal(n) * 3) for _ in "abc"]
+    specials = [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40, -1e-45, 3e38, -3e38]
+    for x in xs:
+        x[g.choice(n, 300, replace=False)] = g.choice(np.array(specials, np.float32), 300)
+    xs[2][:200] = xs[1][:200]  # b == c
+    xs[0][200:400] = xs[1][200:400]  # b == a
+    a, b, c = (torch.from_numpy(x).to(dtype) for x in xs)
+    for alpha in (1.0, -0.7, 1e30):
+        bits = []
+        for tile in (0, 1 << 40):
+            monkeypatch.setattr(train_difference, "COMPILED_TILE", tile)
+            out = REGISTRY["train_difference"].compute(
+                REGISTRY["train_difference"].Params(alpha=alpha), [a, b, c]
+            )
+            bits.append(out.numpy().view(np.uint32).copy())
+        assert np.array_equal(bits[0], bits[1]), alpha
 
 
 def test_train_difference_b_equals_c_whole_tensor() -> None:

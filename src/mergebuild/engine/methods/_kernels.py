@@ -1,20 +1,25 @@
-"""Compiled loops (numba) for the float64 sums of reduce.py, in exactly numpy's order.
+"""Compiled loops (numba) for hot per-element work, with the same operations in the same
+order as the numpy/torch code they replace, so the same bits.
 
-Why: `gram` needs Σx², Σy², Σxy in float64 over whole tensors. As numpy and torch calls that
-is ~11 calls per 64 Ki elements (convert, multiply, widen, reduce, three times), and two merge
-workers then spend their time handing the GIL back and forth: measured, two threads ran those
-sums no faster than one. Here one call per 256 Ki elements does the products and the sums
-in registers, without the GIL.
+Why: as numpy and torch calls, this work is many calls per tile (gram: ~11 per 64 Ki elements
+to convert, multiply, widen and reduce), and two merge workers then spend their time handing
+the GIL back and forth: measured, two threads ran gram's sums no faster than one. A compiled
+loop is one call per tile, keeps its temporaries in registers and releases the GIL.
 
-Same bits as the numpy path, by construction and by test (tests/test_kernels.py): every
-product of two float16, bfloat16 or float32 values is exact in float64 (at most 48 significant
-bits), so only the order of the additions matters, and it is numpy's:
-- `block_sums` is `np.add.reduce` of each 64 Ki block, i.e. numpy's pairwise sum: 512 leaves
-  of 128 elements, each summed in 8 lanes then ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), the leaf
-  results combined in a perfect binary tree (64 Ki is a power of two, so numpy halves exactly);
-- `column_sums` is `acc += np.add.reduce(block, axis=0)` per block of rows: each column summed
-  row after row from the block's first row, then added to the accumulator.
-No fast-math flags: LLVM neither reassociates nor fuses these additions.
+- `block_sums`, `column_sums` (reduce.gram): every product of two float16, bfloat16 or
+  float32 values is exact in float64 (at most 48 significant bits), so only the order of the
+  additions matters, and it is numpy's. `block_sums` is `np.add.reduce` of each 64 Ki block,
+  i.e. numpy's pairwise sum: 512 leaves of 128 elements, each summed in 8 lanes then
+  ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), the leaves combined in a perfect binary tree (64 Ki is
+  a power of two, so numpy halves exactly). `column_sums` is `acc += np.add.reduce(block,
+  axis=0)` per block of rows: each column summed row after row, then added to `acc`.
+- `difference_sums` (compare): its own fixed order, in lanes (see there).
+- `train_difference`: the method's float32 operations, element by element.
+
+Tests hold each loop to the code it replaces, bit for bit (tests/test_method_tiles.py,
+test_methods_numbers.py, test_compare.py). No fast-math flags: LLVM neither reassociates nor
+fuses (FMA) these operations. Bounds are not checked per element (that would stop the loops
+vectorising): each loop asserts its arrays' sizes once instead.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 BLOCK = 1 << 16  # reduce.BLOCK: one np.add.reduce call of the numpy path
 LEAF = 128  # numpy's PW_BLOCKSIZE: below it, pairwise_sum adds in 8 lanes
 LEAVES = BLOCK // LEAF
+_F0 = np.float32(0.0)
 
 # compiled on first call, cached on disk by numba; this module is imported only by the sums
 # that use it, so --help, -n and a cached build never load numba
@@ -35,6 +41,7 @@ _jit = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy"
 def block_sums(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
     """out[t, b] = np.add.reduce(p_t[b·BLOCK:(b+1)·BLOCK]) for p = x·x, y·y, x·y (float64)
     over float32 x, y whose length is a multiple of BLOCK."""
+    assert x.size == y.size and x.size % BLOCK == 0 and out.shape[1] >= x.size // BLOCK
     leaves = np.empty((3, LEAVES))
     r = np.empty((3, 8))
     x8, y8 = x.reshape(-1, 8), y.reshape(-1, 8)
@@ -73,6 +80,7 @@ def column_sums(x: np.ndarray, y: np.ndarray, step: int, acc: np.ndarray) -> Non
     """acc[t] += Σ over rows of p_t, per column, for float32 (rows, cols) x, y: block by
     block of `step` rows, each block summed row after row from its first row."""
     n_rows, n_cols = x.shape
+    assert y.shape == x.shape and acc.shape[1] == n_cols and step > 0
     s = np.empty((3, n_cols))
     for lo in range(0, n_rows, step):
         for j in range(n_cols):
@@ -99,6 +107,7 @@ def difference_sums(y: np.ndarray, x: np.ndarray, b: np.ndarray, acc: np.ndarray
     independent, so the loops vectorise without reordering any addition (the figures do not
     depend on the machine); the caller combines the lanes in a fixed order."""
     n, w = y.size, acc.shape[1]
+    assert x.size == n and (b.size == 0 or b.size == n) and acc.shape[0] == 5
     for lo in range(0, n, w):
         width = min(w, n - lo)
         if b.size == 0:
@@ -118,6 +127,20 @@ def difference_sums(y: np.ndarray, x: np.ndarray, b: np.ndarray, acc: np.ndarray
                 acc[4, j] += ya * ya
 
 
+@_jit
+def train_difference(
+    a: np.ndarray, b: np.ndarray, c: np.ndarray, scale: np.float32, out: np.ndarray
+) -> None:
+    """train_difference.compute's float32 operations on one tile, in its order (so its bits):
+    d = b − c; n = |b − a|; t = (n / (|d| + n)) · d · scale, −0 where d == 0; out = t + a."""
+    assert b.size == a.size and c.size == a.size and out.size == a.size
+    for i in range(a.size):
+        d = b[i] - c[i]
+        n = abs(b[i] - a[i])
+        t = n / (abs(d) + n) * d * scale
+        out[i] = (-_F0 if d == _F0 else t) + a[i]
+
+
 def warm() -> None:
     """Compile every loop now (numba caches the machine code on disk): `make install` calls
     this so that no build pays the compile (~1-2 s each time this file changes)."""
@@ -125,4 +148,5 @@ def warm() -> None:
     block_sums(x, x, np.zeros((3, 1)))
     column_sums(x.reshape(-1, 8), x.reshape(-1, 8), 4, np.zeros((3, 8)))
     difference_sums(x, x, x, np.zeros((5, 8)))
+    train_difference(x, x, x, np.float32(1), np.empty_like(x))
     difference_sums(x, x, x[:0], np.zeros((5, 8)))
