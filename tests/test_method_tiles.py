@@ -377,3 +377,32 @@ def test_large_whole_units_hand_memory_back_without_changing_bytes(
         outs.append(out.read_bytes())
         assert bool(trims) == (limit < 1 << 62)
     assert outs[0] == outs[1]
+
+
+def test_without_the_compiled_loops_a_warning_and_the_same_sums(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """numba that cannot load (missing, no cache directory, a full disk while compiling): one
+    warning, and numpy sums the same figures; nothing fails."""
+    import sys
+
+    from mergebuild.engine import methods
+    from mergebuild.engine.methods import reduce, train_difference
+
+    g = np.random.default_rng(5)
+    x = torch.from_numpy(g.standard_normal(300_000).astype(np.float16))
+    y = torch.from_numpy(g.standard_normal(300_000).astype(np.float16))
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    monkeypatch.setattr(train_difference, "COMPILED_TILE", 0)
+    want = reduce.gram(x, y)
+    m = REGISTRY["train_difference"]
+    td = m.compute(m.Params(alpha=0.7), [x, y, y.flip(0)])
+    monkeypatch.setattr(reduce, "_loaded", [])
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.delitem(sys.modules, "mergebuild.engine.methods._kernels", raising=False)
+    monkeypatch.delattr(methods, "_kernels", raising=False)
+    with pytest.warns(UserWarning, match="compiled loops unavailable .*numba"):
+        got = reduce.gram(x, y)
+    assert [float(v[0]) for v in got] == [float(v[0]) for v in want]
+    assert reduce.kernels() is None  # decided once per process
+    assert torch.equal(m.compute(m.Params(alpha=0.7), [x, y, y.flip(0)]), td)

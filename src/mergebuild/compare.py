@@ -207,7 +207,8 @@ def _sum_keys(
     infos = ref.infos()
     _advise(ref, *xs, b)
     # full-size models: every chunk through the compiled loops (numba's ~1 s load pays off)
-    compiled = sum(math.prod(infos[k].shape) for k in keys) >= reduce.COMPILED_MIN
+    big = sum(math.prod(infos[k].shape) for k in keys) >= reduce.COMPILED_MIN
+    compiled = big and reduce.kernels() is not None
 
     def one(key: str) -> list[Sums | None]:
         out: list[Sums | None] = [Sums() if key in m else None for m in mine]
@@ -290,8 +291,9 @@ def _compiled_sums(y: torch.Tensor, x: torch.Tensor, bb: torch.Tensor | None, s:
     depend only on the chunk's values."""
     import numpy as np
 
-    from mergebuild.engine.methods._kernels import difference_sums
-    from mergebuild.engine.methods.reduce import AsNumpy
+    from mergebuild.engine.methods.reduce import AsNumpy, kernels
+
+    difference_sums = kernels().difference_sums  # type: ignore[union-attr]  # checked by caller
 
     n = s.elements
     size = min(n, SUM_TILE * 8)

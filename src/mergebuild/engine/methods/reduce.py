@@ -176,15 +176,43 @@ SUPER = 4  # BLOCKs per compiled call: fewer calls, and float32 buffers of 1 MB 
 COMPILED_MIN = 1 << 20
 
 
+_loaded: list[Any] = []  # [the _kernels module] once loaded, [None] if it cannot be
+
+
+def kernels() -> Any | None:
+    """The compiled loops (_kernels.py), every one compiled or loaded from numba's cache, or
+    None if that fails here (numba missing or broken, no writable cache directory, a full
+    disk): a warning, and the numpy/torch code runs instead, with the same results. The load
+    happens inside this guard, so no build can fail half-way because of it."""
+    if not _loaded:
+        try:
+            from mergebuild.engine.methods import _kernels
+
+            _kernels.warm()
+            _loaded.append(_kernels)
+        except Exception as e:  # any failure: the fallback gives the same results
+            import warnings
+
+            first = str(e).strip().splitlines()[:1]
+            why = f"{type(e).__name__}: {first[0]}" if first else type(e).__name__
+            warnings.warn(
+                f"compiled loops unavailable ({why}); using numpy and torch instead: the same "
+                "results, slower",
+                stacklevel=2,
+            )
+            _loaded.append(None)
+    return _loaded[0]
+
+
 def compiled_ok(*xs: torch.Tensor) -> bool:
     """Large CPU tensors of dtypes whose products are exact in float64 (float16, bfloat16,
-    float32): there the compiled loops give the numpy path's bits (see _kernels.py)."""
+    float32), and the compiled loops available: there they give the numpy path's bits (see
+    _kernels.py)."""
     import torch
 
     exact = (torch.float16, torch.bfloat16, torch.float32)
-    return all(
-        x.device.type == "cpu" and x.dtype in exact and x.numel() >= COMPILED_MIN for x in xs
-    )
+    big = all(x.device.type == "cpu" and x.dtype in exact and x.numel() >= COMPILED_MIN for x in xs)
+    return big and kernels() is not None
 
 
 class AsNumpy:
@@ -208,7 +236,7 @@ class AsNumpy:
 def _block_sums(x: torch.Tensor, y: torch.Tensor, total: list[float]) -> int:
     """Adds the sums of x's and y's whole BLOCKs (flat) to `total` in block order, as the
     numpy path would; returns where the partial last block starts (left to that path)."""
-    from mergebuild.engine.methods._kernels import block_sums
+    block_sums = kernels().block_sums  # type: ignore[union-attr]  # compiled_ok said so
 
     full = x.numel() // BLOCK * BLOCK
     step = SUPER * BLOCK
@@ -227,7 +255,7 @@ def _block_sums(x: torch.Tensor, y: torch.Tensor, total: list[float]) -> int:
 def _column_sums(x: torch.Tensor, y: torch.Tensor, step: int, acc: list[np.ndarray]) -> None:
     """acc += the per-column sums of 2-D x and y, blocks of `step` rows (the numpy path's
     order); a few blocks per compiled call."""
-    from mergebuild.engine.methods._kernels import column_sums
+    column_sums = kernels().column_sums  # type: ignore[union-attr]  # compiled_ok said so
 
     n_rows, n_cols = x.shape
     rows = max(step, SUPER * BLOCK // max(n_cols, 1) // step * step)  # whole blocks per call

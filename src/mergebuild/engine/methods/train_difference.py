@@ -48,6 +48,8 @@ be block weights; alpha 0 gives exactly a."""
         import numpy as np
         import torch
 
+        from mergebuild.engine.methods.reduce import kernels
+
         a, b, c = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
         if alpha == 0:
@@ -55,12 +57,11 @@ be block weights; alpha 0 gives exactly a."""
         # Inputs converted to float32 once (exact): mixed float16/float32 ops are 2.5x slower
         # and give the same bits. Each buffer is reused once its value is no longer needed.
         a32, b32, c32 = f32(a), f32(b), f32(c)
-        if a32.device.type == "cpu" and a32.numel() >= COMPILED_TILE:
-            from mergebuild.engine.methods._kernels import train_difference
-
+        loops = kernels() if a32.device.type == "cpu" and a32.numel() >= COMPILED_TILE else None
+        if loops is not None:
             flat = [x.reshape(-1).numpy() for x in (a32, b32, c32)]
             out = np.empty(a32.numel(), dtype=np.float32)
-            train_difference(*flat, np.float32(alpha * 1.8), out)
+            loops.train_difference(*flat, np.float32(alpha * 1.8), out)
             return torch.from_numpy(out).reshape(a32.shape)
         d = torch.sub(b32, c32)
         n = b32.sub_(a32).abs_()
