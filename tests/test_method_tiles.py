@@ -65,13 +65,18 @@ TIES_CASES = [
 ]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("name", "params"), TIES_CASES)
 def test_ties_quick_tiles_equal_the_reference_form(
-    monkeypatch: pytest.MonkeyPatch, name: str, params: dict, kind: str
+    monkeypatch: pytest.MonkeyPatch, name: str, params: dict, kind: str, compiled: bool
 ) -> None:
-    """Finite tiles take the 9-op form, others the reference form: either way, the bytes of
-    the reference form everywhere (tensors of 1 to 3 tiles, fp16 and float32 inputs)."""
+    """Finite tiles take the 9-op form (as torch ops, or as one compiled loop), others the
+    reference form: either way, the bytes of the reference form everywhere (tensors of 1 to 3
+    tiles, fp16 and float32 inputs)."""
+    from mergebuild.engine.methods import reduce
+
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0 if compiled else 1 << 40)
     m = REGISTRY[name]
     for numel, dtype in ((70_001, torch.float16), (150_000, torch.float32), (37, torch.bfloat16)):
         xs = _inputs(kind, 3, numel, dtype, seed=numel)

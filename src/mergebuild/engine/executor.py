@@ -334,6 +334,8 @@ class FusedPass:
     ) -> None:
         """`read[i]`: bytes unit i reads. A batch starts as one unit for the readahead, so it
         reads at most an eighth of the direct-read buffers (the rest go to the units after)."""
+        from mergebuild.engine.methods.reduce import kernels_memory
+
         in_flight: dict[Future[None], tuple[list[Unit], int]] = {}
         used = 0
 
@@ -362,7 +364,9 @@ class FusedPass:
                 cap = readahead.buffer_bytes // 8
                 for first, batch in _batches(units, read, cap):
                     cost = sum(self._cost(u) for u in batch)
-                    while in_flight and (used + cost > budget or len(in_flight) >= 2 * jobs):
+                    # once loaded, the compiled loops' memory is part of the budget too
+                    room = budget - kernels_memory()
+                    while in_flight and (used + cost > room or len(in_flight) >= 2 * jobs):
                         reap(block=True)
                     readahead.advance(first)
                     in_flight[pool.submit(run_batch, batch)] = (batch, cost)

@@ -15,6 +15,8 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
   axis=0)` per block of rows: each column summed row after row, then added to `acc`.
 - `difference_sums` (compare): its own fixed order, in lanes (see there).
 - `train_difference`: the method's float32 operations, element by element.
+- `ties_combine`: TIES' trim, sign election and disjoint mean on one tile (ties, dare_ties,
+  della), the float32 operations of _taskvec.ties_tiles' `quick` form.
 
 Tests hold each loop to the code it replaces, bit for bit (tests/test_method_tiles.py,
 test_methods_numbers.py, test_compare.py). No fast-math flags: LLVM neither reassociates nor
@@ -30,7 +32,7 @@ import numpy as np
 BLOCK = 1 << 16  # reduce.BLOCK: one np.add.reduce call of the numpy path
 LEAF = 128  # numpy's PW_BLOCKSIZE: below it, pairwise_sum adds in 8 lanes
 LEAVES = BLOCK // LEAF
-_F0 = np.float32(0.0)
+_F0, _F1 = np.float32(0.0), np.float32(1.0)
 
 # compiled on first call, cached on disk by numba; this module is imported only by the sums
 # that use it, so --help, -n and a cached build never load numba
@@ -141,6 +143,68 @@ def train_difference(
         out[i] = (-_F0 if d == _F0 else t) + a[i]
 
 
+@_jit
+def _sign32(x: np.float32) -> np.float32:
+    """torch.sign of a float32: ±1, 0 for ±0 and NaN."""
+    if x > _F0:
+        return _F1
+    if x < _F0:
+        return -_F1
+    return _F0
+
+
+@_jit
+def ties_combine(
+    d: np.ndarray,
+    lams: np.ndarray,
+    ws: np.ndarray,
+    magnitude: bool,
+    scale: np.float32,
+    base: np.ndarray,
+    out: np.ndarray,
+) -> bool:
+    """_taskvec.ties_tiles' `quick` form on one tile with the same float32 operations in the
+    same order (so the same bits): δ rows `d` (n, m) are trimmed in place (hardshrink by
+    lams[k], NaN for none), weighted (ws), signs elected (by magnitude or count), agreeing τ
+    summed and divided by their weights, then out = that · scale + base. Loops run over the
+    elements innermost, without branches, so they vectorise. False (out unfinished) where a
+    sum is not finite: the caller redoes the tile exactly."""
+    n, m = d.shape
+    assert lams.size == n and ws.size == n and base.size == m and out.size == m
+    vote = np.empty(m, dtype=np.float32)
+    den = np.empty(m, dtype=np.float32)
+    for k in range(n):
+        lam, w, row = lams[k], ws[k], d[k]
+        trim = lam == lam
+        for i in range(m):
+            x = row[i]
+            x = _F0 if trim and x >= -lam and x <= lam else x  # hardshrink
+            x = x * w if w != _F1 else x
+            row[i] = x
+            term = x if magnitude else _sign32(x)
+            vote[i] = term if k == 0 else vote[i] + term
+    for i in range(m):
+        vote[i] = _sign32(vote[i])
+        out[i] = _F0
+    finite = True
+    for k in range(n):
+        w, row = ws[k], d[k]
+        for i in range(m):
+            x = row[i]
+            e = _F1 if _sign32(x) == vote[i] else _F0
+            term = e if w == _F1 else e * w
+            den[i] = term if k == 0 else den[i] + term
+            out[i] = out[i] + e * x
+    for i in range(m):
+        finite &= np.isfinite(out[i])
+    if not finite:
+        return False
+    for i in range(m):
+        a = abs(vote[i])
+        out[i] = out[i] / (den[i] * a + (-a + _F1)) * scale + base[i]
+    return True
+
+
 def warm() -> None:
     """Compile every loop now (numba caches the machine code on disk): `make install` calls
     this so that no build pays the compile (~1-2 s each time this file changes)."""
@@ -149,4 +213,7 @@ def warm() -> None:
     column_sums(x.reshape(-1, 8), x.reshape(-1, 8), 4, np.zeros((3, 8)))
     difference_sums(x, x, x, np.zeros((5, 8)))
     train_difference(x, x, x, np.float32(1), np.empty_like(x))
+    d = np.zeros((2, 8), dtype=np.float32)
+    ones = np.ones(2, dtype=np.float32)
+    ties_combine(d, ones, ones, True, np.float32(1), x[:8], np.empty(8, np.float32))
     difference_sums(x, x, x[:0], np.zeros((5, 8)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -262,11 +262,53 @@ def ties_tiles(
             b = base32[:m].copy_(flat_base[lo:hi])
         return nm.div_(dn).mul_(scale).add_(b)
 
+    def base32_tile(lo: int, hi: int) -> torch.Tensor:
+        if base_tile is not None:
+            return base_tile(lo, hi)
+        if flat_base.dtype == torch.float32:
+            return flat_base[lo:hi]
+        return base32[: hi - lo].copy_(flat_base[lo:hi])
+
+    loops = _compiled_loops(flat_base, numel) if fast else None
+    compiled = loops is not None
+    if loops is not None:
+        import numpy as np
+
+        ties_combine = loops.ties_combine
+        rows = torch.empty(len(active) * size, dtype=torch.float32)
+        lams = np.array([np.nan if shrink[i] is None else shrink[i] for i, _ in active], np.float32)
+        ws = np.array([w for _, w in active], dtype=np.float32)
+        scale32 = np.float32(scale)
+
+    def compiled_quick(lo: int, hi: int) -> torch.Tensor | None:
+        """`quick` as one compiled loop over the tile (_kernels.ties_combine: the same float32
+        operations in the same order, so the same bits), after the δ tiles are written."""
+        m = hi - lo
+        d = rows[: len(active) * m].view(len(active), m)
+        for k, (i, _) in enumerate(active):
+            deltas(i, lo, hi, d[k])
+        b = base32_tile(lo, hi).contiguous()
+        out = num[:m]
+        if not ties_combine(
+            d.numpy(), lams, ws, vote == "magnitude", scale32, b.numpy(), out.numpy()
+        ):
+            return None
+        return out
+
     def fill(lo: int, hi: int) -> torch.Tensor:
-        out = quick(lo, hi) if fast else None
+        out = (compiled_quick if compiled else quick)(lo, hi) if fast else None
         return exact(lo, hi) if out is None else out
 
     return Tiles(TILE, shape, fill)
+
+
+def _compiled_loops(base: torch.Tensor, numel: int) -> Any | None:
+    """_kernels (for its ties_combine) on the CPU, for tensors large enough to earn numba's
+    load, where it loads."""
+    from mergebuild.engine.methods import reduce
+
+    big = base.device.type == "cpu" and numel >= reduce.COMPILED_MIN
+    return reduce.kernels() if big else None
 
 
 def _below(thr: float | None) -> float | None:
