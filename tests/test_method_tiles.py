@@ -411,3 +411,31 @@ def test_without_the_compiled_loops_a_warning_and_the_same_sums(
     assert [float(v[0]) for v in got] == [float(v[0]) for v in want]
     assert reduce.kernels() is None  # decided once per process
     assert torch.equal(m.compute(m.Params(alpha=0.7), [x, y, y.flip(0)]), td)
+
+
+def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every compiled loop is called with the argument types `_kernels.warm()` compiles (at
+    `make install`, or inside reduce.kernels()'s guard): a build never compiles, so it never
+    writes numba's cache (a full disk there cannot fail a build half-way)."""
+    from mergebuild import compare
+    from mergebuild.engine.methods import reduce, train_difference
+
+    loops = reduce.kernels()
+    assert loops is not None
+    names = ["block_sums", "column_sums", "difference_sums", "train_difference", "ties_combine"]
+    before = {k: list(getattr(loops, k).signatures) for k in names}
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    monkeypatch.setattr(train_difference, "COMPILED_TILE", 0)
+    g = np.random.default_rng(9)
+    n = 5 * 65_536 + 7  # a compiled call with fewer blocks than it has room for, and a tail
+    xs = [torch.from_numpy(g.standard_normal(n).astype(np.float16)) for _ in range(4)]
+    reduce.gram(xs[0], xs[1])
+    reduce.gram(xs[0][: 600 * 500].reshape(600, 500), xs[1][: 600 * 500].reshape(600, 500), 0)
+    compare._chunk_sums(xs[0], xs[1], xs[2], 0, n, compiled=True)
+    compare._chunk_sums(xs[0], xs[1], None, 0, n, compiled=True)
+    for name in ("train_difference", "ties", "dare_ties"):
+        m = REGISTRY[name]
+        p = m.Params(**({"p": 0.5, "seed": 1} if name == "dare_ties" else {}))
+        ctx = ComputeContext("k.weight", 0, n, "ab" * 16, 1)
+        m.compute(p, xs[:3] if name == "train_difference" else xs, *([ctx] * m.needs_context))
+    assert {k: list(getattr(loops, k).signatures) for k in names} == before

@@ -252,7 +252,7 @@ def _block_sums(x: torch.Tensor, y: torch.Tensor, total: list[float]) -> int:
     for lo in range(0, full, step):
         hi = min(full, lo + step)
         n = (hi - lo) // BLOCK
-        block_sums(fx(lo, hi), fy(lo, hi), out[:, :n])
+        block_sums(fx(lo, hi), fy(lo, hi), out)  # the whole `out`: the signature warm() made
         for b in range(n):
             for i in range(3):
                 total[i] += float(out[i, b])
