@@ -273,6 +273,7 @@ class FusedPass:
         self.readahead = readahead.start()
         try:
             self._start_taps(ranges)  # inside: the `finally` below stops them
+            self._load_compiled_loops(units)
             import torch  # imported once the disk is already busy: it takes about a second
 
             threads = torch.get_num_threads()
@@ -309,6 +310,16 @@ class FusedPass:
             for tap in self.taps.values():
                 tap.close()
             self.taps = {}
+
+    def _load_compiled_loops(self, units: list[Unit]) -> None:
+        """Load numba's loops (~0.7 s) in the background while the disk starts, rather than
+        in the worker that first needs them, when a method uses them on full-size tensors."""
+        from mergebuild.engine.methods import reduce
+
+        if any(j.method.compiled_loops for j in self.jobs.values()) and any(
+            u.hi - u.lo >= reduce.COMPILED_MIN for u in units
+        ):
+            threading.Thread(target=reduce.kernels, name="load-loops", daemon=True).start()
 
     def _start_taps(self, ranges: list[list[tuple[int, int, int]]]) -> None:
         """One tap per file to hash, fed by every source reading that file."""

@@ -110,6 +110,8 @@ class CosineBlend(Method):
     """The blend both cosine methods share; each subclass says how it measures similarity
     (its `similarity(params, xs)` → (combined similarity per column, alpha))."""
 
+    compiled_loops = True
+
     similarity: ClassVar[Callable[[CosineParams, list[torch.Tensor]], tuple[np.ndarray, float]]]
 
     @classmethod

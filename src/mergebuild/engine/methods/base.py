@@ -160,6 +160,8 @@ class Method:
     inputs_form: ClassVar[str] = "slots"
     min_models: ClassVar[int] = 1  # for variadic / base_models
     random: ClassVar[bool] = False  # takes `seed:` (its Params derive from SeedParams)
+    # runs compiled loops (_kernels.py) on full-size tensors: the pass loads them early
+    compiled_loops: ClassVar[bool] = False
     streaming: ClassVar[str] = "elementwise"  # derived from `elementwise`: never set by hand
     formula: ClassVar[str] = ""  # one line, for `mergebuild methods` and the README table
     description: ClassVar[str] = ""  # what, when to use, parameters

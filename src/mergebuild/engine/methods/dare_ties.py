@@ -33,6 +33,7 @@ class DareTiesParams(SeedParams):
 
 class DareTies(Method):
     name = "dare_ties"
+    compiled_loops = True
     inputs_form = "base_models"
     min_models = 1
     random = True

@@ -87,6 +87,7 @@ def ranks(d: torch.Tensor) -> np.ndarray:
 
 
 class Della(Method):
+    compiled_loops = True
     name = "della"
     inputs_form = "base_models"
     min_models = 1

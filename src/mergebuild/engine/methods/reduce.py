@@ -9,6 +9,7 @@ tensor gives the same bits on every run, whatever the chunking or thread count.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +178,7 @@ COMPILED_MIN = 1 << 20
 
 
 _loaded: list[Any] = []  # [the _kernels module] once loaded, [None] if it cannot be
+_load_lock = threading.Lock()  # a worker may ask while the pass's early load is under way
 # what loading them adds to the process (measured: numba's import 115 MB, the loops 52 MB)
 KERNELS_BYTES = 176 << 20
 
@@ -191,6 +193,11 @@ def kernels() -> Any | None:
     None if that fails here (numba missing or broken, no writable cache directory, a full
     disk): a warning, and the numpy/torch code runs instead, with the same results. The load
     happens inside this guard, so no build can fail half-way because of it."""
+    with _load_lock:
+        return _load()
+
+
+def _load() -> Any | None:
     if not _loaded:
         try:
             from mergebuild.engine.methods import _kernels

@@ -48,6 +48,7 @@ def combine(a: torch.Tensor, b: torch.Tensor, ca: float, cb: float) -> torch.Ten
 
 class Slerp(Method):
     name = "slerp"
+    compiled_loops = True
     slots = ("a", "b")
     Params = SlerpParams
     block_params = ("alpha",)

@@ -28,6 +28,7 @@ class TiesParams(TaskVectorParams):
 
 class Ties(Method):
     name = "ties"
+    compiled_loops = True
     inputs_form = "base_models"
     min_models = 1
     elementwise = False

@@ -23,6 +23,7 @@ class TrainDifferenceParams(Params):
 
 class TrainDifference(Method):
     name = "train_difference"
+    compiled_loops = True
     slots = ("a", "b", "c")
     Params = TrainDifferenceParams
     block_params = ("alpha",)
