@@ -543,6 +543,13 @@ def earlier_rows(rows: list[dict]) -> list[dict]:
     ]
 
 
+def warm_compiled() -> None:
+    """Compile numba's loops before timing (as `make install` does): a row should not pay the
+    one-time compile that follows an edit of _kernels.py."""
+    code = "from mergebuild.engine.methods import _kernels; _kernels.warm()"
+    subprocess.run([PY, "-c", code], check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", default="sd1,sdxl", help="comma list of sd1, sdxl")
@@ -558,6 +565,7 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the fastest is kept")
     args = ap.parse_args()
+    warm_compiled()
     groups = set(args.rows.split(","))
     if not groups <= set(GROUPS):
         ap.error(f"--rows: unknown group(s) {', '.join(sorted(groups - set(GROUPS)))}")
