@@ -104,6 +104,7 @@ SPLIT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("out", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", ["plain", "specials", "overflow"])
 @pytest.mark.parametrize(("name", "params", "shape"), SPLIT_CASES)
@@ -114,10 +115,15 @@ def test_tiles_cast_and_streamed_equal_the_whole_result(
     shape: tuple[int, ...],
     kind: str,
     out: torch.dtype,
+    compiled: bool,
 ) -> None:
     """`_from_tiles` and `_stream_tiles` (small tiles: many, the last one short) give the
     bytes of `compute(...).to(dtype)` and the same NaN/Inf verdict; a slerp tile that asks to
-    start over (its lerp fallback) leaves no tiles written."""
+    start over (its lerp fallback) leaves no tiles written. `compiled`: the tiles (and the
+    sums) through _kernels.py's loops, against `compute`'s torch ops."""
+    from mergebuild.engine.methods import reduce
+
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0 if compiled else 1 << 40)
     for mod, attr in ((slerp, "FILL_TILE"), (add_cosine_a, "FILL_TILE"), (_taskvec, "TILE")):
         monkeypatch.setattr(mod, attr, 1000)
     m = REGISTRY[name]
@@ -423,6 +429,7 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
     loops = reduce.kernels()
     assert loops is not None
     names = ["block_sums", "column_sums", "difference_sums", "train_difference", "ties_combine"]
+    names += ["lincomb", "blend_rows"]
     before = {k: list(getattr(loops, k).signatures) for k in names}
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
     monkeypatch.setattr(train_difference, "COMPILED_TILE", 0)
@@ -433,6 +440,11 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
     reduce.gram(xs[0][: 600 * 500].reshape(600, 500), xs[1][: 600 * 500].reshape(600, 500), 0)
     compare._chunk_sums(xs[0], xs[1], xs[2], 0, n, compiled=True)
     compare._chunk_sums(xs[0], xs[1], None, 0, n, compiled=True)
+    for name, shape in (("slerp", (n,)), ("add_cosine_a", (n // 7, 7))):
+        m = REGISTRY[name]
+        pair = [x[: math.prod(shape)].reshape(shape) for x in xs[:2]]
+        tiles = m.split(m.Params(alpha=0.3), pair, None)
+        assert tiles is not None and tiles.whole() is not None
     for name in ("train_difference", "ties", "dare_ties"):
         m = REGISTRY[name]
         p = m.Params(**({"p": 0.5, "seed": 1} if name == "dare_ties" else {}))

@@ -15,6 +15,7 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
   axis=0)` per block of rows: each column summed row after row, then added to `acc`.
 - `difference_sums` (compare): its own fixed order, in lanes (see there).
 - `train_difference`: the method's float32 operations, element by element.
+- `lincomb`, `blend_rows`: slerp's and the cosine methods' tiles, a·ca + b·cb.
 - `ties_combine`: TIES' trim, sign election and disjoint mean on one tile (ties, dare_ties,
   della), the float32 operations of _taskvec.ties_tiles' `quick` form.
 
@@ -205,6 +206,26 @@ def ties_combine(
     return True
 
 
+@_jit
+def lincomb(a: np.ndarray, b: np.ndarray, ca: np.float32, cb: np.float32, out: np.ndarray) -> None:
+    """out = a·ca + b·cb in float32, element by element (slerp's tiles)."""
+    assert b.size == a.size and out.size == a.size
+    for i in range(a.size):
+        out[i] = a[i] * ca + b[i] * cb
+
+
+@_jit
+def blend_rows(
+    a: np.ndarray, b: np.ndarray, ka: np.ndarray, kb: np.ndarray, out: np.ndarray
+) -> None:
+    """out[r, j] = a[r, j]·ka[j] + b[r, j]·kb[j] in float32 (the cosine methods' tiles)."""
+    rows, cols = a.shape
+    assert b.shape == a.shape and out.shape == a.shape and ka.size == cols and kb.size == cols
+    for r in range(rows):
+        for j in range(cols):
+            out[r, j] = a[r, j] * ka[j] + b[r, j] * kb[j]
+
+
 def warm() -> None:
     """Compile every loop now (numba caches the machine code on disk): `make install` calls
     this so that no build pays the compile (~1-2 s each time this file changes)."""
@@ -216,4 +237,7 @@ def warm() -> None:
     d = np.zeros((2, 8), dtype=np.float32)
     ones = np.ones(2, dtype=np.float32)
     ties_combine(d, ones, ones, True, np.float32(1), x[:8], np.empty(8, np.float32))
+    lincomb(x, x, np.float32(1), np.float32(1), np.empty_like(x))
+    rows = x.reshape(-1, 8)
+    blend_rows(rows, rows, x[:8], x[:8], np.empty_like(rows))
     difference_sums(x, x, x[:0], np.zeros((5, 8)))

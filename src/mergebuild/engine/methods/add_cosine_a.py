@@ -87,6 +87,8 @@ def blend_tiles(
     import numpy as np
     import torch
 
+    from mergebuild.engine.methods.reduce import COMPILED_MIN, kernels
+
     if a.dim() == 0 or a.shape[0] == 0 or a.device.type != "cpu":
         return None
     k = np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
@@ -96,10 +98,18 @@ def blend_tiles(
     a2, b2 = a.reshape(a.shape[0], cols), b.reshape(a.shape[0], cols)
     rows = max(1, FILL_TILE // cols)
     size = min(rows, a.shape[0])
-    part, tmp = (torch.empty((size, cols), dtype=torch.float32) for _ in range(2))
+    part, tmp, res = (torch.empty((size, cols), dtype=torch.float32) for _ in range(3))
+    loops = kernels() if a.numel() >= COMPILED_MIN else None
+    ka, kb = kt.reshape(-1).numpy(), rest.reshape(-1).numpy()
 
     def fill(lo: int, hi: int) -> torch.Tensor:
         r0, r1 = lo // cols, hi // cols
+        if loops is not None:  # the same two products and sum as one compiled loop
+            x, y, p = part[: r1 - r0], tmp[: r1 - r0], res[: r1 - r0]
+            x.copy_(a2[r0:r1])
+            y.copy_(b2[r0:r1])
+            loops.blend_rows(x.numpy(), y.numpy(), ka, kb, p.numpy())
+            return p.reshape(-1)
         p = part[: r1 - r0].copy_(a2[r0:r1]).mul_(kt)
         return p.add_(tmp[: r1 - r0].copy_(b2[r0:r1]).mul_(rest)).reshape(-1)
 

@@ -75,6 +75,8 @@ give exactly a / b; alpha may be block weights."""
         or 1, or the lerp fallback — `compute` handles those on the whole tensor)."""
         import torch
 
+        from mergebuild.engine.methods.reduce import COMPILED_MIN, kernels
+
         a, b = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
         if alpha in (0, 1) or a.device.type != "cpu":
@@ -86,6 +88,12 @@ give exactly a / b; alpha may be block weights."""
         fa, fb = a.reshape(-1), b.reshape(-1)
         size = min(fa.numel(), FILL_TILE)
         part, tmp = (torch.empty(size, dtype=torch.float32) for _ in range(2))
+        loops = kernels() if fa.numel() >= COMPILED_MIN else None
+        if loops is not None:  # the same two products and sum as one compiled loop
+            import numpy as np
+
+            res = torch.empty(size, dtype=torch.float32)
+            ca32, cb32 = np.float32(ca), np.float32(cb)
         # |a·cₐ + b·c_b| ≤ ‖a‖·|cₐ| + ‖b‖·|c_b| (a norm bounds every element): far below the
         # float32 maximum (and cₐ, c_b themselves finite in float32), no tile can overflow;
         # finite norms mean finite inputs. The lerp fallback cannot happen then, so the tiles
@@ -95,7 +103,12 @@ give exactly a / b; alpha may be block weights."""
 
         def fill(lo: int, hi: int) -> torch.Tensor | None:
             p = part[: hi - lo]
-            p.copy_(fa[lo:hi]).mul_(ca).add_(tmp[: hi - lo].copy_(fb[lo:hi]).mul_(cb))
+            if loops is not None:
+                x, y = p.copy_(fa[lo:hi]), tmp[: hi - lo].copy_(fb[lo:hi])
+                p = res[: hi - lo]
+                loops.lincomb(x.numpy(), y.numpy(), ca32, cb32, p.numpy())
+            else:
+                p.copy_(fa[lo:hi]).mul_(ca).add_(tmp[: hi - lo].copy_(fb[lo:hi]).mul_(cb))
             if safe:
                 return p
             if not math.isfinite(float(p.sum())) and not bool(torch.isfinite(p).all()):
