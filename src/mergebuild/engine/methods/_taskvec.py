@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
+from mergebuild.engine.methods import reduce
 from mergebuild.engine.methods._topk import TILE as SELECT_TILE
 from mergebuild.engine.methods._topk import Fill, Sample, kth_smallest_abs_many
 from mergebuild.engine.methods.base import Params, Tiles, f32
@@ -254,22 +255,17 @@ def ties_tiles(
             return None
         a = torch.abs(sign, out=t)  # s = 0: den 1 (as `exact`), elsewhere den unchanged
         dn.mul_(a).add_(a.neg_().add_(1.0))
-        if base_tile is not None:
-            b = base_tile(lo, hi)
-        elif flat_base.dtype == torch.float32:
-            b = flat_base[lo:hi]
-        else:  # converted once: a mixed float16 + float32 add is 2.5x slower, same bits
-            b = base32[:m].copy_(flat_base[lo:hi])
-        return nm.div_(dn).mul_(scale).add_(b)
+        return nm.div_(dn).mul_(scale).add_(base32_tile(lo, hi))
 
     def base32_tile(lo: int, hi: int) -> torch.Tensor:
+        """The base tile in float32: a mixed float16 + float32 add is 2.5x slower, same bits."""
         if base_tile is not None:
             return base_tile(lo, hi)
         if flat_base.dtype == torch.float32:
             return flat_base[lo:hi]
         return base32[: hi - lo].copy_(flat_base[lo:hi])
 
-    loops = _compiled_loops(flat_base, numel) if fast else None
+    loops = reduce.loops_for(flat_base) if fast else None
     compiled = loops is not None
     if loops is not None:
         import numpy as np
@@ -300,15 +296,6 @@ def ties_tiles(
         return exact(lo, hi) if out is None else out
 
     return Tiles(TILE, shape, fill)
-
-
-def _compiled_loops(base: torch.Tensor, numel: int) -> Any | None:
-    """_kernels (for its ties_combine) on the CPU, for tensors large enough to earn numba's
-    load, where it loads."""
-    from mergebuild.engine.methods import reduce
-
-    big = base.device.type == "cpu" and numel >= reduce.COMPILED_MIN
-    return reduce.kernels() if big else None
 
 
 def _below(thr: float | None) -> float | None:

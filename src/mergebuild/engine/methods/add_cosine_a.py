@@ -87,7 +87,7 @@ def blend_tiles(
     import numpy as np
     import torch
 
-    from mergebuild.engine.methods.reduce import COMPILED_MIN, kernels
+    from mergebuild.engine.methods.reduce import loops_for
 
     if a.dim() == 0 or a.shape[0] == 0 or a.device.type != "cpu":
         return None
@@ -99,7 +99,7 @@ def blend_tiles(
     rows = max(1, FILL_TILE // cols)
     size = min(rows, a.shape[0])
     part, tmp, res = (torch.empty((size, cols), dtype=torch.float32) for _ in range(3))
-    loops = kernels() if a.numel() >= COMPILED_MIN else None
+    loops = loops_for(a)
     ka, kb = kt.reshape(-1).numpy(), rest.reshape(-1).numpy()
 
     def fill(lo: int, hi: int) -> torch.Tensor:

@@ -218,6 +218,13 @@ def _load() -> Any | None:
     return _loaded[0]
 
 
+def loops_for(x: torch.Tensor, minimum: int | None = None) -> Any | None:
+    """The compiled loops for work on `x`: a CPU tensor of at least `minimum` elements
+    (default COMPILED_MIN) where they load; else None (the numpy/torch path)."""
+    big = x.device.type == "cpu" and x.numel() >= (COMPILED_MIN if minimum is None else minimum)
+    return kernels() if big else None
+
+
 def compiled_ok(*xs: torch.Tensor) -> bool:
     """Large CPU tensors of dtypes whose products are exact in float64 (float16, bfloat16,
     float32), and the compiled loops available: there they give the numpy path's bits (see
@@ -225,8 +232,7 @@ def compiled_ok(*xs: torch.Tensor) -> bool:
     import torch
 
     exact = (torch.float16, torch.bfloat16, torch.float32)
-    big = all(x.device.type == "cpu" and x.dtype in exact and x.numel() >= COMPILED_MIN for x in xs)
-    return big and kernels() is not None
+    return all(x.dtype in exact for x in xs) and all(loops_for(x) is not None for x in xs)
 
 
 class AsNumpy:

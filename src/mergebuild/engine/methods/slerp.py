@@ -75,7 +75,7 @@ give exactly a / b; alpha may be block weights."""
         or 1, or the lerp fallback — `compute` handles those on the whole tensor)."""
         import torch
 
-        from mergebuild.engine.methods.reduce import COMPILED_MIN, kernels
+        from mergebuild.engine.methods.reduce import loops_for
 
         a, b = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
@@ -88,7 +88,7 @@ give exactly a / b; alpha may be block weights."""
         fa, fb = a.reshape(-1), b.reshape(-1)
         size = min(fa.numel(), FILL_TILE)
         part, tmp = (torch.empty(size, dtype=torch.float32) for _ in range(2))
-        loops = kernels() if fa.numel() >= COMPILED_MIN else None
+        loops = loops_for(fa)
         if loops is not None:  # the same two products and sum as one compiled loop
             import numpy as np
 

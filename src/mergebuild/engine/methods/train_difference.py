@@ -49,7 +49,7 @@ be block weights; alpha 0 gives exactly a."""
         import numpy as np
         import torch
 
-        from mergebuild.engine.methods.reduce import kernels
+        from mergebuild.engine.methods.reduce import loops_for
 
         a, b, c = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
@@ -58,7 +58,7 @@ be block weights; alpha 0 gives exactly a."""
         # Inputs converted to float32 once (exact): mixed float16/float32 ops are 2.5x slower
         # and give the same bits. Each buffer is reused once its value is no longer needed.
         a32, b32, c32 = f32(a), f32(b), f32(c)
-        loops = kernels() if a32.device.type == "cpu" and a32.numel() >= COMPILED_TILE else None
+        loops = loops_for(a32, COMPILED_TILE)
         if loops is not None:
             flat = [x.reshape(-1).numpy() for x in (a32, b32, c32)]
             out = np.empty(a32.numel(), dtype=np.float32)
