@@ -261,6 +261,55 @@ def test_nonfinite_check_on_sums_that_overflow(dtype: str) -> None:
     assert not _has_nonfinite(torch.empty(0, dtype=dt))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "bits", "nan"),
+    [
+        ("float16", np.uint16, 0x7E00),
+        ("bfloat16", np.uint16, 0x7FC0),
+        ("float32", np.uint32, 0x7FC00000),
+        ("float64", np.uint64, 0x7FF8000000000000),
+        ("float8_e5m2", np.uint8, 0x7E),
+        ("float8_e4m3fn", np.uint8, 0x7F),
+    ],
+)
+def test_nans_are_written_in_one_spelling(dtype: str, bits: type, nan: int) -> None:
+    """canonical_nans: every NaN (either sign, any payload) becomes the dtype's positive
+    quiet NaN; infinities, zeros of both signs and numbers keep their bits."""
+    import torch
+
+    from mergebuild.engine.compute import canonical_nans
+
+    width = np.dtype(bits).itemsize * 8
+    exp = {"float16": 5, "bfloat16": 8, "float32": 8, "float64": 11}.get(dtype)
+    if exp is None:  # fp8: every byte, by its own rules (e4m3fn has no inf: S.1111.111 is NaN)
+        pattern = np.arange(256, dtype=np.uint8)
+        e, m = (5, 2) if dtype == "float8_e5m2" else (4, 3)
+        exponent, mantissa = (pattern >> m) & ((1 << e) - 1), pattern & ((1 << m) - 1)
+        is_nan = (
+            (exponent == (1 << e) - 1) & (mantissa != 0)
+            if dtype == "float8_e5m2"
+            else (pattern & 0x7F) == 0x7F
+        )
+    else:  # numbers, ±0, ±inf, quiet and signalling NaNs of both signs, with payloads
+        man = width - 1 - exp
+        inf = ((1 << exp) - 1) << man
+        sign = 1 << (width - 1)
+        pattern = np.array(
+            [0, sign, 1, inf - 1, inf, inf | sign, inf | 1, inf | (1 << (man - 1)),
+             inf | sign | 1, inf | sign | (1 << (man - 1)) | 5, 0x3C, sign | 0x3C],
+            dtype=bits,
+        )  # fmt: skip
+        is_nan = (pattern & (sign - 1)) > inf
+    x = torch.from_numpy(pattern.copy()).view(getattr(torch, dtype))
+    assert is_nan.sum() == {"float8_e5m2": 6, "float8_e4m3fn": 2}.get(dtype, 4)
+    want = np.where(is_nan, np.array(nan, dtype=bits), pattern)
+    got = canonical_nans(x, inplace=False)
+    assert got.view(torch.uint8).numpy().view(bits).tolist() == want.tolist()
+    assert x.view(torch.uint8).numpy().view(bits).tolist() == pattern.tolist()  # a copy
+    canonical_nans(x, inplace=True)
+    assert x.view(torch.uint8).numpy().view(bits).tolist() == want.tolist()
+
+
 def test_build_that_cannot_fit_is_refused_before_writing(
     workdir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

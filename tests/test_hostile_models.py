@@ -192,6 +192,10 @@ def test_nan_and_inf_inputs_warn_with_keys(workdir: Path, cache: Path) -> None:
     assert nan_key in t and inf_key in t
     t[nan_key] = t[nan_key].copy()
     t[nan_key][0] = np.nan
+    # a negative NaN with a payload: what an op returns from it depends on operand order
+    t[nan_key][1:2].view(np.uint16 if t[nan_key].itemsize == 2 else np.uint32)[0] = (
+        0xFE01 if t[nan_key].itemsize == 2 else 0xFFC00001
+    )
     t[inf_key] = t[inf_key].copy()
     t[inf_key][-1] = -np.inf
     save_file(t, str(models / "a.safetensors"))
@@ -203,6 +207,12 @@ def test_nan_and_inf_inputs_warn_with_keys(workdir: Path, cache: Path) -> None:
     assert nan_key in r.err and inf_key in r.err
     node = next(n for n in r.json["nodes"] if n["name"] == "m")
     assert node["nonfinite_keys"] == sorted([nan_key, inf_key])
+    # every NaN is written as its dtype's one positive quiet NaN
+    out = load_file(str(workdir / "out" / "o.safetensors"))[nan_key]
+    bits = out.view({2: np.uint16, 4: np.uint32}[out.itemsize])
+    canonical = {2: 0x7E00, 4: 0x7FC00000}[out.itemsize]
+    assert bits[:2].tolist() == [canonical, canonical]
+    assert not np.isnan(out[2:]).any()
 
 
 @pytest.mark.parametrize("kind", ["directory", "device", "fifo", "symlink_loop", "unreadable"])

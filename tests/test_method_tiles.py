@@ -133,7 +133,8 @@ def test_tiles_cast_and_streamed_equal_the_whole_result(
     ctx = ComputeContext("k.weight", 0, numel, "cd" * 16, params.get("seed", 0))
     p = m.Params(**params)
     whole = (m.compute(p, xs, ctx) if m.needs_context else m.compute(p, xs)).to(out)
-    want = (_bytes(whole), compute._has_nonfinite(whole))
+    # the engine writes one NaN per dtype: which one an op returns depends on operand order
+    want = (_bytes(compute.canonical_nans(whole, inplace=False)), compute._has_nonfinite(whole))
     tiles = m.split(p, xs, ctx)
     if tiles is None:  # e.g. slerp's lerp fallback decided by the statistics
         assert kind != "plain"

@@ -422,7 +422,7 @@ class KeyCompute:
             for n, (step, res, buf) in enumerate(zip(steps, results, bufs, strict=True)):
                 tile = buf[: hi - lo]
                 tile.copy_(res)
-                bad[n] = _has_nonfinite(tile) or bad[n]
+                bad[n] = _settle_nonfinite(tile) or bad[n]
                 for s in step.sinks:
                     write(s, tile, lo)
         for job, nonfinite in zip(jobs, bad, strict=True):
@@ -513,6 +513,7 @@ class KeyCompute:
             out = out.to(to_torch(info.dtype))
         if _has_nonfinite(out):  # NaN/Inf from an input (or an overflow) shows up here
             self.stats[job.name].nonfinite.add(u.key)  # set.add: atomic across workers
+            out = canonical_nans(out, inplace=False)  # out may be an input's own tensor
         return out
 
     def _has(self, name: str, key: str) -> bool:
@@ -597,7 +598,7 @@ def _tiled(
         tile = [x if x is None else x[lo : lo + TILE_ELEMENTS] for x in flat]
         at = None if ctx is None else replace(ctx, offset=ctx.offset + lo)
         part.copy_(_call(method, params, tile, at))
-        bad = _has_nonfinite(part) or bad
+        bad = _settle_nonfinite(part) or bad
     return out.reshape(xs[0].shape), bad
 
 
@@ -619,7 +620,7 @@ def _from_tiles(tiles: Tiles, dtype: torch.dtype) -> tuple[torch.Tensor, bool] |
             return None
         dst = out[lo:hi]
         dst.copy_(part)
-        bad = _has_nonfinite(dst) or bad
+        bad = _settle_nonfinite(dst) or bad
     return out.reshape(tiles.shape), bad
 
 
@@ -639,9 +640,48 @@ def _stream_tiles(
         assert part is not None  # may_restart is False
         dst = buf[: hi - lo]
         dst.copy_(part)
-        bad = _has_nonfinite(dst) or bad
+        bad = _settle_nonfinite(dst) or bad
         emit(dst, lo)
     return bad
+
+
+# per dtype: (same-size integer dtype, magnitude bits, largest non-NaN magnitude, the NaN)
+_NAN_BITS = {
+    "float16": ("int16", 0x7FFF, 0x7C00, 0x7E00),
+    "bfloat16": ("int16", 0x7FFF, 0x7F80, 0x7FC0),
+    "float32": ("int32", 0x7FFF_FFFF, 0x7F80_0000, 0x7FC0_0000),
+    "float64": ("int64", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000, 0x7FF8_0000_0000_0000),
+    "float8_e5m2": ("int8", 0x7F, 0x7C, 0x7E),
+    "float8_e4m3fn": ("int8", 0x7F, 0x7E, 0x7F),  # no infinities: S.1111.111 is its NaN
+}
+
+
+def canonical_nans(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """x with every NaN spelled as its dtype's positive quiet NaN (x itself if it has none).
+
+    Why: which NaN an operation returns (sign, payload) depends on the order of its operands,
+    which torch's kernels and the compiled loops (built for the host CPU) need not share; one
+    spelling keeps the output bytes a function of the inputs on every path and machine."""
+    import torch
+
+    spec = _NAN_BITS.get(str(x.dtype).removeprefix("torch."))
+    if spec is None:
+        return x
+    view, magnitude, top, nan_bits = spec
+    nan = torch.bitwise_and(x.view(getattr(torch, view)), magnitude).gt(top)
+    if not bool(nan.any()):
+        return x
+    out = x if inplace else x.clone()
+    out.view(getattr(torch, view)).masked_fill_(nan, nan_bits)
+    return out
+
+
+def _settle_nonfinite(x: torch.Tensor) -> bool:
+    """Whether x holds NaN/Inf (_has_nonfinite); if so, its NaNs made canonical in place."""
+    if not _has_nonfinite(x):
+        return False
+    canonical_nans(x, inplace=True)
+    return True
 
 
 def _has_nonfinite(x: torch.Tensor) -> bool:
