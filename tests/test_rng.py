@@ -104,3 +104,25 @@ def test_bad_ranges_are_refused():
         rng.uniform(0, "n", "t", -1, 3)
     with pytest.raises(ValueError):
         rng.keep_mask(0, "n", "t", 0, -3, 0.5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize(("keep", "offset"), [(0.1, 0), (0.5, 2**40 + 3), (1 - 1e-12, 77)])
+def test_drop_multiplies_by_the_float_comparison(compiled, keep, offset):
+    """rng.drop_ (numpy mask, or the compiled loop that never builds one) against the
+    definition: d · (u < keep) in float32, non-finite values included (0 · inf is NaN)."""
+    import torch
+
+    from mergebuild.engine.methods import reduce
+
+    loops = reduce.kernels() if compiled else None
+    if compiled and loops is None:
+        pytest.skip("compiled loops unavailable here")
+    n = 70_001  # more than one numpy block, and a tail
+    g = np.random.default_rng(3)
+    d = g.standard_normal(n).astype(np.float32)
+    d[[5, 70_000]], d[6], d[7] = np.inf, -np.inf, np.nan
+    u = rng.uniform(4, "node", "w#2", offset, n).numpy()
+    want = d * (u < keep).astype(np.float32)
+    got = rng.drop_(torch.from_numpy(d.copy()), 4, "node", "w#2", offset, keep, loops).numpy()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -20,7 +20,7 @@ modulo 2**64 by definition, so the integers are the same on every machine.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,16 +82,20 @@ def uniform(seed: int, node_key: str, tensor: str, offset: int, n: int) -> torch
     return torch.from_numpy(out)
 
 
+def _limit(keep: float) -> np.uint64:
+    """u < keep  <=>  (z >> 11) < ceil(keep · 2**53)  <=>  z < ceil(keep · 2**53) · 2**11: exact,
+    because u = (z >> 11) · 2**-53 and keep · 2**53 is an exact float64 product. For
+    0 < keep < 1 the limit is at most (2**53 - 1) · 2**11, so it fits in 64 bits."""
+    import math
+
+    return np.uint64(math.ceil(keep * 2.0**53) << 11)
+
+
 def keep_mask(
     seed: int, node_key: str, tensor: str, offset: int, n: int, keep: float
 ) -> torch.Tensor:
-    """Bool mask `uniform(...) < keep` for a scalar keep probability, computed on integers.
-
-    u < keep  <=>  (z >> 11) < ceil(keep · 2**53): exact, because u = (z >> 11) · 2**-53 and
-    keep · 2**53 is an exact float64 product; skips 8 bytes per element of float conversion.
-    """
-    import math
-
+    """Bool mask `uniform(...) < keep` for a scalar keep probability, computed on integers
+    (see _limit): skips 8 bytes per element of float conversion."""
     import torch
 
     if offset < 0 or n < 0:
@@ -100,8 +104,7 @@ def keep_mask(
         return torch.ones(n, dtype=torch.bool)
     if keep <= 0.0:
         return torch.zeros(n, dtype=torch.bool)
-    # (z >> 11) < L  <=>  z < L · 2**11, and L <= 2**53 - 1 here so that fits in 64 bits
-    limit = np.uint64(math.ceil(keep * 2.0**53) << 11)
+    limit = _limit(keep)
     key = stream_key(seed, node_key, tensor)
     out = np.empty(n, dtype=np.bool_)
     x, t = np.empty(min(n, BLOCK), np.uint64), np.empty(min(n, BLOCK), np.uint64)
@@ -109,3 +112,29 @@ def keep_mask(
         z = _mixed(key, offset + lo, min(BLOCK, n - lo), x, t)
         np.less(z, limit, out=out[lo : lo + len(z)])
     return torch.from_numpy(out)
+
+
+def drop_(
+    d: torch.Tensor,
+    seed: int,
+    node_key: str,
+    tensor: str,
+    offset: int,
+    keep: float,
+    loops: Any | None = None,
+) -> torch.Tensor:
+    """d (flat float32, contiguous) times keep_mask(...) as float 0/1, in place: DARE's drop of
+    elements offset..offset+len(d). With the compiled loops (reduce.loops_for), one pass that
+    never makes the mask (_kernels.drop); the same bits either way (a non-finite dropped
+    element still gives NaN, as 0 · inf does)."""
+    if keep >= 1.0:
+        return d
+    if loops is None or keep <= 0.0:
+        mask = keep_mask(seed, node_key, tensor, offset, d.numel(), keep)
+        np.multiply(d.numpy(), mask.numpy(), out=d.numpy())  # bools cast to 1.0/0.0
+        return d
+    if offset < 0:
+        raise ValueError(f"bad element range: offset {offset}, n {d.numel()}")
+    key = stream_key(seed, node_key, tensor)
+    loops.drop(d.numpy(), np.uint64(key), np.uint64(offset), _limit(keep))
+    return d

@@ -16,6 +16,8 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
 - `difference_sums` (compare): its own fixed order, in lanes (see there).
 - `train_difference`: the method's float32 operations, element by element.
 - `lincomb`, `blend_rows`: slerp's and the cosine methods' tiles, a·ca + b·cb.
+- `drop`: DARE's counter-based mask (engine/rng.py's splitmix64, integers only) applied to a
+  δ tile in place, as the numpy path's multiply by 0/1 (dare, dare_ties).
 - `ties_combine`: TIES' trim, sign election and disjoint mean on one tile (ties, dare_ties,
   della), the float32 operations of _taskvec.ties_tiles' `quick` form.
 
@@ -206,6 +208,24 @@ def ties_combine(
     return True
 
 
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+@_jit
+def drop(d: np.ndarray, key: np.uint64, start: np.uint64, limit: np.uint64) -> None:
+    """d[j] *= 1 if splitmix64 output z of element start + j (rng._mixed) is below `limit`
+    else 0, in float32: rng.keep_mask's mask times d, without the mask array. All integer
+    arithmetic is uint64 (wrapping, as numpy's): a mixed int64/uint64 op would go to float."""
+    x = key + (start + np.uint64(1)) * _GAMMA
+    for j in range(d.size):
+        z = x + np.uint64(j) * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+        d[j] = d[j] * (_F1 if z < limit else _F0)
+
+
 @_jit
 def lincomb(a: np.ndarray, b: np.ndarray, ca: np.float32, cb: np.float32, out: np.ndarray) -> None:
     """out = a·ca + b·cb in float32, element by element (slerp's tiles)."""
@@ -238,6 +258,7 @@ def warm() -> None:
     ones = np.ones(2, dtype=np.float32)
     ties_combine(d, ones, ones, True, np.float32(1), x[:8], np.empty(8, np.float32))
     lincomb(x, x, np.float32(1), np.float32(1), np.empty_like(x))
+    drop(x, np.uint64(1), np.uint64(0), np.uint64(1))
     rows = x.reshape(-1, 8)
     blend_rows(rows, rows, x[:8], x[:8], np.empty_like(rows))
     difference_sums(x, x, x[:0], np.zeros((5, 8)))

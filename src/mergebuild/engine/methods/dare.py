@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from mergebuild.engine.methods import reduce
 from mergebuild.engine.methods._taskvec import (
     Weight,
     delta,
@@ -33,6 +34,7 @@ def stream_name(tensor: str, i: int) -> str:
 
 class Dare(Method):
     name = "dare"
+    compiled_loops = True
     inputs_form = "base_models"
     min_models = 1
     random = True
@@ -74,16 +76,15 @@ one per model, default 1), seed (default 0). Elementwise (streams in tiles)."""
         if params.alpha == 0:  # "kept from base" (e.g. a block weighted 0) means exactly base
             return f32(base)
         keep = 1.0 - params.p
+        # the executor hands an elementwise method tiles: gate on the whole tensor's size
+        loops = reduce.loops_for(base, minimum=0) if ctx.numel >= reduce.COMPILED_MIN else None
         acc = torch.zeros(base.numel(), dtype=torch.float32)
         for i, w in enumerate(model_weights(params.weights, len(xs) - 1), start=1):
             if w == 0:
                 continue
             d = delta(xs, i)
-            if keep < 1.0:
-                mask = rng.keep_mask(
-                    ctx.seed, ctx.node_key, stream_name(ctx.tensor, i), ctx.offset, d.numel(), keep
-                )
-                d.mul_(mask.to(torch.float32))  # float 0/1: masked_fill is far slower
+            stream = stream_name(ctx.tensor, i)
+            rng.drop_(d, ctx.seed, ctx.node_key, stream, ctx.offset, keep, loops)
             if w != 1.0:
                 d.mul_(w)
             acc.add_(d)

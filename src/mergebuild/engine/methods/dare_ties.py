@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from mergebuild.engine.methods import reduce
 from mergebuild.engine.methods._taskvec import (
     TILE,
     TileDeltas,
@@ -67,8 +68,6 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
     def split(
         cls, params: DareTiesParams, xs: list[torch.Tensor], ctx: ComputeContext
     ) -> Tiles | None:
-        import numpy as np
-
         from mergebuild.engine import rng
 
         assert isinstance(params.alpha, float | int)
@@ -77,16 +76,13 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
         keep = 1.0 - params.p
 
         deltas = TileDeltas(xs, TILE)
+        loops = reduce.loops_for(xs[0])
 
         def dropped(i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
             """δᵢ[lo:hi] with DARE's mask: counter-based, so any range can be recomputed."""
             d = deltas(i, lo, hi, out)
-            if keep < 1.0:
-                stream = stream_name(ctx.tensor, i)
-                mask = rng.keep_mask(ctx.seed, ctx.node_key, stream, ctx.offset + lo, hi - lo, keep)
-                # d × float 0/1 (numpy casts the bools to 1.0/0.0): masked_fill is far slower
-                np.multiply(d.numpy(), mask.numpy(), out=d.numpy())
-            return d
+            stream = stream_name(ctx.tensor, i)
+            return rng.drop_(d, ctx.seed, ctx.node_key, stream, ctx.offset + lo, keep, loops)
 
         dropped.base = deltas.base  # type: ignore[attr-defined]  # ties_tiles reuses it
         weights = model_weights(params.weights, len(xs) - 1)
