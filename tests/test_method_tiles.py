@@ -77,6 +77,7 @@ def test_ties_quick_tiles_equal_the_reference_form(
     from mergebuild.engine.methods import reduce
 
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0 if compiled else 1 << 40)
+    monkeypatch.setattr(reduce, "ONCE_LOADED", compiled)
     m = REGISTRY[name]
     for numel, dtype in ((70_001, torch.float16), (150_000, torch.float32), (37, torch.bfloat16)):
         xs = _inputs(kind, 3, numel, dtype, seed=numel)
@@ -124,6 +125,7 @@ def test_tiles_cast_and_streamed_equal_the_whole_result(
     from mergebuild.engine.methods import reduce
 
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0 if compiled else 1 << 40)
+    monkeypatch.setattr(reduce, "ONCE_LOADED", compiled)
     for mod, attr in ((slerp, "FILL_TILE"), (add_cosine_a, "FILL_TILE"), (_taskvec, "TILE")):
         monkeypatch.setattr(mod, attr, 1000)
     m = REGISTRY[name]
@@ -235,6 +237,7 @@ def test_gram_sums_are_the_fixed_block_sums(
     from mergebuild.engine.methods.reduce import BLOCK, gram
 
     monkeypatch.setattr(reduce, "COMPILED_MIN", compiled_min)
+    monkeypatch.setattr(reduce, "ONCE_LOADED", compiled_min == 0)
     g = np.random.default_rng(sum(shape))
     scale = np.exp(g.standard_normal(shape) * 2)  # magnitudes over many binades
     x = torch.from_numpy((g.standard_normal(shape) * scale).astype(np.float32)).to(dtype)

@@ -80,9 +80,10 @@ def train_difference_ref(A: np.ndarray, B: np.ndarray, C: np.ndarray, alpha: flo
 def test_train_difference(
     dtype: torch.dtype, alpha: float, compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mergebuild.engine.methods import train_difference
+    from mergebuild.engine.methods import reduce, train_difference
 
     monkeypatch.setattr(train_difference, "COMPILED_TILE", 0 if compiled else 1 << 40)
+    monkeypatch.setattr(reduce, "ONCE_LOADED", compiled)
     a, b, c = (rand((64, 17), s, dtype) for s in (7, 8, 9))
     b[:5] = c[:5]  # b == c on some rows: a exactly there
     b[5:8] = a[5:8]  # b == a: nothing added
@@ -104,7 +105,7 @@ def test_train_difference_compiled_loop_gives_torch_bits(
 ) -> None:
     """The compiled loop and the torch ops give the same bits, awkward values included: inf,
     NaN, ±0, subnormals, b == c, b == a, |d| + n overflowing."""
-    from mergebuild.engine.methods import train_difference
+    from mergebuild.engine.methods import reduce, train_difference
 
     g = np.random.default_rng(3)
     n = 5000
@@ -119,6 +120,7 @@ def test_train_difference_compiled_loop_gives_torch_bits(
         bits = []
         for tile in (0, 1 << 40):
             monkeypatch.setattr(train_difference, "COMPILED_TILE", tile)
+            monkeypatch.setattr(reduce, "ONCE_LOADED", tile == 0)
             out = REGISTRY["train_difference"].compute(
                 REGISTRY["train_difference"].Params(alpha=alpha), [a, b, c]
             )

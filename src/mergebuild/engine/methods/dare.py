@@ -77,7 +77,7 @@ one per model, default 1), seed (default 0). Elementwise (streams in tiles)."""
             return f32(base)
         keep = 1.0 - params.p
         # the executor hands an elementwise method tiles: gate on the whole tensor's size
-        loops = reduce.loops_for(base, minimum=0) if ctx.numel >= reduce.COMPILED_MIN else None
+        loops = reduce.loops_for(base, minimum=0 if ctx.numel >= reduce.COMPILED_MIN else None)
         acc = torch.zeros(base.numel(), dtype=torch.float32)
         for i, w in enumerate(model_weights(params.weights, len(xs) - 1), start=1):
             if w == 0:

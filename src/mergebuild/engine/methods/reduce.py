@@ -175,6 +175,10 @@ SUPER = 4  # BLOCKs per compiled call: fewer calls, and float32 buffers of 1 MB 
 # Smaller tensors keep the numpy path: loading numba and its cached loops costs ~1 s once per
 # process, which only tensors of millions of elements (a full-size model's) earn back.
 COMPILED_MIN = 1 << 20
+# Once loaded (a big tensor asked for them), smaller tensors use the loops too: the same bits,
+# and their many numpy calls per tile cost 2-4x the loop's time. Tests turn it off to hold
+# the numpy path to the loops.
+ONCE_LOADED = True
 
 
 _loaded: list[Any] = []  # [the _kernels module] once loaded, [None] if it cannot be
@@ -219,10 +223,14 @@ def _load() -> Any | None:
 
 
 def loops_for(x: torch.Tensor, minimum: int | None = None) -> Any | None:
-    """The compiled loops for work on `x`: a CPU tensor of at least `minimum` elements
-    (default COMPILED_MIN) where they load; else None (the numpy/torch path)."""
-    big = x.device.type == "cpu" and x.numel() >= (COMPILED_MIN if minimum is None else minimum)
-    return kernels() if big else None
+    """The compiled loops for work on `x`, a CPU tensor: loaded if it has at least `minimum`
+    elements (default COMPILED_MIN), else only if they already are (ONCE_LOADED); None where
+    they do not load (the numpy/torch path)."""
+    if x.device.type != "cpu":
+        return None
+    if x.numel() >= (COMPILED_MIN if minimum is None else minimum):
+        return kernels()
+    return _loaded[0] if ONCE_LOADED and _loaded else None
 
 
 def compiled_ok(*xs: torch.Tensor) -> bool:
