@@ -155,8 +155,9 @@ def test_direct_reads_of_unaligned_ranges_and_their_fallbacks(tmp_path: Path) ->
 def test_units_too_large_for_direct_buffers_are_advised_ahead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A whole tensor larger than half the direct buffers is read by its worker: the readahead
-    advises it into the page cache ahead of time instead of leaving the disk idle."""
+    """A whole tensor larger than half the direct buffers and than `huge_bytes` is read by its
+    worker: the readahead advises it into the page cache ahead of time instead of leaving the
+    disk idle. One of at most `huge_bytes` is read directly, one such unit at a time."""
     from mergebuild.engine import readahead
 
     path = tmp_path / "blob"
@@ -173,20 +174,37 @@ def test_units_too_large_for_direct_buffers_are_advised_ahead(
         real(f, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    units = [[(fd, 0, 4096)], [(fd, 4096, 40 * 4096)], [(fd, 41 * 4096, 4096)]]
+    data = np.random.default_rng(5).integers(0, 256, 64 * 4096, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    units = [
+        [(fd, 0, 4096)],
+        [(fd, 4096, 40 * 4096)],  # too large for the buffers and for huge_bytes
+        [(fd, 41 * 4096, 4096)],
+        [(fd, 42 * 4096, 10 * 4096)],  # too large for the buffers, not for huge_bytes
+        [(fd, 52 * 4096, 11 * 4096)],  # the same: read once the one before is let go
+    ]
     try:
-        ra = readahead.Readahead(units, 1 << 30, {fd: twin}, buffer_bytes=16 * 4096, head=0)
+        ra = readahead.Readahead(
+            units, 1 << 30, {fd: twin}, buffer_bytes=16 * 4096, head=0, huge_bytes=12 * 4096
+        )
         ra.start()
-        for i in range(3):
+        got = []
+        for i in range(5):
             ra.advance(i)
-        ra.take(*units[0][0])
-        assert ra.take(*units[1][0]) is None  # not read directly: its worker reads it
-        ra.take(*units[2][0])
+            got.append(ra.take(*units[i][0]))
+            if i >= 3:
+                assert got[i] is not None  # read directly, one huge unit at a time
+                assert bytes(got[i]) == data[units[i][0][1] : sum(units[i][0][1:])]
+                got[i] = None  # let it go: the next huge unit can be read
+        assert got[1] is None  # not read directly: its worker reads it
+        assert bytes(got[2]) == data[41 * 4096 : 42 * 4096]
+        got.clear()
         deadline = time.monotonic() + 10
         while not advised and time.monotonic() < deadline:  # the advising thread's pace
             time.sleep(0.01)
         ra.stop()
         assert advised == [(4096, 40 * 4096)]  # and only it went the page-cache way
+        assert ra.buffers is not None and ra.buffers.used == ra.buffers.huge_used == 0
     finally:
         os.close(twin)
         os.close(fd)

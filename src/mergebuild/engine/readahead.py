@@ -128,23 +128,33 @@ class _BufferBudget:
         self.np = np
         self.size = size
         self.used = 0
+        self.huge_used = 0
         self.lock = threading.Lock()
 
-    def alloc(self, n: int) -> Any | None:
-        """An aligned uint8 region of `n` bytes (a multiple of ALIGN), or None if no room now."""
+    def alloc(self, n: int, huge: bool = False) -> Any | None:
+        """An aligned uint8 region of `n` bytes (a multiple of ALIGN), or None if no room now.
+        `huge`: a unit too large for the budget, counted apart: one at a time."""
         with self.lock:
-            if self.used + n > self.size:
+            if huge:
+                if self.huge_used:
+                    return None
+                self.huge_used += n
+            elif self.used + n > self.size:
                 return None
-            self.used += n
+            else:
+                self.used += n
         raw = self.np.empty(n + ALIGN, dtype=self.np.uint8)
         pad = -raw.ctypes.data % ALIGN
         region = raw[pad : pad + n]
-        weakref.finalize(raw, self._release, n)
+        weakref.finalize(raw, self._release, n, huge)
         return region
 
-    def _release(self, n: int) -> None:
+    def _release(self, n: int, huge: bool) -> None:
         with self.lock:
-            self.used -= n
+            if huge:
+                self.huge_used -= n
+            else:
+                self.used -= n
 
 
 class _Fetch:
@@ -165,7 +175,9 @@ class Readahead:
 
     Ranges on a descriptor in `direct` (fd → its O_DIRECT twin) are read into buffers of at most
     `buffer_bytes`, whole units ahead while there is room; the others are advised at most `window`
-    bytes ahead. A unit that finds no room when it starts is read by its worker as usual."""
+    bytes ahead. A unit that finds no room when it starts is read by its worker as usual. A unit
+    needing more than half the buffers (a whole-tensor method's key) is read directly on its
+    own, one at a time, if it needs at most `huge_bytes`; else advised and read by its worker."""
 
     def __init__(
         self,
@@ -174,6 +186,7 @@ class Readahead:
         direct: dict[int, int] | None = None,
         buffer_bytes: int = DIRECT_BUFFERS,
         head: int | None = None,  # default: HEAD_BYTES, at most `window`
+        huge_bytes: int = 0,
     ) -> None:
         self.units, self.window, self.direct = units, window, direct or {}
         self.buffer_bytes = buffer_bytes
@@ -200,6 +213,14 @@ class Readahead:
             for i, ranges in enumerate(units)
             if _aligned([r for r in ranges if r[0] in self.direct]) > buffer_bytes // 2
         }
+        # ... except those of at most `huge_bytes`: read directly one at a time, outside the
+        # budget (the worker would hold them anyway); the page cache costs CPU (module doc)
+        self.huge_direct = {
+            i
+            for i in self.huge
+            if _aligned([r for r in units[i] if r[0] in self.direct]) <= huge_bytes
+        }
+        self.huge_advised = self.huge - self.huge_direct
         self.requests: queue.SimpleQueue[tuple[_Fetch, int, int, int] | None] = queue.SimpleQueue()
         self.direct_bytes = 0  # read with O_DIRECT, for tests and the curious
 
@@ -208,7 +229,7 @@ class Readahead:
             return self
         if hasattr(os, "posix_fadvise") and (
             self.first_direct > 0
-            or self.huge
+            or self.huge_advised
             or any(fd not in self.direct for ranges in self.units for fd, _, _ in ranges)
         ):
             self.threads.append(threading.Thread(target=self._advise, name="readahead"))
@@ -261,7 +282,7 @@ class Readahead:
         issued = 0
         for i, ranges in enumerate(self.units):
             for fd, offset, length in ranges:
-                if fd in self.direct and i >= self.first_direct and i not in self.huge:
+                if fd in self.direct and i >= self.first_direct and i not in self.huge_advised:
                     continue
                 with self.cond:
                     while not self.stopping and issued - self.consumed > self.window:
@@ -292,10 +313,10 @@ class Readahead:
                         (fd, twin, offset, length, lo, -(-(offset + length) // ALIGN) * ALIGN)
                     )
             need = sum(hi - lo for *_, lo, hi in spans)
-            if self.next_unit in self.huge:  # its worker reads it (advised, see _advise)
+            if self.next_unit in self.huge and self.next_unit not in self.huge_direct:
                 self.next_unit += 1
                 continue
-            region = self.buffers.alloc(need) if need else None
+            region = self.buffers.alloc(need, self.next_unit in self.huge) if need else None
             if need and region is None:
                 return  # no room until earlier units are merged; retried at the next advance
             at = 0
