@@ -9,6 +9,8 @@ is written: the local cache never shows a partial or unchecked object.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +64,50 @@ class _Checker:
         if not ok:
             raise RemoteEntryBad("checksum mismatch (remote bytes corrupted)")
         return got
+
+
+class _Sink:
+    """Writes the downloaded chunks: page-aligned ones with O_DIRECT where the filesystem
+    takes it, the rest (a file's tail, odd MERGEBUILD_REMOTE_CHUNK sizes) through the page cache.
+
+    Why: filling fresh page-cache pages cost more CPU than receiving the bytes (py-spy on a
+    2.1 GB pull from a local S3: 5.6 s in pwrite against 6.3 s in the download thread), and
+    the server shares the machine. Same bytes either way; `fetch` fsyncs the file last."""
+
+    def __init__(self, fd: int, chunk: int) -> None:
+        import mmap
+
+        from mergebuild.engine.readahead import ALIGN, open_direct
+
+        self.fd, self.align = fd, ALIGN
+        self.direct = open_direct(fd, os.O_WRONLY)
+        self.buf = mmap.mmap(-1, chunk) if self.direct >= 0 else None  # page-aligned
+
+    def write(self, data: bytes, at: int) -> None:
+        n = len(data)
+        k = n // self.align * self.align if self.buf is not None and at % self.align == 0 else 0
+        if k:
+            view = memoryview(self.buf)[:k]
+            view[:] = memoryview(data)[:k]
+            try:
+                written = os.pwrite(self.direct, view, at)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                written = 0
+                self.close()  # this disk wants other alignment: buffered from here on
+            if written != k:
+                k = 0  # (a short direct write: rewritten whole, buffered)
+        if k < n:
+            pwrite_all(self.fd, memoryview(data)[k:], at + k)
+
+    def close(self) -> None:
+        if self.direct >= 0:
+            os.close(self.direct)
+            self.direct = -1
+        if self.buf is not None:
+            self.buf.close()
+            self.buf = None
 
 
 def part_path(store: CacheStore, key: str) -> Path:
@@ -131,7 +177,8 @@ def _download(
         starts = list(range(at, min(size, at + WINDOW * chunk), chunk))
         return starts, [min(s + chunk, size) for s in starts]
 
-    with ThreadPoolExecutor(1) as pool:
+    sink = _Sink(fd, chunk)
+    with ThreadPoolExecutor(1) as pool, contextlib.closing(sink):
         starts, ends = window(pos)
         ahead = pool.submit(remote.read_range, key, starts, ends) if pos < size else None
         while ahead is not None:
@@ -142,7 +189,7 @@ def _download(
                 for s, e, data in zip(*done, parts, strict=True):
                     if len(data) != e - s:
                         raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
-                    pwrite_all(fd, data, s)
+                    sink.write(data, s)
                     checker.update(data)
             except BaseException:
                 if ahead is not None:

@@ -1,0 +1,52 @@
+"""fetch._Sink: downloaded chunks land byte for byte, whichever route each one takes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mergebuild.remote.fetch import _Sink
+
+
+@pytest.mark.parametrize(
+    ("chunk", "size", "start"),
+    [
+        (1 << 16, 5 * (1 << 16) + 777, 0),  # aligned chunks, an odd tail
+        (1 << 16, 3 * (1 << 16), 1 << 16),  # a resumed download: it goes on from a chunk
+        (10_000, 45_001, 0),  # not a page multiple: the first chunk's pages only
+        (1 << 16, 100, 0),  # smaller than a page: only the buffered route
+    ],
+)
+def test_chunks_written_in_order_give_the_bytes(
+    tmp_path: Path, chunk: int, size: int, start: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "part"
+    path.write_bytes(data[:start])  # what an earlier, cut-off download left
+    fd = os.open(path, os.O_RDWR)
+    try:
+        sink = _Sink(fd, chunk)
+        direct = sink.direct >= 0
+        real, by_direct = os.pwrite, []
+
+        def pwrite(f: int, view: memoryview, at: int) -> int:
+            by_direct.append(f == sink.direct)
+            return real(f, view, at)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        for at in range(start, size, chunk):
+            sink.write(data[at : at + chunk], at)
+        sink.close()
+        sink.close()  # twice is harmless
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    if not direct:
+        pytest.skip("no O_DIRECT on this filesystem: only the buffered route ran")
+    # whole pages at page offsets went direct; nothing else could
+    pages = [at for at in range(start, size, chunk) if at % 4096 == 0 and size - at >= 4096]
+    assert any(by_direct) == bool(pages)
