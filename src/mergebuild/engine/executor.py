@@ -374,7 +374,9 @@ class FusedPass:
                 for u in batch:
                     self._do_unit(u)
 
-        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="merge") as pool:
+        with ThreadPoolExecutor(
+            max_workers=jobs, thread_name_prefix="merge", initializer=_one_torch_thread
+        ) as pool:
             try:
                 cap = readahead.buffer_bytes // 8
                 for first, batch in _batches(units, read, cap):
@@ -392,6 +394,18 @@ class FusedPass:
                 for fut in in_flight:
                     fut.cancel()
                 raise
+
+
+def _one_torch_thread() -> None:
+    """A merge worker's torch runs single-threaded, as the driver's does at -j1.
+
+    Why here too: MKL keeps its thread count per calling thread, and a new thread gets the
+    default (every core), whatever `torch.set_num_threads` said on the driver. LAPACK's SVD
+    (extract_lora, merge_loras) gives other bits with another thread count, so -j2 wrote
+    other LoRA bytes than -j1; and two workers each asking for every core oversubscribe."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _batches(units: list[Unit], read: list[int], cap: int) -> Iterator[tuple[int, list[Unit]]]:
