@@ -1,3 +1,3 @@
-from mergebuild.cli import main
+from mergebuild.cli import run
 
-raise SystemExit(main())
+run()
