@@ -449,6 +449,8 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
         pair = [x[: math.prod(shape)].reshape(shape) for x in xs[:2]]
         tiles = m.split(m.Params(alpha=0.3), pair, None)
         assert tiles is not None and tiles.whole() is not None
+        assert tiles.fill_half is not None  # float16 inputs, float16 output: one call a tile
+        tiles.fill_half(0, tiles.step, np.empty(tiles.step, dtype=np.uint16))
     for name in ("train_difference", "ties", "dare_ties"):
         m = REGISTRY[name]
         p = m.Params(**({"p": 0.5, "seed": 1} if name == "dare_ties" else {}))

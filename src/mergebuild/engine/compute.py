@@ -634,6 +634,13 @@ def _stream_tiles(
     numel = math.prod(tiles.shape)
     buf = torch.empty(min(numel, tiles.step), dtype=dtype)
     bad = False
+    if tiles.fill_half is not None and dtype == torch.float16:
+        bits = buf.view(torch.uint16).numpy()
+        for lo in range(0, numel, tiles.step):
+            hi = min(numel, lo + tiles.step)
+            bad = tiles.fill_half(lo, hi, bits[: hi - lo]) or bad
+            emit(buf[: hi - lo], lo)
+        return bad
     for lo in range(0, numel, tiles.step):
         hi = min(numel, lo + tiles.step)
         part = tiles.fill(lo, hi)

@@ -87,7 +87,7 @@ def blend_tiles(
     import numpy as np
     import torch
 
-    from mergebuild.engine.methods.reduce import loops_for
+    from mergebuild.engine.methods.reduce import half_bits, loops_for
 
     if a.dim() == 0 or a.shape[0] == 0 or a.device.type != "cpu":
         return None
@@ -113,7 +113,15 @@ def blend_tiles(
         p = part[: r1 - r0].copy_(a2[r0:r1]).mul_(kt)
         return p.add_(tmp[: r1 - r0].copy_(b2[r0:r1]).mul_(rest)).reshape(-1)
 
-    return Tiles(rows * cols, tuple(a.shape), fill)
+    fill_half = None
+    ha, hb = half_bits(a2), half_bits(b2)
+    if loops is not None and ha is not None and hb is not None:
+
+        def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
+            r0, r1 = lo // cols, hi // cols
+            return bool(loops.blend_rows(ha[r0:r1], hb[r0:r1], ka, kb, out.reshape(r1 - r0, cols)))
+
+    return Tiles(rows * cols, tuple(a.shape), fill, fill_half=fill_half)
 
 
 class CosineBlend(Method):

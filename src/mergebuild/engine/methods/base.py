@@ -118,6 +118,10 @@ class Tiles:
     fill: Callable[[int, int], torch.Tensor | None]
     # fill may return None: the tiles cannot go out before the last one is known
     may_restart: bool = False
+    # fill_half(lo, hi, out): the same tile rounded to float16 into `out` (uint16, its bits),
+    # NaNs canonical; returns whether it holds Inf/NaN. Where given, a float16 output takes it:
+    # one compiled call instead of fill, a cast and a check (_kernels.py).
+    fill_half: Callable[[int, int, Any], bool] | None = None
 
     def whole(self) -> torch.Tensor | None:
         """Every tile in one new float32 tensor (None: a tile asked to start over)."""

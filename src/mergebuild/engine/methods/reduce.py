@@ -243,6 +243,16 @@ def compiled_ok(*xs: torch.Tensor) -> bool:
     return all(x.dtype in exact for x in xs) and all(loops_for(x) is not None for x in xs)
 
 
+def half_bits(x: torch.Tensor) -> np.ndarray | None:
+    """A contiguous float16 CPU tensor's bits as a uint16 numpy view (what the compiled loops
+    take for float16, _kernels.py), else None."""
+    import torch
+
+    if x.dtype != torch.float16 or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    return x.view(torch.uint16).numpy()
+
+
 class AsNumpy:
     """x as numpy by pieces: 16-bit floats widened (exactly) to float32 in a buffer reused from
     piece to piece, other dtypes as views."""
@@ -286,10 +296,16 @@ def _column_sums(x: torch.Tensor, y: torch.Tensor, step: int, acc: list[np.ndarr
     column_sums = kernels().column_sums  # type: ignore[union-attr]  # compiled_ok said so
 
     n_rows, n_cols = x.shape
+    both = np.stack(acc)
+    hx, hy = half_bits(x), half_bits(y)
+    if hx is not None and hy is not None:  # float16: the loop widens as it reads, one call
+        column_sums(hx, hy, step, both)
+        for i in range(3):
+            acc[i][:] = both[i]
+        return
     rows = max(step, SUPER * BLOCK // max(n_cols, 1) // step * step)  # whole blocks per call
     size = min(rows, n_rows) * n_cols
     fx, fy = AsNumpy(x.reshape(-1), size), AsNumpy(y.reshape(-1), size)
-    both = np.stack(acc)
     for lo in range(0, n_rows, rows):
         hi = min(n_rows, lo + rows)
         a = fx(lo * n_cols, hi * n_cols).reshape(hi - lo, n_cols)

@@ -73,9 +73,10 @@ give exactly a / b; alpha may be block weights."""
     def split(cls, params: SlerpParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
         """a·f32(cₐ) + b·f32(c_b) tile by tile: `combine`'s ops on each slice (None: alpha 0
         or 1, or the lerp fallback — `compute` handles those on the whole tensor)."""
+        import numpy as np
         import torch
 
-        from mergebuild.engine.methods.reduce import loops_for
+        from mergebuild.engine.methods.reduce import half_bits, loops_for
 
         a, b = xs
         alpha = float(params.alpha)  # type: ignore[arg-type]
@@ -90,8 +91,6 @@ give exactly a / b; alpha may be block weights."""
         part, tmp = (torch.empty(size, dtype=torch.float32) for _ in range(2))
         loops = loops_for(fa)
         if loops is not None:  # the same two products and sum as one compiled loop
-            import numpy as np
-
             res = torch.empty(size, dtype=torch.float32)
             ca32, cb32 = np.float32(ca), np.float32(cb)
         # |a·cₐ + b·c_b| ≤ ‖a‖·|cₐ| + ‖b‖·|c_b| (a norm bounds every element): far below the
@@ -115,7 +114,14 @@ give exactly a / b; alpha may be block weights."""
                 return None  # combine's None: the whole tensor is lerped instead
             return p
 
-        return Tiles(FILL_TILE, tuple(a.shape), fill, may_restart=not safe)
+        fill_half = None
+        ha, hb = half_bits(fa), half_bits(fb)
+        if loops is not None and safe and ha is not None and hb is not None:
+
+            def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
+                return bool(loops.lincomb(ha[lo:hi], hb[lo:hi], ca32, cb32, out))
+
+        return Tiles(FILL_TILE, tuple(a.shape), fill, may_restart=not safe, fill_half=fill_half)
 
     @staticmethod
     def compute(params: SlerpParams, xs: list[torch.Tensor]) -> torch.Tensor:

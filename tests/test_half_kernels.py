@@ -1,0 +1,77 @@
+"""The compiled loops' float16 conversions (_kernels._from_half, _half_bits, through the loops
+that use them) against torch's own conversions: every float16 value widened, and float32
+values at and around every rounding boundary of every binade narrowed, including ties,
+subnormals, overflow to ±inf and NaNs (written as the canonical 0x7E00)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergebuild.engine.compute import canonical_nans
+from mergebuild.engine.methods import reduce
+
+pytestmark = pytest.mark.skipif(reduce.kernels() is None, reason="compiled loops unavailable")
+
+
+def _loops():  # type: ignore[no-untyped-def]
+    loops = reduce.kernels()
+    assert loops is not None
+    return loops
+
+
+def test_every_float16_value_widens_exactly() -> None:
+    """blend_rows over float16 bits with weights (1, 0): a·1 + b·0 in float32, b = +0, i.e.
+    each float16 value widened (−0 + 0 is +0 in both computations)."""
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(-1, 256)
+    zero = np.zeros_like(bits)
+    one, nil = np.ones(256, np.float32), np.zeros(256, np.float32)
+    got = np.empty(bits.shape, np.float32)
+    assert not _loops().blend_rows(bits, zero, one, nil, got)  # a float32 output: no check
+    x = torch.from_numpy(bits.view(np.float16)).float()
+    want = (x * 1.0 + torch.zeros_like(x) * 0.0).numpy()
+    finite = np.isfinite(want)
+    assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.array_equal(got[np.isinf(want)], want[np.isinf(want)])
+
+
+def _float32_samples() -> np.ndarray:
+    """Every sign/exponent/top-mantissa pattern (the high 16 bits) with low halves that sit
+    on, just below and just above float16's rounding points (13 dropped bits for normals,
+    more for subnormals), plus random patterns."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = [0x0000, 0x0001, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x2001, 0x3000, 0x7FFF]
+    lows += [0x8000, 0x8001, 0xC000, 0xFFFF]
+    grid = (high[:, None] | np.array(lows, dtype=np.uint32)[None, :]).reshape(-1)
+    rand = np.random.default_rng(16).integers(0, 1 << 32, 1 << 20, dtype=np.uint64)
+    return np.concatenate([grid, rand.astype(np.uint32)]).view(np.float32)
+
+
+def test_float32_results_round_to_float16_as_torch_does() -> None:
+    """lincomb into a float16 output, x·1 + 0·0: torch's x.half() (with −0 → +0, as the
+    addition does in both), NaNs canonical, and the Inf/NaN flag set exactly when one is."""
+    x = _float32_samples()
+    zero = np.zeros_like(x)
+    got = np.empty(x.size, np.uint16)
+    flag = _loops().lincomb(x, zero, np.float32(1), np.float32(0), got)
+    t = torch.from_numpy(x)
+    want16 = canonical_nans((t * 1.0 + torch.zeros_like(t) * 0.0).half(), inplace=True)
+    want = want16.view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(got, want)
+    assert flag == bool((~torch.isfinite(want16)).any())
+
+
+@pytest.mark.parametrize("special", [None, np.inf, -np.inf, np.nan, 70000.0])
+def test_the_flag_says_whether_a_tile_holds_inf_or_nan(special: float | None) -> None:
+    """A tile of ordinary values with one special (or an overflow in float16) in the middle."""
+    x = np.linspace(-3, 3, 4097, dtype=np.float32)
+    if special is not None:
+        x[2048] = special
+    got = np.empty(x.size, np.uint16)
+    flag = _loops().lincomb(x, x, np.float32(0.5), np.float32(0.5), got)
+    assert flag == (special is not None)
+    if special is not None:
+        want = 0x7E00 if special != special else (0xFC00 if special < 0 else 0x7C00)
+        assert got[2048] == want
