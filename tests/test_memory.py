@@ -60,3 +60,53 @@ def test_peak_rss_independent_of_model_size(tmp_path: Path) -> None:
     assert grow_inputs > 200_000
     assert grow_rss < 0.1 * grow_inputs, rss
     assert rss["large"] - rss["tiny"] < 0.25 * rss["large_inputs_kb"], rss
+
+
+def test_whole_units_held_at_once_stay_under_a_quarter_of_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole-tensor units (TIES here: each key's four inputs held whole) run two at a time
+    only while the bytes they read stay within a quarter of --max-memory; one alone may be
+    larger (batches of small keys are bounded apart). Recorded by wrapping the worker's unit,
+    on a -j2 build, the output compared with -j1's (the cap changes when keys run, never what
+    they give)."""
+    import threading
+
+    from mergebuild.cli import main
+    from mergebuild.demo import synthesize
+    from mergebuild.engine import executor
+
+    for name in "abcd":
+        synthesize(tmp_path / f"{name}.safetensors", name, scale=1 / 8, dtype="fp16")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "mergebuild: 1\nmodels: {a: a.safetensors, b: b.safetensors, c: c.safetensors, "
+        "d: d.safetensors}\nmerges:\n  m: {method: ties, base: a, models: [b, c, d], k: 0.5}\n"
+        "outputs:\n  o: {from: m, path: o.safetensors}\n"
+    )
+    budget = 16 << 20
+    held, worst, lock = [0], [0, 0], threading.Lock()
+    original = executor.FusedPass._do_unit
+
+    def tracked(self: executor.FusedPass, u: executor.Unit) -> None:
+        large = u.whole and u.hi - u.lo >= executor.SMALL_UNIT
+        n = sum(length for _, _, length in self._ranges(u)) if large else 0
+        with lock:
+            held[0] += n
+            worst[0] = max(worst[0], held[0])
+            worst[1] = max(worst[1], n)
+        try:
+            original(self, u)
+        finally:
+            with lock:
+                held[0] -= n
+
+    monkeypatch.setattr(executor.FusedPass, "_do_unit", tracked)
+    args = [str(recipe), "-q", "--max-memory", str(budget), "--cache-dir"]
+    assert main([*args, str(tmp_path / "c2"), "-j", "2"]) == 0
+    two = (tmp_path / "o.safetensors").read_bytes()
+    assert worst[1] > budget // 4 // 2  # keys large enough for the cap to matter
+    assert worst[0] <= max(budget // 4, worst[1])
+    (tmp_path / "o.safetensors").unlink()
+    assert main([*args, str(tmp_path / "c1"), "-j", "1"]) == 0
+    assert (tmp_path / "o.safetensors").read_bytes() == two

@@ -373,7 +373,5 @@ def warm() -> None:
     h = np.zeros(BLOCK, dtype=np.uint16)  # float16 bits: the same loops without copies
     column_sums(h.reshape(-1, 8), h.reshape(-1, 8), 4, np.zeros((3, 8)))
     lincomb(h, h, np.float32(1), np.float32(1), np.empty_like(h))
-    lincomb(x, x, np.float32(1), np.float32(1), np.empty_like(h))
     hrows = h.reshape(-1, 8)
     blend_rows(hrows, hrows, x[:8], x[:8], np.empty_like(hrows))
-    blend_rows(rows, rows, x[:8], x[:8], np.empty_like(hrows))
