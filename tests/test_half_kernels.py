@@ -75,3 +75,72 @@ def test_the_flag_says_whether_a_tile_holds_inf_or_nan(special: float | None) ->
     if special is not None:
         want = 0x7E00 if special != special else (0xFC00 if special < 0 else 0x7C00)
         assert got[2048] == want
+
+
+def _awkward_half(n: int, seed: int) -> np.ndarray:
+    """float16 values over every binade, with NaN, ±inf, ±0, subnormals and the largest."""
+    g = np.random.default_rng(seed)
+    x = (g.standard_normal(n) * np.exp(g.standard_normal(n) * 4)).astype(np.float16)
+    specials = [np.nan, np.inf, -np.inf, 0.0, -0.0, 6e-8, -6e-8, 65504.0, -65504.0, 1.0]
+    at = g.choice(n, size=len(specials) * 20, replace=False)
+    x[at] = np.array(specials * 20, dtype=np.float16)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("train_difference", {"alpha": 0.7}),
+        ("train_difference", {"alpha": -2.5}),
+        ("triple_sum", {"alpha": 0.3, "beta": 0.2}),
+        ("triple_sum", {"alpha": 1.0, "beta": 0.0}),  # a lone weight-1 term: b exactly
+        ("triple_sum", {"alpha": 0.0, "beta": 0.0}),  # a alone
+        ("triple_sum", {"alpha": 0.5, "beta": 0.5}),  # a's weight 0: skipped, inf · 0 not NaN
+        ("triple_sum", {"alpha": 1e-50, "beta": 0.2}),  # weight 0 in float32, not in float64
+        ("triple_sum", {"alpha": 300.0, "beta": 200.0}),  # overflows float16
+    ],
+)
+def test_compute_half_is_compute_rounded_to_float16(
+    name: str, params: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An elementwise method's float16 path (compute_half: bits in, bits out) writes exactly
+    compute()'s float32 result cast to float16 with canonical NaNs, and flags Inf/NaN."""
+    from mergebuild.engine.methods import REGISTRY, train_difference
+
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    monkeypatch.setattr(train_difference, "COMPILED_TILE", 0)
+    m = REGISTRY[name]
+    p = m.Params(**params)
+    n = 70_001
+    xs = [_awkward_half(n, seed) for seed in range(3)]
+    want16 = canonical_nans(m.compute(p, [torch.from_numpy(x) for x in xs]).half(), True)
+    got = np.empty(n, np.uint16)
+    flag = m.compute_half(p, [x.view(np.uint16) for x in xs], got)
+    assert flag is not None
+    assert np.array_equal(got, want16.view(torch.int16).numpy().view(np.uint16))
+    assert flag == bool((~torch.isfinite(want16)).any())
+
+
+def test_float16_builds_take_the_float16_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compute._tiled hands float16 chunks to compute_half when the output is float16 (and
+    not otherwise): the path the tests above hold to compute is the one builds run."""
+    from mergebuild.engine import compute
+    from mergebuild.engine.methods import REGISTRY
+
+    m = REGISTRY["triple_sum"]
+    calls: list[int] = []
+    original = m.compute_half.__func__  # type: ignore[attr-defined]
+
+    def spy(cls, params, xs, out):  # type: ignore[no-untyped-def]
+        calls.append(out.size)
+        return original(cls, params, xs, out)
+
+    monkeypatch.setattr(m, "compute_half", classmethod(spy))
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    xs = [torch.from_numpy(_awkward_half(5000, s)) for s in range(3)]
+    p = m.Params(alpha=0.3, beta=0.2)
+    out16, _ = compute._tiled(m, p, xs, torch.float16)
+    out32, _ = compute._tiled(m, p, xs, torch.float32)
+    assert calls == [5000]
+    want = canonical_nans(out32.half(), True)
+    assert torch.equal(out16.view(torch.int16), want.view(torch.int16))

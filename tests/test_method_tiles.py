@@ -433,7 +433,7 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
     loops = reduce.kernels()
     assert loops is not None
     names = ["block_sums", "column_sums", "difference_sums", "train_difference", "ties_combine"]
-    names += ["lincomb", "blend_rows"]
+    names += ["lincomb", "blend_rows", "weighted3"]
     before = {k: list(getattr(loops, k).signatures) for k in names}
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
     monkeypatch.setattr(train_difference, "COMPILED_TILE", 0)
@@ -451,6 +451,11 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
         assert tiles is not None and tiles.whole() is not None
         assert tiles.fill_half is not None  # float16 inputs, float16 output: one call a tile
         tiles.fill_half(0, tiles.step, np.empty(tiles.step, dtype=np.uint16))
+    half = (("train_difference", {"alpha": 0.5}), ("triple_sum", {"alpha": 0.5, "beta": 0.2}))
+    for name, params in half:  # float16 bits in and out (compute._tiled's float16 path)
+        m = REGISTRY[name]
+        bits = [x.view(torch.uint16).numpy() for x in xs[:3]]
+        assert m.compute_half(m.Params(**params), bits, np.empty(n, np.uint16)) is not None
     for name in ("train_difference", "ties", "dare_ties"):
         m = REGISTRY[name]
         p = m.Params(**({"p": 0.5, "seed": 1} if name == "dare_ties" else {}))

@@ -592,6 +592,14 @@ def _tiled(
     flat = [x if x is None else x.reshape(-1) for x in xs]
     numel = flat[0].numel()
     out = torch.empty(numel, dtype=dtype)
+    if dtype == torch.float16 and ctx is None:
+        from mergebuild.engine.methods.reduce import half_bits
+
+        bits = [None if x is None else half_bits(x) for x in flat]
+        if all(b is not None for b in bits):
+            done = method.compute_half(params, bits, out.view(torch.uint16).numpy())
+            if done is not None:
+                return out.reshape(xs[0].shape), done
     bad = False
     for lo in range(0, numel, TILE_ELEMENTS):
         part = out[lo : lo + TILE_ELEMENTS]

@@ -15,6 +15,7 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
   axis=0)` per block of rows: each column summed row after row, then added to `acc`.
 - `difference_sums` (compare): its own fixed order, in lanes (see there).
 - `train_difference`: the method's float32 operations, element by element.
+- `weighted3`: triple_sum's a·wa + b·wb + c·wc, in its order.
 - `lincomb`, `blend_rows`: slerp's and the cosine methods' tiles, a·ca + b·cb.
 
 float16 without copies: `column_sums` and the tiles above also take float16 tensors as their bits
@@ -238,13 +239,51 @@ def train_difference(
     a: np.ndarray, b: np.ndarray, c: np.ndarray, scale: np.float32, out: np.ndarray
 ) -> None:
     """train_difference.compute's float32 operations on one tile, in its order (so its bits):
-    d = b − c; n = |b − a|; t = (n / (|d| + n)) · d · scale, −0 where d == 0; out = t + a."""
+    d = b − c; n = |b − a|; t = (n / (|d| + n)) · d · scale, −0 where d == 0; out = t + a.
+    float16 inputs and output as bits too (returns whether the output holds Inf/NaN)."""
     assert b.size == a.size and c.size == a.size and out.size == a.size
+    special = np.uint16(0)
     for i in range(a.size):
-        d = b[i] - c[i]
-        n = abs(b[i] - a[i])
+        ai, bi = _wide(a[i]), _wide(b[i])
+        d = bi - _wide(c[i])
+        n = abs(bi - ai)
         t = n / (abs(d) + n) * d * scale
-        out[i] = (-_F0 if d == _F0 else t) + a[i]
+        special |= _put(out, i, (-_F0 if d == _F0 else t) + ai)
+    return _settle(out, special)
+
+
+@_jit
+def weighted3(
+    a: np.ndarray,
+    b: np.ndarray,
+    c: np.ndarray,
+    wa: np.float32,
+    wb: np.float32,
+    wc: np.float32,
+    live: int,
+    out: np.ndarray,
+) -> bool:
+    """triple_sum.weighted over three float16 inputs (bits) into float16 bits: a·wa, then
+    + b·wb, then + c·wc in float32, skipping the terms whose bit in `live` (1 a, 2 b, 4 c)
+    is clear (the caller decides on the float64 weights), a first term of weight 1 taken as
+    it is, +0 where none is live; whether the output holds Inf/NaN."""
+    assert b.size == a.size and c.size == a.size and out.size == a.size
+    special = np.uint16(0)
+    for i in range(a.size):
+        v = _F0
+        first = True
+        if live & 1:
+            v = _wide(a[i]) if wa == _F1 else _wide(a[i]) * wa
+            first = False
+        if live & 2:
+            x = _wide(b[i]) if first and wb == _F1 else _wide(b[i]) * wb
+            v = x if first else v + x
+            first = False
+        if live & 4:
+            x = _wide(c[i]) if first and wc == _F1 else _wide(c[i]) * wc
+            v = x if first else v + x
+        special |= _put(out, i, v)
+    return _settle(out, special)
 
 
 @_jit
@@ -373,5 +412,7 @@ def warm() -> None:
     h = np.zeros(BLOCK, dtype=np.uint16)  # float16 bits: the same loops without copies
     column_sums(h.reshape(-1, 8), h.reshape(-1, 8), 4, np.zeros((3, 8)))
     lincomb(h, h, np.float32(1), np.float32(1), np.empty_like(h))
+    train_difference(h, h, h, np.float32(1), np.empty_like(h))
+    weighted3(h, h, h, np.float32(1), np.float32(1), np.float32(1), 7, np.empty_like(h))
     hrows = h.reshape(-1, 8)
     blend_rows(hrows, hrows, x[:8], x[:8], np.empty_like(hrows))

@@ -224,6 +224,15 @@ class Method:
             yield cls.compute(p, xs)
 
     @classmethod
+    def compute_half(cls, params: Any, xs: list[Any], out: Any) -> bool | None:
+        """An elementwise method's float16 fast path: compute's result for float16 inputs
+        given as their bits (uint16 numpy arrays, flat), rounded into `out` (the float16
+        output's bits) with canonical NaNs; returns whether it holds Inf/NaN, or None where
+        it does not apply (nothing written: compute runs). One compiled call per chunk
+        instead of widening copies, compute's ops, a cast and a check (_kernels.py)."""
+        return None
+
+    @classmethod
     def split(cls, params: Any, xs: list[torch.Tensor], ctx: Any) -> Tiles | None:
         """A whole-tensor method's result as Tiles (see Tiles), or None: call `compute`.
 

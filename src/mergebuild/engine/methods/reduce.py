@@ -228,7 +228,12 @@ def loops_for(x: torch.Tensor, minimum: int | None = None) -> Any | None:
     they do not load (the numpy/torch path)."""
     if x.device.type != "cpu":
         return None
-    if x.numel() >= (COMPILED_MIN if minimum is None else minimum):
+    return loops_for_size(x.numel(), minimum)
+
+
+def loops_for_size(n: int, minimum: int | None = None) -> Any | None:
+    """`loops_for` for work on `n` elements already in host memory (numpy arrays)."""
+    if n >= (COMPILED_MIN if minimum is None else minimum):
         return kernels()
     return _loaded[0] if ONCE_LOADED and _loaded else None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.engine.methods.base import Method, Params, f32
 from mergebuild.sd.blocks import BlockAlpha
@@ -43,6 +43,19 @@ be block weights; alpha 0 gives exactly a."""
   b: nai_full
   c: sd15
   alpha: 1.0"""
+
+    @classmethod
+    def compute_half(cls, params: TrainDifferenceParams, xs: list[Any], out: Any) -> bool | None:
+        """compute's compiled loop reading and writing float16 bits (no widening copies)."""
+        import numpy as np
+
+        from mergebuild.engine.methods.reduce import loops_for_size
+
+        alpha = float(params.alpha)  # type: ignore[arg-type]
+        loops = loops_for_size(out.size, COMPILED_TILE)
+        if loops is None or alpha == 0:
+            return None
+        return bool(loops.train_difference(*xs, np.float32(alpha * 1.8), out))
 
     @staticmethod
     def compute(params: TrainDifferenceParams, xs: list[torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.engine.methods.base import Method, Params, f32
 from mergebuild.sd.blocks import BlockAlpha
@@ -55,3 +55,19 @@ skipped. Both alpha and beta may be block weights."""
         a, b, c = xs
         alpha, beta = float(params.alpha), float(params.beta)  # type: ignore[arg-type]
         return weighted([(a, 1.0 - alpha - beta), (b, alpha), (c, beta)])
+
+    @classmethod
+    def compute_half(cls, params: TripleSumParams, xs: list[Any], out: Any) -> bool | None:
+        """`weighted`'s ops as one compiled loop (_kernels.weighted3), the same weights."""
+        import numpy as np
+
+        from mergebuild.engine.methods.reduce import loops_for_size
+
+        loops = loops_for_size(out.size)
+        if loops is None:
+            return None
+        alpha, beta = float(params.alpha), float(params.beta)  # type: ignore[arg-type]
+        ws = (1.0 - alpha - beta, alpha, beta)
+        live = sum(1 << i for i, w in enumerate(ws) if w != 0)
+        w32 = [np.float32(w) for w in ws]
+        return bool(loops.weighted3(*xs, *w32, live, out))
