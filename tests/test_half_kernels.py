@@ -5,6 +5,8 @@ subnormals, overflow to ±inf and NaNs (written as the canonical 0x7E00)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,67 @@ def test_float16_builds_take_the_float16_path(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [5000]
     want = canonical_nans(out32.half(), True)
     assert torch.equal(out16.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "alphas",
+    [[0.25, 0.5, 0.75], [0.0, 1.0, -1.0], [1e-50, 3e4], [0.3]],  # 1e-50: 0 in float32
+)
+def test_sweep_members_in_float16_are_compute_rounded(
+    alphas: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """add_difference's sweep path (compute_many_half: every member from one read of the
+    tile) writes each member's compute() result cast to float16, NaNs canonical, and flags
+    each member that holds Inf/NaN (3e4 overflows float16)."""
+    from mergebuild.engine.methods import REGISTRY
+
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    m = REGISTRY["add_difference"]
+    n = 70_001
+    xs = [_awkward_half(n, seed) for seed in (3, 4, 5)]
+    params = [m.Params(alpha=a) for a in alphas]
+    outs = np.empty((len(alphas), n), np.uint16)
+    flags = m.compute_many_half(params, [x.view(np.uint16) for x in xs], outs)
+    assert flags is not None
+    for k, p in enumerate(params):
+        want16 = canonical_nans(m.compute(p, [torch.from_numpy(x) for x in xs]).half(), True)
+        assert np.array_equal(outs[k], want16.view(torch.int16).numpy().view(np.uint16)), k
+        assert flags[k] == bool((~torch.isfinite(want16)).any())
+
+
+def test_a_float16_sweep_build_takes_the_one_read_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float16 recipe's add_difference sweep goes through compute_many_half (counted), and
+    its files hold what the same build without it writes."""
+    from mergebuild.cli import main
+    from mergebuild.demo import synthesize
+    from mergebuild.engine.methods import REGISTRY
+
+    for name in "abc":
+        synthesize(tmp_path / f"{name}.safetensors", name, scale=1 / 16, dtype="fp16")
+    (tmp_path / "r.yaml").write_text(
+        "mergebuild: 1\nmodels: {a: a.safetensors, b: b.safetensors, c: c.safetensors}\n"
+        "merges:\n  s: {method: add_difference, a: a, b: b, c: c, sweep: {alpha: [0, 0.5, 2]}}\n"
+        "outputs:\n  o: {from: s, path: 'o-{alpha}.safetensors', dtype: fp16}\n"
+    )
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    m = REGISTRY["add_difference"]
+    original = m.compute_many_half.__func__  # type: ignore[attr-defined]
+    calls = []
+
+    def spy(cls, params, xs, outs):  # type: ignore[no-untyped-def]
+        calls.append(len(params))
+        return original(cls, params, xs, outs)
+
+    args = [str(tmp_path / "r.yaml"), "-q", "--cache-dir"]
+    monkeypatch.setattr(m, "compute_many_half", classmethod(spy))
+    assert main([*args, str(tmp_path / "c1")]) == 0
+    assert calls and set(calls) == {3}
+    fast = {a: (tmp_path / f"o-{a}.safetensors").read_bytes() for a in ("0", "0.5", "2")}
+    monkeypatch.setattr(m, "compute_many_half", classmethod(lambda cls, p, x, o: None))
+    for a in fast:
+        (tmp_path / f"o-{a}.safetensors").unlink()
+    assert main([*args, str(tmp_path / "c2")]) == 0
+    for a, data in fast.items():
+        assert (tmp_path / f"o-{a}.safetensors").read_bytes() == data, a

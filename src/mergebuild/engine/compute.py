@@ -416,6 +416,10 @@ class KeyCompute:
             torch.empty(size, dtype=to_torch(self.layouts[job.name][u.key].dtype)) for job in jobs
         ]
         bad = [False] * len(jobs)
+        if all(b.dtype == torch.float16 for b in bufs) and self._stream_half(
+            steps, jobs, params, flat, write, bad
+        ):
+            return self._note_nonfinite(jobs, bad, u.key)
         for lo in range(0, numel, TILE_ELEMENTS):
             hi = min(numel, lo + TILE_ELEMENTS)
             results = jobs[0].method.compute_many(params, [x[lo:hi] for x in flat])
@@ -425,9 +429,48 @@ class KeyCompute:
                 bad[n] = _settle_nonfinite(tile) or bad[n]
                 for s in step.sinks:
                     write(s, tile, lo)
+        self._note_nonfinite(jobs, bad, u.key)
+
+    def _note_nonfinite(self, jobs: list[NodeJob], bad: list[bool], key: str) -> None:
         for job, nonfinite in zip(jobs, bad, strict=True):
             if nonfinite:
-                self.stats[job.name].nonfinite.add(u.key)
+                self.stats[job.name].nonfinite.add(key)
+
+    @staticmethod
+    def _stream_half(
+        steps: Sequence[Step],
+        jobs: list[NodeJob],
+        params: list[Params],
+        flat: list[torch.Tensor],
+        write: Callable[..., None],
+        bad: list[bool],
+    ) -> bool:
+        """`_stream_run` for float16 inputs and outputs through the method's
+        compute_many_half: each tile read once for every member, rounded, checked; False
+        (nothing written) where the method has none or it does not apply."""
+        import numpy as np
+        import torch
+
+        from mergebuild.engine.methods.reduce import half_bits
+
+        bits = [half_bits(x) for x in flat]
+        if any(b is None for b in bits):
+            return False
+        numel, m = flat[0].numel(), len(jobs)
+        rows = np.empty(m * min(numel, TILE_ELEMENTS), dtype=np.uint16)
+        for lo in range(0, numel, TILE_ELEMENTS):
+            hi = min(numel, lo + TILE_ELEMENTS)
+            outs = rows[: m * (hi - lo)].reshape(m, hi - lo)
+            flags = jobs[0].method.compute_many_half(params, [b[lo:hi] for b in bits], outs)
+            if flags is None:
+                assert lo == 0  # decided by the method and the sizes: the same for every tile
+                return False
+            for n, (step, flag) in enumerate(zip(steps, flags, strict=True)):
+                bad[n] = flag or bad[n]
+                tile = torch.from_numpy(outs[n]).view(torch.float16)
+                for s in step.sinks:
+                    write(s, tile, lo)
+        return True
 
     def _compute(
         self,

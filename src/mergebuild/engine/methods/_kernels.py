@@ -16,6 +16,7 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
 - `difference_sums` (compare): its own fixed order, in lanes (see there).
 - `train_difference`: the method's float32 operations, element by element.
 - `weighted3`: triple_sum's a·wa + b·wb + c·wc, in its order.
+- `add_difference_many`: the members of an add_difference sweep from one read of a tile.
 - `lincomb`, `blend_rows`: slerp's and the cosine methods' tiles, a·ca + b·cb.
 
 float16 without copies: `column_sums` and the tiles above also take float16 tensors as their bits
@@ -287,6 +288,35 @@ def weighted3(
 
 
 @_jit
+def add_difference_many(
+    a: np.ndarray,
+    b: np.ndarray,
+    c: np.ndarray,
+    alphas: np.ndarray,
+    live: np.ndarray,
+    outs: np.ndarray,
+    flags: np.ndarray,
+) -> None:
+    """A sweep of add_difference on float16 inputs (bits), each member into its row of
+    `outs` (float16 bits): (b − c)·alphas[k] + a in float32, compute's order; a member whose
+    `live[k]` is 0 (alpha 0, decided on the float64 value) is a exactly. flags[k]: whether
+    member k holds Inf/NaN (its NaNs canonical)."""
+    m, n = outs.shape
+    assert a.size == n and b.size == n and c.size == n and alphas.size == m
+    assert live.size == m and flags.size == m
+    for k in range(m):
+        al, o = alphas[k], outs[k]
+        special = np.uint16(0)
+        if live[k] == 0:
+            for i in range(n):
+                special |= _put(o, i, _wide(a[i]))
+        else:
+            for i in range(n):
+                special |= _put(o, i, (_wide(b[i]) - _wide(c[i])) * al + _wide(a[i]))
+        flags[k] = _settle(o, special)
+
+
+@_jit
 def _sign32(x: np.float32) -> np.float32:
     """torch.sign of a float32: ±1, 0 for ±0 and NaN."""
     if x > _F0:
@@ -414,5 +444,8 @@ def warm() -> None:
     lincomb(h, h, np.float32(1), np.float32(1), np.empty_like(h))
     train_difference(h, h, h, np.float32(1), np.empty_like(h))
     weighted3(h, h, h, np.float32(1), np.float32(1), np.float32(1), 7, np.empty_like(h))
+    members = np.empty((2, h.size), dtype=np.uint16)
+    one = np.ones(2, dtype=np.uint8)
+    add_difference_many(h, h, h, x[:2], one, members, np.empty(2, dtype=np.bool_))
     hrows = h.reshape(-1, 8)
     blend_rows(hrows, hrows, x[:8], x[:8], np.empty_like(hrows))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.engine.methods.base import Method, Params, f32
 from mergebuild.sd.blocks import BlockAlpha
@@ -67,3 +67,22 @@ block weights. Expression form: `a + (b - c) * 0.5`."""
                 diff = f32(b).sub_(c)
                 out = torch.empty_like(diff)
             yield torch.mul(diff, p.alpha, out=out).add_(a32)
+
+    @classmethod
+    def compute_many_half(
+        cls, params: list[AddDifferenceParams], xs: list[Any], outs: Any
+    ) -> list[bool] | None:
+        """Every member from one read of the float16 tile, compute's float32 ops in one
+        compiled loop (_kernels.add_difference_many)."""
+        import numpy as np
+
+        from mergebuild.engine.methods.reduce import loops_for_size
+
+        loops = loops_for_size(outs.size)
+        if loops is None:
+            return None
+        alphas = np.array([float(p.alpha) for p in params], dtype=np.float32)
+        live = np.array([p.alpha != 0 for p in params], dtype=np.uint8)
+        flags = np.zeros(len(params), dtype=np.bool_)
+        loops.add_difference_many(*xs, alphas, live, outs, flags)
+        return [bool(f) for f in flags]

@@ -233,6 +233,13 @@ class Method:
         return None
 
     @classmethod
+    def compute_many_half(cls, params: list[Any], xs: list[Any], outs: Any) -> list[bool] | None:
+        """`compute_many`'s float16 fast path (see compute_half): member k's result rounded
+        into row k of `outs` (uint16, float16 bits); whether each holds Inf/NaN, or None
+        where it does not apply (compute_many runs)."""
+        return None
+
+    @classmethod
     def split(cls, params: Any, xs: list[torch.Tensor], ctx: Any) -> Tiles | None:
         """A whole-tensor method's result as Tiles (see Tiles), or None: call `compute`.
 
