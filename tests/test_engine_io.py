@@ -360,3 +360,17 @@ def test_build_that_cannot_fit_is_refused_before_writing(
     assert writes == 0
     assert not list(cache.rglob(".mergebuild-tmp-*"))
     assert not (workdir / "out").exists() or not any((workdir / "out").iterdir())
+
+
+def test_writers_of_one_pass_share_the_blocks_in_flight() -> None:
+    """A pass writing many files (a sweep's members) gives each fewer queued blocks and write
+    threads: what they hold together stays bounded whatever the member count, and a single
+    file keeps the full queue."""
+    from mergebuild.engine import stream_writer
+
+    assert stream_writer.shares(1) == (stream_writer.QUEUED_BLOCKS, stream_writer.WRITE_THREADS)
+    for n in range(1, 200):
+        queued, threads = stream_writer.shares(n)
+        assert queued >= 1 and threads >= 1
+        total = stream_writer.ALL_QUEUED + stream_writer.ALL_THREADS
+        assert n * (queued + threads) <= max(total, 2 * n)  # one of each per file at least

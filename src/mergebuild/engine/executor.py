@@ -35,7 +35,7 @@ from mergebuild.engine.readahead import (
     read_mode,
 )
 from mergebuild.engine.safetensors_io import SafetensorsSource, TensorInfo
-from mergebuild.engine.stream_writer import StreamingWriter, check_space
+from mergebuild.engine.stream_writer import StreamingWriter, check_space, shares
 from mergebuild.engine.tuning import merging, release_freed_memory
 from mergebuild.errors import BuildError
 from mergebuild.hashing import FileHashes
@@ -242,8 +242,11 @@ class FusedPass:
         `on_unit(unit, key_done)` is called from the driver thread after each unit is written.
         """
         writers = []
+        share = shares(len(self.sinks))
         for sink in self.sinks:
-            sink.writer = StreamingWriter(sink.fd, sink.infos, sink.metadata, start=False)
+            sink.writer = StreamingWriter(
+                sink.fd, sink.infos, sink.metadata, start=False, share=share
+            )
             writers.append(sink.writer)
         try:
             check_space(writers)

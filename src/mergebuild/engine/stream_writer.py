@@ -47,6 +47,16 @@ QUEUED_BLOCKS = 4  # complete blocks waiting for the disk; more makes the merge 
 # Writes in flight per file: one O_DIRECT write at a time reached only ~0.65 GB/s here
 # while the inputs were being read; a few at once keep the disk's queue full.
 WRITE_THREADS = 3
+# ... shared out when a pass writes many files (a sweep's members): each file's queue and
+# writes in flight hold blocks, and 9 files at 4 + 3 each held 0.25 GB once the merge
+# outran the disk (SD1 sweep of 9: peak 0.94 GB). The disk's queue is full either way.
+ALL_QUEUED, ALL_THREADS = 12, 9
+
+
+def shares(files: int) -> tuple[int, int]:
+    """(queued blocks, write threads) for each of `files` writers of one pass."""
+    n = max(files, 1)
+    return max(1, min(QUEUED_BLOCKS, ALL_QUEUED // n)), max(1, min(WRITE_THREADS, ALL_THREADS // n))
 
 
 class _Block:
@@ -62,7 +72,12 @@ class StreamingWriter:
     """`write()` from any thread; `finish()` once every tensor is written; `close()` always."""
 
     def __init__(
-        self, fd: int, infos: dict[str, TensorInfo], metadata: dict[str, str], start: bool = True
+        self,
+        fd: int,
+        infos: dict[str, TensorInfo],
+        metadata: dict[str, str],
+        start: bool = True,
+        share: tuple[int, int] = (QUEUED_BLOCKS, WRITE_THREADS),
     ) -> None:
         self.fd = fd
         self.infos = infos
@@ -77,7 +92,8 @@ class StreamingWriter:
         self._pool: list[mmap.mmap] = []
         self._hash: xxhash.xxh3_128 | None = xxhash.xxh3_128()  # of the data section
         self._hashed = 0  # blocks hashed so far (in order)
-        self._queue: queue.Queue[_Block | None] = queue.Queue(QUEUED_BLOCKS)
+        self._queue: queue.Queue[_Block | None] = queue.Queue(share[0])
+        self._n_threads = share[1]
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._direct = -1
@@ -99,7 +115,7 @@ class StreamingWriter:
         self._writeback = None if self._use_direct else _sync_file_range()
         self._threads = [
             threading.Thread(target=self._drain, name="writer", daemon=True)
-            for _ in range(WRITE_THREADS)
+            for _ in range(self._n_threads)
         ]
         for t in self._threads:
             t.start()
