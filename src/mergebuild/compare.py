@@ -291,25 +291,35 @@ def _compiled_sums(y: torch.Tensor, x: torch.Tensor, bb: torch.Tensor | None, s:
     depend only on the chunk's values."""
     import numpy as np
 
-    from mergebuild.engine.methods.reduce import AsNumpy, kernels
+    from mergebuild.engine.methods.reduce import AsNumpy, half_bits, kernels
 
     difference_sums = kernels().difference_sums  # type: ignore[union-attr]  # checked by caller
 
     n = s.elements
+    acc = np.zeros((5, LANES))
+    hy, hx = half_bits(y), half_bits(x)
+    hb = np.empty(0, dtype=np.uint16) if bb is None else half_bits(bb)
+    if hy is not None and hx is not None and hb is not None:  # float16: read as bits, one call
+        difference_sums(hy, hx, hb, acc)
+        return _lanes(acc, bb is not None, s)
     size = min(n, SUM_TILE * 8)
     fy, fx = AsNumpy(y, size), AsNumpy(x, size)
     fb = None if bb is None else AsNumpy(bb, size)
     none = np.empty(0, dtype=np.float32)
-    acc = np.zeros((5, LANES))
     for t in range(0, n, size):  # size is a multiple of LANES: lanes stay i mod LANES
         hi = min(n, t + size)
         difference_sums(fy(t, hi), fx(t, hi), none if fb is None else fb(t, hi), acc)
+    return _lanes(acc, bb is not None, s)
+
+
+def _lanes(acc: Any, based: bool, s: Sums) -> Sums:
+    """The lanes of difference_sums added pairwise in a fixed tree, into `s`."""
     width = LANES
     while width > 1:
         width //= 2
         acc = acc[:, :width] + acc[:, width : 2 * width]
     s.dxy, s.yy = float(acc[0, 0]), float(acc[1, 0])
-    if bb is not None:
+    if based:
         s.ab, s.aa, s.bb = float(acc[2, 0]), float(acc[3, 0]), float(acc[4, 0])
     return s
 

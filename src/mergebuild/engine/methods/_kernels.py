@@ -80,7 +80,7 @@ def _from_half(typingctx, x):  # type: ignore[no-untyped-def]
 
 
 def _wide(x: object) -> np.float32:
-    """An input element as float32: float16 bits (uint16) widened, float32 as it is."""
+    """An input element as float32: float16 bits (uint16) widened, a float as it is."""
     raise NotImplementedError  # compiled code only (the overload below)
 
 
@@ -88,7 +88,7 @@ def _wide(x: object) -> np.float32:
 def _wide_impl(x):  # type: ignore[no-untyped-def]
     if x == types.uint16:
         return lambda x: _from_half(x)
-    if x == types.float32:
+    if isinstance(x, types.Float):  # float32 (float64: only tests call with it)
         return lambda x: x
     return None
 
@@ -209,24 +209,27 @@ def column_sums(x: np.ndarray, y: np.ndarray, step: int, acc: np.ndarray) -> Non
 
 @_jit
 def difference_sums(y: np.ndarray, x: np.ndarray, b: np.ndarray, acc: np.ndarray) -> None:
-    """compare's float64 sums of float32 y, x (and base b unless it is empty), added into
-    acc[:, j] for the elements i ≡ j (mod W), W = acc.shape[1], each lane in index order:
-    acc[0] ‖x−y‖², acc[1] ‖y‖², acc[2] ⟨x−b, y−b⟩, acc[3] ‖x−b‖², acc[4] ‖y−b‖². Lanes are
-    independent, so the loops vectorise without reordering any addition (the figures do not
-    depend on the machine); the caller combines the lanes in a fixed order."""
+    """compare's float64 sums of float32 (or float16 bits) y, x (and base b unless it is
+    empty), added into acc[:, j] for the elements i ≡ j (mod W), W = acc.shape[1], each lane in
+    index order: acc[0] ‖x−y‖², acc[1] ‖y‖², acc[2] ⟨x−b, y−b⟩, acc[3] ‖x−b‖², acc[4] ‖y−b‖².
+    Lanes are independent, so the loops vectorise without reordering any addition (the
+    figures do not depend on the machine); the caller combines the lanes in a fixed order."""
     n, w = y.size, acc.shape[1]
     assert x.size == n and (b.size == 0 or b.size == n) and acc.shape[0] == 5
     for lo in range(0, n, w):
         width = min(w, n - lo)
+        ys, xs = y[lo : lo + width], x[lo : lo + width]  # slices: the loops vectorise
         if b.size == 0:
             for j in range(width):
-                yv, xv = np.float64(y[lo + j]), np.float64(x[lo + j])
+                yv, xv = np.float64(_wide(ys[j])), np.float64(_wide(xs[j]))
                 d = xv - yv
                 acc[0, j] += d * d
                 acc[1, j] += yv * yv
         else:
+            bs = b[lo : lo + width]
             for j in range(width):
-                yv, xv, bv = np.float64(y[lo + j]), np.float64(x[lo + j]), np.float64(b[lo + j])
+                yv, xv = np.float64(_wide(ys[j])), np.float64(_wide(xs[j]))
+                bv = np.float64(_wide(bs[j]))
                 d, xa, ya = xv - yv, xv - bv, yv - bv
                 acc[0, j] += d * d
                 acc[1, j] += yv * yv
@@ -441,6 +444,7 @@ def warm() -> None:
     difference_sums(x, x, x[:0], np.zeros((5, 8)))
     h = np.zeros(BLOCK, dtype=np.uint16)  # float16 bits: the same loops without copies
     column_sums(h.reshape(-1, 8), h.reshape(-1, 8), 4, np.zeros((3, 8)))
+    difference_sums(h, h, h, np.zeros((5, 8)))
     lincomb(h, h, np.float32(1), np.float32(1), np.empty_like(h))
     train_difference(h, h, h, np.float32(1), np.empty_like(h))
     weighted3(h, h, h, np.float32(1), np.float32(1), np.float32(1), 7, np.empty_like(h))
