@@ -462,8 +462,8 @@ class KeyCompute:
             hi = min(numel, lo + TILE_ELEMENTS)
             outs = rows[: m * (hi - lo)].reshape(m, hi - lo)
             flags = jobs[0].method.compute_many_half(params, [b[lo:hi] for b in bits], outs)
-            if flags is None:
-                assert lo == 0  # decided by the method and the sizes: the same for every tile
+            if flags is None:  # decided at the first tile: loaded loops stay loaded
+                assert lo == 0
                 return False
             for n, (step, flag) in enumerate(zip(steps, flags, strict=True)):
                 bad[n] = flag or bad[n]

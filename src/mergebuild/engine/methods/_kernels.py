@@ -18,19 +18,19 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
 - `weighted3`: triple_sum's a·wa + b·wb + c·wc, in its order.
 - `add_difference_many`: the members of an add_difference sweep from one read of a tile.
 - `lincomb`, `blend_rows`: slerp's and the cosine methods' tiles, a·ca + b·cb.
-
-float16 without copies: `column_sums` and the tiles above also take float16 tensors as their bits
-(uint16 arrays, `_wide`), and the tiles write float16 outputs as bits (`_put`, `_settle`):
-LLVM's fpext / fptrunc, i.e. the CPU's conversions (F16C on x86), exact one way and rounded to
-nearest-even the other, as torch converts (tests compare every float16 value and ties and
-boundaries of every binade). So a float16 tile is read, combined, rounded, checked for Inf/NaN
-and its NaNs made canonical (compute.canonical_nans) in one call, instead of widening copies,
-a cast, a sum over the result and torch's calls in between: SD1 add_cosine_a's merge workers
-went from 3.4-3.7 to 2.3-2.6 s of CPU.
 - `drop`: DARE's counter-based mask (engine/rng.py's splitmix64, integers only) applied to a
   δ tile in place, as the numpy path's multiply by 0/1 (dare, dare_ties).
 - `ties_combine`: TIES' trim, sign election and disjoint mean on one tile (ties, dare_ties,
   della), the float32 operations of _taskvec.ties_tiles' `quick` form.
+
+float16 without copies: `column_sums`, `difference_sums` and the tiles above also take float16
+tensors as their bits (uint16 arrays, `_wide`), and the tiles write float16 outputs as bits
+(`_put`, `_settle`): LLVM's fpext / fptrunc, i.e. the CPU's conversions (F16C on x86), exact
+one way and rounded to nearest-even the other, as torch converts (tests/test_half_kernels.py
+compares every float16 value and the ties and boundaries of every binade). A float16 tile is
+then read, combined, rounded, checked for Inf/NaN and its NaNs made canonical
+(compute.canonical_nans) in one call, instead of widening copies, the ops, a cast and a sum
+over the result: SD1 add_cosine_a's merge workers went from 3.4-3.7 to 2.3-2.6 s of CPU.
 
 Tests hold each loop to the code it replaces, bit for bit (tests/test_method_tiles.py,
 test_methods_numbers.py, test_compare.py). No fast-math flags: LLVM neither reassociates nor
@@ -241,7 +241,7 @@ def difference_sums(y: np.ndarray, x: np.ndarray, b: np.ndarray, acc: np.ndarray
 @_jit
 def train_difference(
     a: np.ndarray, b: np.ndarray, c: np.ndarray, scale: np.float32, out: np.ndarray
-) -> None:
+) -> bool:
     """train_difference.compute's float32 operations on one tile, in its order (so its bits):
     d = b − c; n = |b − a|; t = (n / (|d| + n)) · d · scale, −0 where d == 0; out = t + a.
     float16 inputs and output as bits too (returns whether the output holds Inf/NaN)."""
