@@ -210,3 +210,24 @@ def test_a_float16_sweep_build_takes_the_one_read_path(
     assert main([*args, str(tmp_path / "c2")]) == 0
     for a, data in fast.items():
         assert (tmp_path / f"o-{a}.safetensors").read_bytes() == data, a
+
+
+def test_the_helpers_plain_python_meaning_is_what_the_loops_compute() -> None:
+    """`_wide`, `_put` and `_settle` have plain-Python bodies (numpy's float16 conversions)
+    next to the LLVM intrinsics the compiled loops use: a loop run as Python (`py_func`)
+    writes the same bits and flag as compiled, specials included."""
+    from mergebuild.engine.methods import _kernels
+
+    x = _float32_samples()[::97].copy()  # 20 k values across every binade and boundary
+    y = np.linspace(-70000, 70000, x.size, dtype=np.float32)
+    compiled, plain = np.empty(x.size, np.uint16), np.empty(x.size, np.uint16)
+    args = (np.float32(0.75), np.float32(-0.5))
+    flag = _loops().lincomb(x, y, *args, compiled)
+    assert _kernels.lincomb.py_func(x, y, *args, plain) == flag
+    assert np.array_equal(plain, compiled)
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(-1, 256)
+    w = np.linspace(-2, 2, 256, dtype=np.float32)
+    compiled, plain = np.empty_like(bits), np.empty_like(bits)
+    flag = _loops().blend_rows(bits, bits[::-1].copy(), w, w[::-1].copy(), compiled)
+    assert _kernels.blend_rows.py_func(bits, bits[::-1].copy(), w, w[::-1].copy(), plain) == flag
+    assert np.array_equal(plain, compiled)

@@ -416,10 +416,10 @@ class KeyCompute:
             torch.empty(size, dtype=to_torch(self.layouts[job.name][u.key].dtype)) for job in jobs
         ]
         bad = [False] * len(jobs)
-        if all(b.dtype == torch.float16 for b in bufs) and self._stream_half(
-            steps, jobs, params, flat, write, bad
-        ):
-            return self._note_nonfinite(jobs, bad, u.key)
+        half = all(b.dtype == torch.float16 for b in bufs)
+        if half and self._stream_half(steps, jobs, params, flat, write, bad):
+            self._note_nonfinite(jobs, bad, u.key)
+            return
         for lo in range(0, numel, TILE_ELEMENTS):
             hi = min(numel, lo + TILE_ELEMENTS)
             results = jobs[0].method.compute_many(params, [x[lo:hi] for x in flat])

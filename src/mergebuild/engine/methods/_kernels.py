@@ -80,8 +80,13 @@ def _from_half(typingctx, x):  # type: ignore[no-untyped-def]
 
 
 def _wide(x: object) -> np.float32:
-    """An input element as float32: float16 bits (uint16) widened, a float as it is."""
-    raise NotImplementedError  # compiled code only (the overload below)
+    """An input element as float32: float16 bits (uint16) widened, a float as it is.
+
+    This body is the plain-Python meaning (a loop's `py_func`, NUMBA_DISABLE_JIT); compiled
+    loops use the overload below, which tests hold to it."""
+    if isinstance(x, np.uint16):
+        return np.array(x, dtype=np.uint16).view(np.float16).astype(np.float32)[()]
+    return x  # type: ignore[return-value]
 
 
 @overload(_wide)
@@ -95,8 +100,14 @@ def _wide_impl(x):  # type: ignore[no-untyped-def]
 
 def _put(out: np.ndarray, i: int, v: np.float32) -> np.uint16:
     """out[i] = v, as float16 bits into a uint16 array (then: 0x8000 if that is Inf/NaN, the
-    exponent's carry, else 0 — OR-ed over a tile without a branch) or as is into float32 (0)."""
-    raise NotImplementedError
+    exponent's carry, else 0 — OR-ed over a tile without a branch) or as is into float32 (0).
+    Plain-Python meaning, as `_wide`'s."""
+    if out.dtype == np.uint16:
+        h = np.array(v, dtype=np.float32).astype(np.float16).view(np.uint16)[()]
+        out[i] = h
+        return np.uint16(((int(h) & 0x7C00) + 0x0400) & 0x8000)
+    out[i] = v
+    return np.uint16(0)
 
 
 @overload(_put)
@@ -122,8 +133,12 @@ def _put_impl(out, i, v):  # type: ignore[no-untyped-def]
 def _settle(out: np.ndarray, special: np.uint16) -> bool:
     """After a tile of `_put`s: whether a float16 output holds Inf/NaN (`special`, their
     OR), its NaNs then rewritten as the one canonical 0x7E00 (compute.canonical_nans). False
-    for a float32 output: its caller checks it as before."""
-    raise NotImplementedError
+    for a float32 output: its caller checks it as before. Plain-Python meaning, as `_wide`'s."""
+    if out.dtype != np.uint16 or special == 0:
+        return False
+    flat = out.reshape(-1)
+    flat[((flat & _H_EXP) == _H_EXP) & ((flat & _H_MANT) != 0)] = _H_NAN
+    return True
 
 
 @overload(_settle)
