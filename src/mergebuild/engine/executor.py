@@ -272,10 +272,12 @@ class FusedPass:
                     direct[src.fd] = twin
         budget = min(DIRECT_BUFFERS, max_memory // 2)  # read-ahead buffers are memory too
         ranges = [self._ranges(u) for u in units]
-        # one whole-tensor unit up to a tenth of the budget is read ahead directly too: SD1
-        # slerp 14.3-14.8 -> 10.7-11.6 s, ties 28 -> 23-25 s, peak RSS unchanged (0.8, 0.94 GB)
+        # one whole-tensor unit up to a third of the budget is read ahead directly too (the
+        # rest take the page cache, which costs CPU). A tenth: SD1 slerp 14.3-14.8 -> 10.7-11.6 s,
+        # ties 28 -> 23-25 s, RSS unchanged; a third (ties' 4 x 76 MB key too): ties 15.4-16.0
+        # -> 13.8-14.6 s, CPU 19.7-21.0 -> 18.2-18.8 s, RSS 0.80-0.85 -> 0.88-0.92 GB
         readahead = Readahead(
-            ranges, default_window(), direct, buffer_bytes=budget, huge_bytes=max_memory // 10
+            ranges, default_window(), direct, buffer_bytes=budget, huge_bytes=max_memory // 3
         )
         self.readahead = readahead.start()
         try:
