@@ -158,3 +158,77 @@ def test_ties_on_a_multi_tile_tensor_keeps_exactly_the_top_k(k, kind):
     m = REGISTRY["ties"]
     got = m.compute(m.Params(k=k), [torch.from_numpy(base), torch.from_numpy(model)]).numpy()
     np.testing.assert_array_equal(got, expect)
+
+
+def deltas_of(
+    x: np.ndarray, dtype: torch.dtype, seed: int
+) -> tuple[list[torch.Tensor], np.ndarray]:
+    """[base, model] in `dtype` with model − base ≈ x, and the method's float32 δ (numpy)."""
+    base = (np.random.default_rng(seed).standard_normal(x.size) * 0.05).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        xs = [torch.from_numpy(base).to(dtype), torch.from_numpy(base + x).to(dtype)]
+        d = xs[1].numpy().astype(np.float32) - xs[0].numpy().astype(np.float32)
+    return xs, d
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    from mergebuild.engine.methods import reduce
+
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    assert reduce.kernels() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_compiled_window_pass_gives_the_exact_rank(compiled, monkeypatch, kind, dtype):
+    """TileDeltas.counter: the window pass as one compiled loop over float16 bits or float32,
+    never the tiles, and the same exact order statistic of |δ| as a full sort."""
+    from mergebuild.engine.methods._taskvec import TileDeltas
+
+    xs, d = deltas_of(data(kind, seed=11), dtype, seed=12)
+    tiles = TileDeltas(xs, _topk.TILE)
+    count = tiles.counter(1)
+    assert count is not None
+    monkeypatch.setattr(_topk, "_tiled_windows", lambda *a: pytest.fail("tiles used"))
+    buf = torch.empty(_topk.TILE, dtype=torch.float32)
+    fill = lambda lo, hi, out: tiles(1, lo, hi, out)  # noqa: E731
+    for j in ranks(N):
+        got = _topk.kth_smallest_abs_many(
+            [fill], N, [j], buf, [lambda step: tiles.strided(1, step)], [count]
+        )
+        same(np.array(got, dtype=np.float32).view(np.uint32)[0], want(d, j))
+
+
+def test_a_window_fuller_than_the_sample_said_is_counted_again(compiled):
+    """Candidates beyond the buffer sized from the sample: the pass runs again with room for
+    all of them (not the radix fallback), and the rank is still exact."""
+    from mergebuild.engine.methods._taskvec import TileDeltas
+
+    n = 2_000_003
+    rs = np.random.default_rng(5)
+    xs, d = deltas_of((rs.standard_normal(n) * 0.01).astype(np.float32), torch.float16, 6)
+    bits = np.sort(np.abs(d)).view(np.uint32)
+    j = n // 2
+    low, high = int(bits[j - 100_000]), int(bits[j + 100_000])  # ~200 000 inside > one TILE
+    count = TileDeltas(xs, _topk.TILE).counter(1)
+    calls = []
+
+    def counting(lo: int, hi: int, size: int):
+        calls.append(size)
+        return count(lo, hi, size)
+
+    buf = torch.empty(_topk.TILE, dtype=torch.float32)
+    got = _topk._in_windows([None], n, [j], buf, [(low, high, 0.0)], [counting])
+    assert got == [int(bits[j - 1])]
+    assert calls[0] == _topk.TILE and calls[1] > 200_000 - 1000, calls
+
+
+def test_the_counter_is_offered_only_where_it_gives_the_same_bits(compiled):
+    """Mixed dtypes and bfloat16 keep the tiles (their own conversions)."""
+    from mergebuild.engine.methods._taskvec import TileDeltas
+
+    x = torch.zeros(64)
+    assert TileDeltas([x.half(), x.float()], 64).counter(1) is None
+    assert TileDeltas([x.bfloat16(), x.bfloat16()], 64).counter(1) is None
+    assert TileDeltas([x.half(), x.half()], 64).counter(1) is not None

@@ -79,6 +79,16 @@ def _from_half(typingctx, x):  # type: ignore[no-untyped-def]
     return types.float32(types.uint16), codegen
 
 
+@intrinsic
+def _bits32(typingctx, x):  # type: ignore[no-untyped-def]
+    """A float32's bit pattern as uint32 (a bitcast)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
 def _wide(x: object) -> np.float32:
     """An input element as float32: float16 bits (uint16) widened, a float as it is.
 
@@ -396,6 +406,26 @@ def ties_combine(
     return True
 
 
+@_jit
+def abs_delta_window(
+    x: np.ndarray, b: np.ndarray, low: np.uint32, span: np.uint32, cand: np.ndarray
+) -> tuple[int, int]:
+    """Over δ = float32(x) − float32(b), element by element (the subtraction of
+    _taskvec.TileDeltas): how many bit patterns of |δ| are below `low`, and how many lie in
+    [low, low + span], the first cand.size of those stored in `cand` in order (the window
+    pass of _topk._in_windows, for one whole tensor in one call)."""
+    assert b.size == x.size
+    below, inside, cap = 0, 0, cand.size
+    for i in range(x.size):
+        u = _bits32(abs(_wide(x[i]) - _wide(b[i])))
+        below += u < low
+        if u - low <= span:  # unsigned: wraps above span when u < low
+            if inside < cap:
+                cand[inside] = u
+            inside += 1
+    return below, inside
+
+
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -466,5 +496,8 @@ def warm() -> None:
     members = np.empty((2, h.size), dtype=np.uint16)
     one = np.ones(2, dtype=np.uint8)
     add_difference_many(h, h, h, x[:2], one, members, np.empty(2, dtype=np.bool_))
+    cand = np.empty(8, dtype=np.uint32)
+    abs_delta_window(h, h, np.uint32(0), np.uint32(1), cand)
+    abs_delta_window(x, x, np.uint32(0), np.uint32(1), cand)
     hrows = h.reshape(-1, 8)
     blend_rows(hrows, hrows, x[:8], x[:8], np.empty_like(hrows))

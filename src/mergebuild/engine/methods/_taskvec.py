@@ -21,7 +21,7 @@ from pydantic import Field
 
 from mergebuild.engine.methods import reduce
 from mergebuild.engine.methods._topk import TILE as SELECT_TILE
-from mergebuild.engine.methods._topk import Fill, Sample, kth_smallest_abs_many
+from mergebuild.engine.methods._topk import Count, Fill, Sample, kth_smallest_abs_many
 from mergebuild.engine.methods.base import Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
 
@@ -99,6 +99,36 @@ class TileDeltas:
         out.copy_(self.flat[i][lo:hi])
         return out.sub_(self.base(lo, hi))
 
+    def counter(self, i: int) -> Count | None:
+        """δᵢ's window pass (_topk.Count) as one compiled loop over the whole tensor, reading
+        float16 inputs as their bits: the same subtraction as the tiles, without them. None
+        where the inputs are not both float16 or both float32, or the loops are unavailable."""
+        import numpy as np
+        import torch
+
+        x, b = self.flat[i], self.flat[0]
+        if x.dtype != b.dtype or not (x.is_contiguous() and b.is_contiguous()):
+            return None
+        loops = reduce.loops_for(b)
+        if loops is None:
+            return None
+        if x.dtype == torch.float16:
+            xa, ba = reduce.half_bits(x), reduce.half_bits(b)
+        elif x.dtype == torch.float32 and x.device.type == "cpu":
+            xa, ba = x.numpy(), b.numpy()
+        else:
+            return None
+        if xa is None or ba is None:
+            return None
+        window = loops.abs_delta_window
+
+        def count(low: int, high: int, size: int) -> tuple[int, int, np.ndarray]:
+            cand = np.empty(size, dtype=np.uint32)
+            below, inside = window(xa, ba, np.uint32(low), np.uint32(high - low), cand)
+            return int(below), int(inside), cand[: min(inside, size)]
+
+        return count
+
     def strided(self, i: int, step: int) -> torch.Tensor:
         """δᵢ[::step] (new): the same subtraction, for a sample of the whole tensor."""
         return f32(self.flat[i][::step]).sub_(self.flat[0][::step])
@@ -110,6 +140,7 @@ def trim_thresholds(
     fills: list[Fill],
     buf: torch.Tensor,
     samples: list[Sample] | None = None,
+    counts: list[Count | None] | None = None,
 ) -> list[float | None]:
     """sd-mecha's TIES threshold of each task vector of one tensor, in one pass over its
     tiles: the j-th smallest |δ| with j = max(⌊(1−k)·numel⌋, 1).
@@ -121,7 +152,7 @@ def trim_thresholds(
     j = max(int((1.0 - k) * numel), 1)
     if j == 1 or numel == 0:
         return [None] * len(fills)
-    return list(kth_smallest_abs_many(fills, numel, [j] * len(fills), buf, samples))
+    return list(kth_smallest_abs_many(fills, numel, [j] * len(fills), buf, samples, counts))
 
 
 # Elements per tile of the elementwise phase: its ~8 float32 tile buffers (2 MB) stay in L2;
@@ -181,7 +212,10 @@ def ties_tiles(
         ids = [i for i, _ in active]  # trim on the unweighted δᵢ
         strided = getattr(deltas, "strided", None)  # plain δ (ties): a cheap exact sample
         samples = None if strided is None else [partial(strided, i) for i in ids]
-        got = trim_thresholds(numel, k, [partial(deltas, i) for i in ids], scratch, samples)
+        counter = getattr(deltas, "counter", None)  # ... and a compiled window pass
+        counts = None if counter is None else [counter(i) for i in ids]
+        fills = [partial(deltas, i) for i in ids]
+        got = trim_thresholds(numel, k, fills, scratch, samples, counts)
         thresholds.update(zip(ids, got, strict=True))
         del scratch
     # hardshrink(δ, λ) keeps |δ| > λ: with λ the float32 just below the threshold, |δ| ≥ thr

@@ -36,6 +36,10 @@ SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 512
 Fill = Callable[[int, int, "torch.Tensor"], "torch.Tensor"]
 # sample(step): a new float32 tensor x[::step], the same values `fill` gives at those places
 Sample = Callable[[int], "torch.Tensor"]
+# count(low, high, size): the window pass over the whole tensor in one call (a compiled loop):
+# (how many |x| bit patterns are below low, how many lie in [low, high], the first `size` of
+# those in order), the same numbers the tiles of `fill` give
+Count = Callable[[int, int, int], "tuple[int, int, np.ndarray]"]
 
 
 def kth_smallest_abs(
@@ -56,12 +60,14 @@ def kth_smallest_abs_many(
     js: Sequence[int],
     buf: torch.Tensor,
     samples: Sequence[Sample | None] | None = None,
+    counts: Sequence[Count | None] | None = None,
 ) -> list[float]:
     """`kth_smallest_abs` of several tensors of one size (rank js[m] of fills[m]), each exact.
 
     Why: TIES trims every task vector δₘ = xₘ − base of a key. One pass over the tiles for all
     of them, tile by tile, converts the base tile once for all models (TileDeltas caches it)
-    and reads each input tile while the others are still in cache."""
+    and reads each input tile while the others are still in cache. A tensor with a `counts[m]`
+    makes its window pass in that one call instead of tiles."""
     for j in js:
         if not 1 <= j <= numel:
             raise ValueError(f"rank {j} outside 1..{numel}")
@@ -76,7 +82,7 @@ def kth_smallest_abs_many(
         _window(_sample(f, numel, buf, None if samples is None else samples[m]), j / numel)
         for m, (f, j) in enumerate(zip(fills, js, strict=True))
     ]
-    found = _in_windows(fills, numel, js, buf, windows)
+    found = _in_windows(fills, numel, js, buf, windows, counts)
     out = []
     for f, j, bits in zip(fills, js, found, strict=True):
         b = bits if bits is not None else _radix(f, numel, j, buf)
@@ -97,19 +103,22 @@ def _sample(fill: Fill, numel: int, buf: torch.Tensor, sample: Sample | None) ->
     return out
 
 
-def _window(sample: np.ndarray, p: float) -> tuple[int, int]:
-    """Bit patterns [L, H] around quantile p of the sample, ± 6 standard errors and 0.2%."""
+def _window(sample: np.ndarray, p: float) -> tuple[int, int, float]:
+    """Bit patterns [L, H] around quantile p of the sample, ± 6 standard errors and 0.2%,
+    and about which share of the tensor falls inside (that of the sample, at least)."""
     n = sample.size
     margin = 6.0 * math.sqrt(n * p * (1.0 - p)) + 0.002 * n + 8
     lo_rank, hi_rank = int(p * n - margin), int(p * n + margin)
     low, high = 0, 0xFFFFFFFF
+    ranks = [r for r in (lo_rank, hi_rank) if 0 < r < n]
+    if ranks:
+        sample.partition(ranks)  # both ranks in one introselect
     if lo_rank > 0:
-        sample.partition(lo_rank)
         low = int(sample[lo_rank])
     if hi_rank < n:
-        sample.partition(hi_rank)
         high = int(sample[hi_rank])
-    return low, high
+    share = (min(hi_rank, n - 1) - max(lo_rank, 0) + 1) / n
+    return low, high, share
 
 
 def _in_windows(
@@ -117,25 +126,67 @@ def _in_windows(
     numel: int,
     js: Sequence[int],
     buf: torch.Tensor,
-    windows: Sequence[tuple[int, int]],
+    windows: Sequence[tuple[int, int, float]],
+    counts: Sequence[Count | None] | None = None,
 ) -> list[int | None]:
     """One pass over the tiles (tiles outer, tensors inner): per tensor, count |x| below its
     window's L and keep those in [L, H]; the bits of its rank j, or None (not in the window,
-    or the window too crowded to keep: say 80% zeros)."""
+    or the window too crowded to keep: say 80% zeros). A tensor with a `count` is done in
+    that call instead (its candidates in a buffer sized from the sample, again if too small)."""
     cap = max(numel // 8, TILE)
-    shifted = np.empty(TILE, dtype=np.uint32)
-    below_l, inside = np.empty(TILE, dtype=np.bool_), np.empty(TILE, dtype=np.bool_)
     n = len(fills)
     below, count = [0] * n, [0] * n
     kept: list[list[np.ndarray] | None] = [[] for _ in range(n)]  # None: window too crowded
+    tiled = []
+    each = counts or [None] * n
+    for t, ((low, high, share), counter) in enumerate(zip(windows, each, strict=True)):
+        if counter is None:
+            tiled.append(t)
+            continue
+        size = min(cap, int(numel * share * 1.5) + TILE)
+        below[t], count[t], c = counter(low, high, size)
+        if size < count[t] <= cap:
+            below[t], count[t], c = counter(low, high, count[t])
+        kept[t] = [c] if count[t] <= cap else None
+    if tiled:
+        _tiled_windows(fills, numel, buf, windows, tiled, cap, below, count, kept)
+    out: list[int | None] = []
+    for t, (j, (low, high, _)) in enumerate(zip(js, windows, strict=True)):
+        keep = kept[t]
+        if keep is None or not below[t] < j <= below[t] + count[t]:
+            out.append(None)
+        elif low == high:
+            out.append(low)
+        else:
+            cands = np.concatenate(keep)
+            cands.partition(j - below[t] - 1)
+            out.append(int(cands[j - below[t] - 1]))
+    return out
+
+
+def _tiled_windows(
+    fills: Sequence[Fill],
+    numel: int,
+    buf: torch.Tensor,
+    windows: Sequence[tuple[int, int, float]],
+    which: Sequence[int],
+    cap: int,
+    below: list[int],
+    count: list[int],
+    kept: list[list[np.ndarray] | None],
+) -> None:
+    """`_in_windows`' pass over the tiles of the tensors `which`, updating its lists."""
+    shifted = np.empty(TILE, dtype=np.uint32)
+    below_l, inside = np.empty(TILE, dtype=np.bool_), np.empty(TILE, dtype=np.bool_)
     for lo in range(0, numel, TILE):
         hi = min(numel, lo + TILE)
         m = hi - lo
-        for t, (fill, (low, high)) in enumerate(zip(fills, windows, strict=True)):
+        for t in which:
             keep = kept[t]
             if keep is None:
                 continue
-            bits = fill(lo, hi, buf[:m]).abs_().numpy().view(np.uint32)
+            low, high, _ = windows[t]
+            bits = fills[t](lo, hi, buf[:m]).abs_().numpy().view(np.uint32)
             np.less(bits, low, out=below_l[:m])
             below[t] += int(np.count_nonzero(below_l[:m]))
             np.subtract(bits, np.uint32(low), out=shifted[:m])
@@ -151,18 +202,6 @@ def _in_windows(
                 kept[t] = None
                 continue
             keep.append(c)
-    out: list[int | None] = []
-    for t, (j, (low, high)) in enumerate(zip(js, windows, strict=True)):
-        keep = kept[t]
-        if keep is None or not below[t] < j <= below[t] + count[t]:
-            out.append(None)
-        elif low == high:
-            out.append(low)
-        else:
-            cands = np.concatenate(keep)
-            cands.partition(j - below[t] - 1)
-            out.append(int(cands[j - below[t] - 1]))
-    return out
 
 
 def _radix(fill: Fill, numel: int, j: int, buf: torch.Tensor) -> int:
