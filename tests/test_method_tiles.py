@@ -433,7 +433,7 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
     loops = reduce.kernels()
     assert loops is not None
     names = ["block_sums", "column_sums", "difference_sums", "train_difference", "ties_combine"]
-    names += ["lincomb", "blend_rows", "weighted3"]
+    names += ["lincomb", "blend_rows", "weighted3", "abs_delta_window", "ties_tile"]
     before = {k: list(getattr(loops, k).signatures) for k in names}
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
     monkeypatch.setattr(train_difference, "COMPILED_TILE", 0)
@@ -450,6 +450,10 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
         tiles = m.split(m.Params(alpha=0.3), pair, None)
         assert tiles is not None and tiles.whole() is not None
         assert tiles.fill_half is not None  # float16 inputs, float16 output: one call a tile
+        tiles.fill_half(0, tiles.step, np.empty(tiles.step, dtype=np.uint16))
+    for models in range(1, 4):  # ties' float16 tiles: one loop per number of models
+        tiles = REGISTRY["ties"].split(REGISTRY["ties"].Params(), xs[: models + 1], None)
+        assert tiles is not None and tiles.fill_half is not None
         tiles.fill_half(0, tiles.step, np.empty(tiles.step, dtype=np.uint16))
     half = (("train_difference", {"alpha": 0.5}), ("triple_sum", {"alpha": 0.5, "beta": 0.2}))
     for name, params in half:  # float16 bits in and out (compute._tiled's float16 path)

@@ -426,7 +426,7 @@ class KeyCompute:
             for n, (step, res, buf) in enumerate(zip(steps, results, bufs, strict=True)):
                 tile = buf[: hi - lo]
                 tile.copy_(res)
-                bad[n] = _settle_nonfinite(tile) or bad[n]
+                bad[n] = settle_nonfinite(tile) or bad[n]
                 for s in step.sinks:
                     write(s, tile, lo)
         self._note_nonfinite(jobs, bad, u.key)
@@ -649,7 +649,7 @@ def _tiled(
         tile = [x if x is None else x[lo : lo + TILE_ELEMENTS] for x in flat]
         at = None if ctx is None else replace(ctx, offset=ctx.offset + lo)
         part.copy_(_call(method, params, tile, at))
-        bad = _settle_nonfinite(part) or bad
+        bad = settle_nonfinite(part) or bad
     return out.reshape(xs[0].shape), bad
 
 
@@ -671,7 +671,7 @@ def _from_tiles(tiles: Tiles, dtype: torch.dtype) -> tuple[torch.Tensor, bool] |
             return None
         dst = out[lo:hi]
         dst.copy_(part)
-        bad = _settle_nonfinite(dst) or bad
+        bad = settle_nonfinite(dst) or bad
     return out.reshape(tiles.shape), bad
 
 
@@ -698,7 +698,7 @@ def _stream_tiles(
         assert part is not None  # may_restart is False
         dst = buf[: hi - lo]
         dst.copy_(part)
-        bad = _settle_nonfinite(dst) or bad
+        bad = settle_nonfinite(dst) or bad
         emit(dst, lo)
     return bad
 
@@ -734,7 +734,7 @@ def canonical_nans(x: torch.Tensor, inplace: bool) -> torch.Tensor:
     return out
 
 
-def _settle_nonfinite(x: torch.Tensor) -> bool:
+def settle_nonfinite(x: torch.Tensor) -> bool:
     """Whether x holds NaN/Inf (_has_nonfinite); if so, its NaNs made canonical in place."""
     if not _has_nonfinite(x):
         return False

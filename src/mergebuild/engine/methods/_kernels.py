@@ -21,7 +21,9 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
 - `drop`: DARE's counter-based mask (engine/rng.py's splitmix64, integers only) applied to a
   δ tile in place, as the numpy path's multiply by 0/1 (dare, dare_ties).
 - `ties_combine`: TIES' trim, sign election and disjoint mean on one tile (ties, dare_ties,
-  della), the float32 operations of _taskvec.ties_tiles' `quick` form.
+  della), the float32 operations of _taskvec.ties_tiles' `quick` form; `ties_tile` the same
+  from float16 inputs' bits to a float16 tile (1-4 models, one compiled loop each).
+- `abs_delta_window`: the window pass of TIES' exact trim threshold (_topk) over a whole δ.
 
 float16 without copies: `column_sums`, `difference_sums` and the tiles above also take float16
 tensors as their bits (uint16 arrays, `_wide`), and the tiles write float16 outputs as bits
@@ -355,6 +357,47 @@ def _sign32(x: np.float32) -> np.float32:
 
 
 @_jit
+def _ties_sums(
+    d: np.ndarray,
+    lams: np.ndarray,
+    ws: np.ndarray,
+    magnitude: bool,
+    num: np.ndarray,
+    den: np.ndarray,
+    vote: np.ndarray,
+) -> bool:
+    """The core of `ties_combine`: δ rows `d` (n, m) trimmed in place (hardshrink by lams[k],
+    NaN for none) and weighted (ws), signs elected into `vote` (by magnitude or count), agreeing
+    τ summed into `num` and their weights into `den`; whether every sum in `num` is finite."""
+    n, m = d.shape
+    for k in range(n):
+        lam, w, row = lams[k], ws[k], d[k]
+        trim = lam == lam
+        for i in range(m):
+            x = row[i]
+            x = _F0 if trim and x >= -lam and x <= lam else x  # hardshrink
+            x = x * w if w != _F1 else x
+            row[i] = x
+            term = x if magnitude else _sign32(x)
+            vote[i] = term if k == 0 else vote[i] + term
+    for i in range(m):
+        vote[i] = _sign32(vote[i])
+        num[i] = _F0
+    finite = True
+    for k in range(n):
+        w, row = ws[k], d[k]
+        for i in range(m):
+            x = row[i]
+            e = _F1 if _sign32(x) == vote[i] else _F0
+            term = e if w == _F1 else e * w
+            den[i] = term if k == 0 else den[i] + term
+            num[i] = num[i] + e * x
+    for i in range(m):
+        finite &= np.isfinite(num[i])
+    return finite
+
+
+@_jit
 def ties_combine(
     d: np.ndarray,
     lams: np.ndarray,
@@ -374,36 +417,51 @@ def ties_combine(
     assert lams.size == n and ws.size == n and base.size == m and out.size == m
     vote = np.empty(m, dtype=np.float32)
     den = np.empty(m, dtype=np.float32)
-    for k in range(n):
-        lam, w, row = lams[k], ws[k], d[k]
-        trim = lam == lam
-        for i in range(m):
-            x = row[i]
-            x = _F0 if trim and x >= -lam and x <= lam else x  # hardshrink
-            x = x * w if w != _F1 else x
-            row[i] = x
-            term = x if magnitude else _sign32(x)
-            vote[i] = term if k == 0 else vote[i] + term
-    for i in range(m):
-        vote[i] = _sign32(vote[i])
-        out[i] = _F0
-    finite = True
-    for k in range(n):
-        w, row = ws[k], d[k]
-        for i in range(m):
-            x = row[i]
-            e = _F1 if _sign32(x) == vote[i] else _F0
-            term = e if w == _F1 else e * w
-            den[i] = term if k == 0 else den[i] + term
-            out[i] = out[i] + e * x
-    for i in range(m):
-        finite &= np.isfinite(out[i])
-    if not finite:
+    if not _ties_sums(d, lams, ws, magnitude, out, den, vote):
         return False
     for i in range(m):
         a = abs(vote[i])
         out[i] = out[i] / (den[i] * a + (-a + _F1)) * scale + base[i]
     return True
+
+
+@_jit
+def ties_tile(
+    xs: tuple[np.ndarray, ...],
+    base: np.ndarray,
+    lo: int,
+    lams: np.ndarray,
+    ws: np.ndarray,
+    magnitude: bool,
+    scale: np.float32,
+    d: np.ndarray,
+    scratch: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """`ties_combine` on elements [lo, lo + out.size) of whole flat inputs (xs: one per model,
+    base; float16 as bits), δ rows formed into `d` as TileDeltas forms them (float32(x) −
+    float32(base)), the result rounded into `out` (float16 bits) as the executor casts:
+    one call per tile instead of a copy and a subtraction per model, the combine, a cast and
+    a check. −1 (out unfinished) where a sum is not finite (the caller redoes the tile
+    exactly), else whether `out` holds Inf/NaN (`_settle`). `scratch`: (3, ≥ m) float32."""
+    n, m = d.shape
+    assert len(xs) == n and lams.size == n and ws.size == n and lo + m <= base.size
+    assert out.size == m and scratch.shape[1] >= m
+    b = base[lo : lo + m]  # sliced, then indexed from 0: `lo + i` would not vectorise
+    for k, x in enumerate(xs):
+        assert lo + m <= x.size
+        row, xt = d[k], x[lo : lo + m]
+        for i in range(m):
+            row[i] = _wide(xt[i]) - _wide(b[i])
+    num, den, vote = scratch[0, :m], scratch[1, :m], scratch[2, :m]
+    if not _ties_sums(d, lams, ws, magnitude, num, den, vote):
+        return -1
+    special = np.uint16(0)
+    for i in range(m):
+        a = abs(vote[i])
+        v = num[i] / (den[i] * a + (-a + _F1)) * scale + _wide(b[i])
+        special |= _put(out, i, v)
+    return 1 if _settle(out, special) else 0
 
 
 @_jit
@@ -425,6 +483,8 @@ def abs_delta_window(
             inside += 1
     return below, inside
 
+
+TIES_TILE_MODELS = 4  # ties_tile is compiled ahead for 1..4 models; more take ties_combine
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -482,6 +542,11 @@ def warm() -> None:
     d = np.zeros((2, 8), dtype=np.float32)
     ones = np.ones(2, dtype=np.float32)
     ties_combine(d, ones, ones, True, np.float32(1), x[:8], np.empty(8, np.float32))
+    h8, scratch = np.zeros(8, dtype=np.uint16), np.zeros((3, 8), dtype=np.float32)
+    for n in range(1, TIES_TILE_MODELS + 1):  # one compiled loop per number of models
+        rows = np.zeros((n, 8), dtype=np.float32)
+        wn = np.ones(n, dtype=np.float32)
+        ties_tile((h8,) * n, h8, 0, wn, wn, True, np.float32(1), rows, scratch, h8.copy())
     lincomb(x, x, np.float32(1), np.float32(1), np.empty_like(x))
     drop(x, np.uint64(1), np.uint64(0), np.uint64(1))
     rows = x.reshape(-1, 8)

@@ -26,6 +26,7 @@ from mergebuild.engine.methods.base import Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 REDUCE_CHUNK = 1 << 16
@@ -128,6 +129,12 @@ class TileDeltas:
             return int(below), int(inside), cand[: min(inside, size)]
 
         return count
+
+    def bits(self, i: int) -> np.ndarray | None:
+        """Input i's bits (uint16) if it and the base are contiguous float16 tensors on the
+        CPU (what _kernels.ties_tile reads), else None."""
+        x, b = reduce.half_bits(self.flat[i]), reduce.half_bits(self.flat[0])
+        return None if x is None or b is None else x
 
     def strided(self, i: int, step: int) -> torch.Tensor:
         """δᵢ[::step] (new): the same subtraction, for a sample of the whole tensor."""
@@ -329,7 +336,35 @@ def ties_tiles(
         out = (compiled_quick if compiled else quick)(lo, hi) if fast else None
         return exact(lo, hi) if out is None else out
 
-    return Tiles(TILE, shape, fill)
+    fill_half = None
+    bits = getattr(deltas, "bits", None)
+    if loops is not None and bits is not None and len(active) <= loops.TIES_TILE_MODELS:
+        xs = tuple(bits(i) for i, _ in active)
+        base_bits = bits(0)
+        # the arrays of the signatures warm() compiled (a read-only one would compile anew)
+        if base_bits is not None and all(
+            x is not None and x.flags.writeable and x.flags.c_contiguous for x in (*xs, base_bits)
+        ):
+            ties_tile = loops.ties_tile
+            scratch = np.empty((3, size), dtype=np.float32)
+            rows_np = rows.numpy()
+
+            def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
+                """The tile as float16 bits in one call (_kernels.ties_tile: `compiled_quick`
+                on the inputs' bits); a tile whose sums are not finite is redone by `fill`."""
+                m = hi - lo
+                d = rows_np[: len(active) * m].reshape(len(active), m)
+                got = ties_tile(
+                    xs, base_bits, lo, lams, ws, vote == "magnitude", scale32, d, scratch, out
+                )
+                if got >= 0:
+                    return bool(got)
+                from mergebuild.engine.compute import settle_nonfinite
+
+                half = torch.from_numpy(out).view(torch.float16)
+                return settle_nonfinite(half.copy_(fill(lo, hi)))
+
+    return Tiles(TILE, shape, fill, fill_half=fill_half)
 
 
 def _below(thr: float | None) -> float | None:
