@@ -232,3 +232,21 @@ def test_the_counter_is_offered_only_where_it_gives_the_same_bits(compiled):
     assert TileDeltas([x.half(), x.float()], 64).counter(1) is None
     assert TileDeltas([x.bfloat16(), x.bfloat16()], 64).counter(1) is None
     assert TileDeltas([x.half(), x.half()], 64).counter(1) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("step", [1, 7, 128])
+def test_the_compiled_sample_is_the_strided_delta(compiled, dtype, step):
+    """TileDeltas.strided through the compiled gather: δ[::step] as torch computes it."""
+    from mergebuild.engine.methods._taskvec import TileDeltas
+
+    xs, _ = deltas_of(data("nonfinite", seed=13), dtype, seed=14)
+    tiles = TileDeltas(xs, _topk.TILE)
+    assert tiles._compiled(1) is not None
+    want = xs[1][::step].float() - xs[0][::step].float()
+    got = tiles.strided(1, step)
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(
+        got.nan_to_num(0.0).view(torch.int32), want.nan_to_num(0.0).view(torch.int32)
+    )

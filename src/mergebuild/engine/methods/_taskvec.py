@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -100,27 +100,35 @@ class TileDeltas:
         out.copy_(self.flat[i][lo:hi])
         return out.sub_(self.base(lo, hi))
 
-    def counter(self, i: int) -> Count | None:
-        """δᵢ's window pass (_topk.Count) as one compiled loop over the whole tensor, reading
-        float16 inputs as their bits: the same subtraction as the tiles, without them. None
-        where the inputs are not both float16 or both float32, or the loops are unavailable."""
-        import numpy as np
+    def _compiled(self, i: int) -> tuple[Any, np.ndarray, np.ndarray] | None:
+        """(the compiled loops, input i, the base) as arrays those loops read the way the
+        tiles compute: both float16 (as bits) or both float32, contiguous, on the CPU."""
         import torch
 
         x, b = self.flat[i], self.flat[0]
-        if x.dtype != b.dtype or not (x.is_contiguous() and b.is_contiguous()):
+        if x.dtype != b.dtype or x.device.type != "cpu" or b.device.type != "cpu":
+            return None
+        if not (x.is_contiguous() and b.is_contiguous()):
             return None
         loops = reduce.loops_for(b)
         if loops is None:
             return None
         if x.dtype == torch.float16:
-            xa, ba = reduce.half_bits(x), reduce.half_bits(b)
-        elif x.dtype == torch.float32 and x.device.type == "cpu":
-            xa, ba = x.numpy(), b.numpy()
-        else:
+            return loops, x.view(torch.uint16).numpy(), b.view(torch.uint16).numpy()
+        if x.dtype == torch.float32:
+            return loops, x.numpy(), b.numpy()
+        return None
+
+    def counter(self, i: int) -> Count | None:
+        """δᵢ's window pass (_topk.Count) as one compiled loop over the whole tensor, reading
+        float16 inputs as their bits: the same subtraction as the tiles, without them. None
+        where `_compiled` has no arrays for it."""
+        import numpy as np
+
+        got = self._compiled(i)
+        if got is None:
             return None
-        if xa is None or ba is None:
-            return None
+        loops, xa, ba = got
         window = loops.abs_delta_window
 
         def count(low: int, high: int, size: int) -> tuple[int, int, np.ndarray]:
@@ -138,7 +146,16 @@ class TileDeltas:
 
     def strided(self, i: int, step: int) -> torch.Tensor:
         """δᵢ[::step] (new): the same subtraction, for a sample of the whole tensor."""
-        return f32(self.flat[i][::step]).sub_(self.flat[0][::step])
+        got = self._compiled(i)
+        if got is None:
+            return f32(self.flat[i][::step]).sub_(self.flat[0][::step])
+        import numpy as np
+        import torch
+
+        loops, xa, ba = got
+        out = np.empty(-(-xa.size // step), dtype=np.float32)
+        loops.delta_strided(xa, ba, np.uint64(step), out)
+        return torch.from_numpy(out)
 
 
 def trim_thresholds(
