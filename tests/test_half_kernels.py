@@ -231,3 +231,53 @@ def test_the_helpers_plain_python_meaning_is_what_the_loops_compute() -> None:
     flag = _loops().blend_rows(bits, bits[::-1].copy(), w, w[::-1].copy(), compiled)
     assert _kernels.blend_rows.py_func(bits, bits[::-1].copy(), w, w[::-1].copy(), plain) == flag
     assert np.array_equal(plain, compiled)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("train_difference", "alpha: 0.7"), ("triple_sum", "alpha: 0.3, beta: 0.2")],
+)
+def test_a_streamed_float16_build_takes_compute_half(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: str
+) -> None:
+    """A node written straight to a float16 file is streamed tile by tile (_stream_run): the
+    method's compute_half runs there (counted), and the file holds what the float32 way
+    writes; so does a build where it declines every second tile (the per-tile fallback)."""
+    from mergebuild.cli import main
+    from mergebuild.demo import synthesize
+    from mergebuild.engine.methods import REGISTRY
+
+    for name in "abc":
+        synthesize(tmp_path / f"{name}.safetensors", name, scale=1 / 16, dtype="fp16")
+    (tmp_path / "r.yaml").write_text(
+        "mergebuild: 1\nmodels: {a: a.safetensors, b: b.safetensors, c: c.safetensors}\n"
+        f"merges:\n  m: {{method: {method}, a: a, b: b, c: c, {params}}}\n"
+        "outputs:\n  o: {from: m, path: o.safetensors, dtype: fp16}\n"
+    )
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    m = REGISTRY[method]
+    original = m.compute_half.__func__  # type: ignore[attr-defined]
+    calls: list[int] = []
+
+    def spy(cls, p, xs, out):  # type: ignore[no-untyped-def]
+        calls.append(out.size)
+        return original(cls, p, xs, out)
+
+    out = tmp_path / "o.safetensors"
+    monkeypatch.setattr(m, "compute_half", classmethod(spy))
+    assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c1")]) == 0
+    assert calls and sum(calls) > 1_000_000  # the bulk of the model went through it
+    fast = out.read_bytes()
+
+    def every_other(cls, p, xs, o):  # type: ignore[no-untyped-def]
+        calls.append(-1)
+        return None if len(calls) % 2 == 0 else original(cls, p, xs, o)
+
+    monkeypatch.setattr(m, "compute_half", classmethod(every_other))
+    out.unlink()
+    assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c2")]) == 0
+    assert out.read_bytes() == fast
+    monkeypatch.setattr(m, "compute_half", classmethod(lambda cls, p, xs, o: None))
+    out.unlink()
+    assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c3")]) == 0
+    assert out.read_bytes() == fast

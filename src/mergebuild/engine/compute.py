@@ -417,19 +417,34 @@ class KeyCompute:
         ]
         bad = [False] * len(jobs)
         half = all(b.dtype == torch.float16 for b in bufs)
-        if half and self._stream_half(steps, jobs, params, flat, write, bad):
+        if half and self._stream_half(steps, jobs, params, flat, write, bad, bufs):
             self._note_nonfinite(jobs, bad, u.key)
             return
         for lo in range(0, numel, TILE_ELEMENTS):
             hi = min(numel, lo + TILE_ELEMENTS)
-            results = jobs[0].method.compute_many(params, [x[lo:hi] for x in flat])
-            for n, (step, res, buf) in enumerate(zip(steps, results, bufs, strict=True)):
-                tile = buf[: hi - lo]
-                tile.copy_(res)
-                bad[n] = settle_nonfinite(tile) or bad[n]
-                for s in step.sinks:
-                    write(s, tile, lo)
+            self._float_tile(steps, jobs[0].method, params, flat, lo, hi, bufs, write, bad)
         self._note_nonfinite(jobs, bad, u.key)
+
+    @staticmethod
+    def _float_tile(
+        steps: Sequence[Step],
+        method: type[Method],
+        params: list[Params],
+        flat: list[torch.Tensor],
+        lo: int,
+        hi: int,
+        bufs: list[torch.Tensor],
+        write: Callable[..., None],
+        bad: list[bool],
+    ) -> None:
+        """One tile of `_stream_run` through compute_many (float32), cast into `bufs`."""
+        results = method.compute_many(params, [x[lo:hi] for x in flat])
+        for n, (step, res, buf) in enumerate(zip(steps, results, bufs, strict=True)):
+            tile = buf[: hi - lo]
+            tile.copy_(res)
+            bad[n] = settle_nonfinite(tile) or bad[n]
+            for s in step.sinks:
+                write(s, tile, lo)
 
     def _note_nonfinite(self, jobs: list[NodeJob], bad: list[bool], key: str) -> None:
         for job, nonfinite in zip(jobs, bad, strict=True):
@@ -444,10 +459,12 @@ class KeyCompute:
         flat: list[torch.Tensor],
         write: Callable[..., None],
         bad: list[bool],
+        bufs: list[torch.Tensor],
     ) -> bool:
         """`_stream_run` for float16 inputs and outputs through the method's
         compute_many_half: each tile read once for every member, rounded, checked; False
-        (nothing written) where the method has none or it does not apply."""
+        (nothing written) where the method has none or it does not apply at the first tile.
+        A later tile it declines (a short last one, say) goes the float32 way: same bytes."""
         import numpy as np
         import torch
 
@@ -462,9 +479,12 @@ class KeyCompute:
             hi = min(numel, lo + TILE_ELEMENTS)
             outs = rows[: m * (hi - lo)].reshape(m, hi - lo)
             flags = jobs[0].method.compute_many_half(params, [b[lo:hi] for b in bits], outs)
-            if flags is None:  # decided at the first tile: loaded loops stay loaded
-                assert lo == 0
-                return False
+            if flags is None:
+                if lo == 0:
+                    return False
+                method = jobs[0].method
+                KeyCompute._float_tile(steps, method, params, flat, lo, hi, bufs, write, bad)
+                continue
             for n, (step, flag) in enumerate(zip(steps, flags, strict=True)):
                 bad[n] = flag or bad[n]
                 tile = torch.from_numpy(outs[n]).view(torch.float16)

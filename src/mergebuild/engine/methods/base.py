@@ -236,8 +236,15 @@ class Method:
     def compute_many_half(cls, params: list[Any], xs: list[Any], outs: Any) -> list[bool] | None:
         """`compute_many`'s float16 fast path (see compute_half): member k's result rounded
         into row k of `outs` (uint16, float16 bits); whether each holds Inf/NaN, or None
-        where it does not apply (compute_many runs)."""
-        return None
+        where it does not apply (compute_many runs). By default each member's compute_half:
+        a method with one has it in streamed builds too (a file's only node is streamed)."""
+        flags = []
+        for p, out in zip(params, outs, strict=True):
+            flag = cls.compute_half(p, xs, out)
+            if flag is None:
+                return None
+            flags.append(flag)
+        return flags
 
     @classmethod
     def split(cls, params: Any, xs: list[torch.Tensor], ctx: Any) -> Tiles | None:
