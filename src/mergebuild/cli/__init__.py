@@ -30,6 +30,10 @@ def run() -> NoReturn:
     import sys
     import threading
 
+    # read when numpy loads OpenBLAS, before any merge: its idle thread pool otherwise spins on
+    # the cores the merge needs (1-3% of a build's CPU; the merge uses numpy for buffer views
+    # and small sums, torch has its own BLAS). engine/tuning.py sets it too, if still in time.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main()
     heavy = "torch" in sys.modules or "numba" in sys.modules
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
