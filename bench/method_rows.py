@@ -133,11 +133,23 @@ def add(r: Runner, floors: dict[str, float], mecha: bool) -> None:
             f"I/O floor for {slug}: read {','.join(row.inputs)} + write out",
             [str(r.m[k]) for k in row.inputs],
         )
+        # ... and the floor of a streaming merge, which reads and writes at once (issue 14):
+        # this disk's throughput drops when reads and writes mix, so it is reported alongside
+        over = r.overlapped(
+            f"I/O floor for {slug}, overlapped: read {','.join(row.inputs)} while writing out",
+            [str(r.m[k]) for k in row.inputs],
+        )
+        over["floor"] = paired["wall"]
         mine = r.run(f"mergebuild {row.label}", mergebuild(rcp, r.cache), [r.cache], r.cold)
         mine["floor"] = min(paired["wall"], floors[row.inputs])
+        mine["overlap"] = over["wall"]
         mine["sha256"] = data_digest(r.out)  # the tensor bytes: compared across code changes
         ratio = mine["wall"] / mine["floor"]
-        r.check(f"check: {slug} ≤ {row.target}× floor ({ratio:.2f}×)", ratio <= row.target)
+        r.check(
+            f"check: {slug} ≤ {row.target}× floor ({ratio:.2f}×; "
+            f"{mine['wall'] / over['wall']:.2f}× the overlapped floor)",
+            ratio <= row.target,
+        )
         if row.target > 1.3:  # whole-tensor methods also have a memory target
             limit = RSS_TARGET_GB[r.arch]
             r.check(

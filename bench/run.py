@@ -600,8 +600,8 @@ def main() -> None:
         "inputs (a method reading a,b is compared with the a,b floor, one reading a,b,c,d "
         "with the a,b,c,d floor). × overlapped floor: against reading the inputs with O_DIRECT "
         "while a thread writes the output with O_DIRECT, then fsync (what a streaming merge "
-        "can at best do; core rows). × single job: against `mergebuild add_difference -j2` (the "
-        "same command on the one-step recipe).\n\n"
+        "can at best do; core and method rows). × single job: against `mergebuild "
+        "add_difference -j2` (the same command on the one-step recipe).\n\n"
         f"Command: `python bench/run.py {' '.join(sys.argv[1:])}`\n\n"
     )
     if earlier:
