@@ -96,6 +96,7 @@ def test_ties_quick_tiles_equal_the_reference_form(
 SPLIT_CASES = [
     ("ties", {"k": 0.2}, (301, 257)),
     ("dare_ties", {"p": 0.8, "k": 0.5, "seed": 3}, (5000,)),
+    ("dare_ties", {"p": 0.3, "seed": 5, "vote": "count"}, (301, 257)),  # no trim, many tiles
     ("slerp", {"alpha": 0.3}, (64, 32, 3, 3)),
     ("slerp", {"alpha": 0.7}, (12_345,)),
     ("add_cosine_a", {"alpha": 0.0}, (301, 257)),
@@ -455,6 +456,11 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
         tiles = REGISTRY["ties"].split(REGISTRY["ties"].Params(), xs[: models + 1], None)
         assert tiles is not None and tiles.fill_half is not None
         tiles.fill_half(0, tiles.step, np.empty(tiles.step, dtype=np.uint16))
+    dare = REGISTRY["dare_ties"]  # ... and dare_ties' (the same loop, with DARE's mask)
+    ctx = ComputeContext("k.weight", 0, n, "ab" * 16, 1)
+    tiles = dare.split(dare.Params(p=0.5, seed=1), xs, ctx)
+    assert tiles is not None and tiles.fill_half is not None
+    tiles.fill_half(0, tiles.step, np.empty(tiles.step, dtype=np.uint16))
     half = (("train_difference", {"alpha": 0.5}), ("triple_sum", {"alpha": 0.5, "beta": 0.2}))
     for name, params in half:  # float16 bits in and out (compute._tiled's float16 path)
         m = REGISTRY[name]

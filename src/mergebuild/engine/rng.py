@@ -82,7 +82,7 @@ def uniform(seed: int, node_key: str, tensor: str, offset: int, n: int) -> torch
     return torch.from_numpy(out)
 
 
-def _limit(keep: float) -> np.uint64:
+def keep_limit(keep: float) -> np.uint64:
     """u < keep  <=>  (z >> 11) < ceil(keep · 2**53)  <=>  z < ceil(keep · 2**53) · 2**11: exact,
     because u = (z >> 11) · 2**-53 and keep · 2**53 is an exact float64 product. For
     0 < keep < 1 the limit is at most (2**53 - 1) · 2**11, so it fits in 64 bits."""
@@ -95,7 +95,7 @@ def keep_mask(
     seed: int, node_key: str, tensor: str, offset: int, n: int, keep: float
 ) -> torch.Tensor:
     """Bool mask `uniform(...) < keep` for a scalar keep probability, computed on integers
-    (see _limit): skips 8 bytes per element of float conversion."""
+    (see keep_limit): skips 8 bytes per element of float conversion."""
     import torch
 
     if offset < 0 or n < 0:
@@ -104,7 +104,7 @@ def keep_mask(
         return torch.ones(n, dtype=torch.bool)
     if keep <= 0.0:
         return torch.zeros(n, dtype=torch.bool)
-    limit = _limit(keep)
+    limit = keep_limit(keep)
     key = stream_key(seed, node_key, tensor)
     out = np.empty(n, dtype=np.bool_)
     x, t = np.empty(min(n, BLOCK), np.uint64), np.empty(min(n, BLOCK), np.uint64)
@@ -136,5 +136,5 @@ def drop_(
     if offset < 0:
         raise ValueError(f"bad element range: offset {offset}, n {d.numel()}")
     key = stream_key(seed, node_key, tensor)
-    loops.drop(d.numpy(), np.uint64(key), np.uint64(offset), _limit(keep))
+    loops.drop(d.numpy(), np.uint64(key), np.uint64(offset), keep_limit(keep))
     return d

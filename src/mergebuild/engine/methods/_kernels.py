@@ -437,22 +437,29 @@ def ties_tile(
     d: np.ndarray,
     scratch: np.ndarray,
     out: np.ndarray,
+    keys: np.ndarray,
+    start: np.uint64,
+    limit: np.uint64,
 ) -> int:
     """`ties_combine` on elements [lo, lo + out.size) of whole flat inputs (xs: one per model,
     base; float16 as bits), δ rows formed into `d` as TileDeltas forms them (float32(x) −
     float32(base)), the result rounded into `out` (float16 bits) as the executor casts:
     one call per tile instead of a copy and a subtraction per model, the combine, a cast and
     a check. −1 (out unfinished) where a sum is not finite (the caller redoes the tile
-    exactly), else whether `out` holds Inf/NaN (`_settle`). `scratch`: (3, ≥ m) float32."""
+    exactly), else whether `out` holds Inf/NaN (`_settle`). `scratch`: (3, ≥ m) float32.
+    dare_ties: with `keys` (one stream key per model, else empty), each δ row is first
+    multiplied by DARE's mask (`drop`, its elements numbered from `start`)."""
     n, m = d.shape
     assert len(xs) == n and lams.size == n and ws.size == n and lo + m <= base.size
-    assert out.size == m and scratch.shape[1] >= m
+    assert out.size == m and scratch.shape[1] >= m and (keys.size == 0 or keys.size == n)
     b = base[lo : lo + m]  # sliced, then indexed from 0: `lo + i` would not vectorise
     for k, x in enumerate(xs):
         assert lo + m <= x.size
         row, xt = d[k], x[lo : lo + m]
         for i in range(m):
             row[i] = _wide(xt[i]) - _wide(b[i])
+        if keys.size:
+            drop(row, keys[k], start, limit)
     num, den, vote = scratch[0, :m], scratch[1, :m], scratch[2, :m]
     if not _ties_sums(d, lams, ws, magnitude, num, den, vote):
         return -1
@@ -555,7 +562,9 @@ def warm() -> None:
     for n in range(1, TIES_TILE_MODELS + 1):  # one compiled loop per number of models
         rows = np.zeros((n, 8), dtype=np.float32)
         wn = np.ones(n, dtype=np.float32)
-        ties_tile((h8,) * n, h8, 0, wn, wn, True, np.float32(1), rows, scratch, h8.copy())
+        keys = np.zeros(0, dtype=np.uint64)
+        args = (0, wn, wn, True, np.float32(1), rows, scratch, h8.copy())
+        ties_tile((h8,) * n, h8, *args, keys, np.uint64(0), np.uint64(0))
     lincomb(x, x, np.float32(1), np.float32(1), np.empty_like(x))
     drop(x, np.uint64(1), np.uint64(0), np.uint64(1))
     rows = x.reshape(-1, 8)

@@ -365,15 +365,20 @@ def ties_tiles(
             ties_tile = loops.ties_tile
             scratch = np.empty((3, size), dtype=np.float32)
             rows_np = rows.numpy()
+            # dare_ties: the deltas carry DARE's mask as (stream key of model i, first element
+            # number, limit), applied inside the loop as rng.drop_ applies it to a δ tile
+            mask = getattr(deltas, "mask", None)
+            keys = np.array([] if mask is None else [mask[0](i) for i, _ in active], np.uint64)
+            first, limit = (0, np.uint64(0)) if mask is None else mask[1:]
 
             def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
                 """The tile as float16 bits in one call (_kernels.ties_tile: `compiled_quick`
                 on the inputs' bits); a tile whose sums are not finite is redone by `fill`."""
                 m = hi - lo
                 d = rows_np[: len(active) * m].reshape(len(active), m)
-                got = ties_tile(
-                    xs, base_bits, lo, lams, ws, vote == "magnitude", scale32, d, scratch, out
-                )
+                at = np.uint64(first + lo)
+                args = (lams, ws, vote == "magnitude", scale32, d, scratch, out, keys, at, limit)
+                got = ties_tile(xs, base_bits, lo, *args)
                 if got >= 0:
                     return bool(got)
                 from mergebuild.engine.compute import settle_nonfinite

@@ -85,6 +85,14 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
             return rng.drop_(d, ctx.seed, ctx.node_key, stream, ctx.offset + lo, keep, loops)
 
         dropped.base = deltas.base  # type: ignore[attr-defined]  # ties_tiles reuses it
+        # ties_tiles' float16 tiles: the inputs' bits and DARE's mask, in one compiled loop
+        dropped.bits = deltas.bits  # type: ignore[attr-defined]
+        if keep < 1.0:  # (drop_ leaves δ as it is at keep 1)
+            dropped.mask = (  # type: ignore[attr-defined]
+                lambda i: rng.stream_key(ctx.seed, ctx.node_key, stream_name(ctx.tensor, i)),
+                ctx.offset,
+                rng.keep_limit(keep),
+            )
         weights = model_weights(params.weights, len(xs) - 1)
         return ties_tiles(xs[0], dropped, weights, params.k, params.vote, params.alpha / keep)
 
