@@ -167,10 +167,14 @@ def test_units_too_large_for_direct_buffers_are_advised_ahead(
     if twin < 0:
         pytest.skip("no O_DIRECT on this filesystem")
     advised: list[tuple[int, int]] = []
+    other: list[tuple[int, int, int, int]] = []
     real = os.posix_fadvise
 
     def fadvise(f: int, offset: int, length: int, advice: int) -> None:
-        advised.append((offset, length))
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append((offset, length))
+        else:
+            other.append((f, offset, length, advice))
         real(f, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
@@ -204,6 +208,8 @@ def test_units_too_large_for_direct_buffers_are_advised_ahead(
             time.sleep(0.01)
         ra.stop()
         assert advised == [(4096, 40 * 4096)]  # and only it went the page-cache way
+        # ... with no kernel readahead past it: those bytes are read directly
+        assert other == [(fd, 0, 0, os.POSIX_FADV_RANDOM)]
         assert ra.buffers is not None and ra.buffers.used == ra.buffers.huge_used == 0
     finally:
         os.close(twin)
