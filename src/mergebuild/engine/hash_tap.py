@@ -17,6 +17,7 @@ so hashing them later is safe.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import queue
 import threading
@@ -35,6 +36,7 @@ QUEUE_BYTES = 32 << 20
 # Ranges below this are copied and handed to the tap's thread in batches of about this many
 # bytes: one wake-up (and GIL hand-off) per range costs more than hashing a small tensor.
 BATCH_BYTES = 1 << 20
+OWN_AHEAD = 32 << 20  # bytes the tap's own reads ask for ahead of themselves
 
 
 class HashTap:
@@ -216,9 +218,18 @@ class HashTap:
         return any(lo <= pos for lo, _ in self.dropped)
 
     def _read_own(self, end: int) -> None:
-        """Read and hash [cursor, end) from the file (what the merge skips, or was dropped)."""
+        """Read and hash [cursor, end) from the file (what the merge skips, or was dropped).
+
+        Its reads are asked for ahead (WILLNEED, OWN_AHEAD bytes at a time): the descriptor
+        may have the kernel's readahead turned off (readahead.Readahead.start)."""
         buf = bytearray(min(CHUNK, max(end - self.cursor, 1)))
+        advised = self.cursor
         while self.cursor < end and not self.abort:
+            if advised < min(end, self.cursor + OWN_AHEAD // 2) and hasattr(os, "posix_fadvise"):
+                upto = min(end, self.cursor + OWN_AHEAD)
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self.fd, advised, upto - advised, os.POSIX_FADV_WILLNEED)
+                advised = upto
             want = memoryview(buf)[: min(len(buf), end - self.cursor)]
             n = os.preadv(self.fd, [want], self.cursor)
             if n <= 0:
