@@ -419,10 +419,26 @@ def ties_combine(
     den = np.empty(m, dtype=np.float32)
     if not _ties_sums(d, lams, ws, magnitude, out, den, vote):
         return False
-    for i in range(m):
-        a = abs(vote[i])
-        out[i] = out[i] / (den[i] * a + (-a + _F1)) * scale + base[i]
+    _ties_finish(out, den, vote, scale, base, out)
     return True
+
+
+@_jit
+def _ties_finish(
+    num: np.ndarray,
+    den: np.ndarray,
+    vote: np.ndarray,
+    scale: np.float32,
+    base: np.ndarray,
+    out: np.ndarray,
+) -> np.uint16:
+    """out = num / den · scale + base (den 1 where no sign was elected), through `_put` (float32
+    or float16 bits; `out` may be `num`); the OR of `_put`'s Inf/NaN marks."""
+    special = np.uint16(0)
+    for i in range(out.size):
+        a = abs(vote[i])
+        special |= _put(out, i, num[i] / (den[i] * a + (-a + _F1)) * scale + _wide(base[i]))
+    return special
 
 
 @_jit
@@ -463,12 +479,7 @@ def ties_tile(
     num, den, vote = scratch[0, :m], scratch[1, :m], scratch[2, :m]
     if not _ties_sums(d, lams, ws, magnitude, num, den, vote):
         return -1
-    special = np.uint16(0)
-    for i in range(m):
-        a = abs(vote[i])
-        v = num[i] / (den[i] * a + (-a + _F1)) * scale + _wide(b[i])
-        special |= _put(out, i, v)
-    return 1 if _settle(out, special) else 0
+    return 1 if _settle(out, _ties_finish(num, den, vote, scale, b, out)) else 0
 
 
 @_jit

@@ -139,10 +139,10 @@ class TileDeltas:
         return count
 
     def bits(self, i: int) -> np.ndarray | None:
-        """Input i's bits (uint16) if it and the base are contiguous float16 tensors on the
-        CPU (what _kernels.ties_tile reads), else None."""
-        x, b = reduce.half_bits(self.flat[i]), reduce.half_bits(self.flat[0])
-        return None if x is None or b is None else x
+        """Input i's bits (uint16) where `_compiled` reads it and the base as float16 (what
+        _kernels.ties_tile reads), else None."""
+        got = self._compiled(i)
+        return None if got is None or got[1].dtype.itemsize != 2 else got[1]
 
     def strided(self, i: int, step: int) -> torch.Tensor:
         """δᵢ[::step] (new): the same subtraction, for a sample of the whole tensor."""
@@ -358,10 +358,7 @@ def ties_tiles(
     if loops is not None and bits is not None and len(active) <= loops.TIES_TILE_MODELS:
         xs = tuple(bits(i) for i, _ in active)
         base_bits = bits(0)
-        # the arrays of the signatures warm() compiled (a read-only one would compile anew)
-        if base_bits is not None and all(
-            x is not None and x.flags.writeable and x.flags.c_contiguous for x in (*xs, base_bits)
-        ):
+        if base_bits is not None and all(x is not None for x in xs):
             ties_tile = loops.ties_tile
             scratch = np.empty((3, size), dtype=np.float32)
             rows_np = rows.numpy()
