@@ -214,3 +214,70 @@ def test_compiled_chunk_sums_equal_numpy(with_base: bool, dtype: str) -> None:
     assert got.elements == n
     if b is None:
         assert got.ab == got.aa == got.bb == 0.0
+
+
+ADVICE_PROBE = """
+import json, os, sys
+from pathlib import Path
+from mergebuild import compare
+from mergebuild.engine import readahead
+
+seen = {}
+start = readahead.Readahead.start
+def recorded_start(self):
+    seen["torch"] = "torch" in sys.modules
+    return start(self)
+readahead.Readahead.start = recorded_start
+advised = []
+fadvise = os.posix_fadvise
+def recorded(fd, offset, length, advice):
+    if advice == os.POSIX_FADV_WILLNEED:
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+    return fadvise(fd, offset, length, advice)
+os.posix_fadvise = recorded
+paths = [Path(p) for p in sys.argv[1:]]
+compare.compare(paths[:3], [p.name for p in paths[:3]], paths[3])
+print(json.dumps({"torch": "torch" in sys.modules, "before": seen["torch"], "advised": advised}))
+"""
+
+
+def _data_ranges(path: Path) -> dict[str, tuple[int, int, str, list[int]]]:
+    """key → (file offset, end, dtype, shape), from the safetensors header (its format: an
+    8-byte little-endian length, then JSON with offsets relative to the data start)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    start = 8 + n
+    return {
+        k: (start + v["data_offsets"][0], start + v["data_offsets"][1], v["dtype"], v["shape"])
+        for k, v in header.items()
+    }
+
+
+def test_every_compared_byte_is_asked_for_before_torch_loads(model_dir: Path) -> None:
+    """The disk must not idle while torch and the compiled loops load: the reads of every
+    compared tensor, in every file, are advised ahead, from a process without torch yet."""
+    import subprocess
+    import sys
+
+    files = [model_dir / f"{n}.safetensors" for n in (REF, X1, X2, BASE)]
+    r = subprocess.run(
+        [sys.executable, "-c", ADVICE_PROBE, *map(str, files)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    got = json.loads(r.stdout)
+    assert got["before"] is False and got["torch"] is True
+    layouts = [_data_ranges(f) for f in files]
+    compared = [
+        k
+        for k, (_, _, dtype, shape) in layouts[0].items()
+        if dtype in ("F16", "BF16", "F32", "F64") and not k.endswith("position_ids")
+        and all(k in lay and lay[k][3] == shape for lay in layouts)
+    ]  # fmt: skip
+    assert len(compared) > 100
+    for f, lay in zip(files, layouts, strict=True):
+        spans = sorted((o, o + n) for p, o, n in got["advised"] if p == str(f.resolve()))
+        for k in compared:
+            lo, hi = lay[k][:2]
+            assert any(a <= lo and hi <= b for a, b in spans), (f.name, k)
