@@ -90,9 +90,19 @@ class Product:
         self.step = max(1, ROW_BLOCK // max(self.cols, 1))
 
     def block(self, i: int) -> torch.Tensor:
-        """Rows [i·step, (i+1)·step) as float32: float64 products, rounded once. The float64
-        product lands in a per-thread scratch buffer: a fresh 8 MB one per block would be
-        mapped and faulted in every time."""
+        """Rows [i·step, (i+1)·step) as float32: float64 products, rounded once."""
+        import torch
+
+        return self._block64(i).to(torch.float32)
+
+    def block_into(self, i: int, dst: torch.Tensor) -> None:
+        """`block(i)`, flattened, rounded straight into `dst` (float32): the same bits without
+        a float32 block to allocate and copy again."""
+        dst.copy_(self._block64(i).view(-1))
+
+    def _block64(self, i: int) -> torch.Tensor:
+        """Rows [i·step, (i+1)·step) in float64, in this thread's scratch buffer (valid until
+        its next call): a fresh 8 MB buffer per block would be mapped and faulted in."""
         import torch
 
         lo = i * self.step
@@ -101,7 +111,7 @@ class Product:
         torch.matmul(a, self.b64, out=blk)
         if self.p0 is not None:
             blk.mul_(_f64(self.p0[lo : lo + self.step]) @ self.p1)
-        return blk.to(torch.float32)
+        return blk
 
     def whole(self, shape: tuple[int, ...]) -> torch.Tensor:
         import torch

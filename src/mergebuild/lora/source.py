@@ -99,23 +99,38 @@ class _RowBlocks:
     def read(self, lo: int, hi: int) -> torch.Tensor:
         import torch
 
-        parts = []
+        first, last = lo // self.size, (hi - 1) // self.size
+        if first == last:
+            return self._shared(first, lo, hi)
+        # blocks wholly inside the chunk are rounded straight into it (no other chunk needs
+        # them); the one or two it shares with its neighbours are kept for them
+        out = torch.empty(hi - lo, dtype=torch.float32)
         total = self.p.rows * self.p.cols
-        for i in range(lo // self.size, (hi - 1) // self.size + 1):
+        for i in range(first, last + 1):
             blo, bhi = i * self.size, min((i + 1) * self.size, total)
-            with self.lock:
-                b = self.blocks.setdefault(i, [threading.Lock(), None, bhi - blo])
-            with b[0]:
-                if b[1] is None:
-                    b[1] = self.p.block(i).reshape(-1)
-                vals = b[1]
-            a, z = max(lo, blo) - blo, min(hi, bhi) - blo
-            parts.append(vals[a:z])
-            with self.lock:
-                b[2] -= z - a
-                if b[2] <= 0:
-                    self.blocks.pop(i, None)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            if lo <= blo and bhi <= hi:
+                self.p.block_into(i, out[blo - lo : bhi - lo])
+            else:
+                a, z = max(lo, blo), min(hi, bhi)
+                out[a - lo : z - lo] = self._shared(i, a, z)
+        return out
+
+    def _shared(self, i: int, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of block i, which other chunks read too: formed once, kept until
+        every element of it has been read."""
+        blo = i * self.size
+        bhi = min(blo + self.size, self.p.rows * self.p.cols)
+        with self.lock:
+            b = self.blocks.setdefault(i, [threading.Lock(), None, bhi - blo])
+        with b[0]:
+            if b[1] is None:
+                b[1] = self.p.block(i).reshape(-1)
+            vals = b[1]
+        with self.lock:
+            b[2] -= hi - lo
+            if b[2] <= 0:
+                self.blocks.pop(i, None)
+        return vals[lo - blo : hi - blo]
 
 
 class LoraSource:
