@@ -120,17 +120,70 @@ class StreamHasher:
 
 
 def hash_file(path: Path, full: bool = True) -> FileHashes:
-    """All hashes in one sequential read (SHA-256 runs at ~2 GB/s here, about disk speed).
+    """All hashes in one sequential read (SHA-256 runs at ~1.6 GB/s here, about disk speed).
 
     `full=False` computes only the xxh3 key (15× faster): enough to check a cache object.
+    A file mostly outside the page cache is read with O_DIRECT, DIRECT_DEPTH requests in
+    flight (see _hash_direct); else, or where that fails, through the page cache.
     """
-    hasher = StreamHasher(full)
-    buf = bytearray(CHUNK)  # reused: a fresh 4 MB object per read page-faults at every step
     with open(path, "rb", buffering=0) as f:
+        hashed = _hash_direct(f.fileno(), full)
+        if hashed is not None:
+            return hashed
+        hasher = StreamHasher(full)
+        buf = bytearray(CHUNK)  # reused: a fresh 4 MB object per read page-faults at every step
         with contextlib.suppress(AttributeError, OSError):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
         while n := f.readinto(buf):
             hasher.update(memoryview(buf)[:n])
+    return hasher.result()
+
+
+# O_DIRECT reads in flight while hashing. Why direct: reading a cold 2.1 GB SD1 file through
+# the page cache cost 4.5 s of system CPU on this VM (fresh page-cache pages) and ran at
+# 0.2-0.7 GB/s, the hashing itself 1.4 s of CPU.
+DIRECT_DEPTH = 4
+
+
+def _hash_direct(fd: int, full: bool) -> FileHashes | None:
+    """`fd`'s hashes read with O_DIRECT, or None: the file is mostly in the page cache
+    already (reading it from there is cheaper), or O_DIRECT is unavailable or fails here (the
+    caller then reads it through the page cache from the start)."""
+    import mmap
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from mergebuild.engine.readahead import open_direct, read_mode
+
+    if read_mode(fd) != "direct":
+        return None
+    twin = open_direct(fd)
+    if twin < 0:
+        return None
+    size = os.fstat(fd).st_size
+    bufs = [mmap.mmap(-1, CHUNK) for _ in range(DIRECT_DEPTH)]  # page-aligned, as O_DIRECT needs
+    hasher = StreamHasher(full)
+    try:
+        with ThreadPoolExecutor(DIRECT_DEPTH, thread_name_prefix="hash-read") as pool:
+
+            def read(i: int) -> Future[int]:
+                return pool.submit(os.preadv, twin, [bufs[i % DIRECT_DEPTH]], i * CHUNK)
+
+            count = -(-size // CHUNK)
+            pending = {i: read(i) for i in range(min(DIRECT_DEPTH, count))}
+            for i in range(count):
+                n = pending.pop(i).result()
+                if n != min(CHUNK, size - i * CHUNK):  # short: the file changed under us
+                    return None
+                hasher.update(memoryview(bufs[i % DIRECT_DEPTH])[:n])
+                if i + DIRECT_DEPTH < count:
+                    pending[i + DIRECT_DEPTH] = read(i + DIRECT_DEPTH)
+    except OSError:
+        return None
+    finally:
+        os.close(twin)
+        for b in bufs:
+            with contextlib.suppress(BufferError):
+                b.close()
     return hasher.result()
 
 
