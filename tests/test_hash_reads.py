@@ -18,15 +18,19 @@ from mergebuild.engine.readahead import open_direct
 C = hashing.CHUNK
 
 
-def _direct_ok(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
+def _model(tmp_path: Path, data: bytes, route: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`data` as a file, hashed by `route` ("direct": skipped where O_DIRECT is unavailable)."""
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(data)
+    monkeypatch.setenv("MERGEBUILD_READ", route)
+    if route == "direct":
+        fd = os.open(path, os.O_RDONLY)
         twin = open_direct(fd)
-        if twin >= 0:
-            os.close(twin)
-        return twin >= 0
-    finally:
         os.close(fd)
+        if twin < 0:
+            pytest.skip("no O_DIRECT on this filesystem")
+        os.close(twin)
+    return path
 
 
 @pytest.mark.parametrize(
@@ -36,11 +40,7 @@ def test_direct_hashes_equal_the_libraries_over_the_whole_file(
     size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(data)
-    if not _direct_ok(path):
-        pytest.skip("no O_DIRECT on this filesystem")
-    monkeypatch.setenv("MERGEBUILD_READ", "direct")
+    path = _model(tmp_path, data, "direct", monkeypatch)
     reads: list[int] = []
     real = os.preadv
 
@@ -63,9 +63,7 @@ def test_a_cached_file_is_hashed_through_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = os.urandom(3 * C + 5)
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(data)
-    monkeypatch.setenv("MERGEBUILD_READ", "buffered")
+    path = _model(tmp_path, data, "buffered", monkeypatch)
     monkeypatch.setattr(os, "preadv", None)  # the direct route would call it
     assert hashing.hash_file(path).sha256 == hashlib.sha256(data).hexdigest()
 
@@ -74,11 +72,7 @@ def test_a_failing_direct_read_falls_back_to_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = os.urandom(2 * C + 5)
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(data)
-    if not _direct_ok(path):
-        pytest.skip("no O_DIRECT on this filesystem")
-    monkeypatch.setenv("MERGEBUILD_READ", "direct")
+    path = _model(tmp_path, data, "direct", monkeypatch)
 
     def broken(fd: int, bufs: list, offset: int) -> int:  # type: ignore[type-arg]
         raise OSError(5, "I/O error")
