@@ -9,10 +9,10 @@ is written: the local cache never shows a partial or unchecked object.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mergebuild.remote.store import RemoteCache
 
 CHUNK = 16 << 20  # one ranged read (MERGEBUILD_REMOTE_CHUNK: bytes, for slow links)
-WINDOW = 4  # ranged reads in flight at once: at most WINDOW * CHUNK bytes in memory
+WINDOW = 8  # ranged reads in flight at once: at most (WINDOW + 1) * CHUNK bytes in memory
 
 
 def chunk_size() -> int:
@@ -169,33 +169,51 @@ def _download(
     info: dict[str, Any],
 ) -> SplitChecksum | None:
     """Bytes `pos`… of the object into `fd`; the checksum of the whole file if it matches
-    the sidecar's. The next window of ranged reads is in flight while one is written and
-    hashed: at most two windows in memory."""
+    the sidecar's.
+
+    WINDOW ranged reads are always in flight; each one that arrives (in file order) goes to a
+    writer thread while this thread hashes it and the next reads come in, so the network, the
+    disk and the hash overlap. (Waiting for a whole window before writing it left the link
+    idle during every write: a 2.1 GB pull from a local S3 spent 2.5 s writing and 1.3 s
+    hashing in turn.) At most WINDOW + 1 chunks are in memory, and the writes stay in file
+    order, so a download cut off leaves a prefix."""
     chunk = chunk_size()
-
-    def window(at: int) -> tuple[list[int], list[int]]:
-        starts = list(range(at, min(size, at + WINDOW * chunk), chunk))
-        return starts, [min(s + chunk, size) for s in starts]
-
+    starts = iter(range(pos, size, chunk))
+    pending: deque[tuple[int, int, Future[bytes]]] = deque()
+    fetchers, writer = ThreadPoolExecutor(WINDOW), ThreadPoolExecutor(1)
     sink = _Sink(fd, chunk)
-    with ThreadPoolExecutor(1) as pool, contextlib.closing(sink):
-        starts, ends = window(pos)
-        ahead = pool.submit(remote.read_range, key, starts, ends) if pos < size else None
-        while ahead is not None:
-            parts = ahead.result()
-            done, (starts, ends) = (starts, ends), window(ends[-1])
-            ahead = pool.submit(remote.read_range, key, starts, ends) if starts else None
-            try:
-                for s, e, data in zip(*done, parts, strict=True):
-                    if len(data) != e - s:
-                        raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
-                    sink.write(data, s)
-                    checker.update(data)
-            except BaseException:
-                if ahead is not None:
-                    ahead.cancel()
-                raise
+
+    def ask() -> None:
+        s = next(starts, None)
+        if s is not None:
+            e = min(s + chunk, size)
+            pending.append((s, e, fetchers.submit(_read_one, remote, key, s, e)))
+
+    try:
+        for _ in range(WINDOW):
+            ask()
+        written: Future[None] | None = None
+        while pending:
+            s, e, arriving = pending.popleft()
+            data = arriving.result()
+            ask()
+            if len(data) != e - s:
+                raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
+            if written is not None:
+                written.result()
+            written = writer.submit(sink.write, data, s)
+            checker.update(data)
+        if written is not None:
+            written.result()
+    finally:
+        fetchers.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+        sink.close()
     return checker.result(info)
+
+
+def _read_one(remote: RemoteCache, key: str, start: int, end: int) -> bytes:
+    return remote.read_range(key, [start], [end])[0]
 
 
 def _continue(fd: int, checker: _Checker, size: int) -> int:
