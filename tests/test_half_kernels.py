@@ -281,3 +281,135 @@ def test_a_streamed_float16_build_takes_compute_half(
     out.unlink()
     assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c3")]) == 0
     assert out.read_bytes() == fast
+
+
+def _bake_inputs(n: int, a16: bool, present: list[bool]) -> tuple[list, list]:
+    """(torch inputs, compute_half inputs) of bake_lora: `a` (float16 or float32) and one
+    float32 ΔW per LoRA (None where `present` says the LoRA lacks the key), specials included."""
+    a = _awkward_half(n, 7)
+    a_t = torch.from_numpy(a) if a16 else torch.from_numpy(a.astype(np.float32))
+    xs_t: list = [a_t]
+    xs_h: list = [a.view(np.uint16) if a16 else a_t.numpy()]
+    for k, there in enumerate(present):
+        if not there:
+            xs_t.append(None)
+            xs_h.append(None)
+            continue
+        d = (_awkward_half(n, 20 + k).astype(np.float32) * np.float32(1.37)).astype(np.float32)
+        xs_t.append(torch.from_numpy(d))
+        xs_h.append(d)
+    return xs_t, xs_h
+
+
+@pytest.mark.parametrize(
+    ("strength", "present", "a16"),
+    [
+        ([0.6, 0.4], [True, True], True),
+        ([0.6, 0.4], [True, True], False),  # a float32 model written as float16
+        ([1.0], [True], True),
+        ([0.3, 0.0, -1.7], [True, True, True], True),  # a zero strength: that LoRA skipped
+        ([0.5, 0.5, 0.5], [True, False, True], True),  # the second LoRA lacks the key
+        ([1e-50, 2.0], [True, True], True),  # 0 in float32, not in float64: kept, as compute
+        ([3e4, 1.0, 0.25, 2.0], [True, True, True, True], True),  # overflows float16
+        ({"preset": "GRAD_V"}, [True, True], True),  # block weights: one number per key
+    ],
+)
+def test_bake_compute_half_is_compute_rounded_to_float16(
+    strength: object, present: list[bool], a16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bake_lora's float16 path (_kernels.bake: `a` as float16 bits or float32, float32 ΔW,
+    absent LoRAs as None) writes exactly compute()'s float32 result cast to float16 with
+    canonical NaNs, and flags Inf/NaN."""
+    from mergebuild.engine.methods import REGISTRY
+    from mergebuild.engine.methods.base import ComputeContext
+
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    m = REGISTRY["bake_lora"]
+    p = m.Params(strength=strength)
+    n = 70_001
+    xs_t, xs_h = _bake_inputs(n, a16, present)
+    key = "model.diffusion_model.output_blocks.4.1.proj_in.weight"
+    ctx = ComputeContext(tensor=key, offset=0, numel=n, node_key="0" * 32, seed=0)
+    want16 = canonical_nans(m.compute(p, xs_t, ctx).half(), True)
+    got = np.empty(n, np.uint16)
+    flag = m.compute_half(p, xs_h, got, ctx)
+    assert flag is not None
+    assert np.array_equal(got, want16.view(torch.int16).numpy().view(np.uint16))
+    assert flag == bool((~torch.isfinite(want16)).any())
+
+
+def test_bake_takes_its_float16_path_in_tiled_and_declines_what_it_cannot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """compute._tiled hands bake_lora's chunks to compute_half for a float16 output, absent
+    LoRAs as None and float32 ΔW as arrays; the result equals the float32 way's, cast. With
+    more LoRAs than compiled for, or none that changes the key, compute runs instead."""
+    from mergebuild.engine import compute
+    from mergebuild.engine.methods import REGISTRY
+    from mergebuild.engine.methods._kernels import BAKE_LORAS
+    from mergebuild.engine.methods.base import ComputeContext
+
+    m = REGISTRY["bake_lora"]
+    answers: list[object] = []
+    original = m.compute_half.__func__  # type: ignore[attr-defined]
+
+    def spy(cls, params, xs, out, ctx):  # type: ignore[no-untyped-def]
+        answers.append(original(cls, params, xs, out, ctx))
+        return answers[-1]
+
+    monkeypatch.setattr(m, "compute_half", classmethod(spy))
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    ctx = ComputeContext(tensor="k", offset=0, numel=5000, node_key="0" * 32, seed=0)
+    for present, strength, fast in [
+        ([True, False], [0.6, 0.4], True),
+        ([True] * (BAKE_LORAS + 1), 0.5, False),
+        ([True, True], [0.0, 0.0], False),
+    ]:
+        answers.clear()
+        xs, _ = _bake_inputs(5000, True, present)
+        p = m.Params(strength=strength)
+        out16, _ = compute._tiled(m, p, xs, torch.float16, ctx)
+        out32, _ = compute._tiled(m, p, xs, torch.float32, ctx)
+        assert len(answers) == 1 and (answers[0] is not None) == fast, (present, strength)
+        want = canonical_nans(out32.half(), True)
+        assert torch.equal(out16.view(torch.int16), want.view(torch.int16))
+
+
+def test_a_float16_bake_build_takes_the_compiled_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Baking the demo LoRAs into a float16 model runs bake_lora's compute_half on the bulk of
+    the touched tensors (counted), and writes the file the float32 way writes."""
+    from mergebuild.cli import main
+    from mergebuild.demo import synthesize
+    from mergebuild.engine.methods import REGISTRY
+    from mergebuild.lora.demo import write_demo_loras
+
+    synthesize(tmp_path / "a.safetensors", "a", scale=1 / 16, dtype="fp16")
+    loras = write_demo_loras(tmp_path, scale=1 / 16)
+    names = {f"l{i}": p.name for i, p in enumerate(loras[:2])}
+    (tmp_path / "r.yaml").write_text(
+        "mergebuild: 1\nmodels: {a: a.safetensors, "
+        + ", ".join(f"{k}: {v}" for k, v in names.items())
+        + "}\nmerges:\n  m: a + lora(l0, 0.6) + lora(l1, 0.4)\n"
+        "outputs:\n  o: {from: m, path: o.safetensors}\n"
+    )
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    m = REGISTRY["bake_lora"]
+    original = m.compute_half.__func__  # type: ignore[attr-defined]
+    calls: list[int] = []
+
+    def spy(cls, p, xs, out, ctx):  # type: ignore[no-untyped-def]
+        done = original(cls, p, xs, out, ctx)
+        calls.append(out.size if done is not None else 0)
+        return done
+
+    out = tmp_path / "o.safetensors"
+    monkeypatch.setattr(m, "compute_half", classmethod(spy))
+    assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c1")]) == 0
+    assert sum(calls) > 100_000, calls  # the bulk of the touched tensors went through it
+    fast = out.read_bytes()
+    monkeypatch.setattr(m, "compute_half", classmethod(lambda cls, p, xs, o, c: None))
+    out.unlink()
+    assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c2")]) == 0
+    assert out.read_bytes() == fast

@@ -655,12 +655,11 @@ def _tiled(
     flat = [x if x is None else x.reshape(-1) for x in xs]
     numel = flat[0].numel()
     out = torch.empty(numel, dtype=dtype)
-    if dtype == torch.float16 and ctx is None:
-        from mergebuild.engine.methods.reduce import half_bits
-
-        bits = [None if x is None else half_bits(x) for x in flat]
-        if all(b is not None for b in bits):
-            done = method.compute_half(params, bits, out.view(torch.uint16).numpy())
+    if dtype == torch.float16:
+        arrays = _half_inputs(method, flat)
+        if arrays is not None:
+            at = () if ctx is None else (ctx,)
+            done = method.compute_half(params, arrays, out.view(torch.uint16).numpy(), *at)
             if done is not None:
                 return out.reshape(xs[0].shape), done
     bad = False
@@ -671,6 +670,29 @@ def _tiled(
         part.copy_(_call(method, params, tile, at))
         bad = settle_nonfinite(part) or bad
     return out.reshape(xs[0].shape), bad
+
+
+def _half_inputs(method: type[Method], flat: list[torch.Tensor | None]) -> list[Any] | None:
+    """The inputs as `method.compute_half` takes them (float16 as bits; with `half_mixed`,
+    float32 as float32 arrays, absent ones as None), or None where one cannot be."""
+    import torch
+
+    from mergebuild.engine.methods.reduce import half_bits
+
+    arrays: list[Any] = []
+    for x in flat:
+        if x is None:
+            if not method.half_mixed:
+                return None
+            arrays.append(None)
+        elif method.half_mixed and x.dtype == torch.float32 and x.device.type == "cpu":
+            arrays.append(x.contiguous().numpy())
+        else:
+            bits = half_bits(x)
+            if bits is None:
+                return None
+            arrays.append(bits)
+    return arrays
 
 
 def _from_tiles(tiles: Tiles, dtype: torch.dtype) -> tuple[torch.Tensor, bool] | None:

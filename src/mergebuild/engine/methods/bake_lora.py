@@ -56,6 +56,7 @@ class BakeLora(Method):
     Params = BakeLoraParams
     optional_inputs = True
     dtype_from_a = True
+    half_mixed = True  # a's dtype with float32 ΔW
     needs_context = True  # the key name: per-LoRA block weights resolve per tensor
     formula = "a + Σ sᵢ·ΔWᵢ (ΔW from each LoRA's factors)"
     description = """Bake LoRA / LyCORIS files into a checkpoint: W + strength·ΔW per tensor.
@@ -99,9 +100,37 @@ Expression form: `anything + lora(detail, 0.6) + lora(style, 0.4)`."""
         params: BakeLoraParams, xs: list[torch.Tensor | None], ctx: ComputeContext
     ) -> torch.Tensor:
         out = f32(xs[0])  # type: ignore[arg-type]
-        for d, s in zip(xs[1:], params.per_lora(len(xs) - 1), strict=True):
-            v = s.value_for(ctx.tensor) if isinstance(s, BlockAlpha) else s
-            if d is None or v == 0:
-                continue
+        for d, v in _live(params, xs, ctx):
             out.add_(d.mul(v))  # two roundings (s·ΔW, then +), never fused
         return out
+
+    @classmethod
+    def compute_half(
+        cls, params: BakeLoraParams, xs: list[Any], out: Any, ctx: ComputeContext | None = None
+    ) -> bool | None:
+        """compute's ops as one compiled loop (_kernels.bake): `a` float16 bits or float32,
+        the LoRAs' ΔW float32, rounded into the float16 output's bits."""
+        import numpy as np
+
+        from mergebuild.engine.methods._kernels import BAKE_LORAS
+        from mergebuild.engine.methods.reduce import loops_for_size
+
+        assert ctx is not None
+        live = _live(params, xs, ctx)
+        loops = loops_for_size(out.size)
+        if loops is None or not live or len(live) > BAKE_LORAS:
+            return None  # nothing to add (a cast of a) or more LoRAs than compiled for
+        if any(d.dtype != np.float32 for d, _ in live):
+            return None
+        ss = np.array([v for _, v in live], dtype=np.float32)  # torch's d.mul(v): v in float32
+        return bool(loops.bake(xs[0], tuple(d for d, _ in live), ss, out))
+
+
+def _live(params: BakeLoraParams, xs: list[Any], ctx: ComputeContext) -> list[tuple[Any, float]]:
+    """(ΔW, strength) of each LoRA that changes this tensor, in order."""
+    pairs = []
+    for d, s in zip(xs[1:], params.per_lora(len(xs) - 1), strict=True):
+        v = s.value_for(ctx.tensor) if isinstance(s, BlockAlpha) else s
+        if d is not None and v != 0:
+            pairs.append((d, float(v)))
+    return pairs

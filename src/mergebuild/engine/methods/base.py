@@ -181,6 +181,9 @@ class Method:
     optional_inputs: ClassVar[bool] = False
     # dtype "auto" is the widest dtype of the first input only (a bake keeps the model's dtype)
     dtype_from_a: ClassVar[bool] = False
+    # compute_half also takes float32 inputs (float32 arrays) and absent optional ones (None):
+    # bake_lora's ΔW are float32 whatever the model's dtype
+    half_mixed: ClassVar[bool] = False
 
     @classmethod
     def check(cls, params: Params, n_inputs: int) -> str | None:
@@ -229,7 +232,9 @@ class Method:
         given as their bits (uint16 numpy arrays, flat), rounded into `out` (the float16
         output's bits) with canonical NaNs; returns whether it holds Inf/NaN, or None where
         it does not apply (nothing written: compute runs). One compiled call per chunk
-        instead of widening copies, compute's ops, a cast and a check (_kernels.py)."""
+        instead of widening copies, compute's ops, a cast and a check (_kernels.py).
+        A `needs_context` method gets the ComputeContext last, as compute does; with
+        `half_mixed`, float32 inputs come as float32 arrays and absent ones as None."""
         return None
 
     @classmethod
