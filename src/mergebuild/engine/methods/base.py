@@ -227,7 +227,7 @@ class Method:
             yield cls.compute(p, xs)
 
     @classmethod
-    def compute_half(cls, params: Any, xs: list[Any], out: Any) -> bool | None:
+    def compute_half(cls, params: Any, xs: list[Any], out: Any, ctx: Any = None) -> bool | None:
         """An elementwise method's float16 fast path: compute's result for float16 inputs
         given as their bits (uint16 numpy arrays, flat), rounded into `out` (the float16
         output's bits) with canonical NaNs; returns whether it holds Inf/NaN, or None where
