@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mergebuild.remote.store import RemoteCache
 
 CHUNK = 16 << 20  # one ranged read (MERGEBUILD_REMOTE_CHUNK: bytes, for slow links)
-WINDOW = 8  # ranged reads in flight at once: at most (WINDOW + 1) * CHUNK bytes in memory
+WINDOW = 8  # ranged reads in flight at once: at most (WINDOW + 2) * CHUNK bytes in memory
 
 
 def chunk_size() -> int:
@@ -175,8 +175,9 @@ def _download(
     writer thread while this thread hashes it and the next reads come in, so the network, the
     disk and the hash overlap. (Waiting for a whole window before writing it left the link
     idle during every write: a 2.1 GB pull from a local S3 spent 2.5 s writing and 1.3 s
-    hashing in turn.) At most WINDOW + 1 chunks are in memory, and the writes stay in file
-    order, so a download cut off leaves a prefix."""
+    hashing in turn.) At most WINDOW + 2 chunks are in memory (those in flight, the one being
+    hashed, the one being written), and the writes stay in file order, so a download cut off
+    leaves a prefix."""
     chunk = chunk_size()
     starts = iter(range(pos, size, chunk))
     pending: deque[tuple[int, int, Future[bytes]]] = deque()
