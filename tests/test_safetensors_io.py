@@ -146,11 +146,15 @@ def big_tensors() -> dict[str, torch.Tensor]:
     return {f"t{i:02d}": torch.randn(1000 + 777 * i, generator=g).half() for i in range(24)}
 
 
-def write_pieces(path: Path, ts: dict[str, torch.Tensor], order: str) -> StreamingWriter:
+def write_pieces(
+    path: Path, ts: dict[str, torch.Tensor], order: str, step: int = 500, threads: int = 1
+) -> StreamingWriter:
+    """`ts` written by pieces of `step` elements in `order`, dealt out to `threads` threads."""
     import random
+    import threading
 
     infos = {k: TensorInfo("F16", tuple(v.shape)) for k, v in ts.items()}
-    pieces = [(k, lo) for k, v in ts.items() for lo in range(0, v.numel(), 500)]
+    pieces = [(k, lo) for k, v in ts.items() for lo in range(0, v.numel(), step)]
     if order == "reversed":
         pieces.reverse()
     elif order == "shuffled":
@@ -158,8 +162,20 @@ def write_pieces(path: Path, ts: dict[str, torch.Tensor], order: str) -> Streami
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         with StreamingWriter(fd, infos, {"m": "x"}) as w:
-            for k, lo in pieces:
-                w.write(k, ts[k][lo : lo + 500], lo)
+
+            def feed(share: list[tuple[str, int]]) -> None:
+                for k, lo in share:
+                    w.write(k, ts[k][lo : lo + step], lo)
+
+            if threads == 1:  # in this thread: a write error reaches the caller as raised
+                feed(pieces)
+            else:
+                shares = [pieces[i::threads] for i in range(threads)]
+                feeders = [threading.Thread(target=feed, args=(share,)) for share in shares]
+                for t in feeders:
+                    t.start()
+                for t in feeders:
+                    t.join()
             w.finish()
     finally:
         os.close(fd)
@@ -197,8 +213,6 @@ def test_block_writer_fed_by_threads_copies_outside_its_lock(
 ) -> None:
     """Four threads write shuffled pieces at once, every piece through the GIL-free copy
     (outside the writer's lock): the file and its running checksum are exact."""
-    import random
-    import threading
 
     from mergebuild.engine import stream_writer
 
@@ -217,30 +231,13 @@ def test_block_writer_fed_by_threads_copies_outside_its_lock(
     monkeypatch.setattr(stream_writer, "_copy_into", counted)
     ts = big_tensors()
     save_file(ts, str(tmp_path / "ref.safetensors"), metadata={"m": "x"})
-    infos = {k: TensorInfo("F16", tuple(v.shape)) for k, v in ts.items()}
-    pieces = [(k, lo) for k, v in ts.items() for lo in range(0, v.numel(), 300)]
-    random.Random(2).shuffle(pieces)
     path = tmp_path / "ours.safetensors"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        with StreamingWriter(fd, infos, {"m": "x"}) as w:
-
-            def feed(share: list) -> None:
-                for k, lo in share:
-                    w.write(k, ts[k][lo : lo + 300], lo)
-
-            threads = [threading.Thread(target=feed, args=(pieces[i::4],)) for i in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            w.finish()
-    finally:
-        os.close(fd)
+    w = write_pieces(path, ts, "shuffled", step=300, threads=4)
+    pieces = sum(-(-v.numel() // 300) for v in ts.values())
     ours = path.read_bytes()
     assert ours == (tmp_path / "ref.safetensors").read_bytes()
     if staged == "plenty":
-        assert copies > len(pieces) // 2
+        assert copies > pieces // 2
         assert astuple(w.checksum()) == split_checksum(ours)
     else:
         assert copies > 0  # pieces far ahead were written in place
