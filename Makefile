@@ -48,6 +48,8 @@ bench: install
 	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/lora_bake.py
 	$(BIN)/python bench/flux.py
+	$(BIN)/python bench/remote.py --repeat 3
+	$(BIN)/python bench/ray_sweep.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

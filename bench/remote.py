@@ -84,6 +84,15 @@ def start_weed(data: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("weed mini did not answer within 60 s")
 
 
+def finish(result: dict, name: str, work: Path, keep: bool) -> None:
+    """Print `result`, write it to bench/results/NAME, delete `work` unless `keep`."""
+    print(json.dumps(result, indent=1))
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / name).write_text(json.dumps(result, indent=1) + "\n")
+    if not keep:
+        shutil.rmtree(work)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=HERE / ".data", help="the sd1-[abcd] inputs")
@@ -181,11 +190,7 @@ def main() -> None:
         "identical": built == pulled,
         "pull_MB_per_s": round(out.stat().st_size / rows["pull"] / 1e6, 1),
     }
-    print(json.dumps(result, indent=1))
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "remote.json").write_text(json.dumps(result, indent=1) + "\n")
-    if not args.keep:
-        shutil.rmtree(work)
+    finish(result, "remote.json", work, args.keep)
     if not result["identical"]:
         raise SystemExit("the pulled output differs from the built one")
 
