@@ -188,7 +188,7 @@ def _download(
         s = next(starts, None)
         if s is not None:
             e = min(s + chunk, size)
-            pending.append((s, e, fetchers.submit(_read_one, remote, key, s, e)))
+            pending.append((s, e, fetchers.submit(remote.read_range, key, s, e)))
 
     try:
         for _ in range(WINDOW):
@@ -211,10 +211,6 @@ def _download(
         writer.shutdown(wait=True)
         sink.close()
     return checker.result(info)
-
-
-def _read_one(remote: RemoteCache, key: str, start: int, end: int) -> bytes:
-    return remote.read_range(key, [start], [end])[0]
 
 
 def _continue(fd: int, checker: _Checker, size: int) -> int:

@@ -166,25 +166,14 @@ class RemoteCache:
         except Exception as e:
             raise RemoteUnavailable(_short(e)) from None
 
-    def read_range(self, key: str, starts: list[int], ends: list[int]) -> list[bytes]:
-        """Byte ranges of the object, fetched concurrently where the filesystem can."""
-        path = self.path(key)
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object (fetch keeps several of these in flight)."""
         try:
-            if len(starts) > 1 and hasattr(self.fs, "cat_ranges"):
-                got = self.fs.cat_ranges([path] * len(starts), starts, ends)
-            else:
-                pairs = zip(starts, ends, strict=True)
-                got = [self.fs.cat_file(path, start=s, end=e) for s, e in pairs]
+            return self.fs.cat_file(self.path(key), start=start, end=end)
         except FileNotFoundError:
             raise RemoteEntryBad("object vanished while downloading") from None
         except Exception as e:
             raise RemoteUnavailable(_short(e)) from None
-        for part in got:
-            if isinstance(part, FileNotFoundError):
-                raise RemoteEntryBad("object vanished while downloading")
-            if isinstance(part, BaseException):
-                raise RemoteUnavailable(_short(part))
-        return got
 
     def upload(self, key: str, obj: Path, sidecar: bytes) -> None:
         """Object first, sidecar LAST; on a directory remote each through a temp name."""
