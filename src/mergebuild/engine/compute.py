@@ -658,8 +658,7 @@ def _tiled(
     if dtype == torch.float16:
         arrays = _half_inputs(method, flat)
         if arrays is not None:
-            at = () if ctx is None else (ctx,)
-            done = method.compute_half(params, arrays, out.view(torch.uint16).numpy(), *at)
+            done = method.compute_half(params, arrays, out.view(torch.uint16).numpy(), ctx)
             if done is not None:
                 return out.reshape(xs[0].shape), done
     bad = False

@@ -550,7 +550,7 @@ def bake(a: np.ndarray, ds: tuple[np.ndarray, ...], ss: np.ndarray, out: np.ndar
     ... (each product rounded to float32, then each sum: torch's `d.mul(s)` then `add_`); `a`
     float16 bits or float32, the ΔW `ds` float32. A float16 `out` rounded, and whether it holds
     Inf/NaN (`_settle`). One pass instead of a widening copy, two ops per LoRA, a cast and a
-    check: baking two LoRAs into SDXL spent 9 s of CPU on those."""
+    check: baking two LoRAs into SDXL spent 12.6% of 29 s of CPU on those, 5.8% in this loop."""
     assert a.size == out.size
     for d in ds:
         assert d.size == out.size

@@ -233,8 +233,8 @@ class Method:
         output's bits) with canonical NaNs; returns whether it holds Inf/NaN, or None where
         it does not apply (nothing written: compute runs). One compiled call per chunk
         instead of widening copies, compute's ops, a cast and a check (_kernels.py).
-        A `needs_context` method gets the ComputeContext last, as compute does; with
-        `half_mixed`, float32 inputs come as float32 arrays and absent ones as None."""
+        `ctx` is the ComputeContext for a `needs_context` method (as compute gets it), else
+        None; with `half_mixed`, float32 inputs come as float32 arrays and absent ones as None."""
         return None
 
     @classmethod

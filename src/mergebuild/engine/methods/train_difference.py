@@ -45,7 +45,9 @@ be block weights; alpha 0 gives exactly a."""
   alpha: 1.0"""
 
     @classmethod
-    def compute_half(cls, params: TrainDifferenceParams, xs: list[Any], out: Any) -> bool | None:
+    def compute_half(
+        cls, params: TrainDifferenceParams, xs: list[Any], out: Any, ctx: Any = None
+    ) -> bool | None:
         """compute's compiled loop reading and writing float16 bits (no widening copies)."""
         import numpy as np
 

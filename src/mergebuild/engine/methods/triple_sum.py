@@ -57,7 +57,9 @@ skipped. Both alpha and beta may be block weights."""
         return weighted([(a, 1.0 - alpha - beta), (b, alpha), (c, beta)])
 
     @classmethod
-    def compute_half(cls, params: TripleSumParams, xs: list[Any], out: Any) -> bool | None:
+    def compute_half(
+        cls, params: TripleSumParams, xs: list[Any], out: Any, ctx: Any = None
+    ) -> bool | None:
         """`weighted`'s ops as one compiled loop (_kernels.weighted3), the same weights."""
         import numpy as np
 
