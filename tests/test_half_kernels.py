@@ -133,9 +133,9 @@ def test_float16_builds_take_the_float16_path(monkeypatch: pytest.MonkeyPatch) -
     calls: list[int] = []
     original = m.compute_half.__func__  # type: ignore[attr-defined]
 
-    def spy(cls, params, xs, out):  # type: ignore[no-untyped-def]
+    def spy(cls, params, xs, out, ctx=None):  # type: ignore[no-untyped-def]
         calls.append(out.size)
-        return original(cls, params, xs, out)
+        return original(cls, params, xs, out, ctx)
 
     monkeypatch.setattr(m, "compute_half", classmethod(spy))
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
@@ -259,9 +259,9 @@ def test_a_streamed_float16_build_takes_compute_half(
     original = m.compute_half.__func__  # type: ignore[attr-defined]
     calls: list[int] = []
 
-    def spy(cls, p, xs, out):  # type: ignore[no-untyped-def]
+    def spy(cls, p, xs, out, ctx=None):  # type: ignore[no-untyped-def]
         calls.append(out.size)
-        return original(cls, p, xs, out)
+        return original(cls, p, xs, out, ctx)
 
     out = tmp_path / "o.safetensors"
     monkeypatch.setattr(m, "compute_half", classmethod(spy))
@@ -269,15 +269,15 @@ def test_a_streamed_float16_build_takes_compute_half(
     assert calls and sum(calls) > 1_000_000  # the bulk of the model went through it
     fast = out.read_bytes()
 
-    def every_other(cls, p, xs, o):  # type: ignore[no-untyped-def]
+    def every_other(cls, p, xs, o, ctx=None):  # type: ignore[no-untyped-def]
         calls.append(-1)
-        return None if len(calls) % 2 == 0 else original(cls, p, xs, o)
+        return None if len(calls) % 2 == 0 else original(cls, p, xs, o, ctx)
 
     monkeypatch.setattr(m, "compute_half", classmethod(every_other))
     out.unlink()
     assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c2")]) == 0
     assert out.read_bytes() == fast
-    monkeypatch.setattr(m, "compute_half", classmethod(lambda cls, p, xs, o: None))
+    monkeypatch.setattr(m, "compute_half", classmethod(lambda cls, p, xs, o, ctx=None: None))
     out.unlink()
     assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c3")]) == 0
     assert out.read_bytes() == fast
@@ -336,6 +336,16 @@ def test_bake_compute_half_is_compute_rounded_to_float16(
     assert flag is not None
     assert np.array_equal(got, want16.view(torch.int16).numpy().view(np.uint16))
     assert flag == bool((~torch.isfinite(want16)).any())
+    # and numpy's float32 arithmetic, independently of torch: a + d·f32(s), LoRA by LoRA
+    values = [s.value_for(key) if hasattr(s, "value_for") else s for s in p.per_lora(len(present))]
+    v = xs_t[0].numpy().astype(np.float32)
+    for d, s in zip(xs_t[1:], values, strict=True):
+        if d is not None and s != 0:
+            with np.errstate(all="ignore"):
+                v = v + d.numpy() * np.float32(s)
+    with np.errstate(all="ignore"):
+        ref16 = canonical_nans(torch.from_numpy(v.astype(np.float16)), True)
+    assert np.array_equal(got, ref16.view(torch.int16).numpy().view(np.uint16))
 
 
 def test_bake_takes_its_float16_path_in_tiled_and_declines_what_it_cannot(
@@ -409,7 +419,7 @@ def test_a_float16_bake_build_takes_the_compiled_loop(
     assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c1")]) == 0
     assert sum(calls) > 100_000, calls  # the bulk of the touched tensors went through it
     fast = out.read_bytes()
-    monkeypatch.setattr(m, "compute_half", classmethod(lambda cls, p, xs, o, c: None))
+    monkeypatch.setattr(m, "compute_half", classmethod(lambda cls, p, xs, o, ctx=None: None))
     out.unlink()
     assert main([str(tmp_path / "r.yaml"), "-q", "--cache-dir", str(tmp_path / "c2")]) == 0
     assert out.read_bytes() == fast
