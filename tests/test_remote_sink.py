@@ -50,3 +50,38 @@ def test_chunks_written_in_order_give_the_bytes(
     # whole pages at page offsets went direct; nothing else could
     pages = [at for at in range(start, size, chunk) if at % 4096 == 0 and size - at >= 4096]
     assert any(by_direct) == bool(pages)
+
+
+def test_a_disk_refusing_direct_writes_gets_them_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first O_DIRECT write answers EINVAL (a disk wanting another alignment): the sink
+    drops its direct route (closing its buffer mid-write) and every byte still lands."""
+    import errno
+
+    chunk, size = 1 << 16, 4 * (1 << 16) + 123
+    data = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "part"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        sink = _Sink(fd, chunk)
+        if sink.direct < 0:
+            pytest.skip("no O_DIRECT on this filesystem")
+        real, refused = os.pwrite, []
+
+        def pwrite(f: int, view: memoryview, at: int) -> int:
+            if f == sink.direct:
+                refused.append(at)
+                del view  # as the real call: it holds no reference once it has failed
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(f, view, at)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        for at in range(0, size, chunk):
+            sink.write(data[at : at + chunk], at)
+        sink.close()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert refused == [0]  # refused once, then buffered from there on
+    assert path.read_bytes() == data

@@ -214,21 +214,22 @@ def test_block_writer_fed_by_threads_copies_outside_its_lock(
     """Four threads write shuffled pieces at once, every piece through the GIL-free copy
     (outside the writer's lock): the file and its running checksum are exact."""
 
+    from mergebuild import atomic
     from mergebuild.engine import stream_writer
 
     monkeypatch.setattr(stream_writer, "BLOCK_BYTES", 4096)
-    monkeypatch.setattr(stream_writer, "GIL_FREE_COPY", 0)
+    monkeypatch.setattr(atomic, "GIL_FREE_COPY", 0)
     if staged == "scarce":
         monkeypatch.setattr(stream_writer, "MAX_STAGED_BYTES", 3 * 4096)
     copies = 0
-    real = stream_writer._copy_into
+    real = stream_writer.copy_into
 
     def counted(buf, offset, piece):  # type: ignore[no-untyped-def]
         nonlocal copies
         copies += 1
         real(buf, offset, piece)
 
-    monkeypatch.setattr(stream_writer, "_copy_into", counted)
+    monkeypatch.setattr(stream_writer, "copy_into", counted)
     ts = big_tensors()
     save_file(ts, str(tmp_path / "ref.safetensors"), metadata={"m": "x"})
     path = tmp_path / "ours.safetensors"

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from mergebuild.atomic import pwrite_all
+from mergebuild.atomic import copy_into, pwrite_all
 from mergebuild.engine.dtypes import ITEMSIZE, to_torch
 from mergebuild.engine.readahead import ALIGN, open_direct
 from mergebuild.engine.safetensors_io import TensorInfo, layout
@@ -155,7 +155,7 @@ class StreamingWriter:
             if block is None:
                 pwrite_all(self.fd, view[:n], pos)
             else:
-                _copy_into(block.buf, offset, view[:n])
+                copy_into(block.buf, offset, view[:n])
                 with self._lock:
                     block.filled += n
                     if block.filled == block.size:
@@ -276,26 +276,6 @@ class StreamingWriter:
         """The file's checksum as the cache records it, if the writer could compute it."""
         body = self.body_digest()
         return None if body is None else SplitChecksum.of(self.head, body)
-
-
-GIL_FREE_COPY = 1 << 16  # bytes from which a copy into a block releases the GIL
-
-
-def _copy_into(buf: mmap.mmap, offset: int, piece: memoryview) -> None:
-    """buf[offset : offset + len(piece)] = piece; a large piece with the GIL released.
-
-    Why: a slice assignment copies holding the GIL, and two merge workers then take turns
-    (the SDXL LoRA bake held the GIL 1.6 s in this copy alone); ctypes.memmove lets go of it.
-    The ctypes array over `buf` is an export: the mmap cannot be closed under the copy."""
-    n = len(piece)
-    if n < GIL_FREE_COPY:
-        buf[offset : offset + n] = piece
-        return
-    import numpy as np
-
-    dst = (ctypes.c_char * n).from_buffer(buf, offset)
-    src = np.frombuffer(piece, dtype=np.uint8)
-    ctypes.memmove(dst, src.ctypes.data, n)
 
 
 def check_space(writers: list[StreamingWriter]) -> None:

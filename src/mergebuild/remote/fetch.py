@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from mergebuild.atomic import TMP_PREFIX, fsync_dir, pwrite_all
+from mergebuild.atomic import TMP_PREFIX, copy_into, fsync_dir, pwrite_all
 from mergebuild.cache import CHECKSUM, SPLIT
 from mergebuild.hashing import SplitChecksum
 from mergebuild.remote.store import RemoteEntryBad
@@ -87,10 +87,9 @@ class _Sink:
         n = len(data)
         k = n // self.align * self.align if self.buf is not None and at % self.align == 0 else 0
         if k:
-            view = memoryview(self.buf)[:k]
-            view[:] = memoryview(data)[:k]
+            copy_into(self.buf, 0, memoryview(data)[:k])
             try:
-                written = os.pwrite(self.direct, view, at)
+                written = os.pwrite(self.direct, memoryview(self.buf)[:k], at)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
