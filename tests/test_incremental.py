@@ -229,7 +229,7 @@ def test_light_paths_do_not_import_torch(workdir: Path, cache: Path, seed_build:
     recipe = setup(workdir)
     probe = (
         "import sys; from mergebuild.cli import main; rc = main(sys.argv[1:]); "
-        "heavy = [m for m in ('torch', 'numba') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'numba', 'numpy') if m in sys.modules]; "
         "assert not heavy, f'imported: {heavy}'; raise SystemExit(rc)"
     )
     import subprocess

@@ -85,3 +85,23 @@ def test_a_disk_refusing_direct_writes_gets_them_buffered(
         os.close(fd)
     assert refused == [0]  # refused once, then buffered from there on
     assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("kind", ["bytes", "memoryview"])
+@pytest.mark.parametrize("size", [100, 3 << 16])  # below and above GIL_FREE_COPY
+def test_copy_into_copies_exactly_the_asked_prefix(kind: str, size: int) -> None:
+    """The GIL-free copy of a download chunk (bytes, no numpy) and of a writer's piece: the
+    first `length` bytes land at the offset, nothing else in the buffer changes."""
+    import mmap
+
+    from mergebuild.atomic import copy_into
+
+    data = os.urandom(size)
+    piece = data if kind == "bytes" else memoryview(bytearray(data))
+    buf = mmap.mmap(-1, size + 8192)
+    buf[:] = b"\xaa" * len(buf)
+    copy_into(buf, 4096, piece, size - 7)
+    assert buf[4096 : 4096 + size - 7] == data[: size - 7]
+    assert buf[:4096] == b"\xaa" * 4096 and buf[4096 + size - 7 :] == b"\xaa" * (8192 - 4096 + 7)
+    copy_into(buf, 0, piece)  # the whole piece
+    assert buf[:size] == data

@@ -31,21 +31,26 @@ def pwrite_all(fd: int, data: bytes | memoryview, at: int) -> None:
 GIL_FREE_COPY = 1 << 16  # bytes from which copy_into releases the GIL
 
 
-def copy_into(buf: mmap.mmap, offset: int, piece: bytes | memoryview) -> None:
-    """buf[offset : offset + len(piece)] = piece; a large piece with the GIL released.
+def copy_into(buf: mmap.mmap, offset: int, piece: bytes | memoryview, length: int = -1) -> None:
+    """buf[offset : offset + n] = piece[:n] (n: `length`, or all of `piece`); a large piece
+    with the GIL released.
 
     Why: a slice assignment copies holding the GIL, so the other threads (merge workers, a
     download's event loop) wait for it (the SDXL LoRA bake held the GIL 1.6 s in the output
     writer's copies alone); ctypes.memmove lets go of it. The ctypes array over `buf` is an
-    export while the copy runs: the mmap cannot be closed under it."""
-    n = len(piece)
+    export while the copy runs: the mmap cannot be closed under it. `bytes` are passed as they
+    are (ctypes hands over their own buffer), so a download's copies need no numpy."""
+    n = len(piece) if length < 0 else min(length, len(piece))
     if n < GIL_FREE_COPY:
-        buf[offset : offset + n] = piece
+        buf[offset : offset + n] = piece[:n]
+        return
+    dst = (ctypes.c_char * n).from_buffer(buf, offset)
+    if isinstance(piece, bytes):
+        ctypes.memmove(dst, piece, n)
         return
     import numpy as np
 
-    dst = (ctypes.c_char * n).from_buffer(buf, offset)
-    src = np.frombuffer(piece, dtype=np.uint8)
+    src = np.frombuffer(piece, dtype=np.uint8, count=n)
     ctypes.memmove(dst, src.ctypes.data, n)
 
 

@@ -87,7 +87,7 @@ class _Sink:
         n = len(data)
         k = n // self.align * self.align if self.buf is not None and at % self.align == 0 else 0
         if k:
-            copy_into(self.buf, 0, memoryview(data)[:k])
+            copy_into(self.buf, 0, data, k)
             try:
                 written = os.pwrite(self.direct, memoryview(self.buf)[:k], at)
             except OSError as e:

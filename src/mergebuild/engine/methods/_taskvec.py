@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
-from mergebuild.engine.methods import reduce
-from mergebuild.engine.methods._topk import TILE as SELECT_TILE
-from mergebuild.engine.methods._topk import Count, Fill, Sample, kth_smallest_abs_many
 from mergebuild.engine.methods.base import Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy's helpers load when a tensor is merged, not when a recipe is planned
     import numpy as np
     import torch
+
+    from mergebuild.engine.methods._topk import Count, Fill, Sample
 
 REDUCE_CHUNK = 1 << 16
 Weight = Annotated[float, Field(ge=0)]
@@ -110,6 +109,8 @@ class TileDeltas:
             return None
         if not (x.is_contiguous() and b.is_contiguous()):
             return None
+        from mergebuild.engine.methods import reduce
+
         loops = reduce.loops_for(b)
         if loops is None:
             return None
@@ -173,6 +174,8 @@ def trim_thresholds(
     numel − j + 1 elements survive. None means "keep everything" (k = 1: the threshold would
     be min |δ|). Exact and deterministic: a radix select over the tiles each `fill` writes into
     `buf` (see _topk.py), never a full-size |δ|."""
+    from mergebuild.engine.methods._topk import kth_smallest_abs_many
+
     j = max(int((1.0 - k) * numel), 1)
     if j == 1 or numel == 0:
         return [None] * len(fills)
@@ -225,6 +228,9 @@ def ties_tiles(
     temporary is a tile buffer allocated once and reused with in-place / `out=` ops.
     """
     import torch
+
+    from mergebuild.engine.methods import reduce
+    from mergebuild.engine.methods._topk import TILE as SELECT_TILE
 
     shape, numel = tuple(base.shape), base.numel()
     flat_base = base.reshape(-1)

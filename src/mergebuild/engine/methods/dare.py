@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from mergebuild.engine.methods import reduce
 from mergebuild.engine.methods._taskvec import (
     Weight,
     delta,
@@ -77,6 +76,8 @@ one per model, default 1), seed (default 0). Elementwise (streams in tiles)."""
             return f32(base)
         keep = 1.0 - params.p
         # the executor hands an elementwise method tiles: gate on the whole tensor's size
+        from mergebuild.engine.methods import reduce
+
         loops = reduce.loops_for(base, minimum=0 if ctx.numel >= reduce.COMPILED_MIN else None)
         acc = torch.zeros(base.numel(), dtype=torch.float32)
         for i, w in enumerate(model_weights(params.weights, len(xs) - 1), start=1):

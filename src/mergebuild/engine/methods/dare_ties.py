@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from mergebuild.engine.methods import reduce
 from mergebuild.engine.methods._taskvec import (
     TILE,
     TileDeltas,
@@ -76,6 +75,8 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
         keep = 1.0 - params.p
 
         deltas = TileDeltas(xs, TILE)
+        from mergebuild.engine.methods import reduce
+
         loops = reduce.loops_for(xs[0])
 
         def dropped(i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
