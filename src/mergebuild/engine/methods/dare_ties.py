@@ -68,6 +68,7 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
         cls, params: DareTiesParams, xs: list[torch.Tensor], ctx: ComputeContext
     ) -> Tiles | None:
         from mergebuild.engine import rng
+        from mergebuild.engine.methods import reduce
 
         assert isinstance(params.alpha, float | int)
         if params.alpha == 0:
@@ -75,8 +76,6 @@ alpha (may vary by block), weights (≥ 0, default 1), seed (default 0). Whole-t
         keep = 1.0 - params.p
 
         deltas = TileDeltas(xs, TILE)
-        from mergebuild.engine.methods import reduce
-
         loops = reduce.loops_for(xs[0])
 
         def dropped(i: int, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
