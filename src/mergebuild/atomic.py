@@ -7,13 +7,15 @@ a killed process leaves at most a `.mergebuild-tmp-*` file, which `cache gc` swe
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import mmap
 
 TMP_PREFIX = ".mergebuild-tmp-"
 _UMASK = os.umask(0)
@@ -44,6 +46,8 @@ def copy_into(buf: mmap.mmap, offset: int, piece: bytes | memoryview, length: in
     if n < GIL_FREE_COPY:
         buf[offset : offset + n] = piece[:n]
         return
+    import ctypes  # here: every command imports this module, few copy this much
+
     dst = (ctypes.c_char * n).from_buffer(buf, offset)
     if isinstance(piece, bytes):
         ctypes.memmove(dst, piece, n)
