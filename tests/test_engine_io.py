@@ -31,7 +31,7 @@ def test_readahead_advises_exactly_the_bytes_the_merge_reads(
     read: list[tuple[str, int, int]] = []
     advised: list[tuple[str, int, int]] = []
     names: dict[int, str] = {}
-    real_read, real_open = SafetensorsSource.read_stored, SafetensorsSource.__init__
+    real_read, real_open = SafetensorsSource.read_bytes, SafetensorsSource.__init__
 
     def opening(self: SafetensorsSource, path: Path, header: object = None) -> None:
         real_open(self, path, header)
@@ -53,7 +53,7 @@ def test_readahead_advises_exactly_the_bytes_the_merge_reads(
         real_fadvise(fd, offset, length, advice)
 
     monkeypatch.setattr(SafetensorsSource, "__init__", opening)
-    monkeypatch.setattr(SafetensorsSource, "read_stored", reading)
+    monkeypatch.setattr(SafetensorsSource, "read_bytes", reading)
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
     recipe = workdir / "seed.yaml"
     recipe.write_text((EXAMPLES / "anything_nsfw_gape.yaml").read_text())

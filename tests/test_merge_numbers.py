@@ -196,13 +196,13 @@ def test_two_step_reads_each_input_once(workdir: Path, cache: Path, monkeypatch)
     from mergebuild.recipe import load_recipe
 
     reads: Counter = Counter()
-    original = SafetensorsSource.read_stored
+    original = SafetensorsSource.read_bytes
 
     def counting(self, key, lo, hi):
         reads[(self.path.name, key, lo)] += 1
         return original(self, key, lo, hi)
 
-    monkeypatch.setattr(SafetensorsSource, "read_stored", counting)
+    monkeypatch.setattr(SafetensorsSource, "read_bytes", counting)
     monkeypatch.setenv("MERGEBUILD_CHUNK_ELEMENTS", "4096")
     recipe = workdir / "seed.yaml"
     recipe.write_text((EXAMPLES / "anything_nsfw_gape.yaml").read_text())

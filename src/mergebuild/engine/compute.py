@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mergebuild.engine.arrays import NP_NAMES, as_tensor, as_tensors, ensure_torch, numel
 from mergebuild.engine.dtypes import FP8_MAX, RECIPE_TO_ST, cast, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import ComputeContext, Params, Tiles
@@ -405,24 +406,27 @@ class KeyCompute:
         parameters) is cast into a reused buffer of its dtype and handed to its files as
         `write(target index, tile, lo)`. The same ops on the same slices as `_tiled`, so the
         same bytes, without a unit-size result per job and with the inputs' tiles in cache."""
-        import torch
-
         jobs = [self.jobs[step.name] for step in steps]
-        flat = [x.reshape(-1) for x in _computable(args)]
-        numel = flat[0].numel()
         params = [self._params(job, u.key) for job in jobs]
-        size = min(numel, TILE_ELEMENTS)
-        bufs = [
-            torch.empty(size, dtype=to_torch(self.layouts[job.name][u.key].dtype)) for job in jobs
-        ]
+        dtypes = [self.layouts[job.name][u.key].dtype for job in jobs]
+        flat = [x.reshape(-1) for x in args]
+        n = numel(flat[0])
         bad = [False] * len(jobs)
-        half = all(b.dtype == torch.float16 for b in bufs)
-        if half and self._stream_half(steps, jobs, params, flat, write, bad, bufs):
-            self._note_nonfinite(jobs, bad, u.key)
-            return
-        for lo in range(0, numel, TILE_ELEMENTS):
-            hi = min(numel, lo + TILE_ELEMENTS)
-            self._float_tile(steps, jobs[0].method, params, flat, lo, hi, bufs, write, bad)
+        floats: list[Any] = []  # the float32 way's inputs and buffers, made on first need
+
+        def float_tile(lo: int, hi: int) -> None:
+            if not floats:
+                torch = ensure_torch()
+                size = min(n, TILE_ELEMENTS)
+                floats.append(_computable(as_tensors(flat)))
+                floats.append([torch.empty(size, dtype=to_torch(dt)) for dt in dtypes])
+            method = jobs[0].method
+            self._float_tile(steps, method, params, floats[0], lo, hi, floats[1], write, bad)
+
+        half = all(dt == "F16" for dt in dtypes)
+        if not (half and self._stream_half(steps, jobs, params, flat, write, bad, float_tile)):
+            for lo in range(0, n, TILE_ELEMENTS):
+                float_tile(lo, min(n, lo + TILE_ELEMENTS))
         self._note_nonfinite(jobs, bad, u.key)
 
     @staticmethod
@@ -456,41 +460,64 @@ class KeyCompute:
         steps: Sequence[Step],
         jobs: list[NodeJob],
         params: list[Params],
-        flat: list[torch.Tensor],
+        flat: list[Any],
         write: Callable[..., None],
         bad: list[bool],
-        bufs: list[torch.Tensor],
+        float_tile: Callable[[int, int], None],
     ) -> bool:
-        """`_stream_run` for float16 inputs and outputs through the method's
-        compute_many_half: each tile read once for every member, rounded, checked; False
-        (nothing written) where the method has none or it does not apply at the first tile.
-        A later tile it declines (a short last one, say) goes the float32 way: same bytes."""
+        """`_stream_run` for float16 inputs (tensors or numpy arrays) and outputs through the
+        method's compute_many_half: each tile read once for every member, rounded, checked,
+        written as a float16 numpy array; False (nothing written) where the method has none
+        or it does not apply at the first tile. A later tile it declines (a short last one,
+        say) goes the float32 way, `float_tile`: same bytes."""
         import numpy as np
-        import torch
 
         from mergebuild.engine.methods.reduce import half_bits
 
         bits = [half_bits(x) for x in flat]
         if any(b is None for b in bits):
             return False
-        numel, m = flat[0].numel(), len(jobs)
-        rows = np.empty(m * min(numel, TILE_ELEMENTS), dtype=np.uint16)
-        for lo in range(0, numel, TILE_ELEMENTS):
-            hi = min(numel, lo + TILE_ELEMENTS)
+        n, m = bits[0].size, len(jobs)
+        rows = np.empty(m * min(n, TILE_ELEMENTS), dtype=np.uint16)
+        for lo in range(0, n, TILE_ELEMENTS):
+            hi = min(n, lo + TILE_ELEMENTS)
             outs = rows[: m * (hi - lo)].reshape(m, hi - lo)
             flags = jobs[0].method.compute_many_half(params, [b[lo:hi] for b in bits], outs)
             if flags is None:
                 if lo == 0:
                     return False
-                method = jobs[0].method
-                KeyCompute._float_tile(steps, method, params, flat, lo, hi, bufs, write, bad)
+                float_tile(lo, hi)
                 continue
-            for n, (step, flag) in enumerate(zip(steps, flags, strict=True)):
-                bad[n] = flag or bad[n]
-                tile = torch.from_numpy(outs[n]).view(torch.float16)
+            for k, (step, flag) in enumerate(zip(steps, flags, strict=True)):
+                bad[k] = flag or bad[k]
+                tile = outs[k].view(np.float16)
                 for s in step.sinks:
                     write(s, tile, lo)
         return True
+
+    def needs_torch(self, key: str) -> bool:
+        """Whether `key` may need torch: anything but reads of numpy dtypes (float16 the only
+        float) from plain safetensors files, written as they are, and streamed float16 runs
+        of methods with compiled float16 loops (arrays.py). Only decides whether a pass
+        imports torch up front: a value that turns out to need it converts on the way."""
+        if self.device != "cpu":
+            return True
+        plan = self.key_plan(key)
+        streamed = {i + k for i, run in enumerate(plan.runs) for k in range(run)}
+        for i, step in enumerate(plan.steps):
+            dt = self.layouts[step.name][step.key].dtype
+            if not step.is_job:
+                if not getattr(self.sources.get(step.name), "plain", False):
+                    return True
+                if dt not in NP_NAMES or (is_float(dt) and dt != "F16"):
+                    return True
+            elif job_torch(self.jobs[step.name], step.key, dt, i in streamed, self.key_sources):
+                return True
+            for sink in step.sinks:
+                target = self.targets[sink]
+                if step.key in target.scaled or target.infos[key].dtype != dt:
+                    return True
+        return False
 
     def _compute(
         self,
@@ -532,6 +559,7 @@ class KeyCompute:
         a = args[0]
         if not mergeable(u.key, info.dtype):
             return a
+        args, a = as_tensors(args), as_tensor(a)
         import torch
 
         if job.method.optional_inputs and len(args) > 1 and own is None:  # None: lacks the key
@@ -600,6 +628,23 @@ class KeyCompute:
 
             p = memo[key] = resolve_params(job.params, key, root)  # type: ignore[assignment]
         return p
+
+
+def job_torch(
+    job: NodeJob, key: str, dt: str, streamed: bool, key_sources: Mapping[str, Any]
+) -> bool:
+    """Whether a job's value for `key` may need torch (KeyCompute.needs_torch): not when it
+    is `a`'s value as it is (not merged), nor in a float16 run with compiled loops."""
+    if job.name in key_sources:
+        return True
+    if not mergeable(key, dt):
+        return False
+    method = job.method
+    loops = (
+        method.compute_many_half.__func__ is not Method.compute_many_half.__func__  # type: ignore[attr-defined]
+        or method.compute_half.__func__ is not Method.compute_half.__func__  # type: ignore[attr-defined]
+    )
+    return not (streamed and dt == "F16" and loops)
 
 
 def _renamed(layout: dict[str, TensorInfo], m: dict[str, str] | None) -> dict[str, TensorInfo]:

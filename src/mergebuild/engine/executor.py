@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mergebuild.engine.arrays import NP_NAMES, as_tensor, ensure_torch, is_array, restore_threads
 from mergebuild.engine.compute import KeyCompute, NodeJob, NodeStats, Unit, mergeable
 from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, cast
 from mergebuild.engine.hash_tap import HashTap
@@ -99,6 +101,7 @@ class FusedPass:
         self.compute = KeyCompute(layouts, jobs, sinks, device, sources=sources)
         self.jobs, self.layouts, self.stats = self.compute.jobs, layouts, self.compute.stats
         self.readahead: Readahead | None = None  # set during run()
+        self.arrays = False  # during run(): values are numpy arrays, torch not imported
         for sink in sinks:
             self._plan_sink(sink)
 
@@ -175,6 +178,9 @@ class FusedPass:
         src = self.sources[name]
         shape = self.layouts[name][key].shape
         lo, hi = (0, math.prod(shape)) if u.whole else (u.lo, u.hi)
+        if self.arrays and isinstance(src, SafetensorsSource) and src.plain:
+            val = src.array_from(key, self._read_bytes(src, key, lo, hi))
+            return val.reshape(shape) if u.whole else val
         val = None
         tap = None
         if isinstance(src, SafetensorsSource):
@@ -198,6 +204,17 @@ class FusedPass:
             val = src.read_flat(key, lo, hi)
         return val.reshape(shape) if u.whole else val
 
+    def _read_bytes(self, src: SafetensorsSource, key: str, lo: int, hi: int) -> Any:
+        """The stored bytes of elements [lo, hi) of `key` (numpy uint8), hashed if tapped."""
+        fd, offset, length = src.byte_range(key, lo, hi)
+        data = None if self.readahead is None else self.readahead.take(fd, offset, length)
+        if data is None:
+            data = src.read_bytes(key, lo, hi)
+        tap = self.taps.get(fd)
+        if tap is not None:
+            tap.feed(offset, data)
+        return data
+
     def _do_unit(self, u: Unit) -> None:
         self.compute.evaluate(u, self._read, lambda s, val, lo=0: self._write(s, u, val, lo))
         if u.whole and u.hi - u.lo >= TRIM_ELEMENTS:
@@ -211,11 +228,13 @@ class FusedPass:
         if u.key in sink.scaled:  # a whole tensor (never chunked, never tiled)
             from mergebuild.engine.scaled_fp8 import quantize
 
-            val, scale = quantize(val)
+            val, scale = quantize(as_tensor(val))
             sink.writer.write(sink.scaled[u.key], scale)
             over = 0
+        elif is_array(val) and val.dtype.name == NP_NAMES.get(sink.infos[u.key].dtype):
+            over = 0  # already the file's dtype: written as it is
         else:
-            val, over = cast(val, sink.infos[u.key].dtype)
+            val, over = cast(as_tensor(val), sink.infos[u.key].dtype)
         if over:  # an fp8 output: values beyond its range were clamped (counted for a warning)
             with self._clamp_lock:
                 sink.clamped += over
@@ -282,11 +301,12 @@ class FusedPass:
         self.readahead = readahead.start()
         try:
             self._start_taps(ranges)  # inside: the `finally` below stops them
-            self._load_compiled_loops(units)
-            import torch  # imported once the disk is already busy: it takes about a second
-
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # parallelism comes from workers on independent units
+            self.arrays = self._without_torch(units)
+            if not self.arrays:
+                self._load_compiled_loops(units)
+                # imported once the disk is already busy: it takes 1.5-2 s; one intra-op
+                # thread, as parallelism comes from workers on independent units
+                ensure_torch()
             try:
                 remaining: dict[str, int] = {}
                 for u in units:
@@ -306,7 +326,8 @@ class FusedPass:
                     read = [sum(n for _, _, n in r) for r in ranges]
                     self._run_parallel(units, read, jobs, max_memory, done, readahead)
             finally:
-                torch.set_num_threads(threads)
+                restore_threads()
+                self.arrays = False
             self.input_hashes = {
                 name: self.taps[self.sources[name].fd].finish()  # type: ignore[attr-defined]
                 for name in sorted(self.hash_sources)
@@ -319,6 +340,17 @@ class FusedPass:
             for tap in self.taps.values():
                 tap.close()
             self.taps = {}
+
+    def _without_torch(self, units: list[Unit]) -> bool:
+        """Whether this pass runs on numpy arrays without importing torch (arrays.py): no key
+        needs it and the compiled loops load (here, while the disk starts, ~0.5 s)."""
+        from mergebuild.engine.methods import reduce
+
+        if not units or any(
+            self.compute.needs_torch(k) for k in dict.fromkeys(u.key for u in units)
+        ):
+            return False
+        return reduce.kernels() is not None
 
     def _load_compiled_loops(self, units: list[Unit]) -> None:
         """Load numba's loops (~0.7 s) in the background while the disk starts, rather than
@@ -425,9 +457,8 @@ def _one_torch_thread() -> None:
     default (every core), whatever `torch.set_num_threads` said on the driver. LAPACK's SVD
     (extract_lora, merge_loras) gives other bits with another thread count, so -j2 wrote
     other LoRA bytes than -j1; and two workers each asking for every core oversubscribe."""
-    import torch
-
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:  # else the worker sets it up if it ever needs torch
+        ensure_torch()
 
 
 def _batches(units: list[Unit], read: list[int], cap: int) -> Iterator[tuple[int, list[Unit]]]:

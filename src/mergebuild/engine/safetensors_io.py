@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mergebuild.engine.arrays import NP_NAMES
 from mergebuild.engine.dtypes import ITEMSIZE, RANK, to_torch
 from mergebuild.errors import BuildError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -176,9 +178,6 @@ def _parse_header(path: Path) -> Header:
     return Header(tensors, meta, 8 + n)
 
 
-HUGE_READ = 4 << 20
-
-
 def _pread_into(fd: int, buf: object, offset: int) -> None:
     view = memoryview(buf)
     while view:
@@ -223,28 +222,41 @@ class SafetensorsSource:
 
     def read_stored(self, key: str, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) as stored in the file, read straight into a new tensor."""
-        import numpy as np
         import torch
+
+        info = self.header.tensors[key][0]
+        return torch.from_numpy(self.read_bytes(key, lo, hi)).view(to_torch(info.dtype))
+
+    @property
+    def plain(self) -> bool:
+        """Values are the stored ones (no `decode`): a numpy-only pass may read them."""
+        return type(self).decode is SafetensorsSource.decode
+
+    def read_bytes(self, key: str, lo: int, hi: int) -> np.ndarray:
+        """Elements [lo, hi) as stored, their bytes in a new numpy uint8 array."""
+        import numpy as np
 
         info, begin, _ = self.header.tensors[key]
         size = ITEMSIZE[info.dtype]
-        nbytes = (hi - lo) * size
-        if nbytes >= HUGE_READ:  # numpy's allocator asks for transparent huge pages from 4 MiB:
-            # a large read buffer is faulted in 2 MiB at a time instead of 4 KiB
-            raw = torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
-            out = raw.view(to_torch(info.dtype))
-        else:
-            out = torch.empty(hi - lo, dtype=to_torch(info.dtype))
+        # numpy's allocator asks for transparent huge pages from 4 MiB: a large read buffer
+        # is faulted in 2 MiB at a time instead of 4 KiB
+        out = np.empty((hi - lo) * size, dtype=np.uint8)
         if hi > lo:
             try:
-                _pread_into(
-                    self.fd,
-                    out.view(torch.uint8).numpy(),
-                    self.header.data_start + begin + lo * size,
-                )
+                _pread_into(self.fd, out, self.header.data_start + begin + lo * size)
             except OSError as e:
                 raise BuildError(f"cannot read {self.path}: {e.strerror}") from None
         return out
+
+    def array_from(self, key: str, data: np.ndarray) -> np.ndarray:
+        """`tensor_from` as a numpy array (numpy dtypes only, arrays.NP_NAMES): shared, unless
+        the bytes' address does not suit the element size."""
+        import numpy as np
+
+        dt = np.dtype(NP_NAMES[self.header.tensors[key][0].dtype])
+        if data.__array_interface__["data"][0] % dt.itemsize:
+            data = data.copy()
+        return data.view(dt)
 
     def tensor_from(self, key: str, data: object) -> torch.Tensor:
         """A flat tensor of `key`'s dtype over bytes already read (a numpy uint8 array), shared

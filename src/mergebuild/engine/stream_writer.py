@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from mergebuild.atomic import copy_into, pwrite_all
+from mergebuild.engine.arrays import NP_NAMES, is_array
 from mergebuild.engine.dtypes import ITEMSIZE, to_torch
 from mergebuild.engine.readahead import ALIGN, open_direct
 from mergebuild.engine.safetensors_io import TensorInfo, layout
@@ -124,18 +125,28 @@ class StreamingWriter:
     # -- filling blocks ---------------------------------------------------------------------
 
     def write(self, key: str, tensor: torch.Tensor, lo: int = 0) -> int:
-        """Write `tensor` as flat elements starting at element `lo` of `key`; returns bytes."""
-        import torch
-
+        """Write `tensor` (or a numpy array) as flat elements starting at element `lo` of
+        `key`; returns bytes."""
         info = self.infos[key]
-        data = tensor.detach().cpu().contiguous().reshape(-1)
         size = ITEMSIZE[info.dtype]
-        if (lo + data.numel()) * size > info.nbytes or to_torch(info.dtype) != data.dtype:
-            raise ValueError(f"{key}: {data.dtype}[{data.numel()}] at {lo} does not fit {info}")
-        n = data.numel() * size
+        if is_array(tensor):
+            import numpy as np
+
+            flat = np.ascontiguousarray(tensor).reshape(-1)
+            fits = flat.dtype.name == NP_NAMES.get(info.dtype)
+            count, raw = flat.size, (lambda: memoryview(flat.view(np.uint8)))
+        else:
+            import torch
+
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            fits = to_torch(info.dtype) == data.dtype
+            count, raw = data.numel(), (lambda: memoryview(data.view(torch.uint8).numpy()))
+        if (lo + count) * size > info.nbytes or not fits:
+            raise ValueError(f"{key}: {tensor.dtype}[{count}] at {lo} does not fit {info}")
+        n = count * size
         if n:
             start = self.data_start + self.offsets[key] + lo * size
-            self._put(start, memoryview(data.view(torch.uint8).numpy()))
+            self._put(start, raw())
         with self._lock:
             self.missing[key] -= n
         return n

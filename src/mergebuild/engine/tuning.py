@@ -9,7 +9,7 @@
   of a large key (all its inputs held at once), `release_freed_memory` hands the freed blocks
   back. Kept, they were cut up by the next keys' smaller allocations and SD1 ties peaked at
   1.0-1.15 GB; released, 0.83-0.88 GB, ~3% slower (the reads that follow fault their pages in
-  as huge pages, see safetensors_io.read_stored).
+  as huge pages, see safetensors_io.read_bytes).
 - OpenBLAS (loaded with numpy, which the merge uses only for buffer views) gets one thread:
   its idle pool otherwise spins on the cores the merge workers need.
 - No cyclic garbage collection during the pass: the merge creates many short-lived objects

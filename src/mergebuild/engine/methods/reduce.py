@@ -248,9 +248,13 @@ def compiled_ok(*xs: torch.Tensor) -> bool:
     return all(x.dtype in exact for x in xs) and all(loops_for(x) is not None for x in xs)
 
 
-def half_bits(x: torch.Tensor) -> np.ndarray | None:
-    """A contiguous float16 CPU tensor's bits as a uint16 numpy view (what the compiled loops
-    take for float16, _kernels.py), else None."""
+def half_bits(x: torch.Tensor | np.ndarray) -> np.ndarray | None:
+    """A contiguous float16 CPU tensor's (or numpy array's) bits as a uint16 numpy view (what
+    the compiled loops take for float16, _kernels.py), else None."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return x.view(np.uint16) if x.dtype == np.float16 and x.flags.c_contiguous else None
     import torch
 
     if x.dtype != torch.float16 or x.device.type != "cpu" or not x.is_contiguous():
