@@ -26,7 +26,13 @@ SD_MECHA_VERSION = "1.1.8"
 
 
 def evict(*paths: Path) -> None:
-    """Drop these files (or every file under these dirs) from the page cache."""
+    """Drop these files (or every file under these dirs) from the page cache, then flush
+    every pending write and journal commit.
+
+    Why the flush: every caller measures next, after deleting gigabytes (the last run's
+    outputs and cache). On this VM's ext4 (mounted `discard`) those blocks are trimmed at
+    the next journal commit, which otherwise lands inside the measured run: sweep rows
+    right after a deletion varied 9-13 s for the same work."""
     for p in paths:
         files = (
             [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else []
@@ -38,6 +44,7 @@ def evict(*paths: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+    os.sync()
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, float]:
@@ -283,9 +290,9 @@ class Runner:
         for _ in range(repeat or self.repeat):  # disks on shared machines are noisy: keep the best
             if prepare:
                 prepare()
-            evict(*self.m.values(), *extra)
             if self.out.exists():
                 self.out.unlink()
+            evict(*self.m.values(), *extra)
             best = min(best, measure(cmd))
         wall, rss, cpu, read = best
         row = {
