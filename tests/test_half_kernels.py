@@ -100,6 +100,16 @@ def _awkward_half(n: int, seed: int) -> np.ndarray:
         ("triple_sum", {"alpha": 0.5, "beta": 0.5}),  # a's weight 0: skipped, inf · 0 not NaN
         ("triple_sum", {"alpha": 1e-50, "beta": 0.2}),  # weight 0 in float32, not in float64
         ("triple_sum", {"alpha": 300.0, "beta": 200.0}),  # overflows float16
+        ("weighted_sum", {"alpha": 0.3}),
+        ("weighted_sum", {"alpha": 0.0}),  # a exactly
+        ("weighted_sum", {"alpha": 1.0}),  # b exactly: a's inf · 0 is not NaN
+        ("weighted_sum", {"alpha": 1e-50}),  # 0 in float32, not in float64
+        ("weighted_sum", {"alpha": 1e-9}),  # 1 − alpha is 1 in float32
+        ("weighted_sum", {"alpha": -2.0}),
+        ("add_difference", {"alpha": 0.7}),
+        ("add_difference", {"alpha": 0.0}),  # a exactly, whatever b − c holds
+        ("add_difference", {"alpha": -1.0}),
+        ("add_difference", {"alpha": 3e4}),  # overflows float16
     ],
 )
 def test_compute_half_is_compute_rounded_to_float16(
@@ -114,7 +124,7 @@ def test_compute_half_is_compute_rounded_to_float16(
     m = REGISTRY[name]
     p = m.Params(**params)
     n = 70_001
-    xs = [_awkward_half(n, seed) for seed in range(3)]
+    xs = [_awkward_half(n, seed) for seed in range(len(m.slots))]
     want16 = canonical_nans(m.compute(p, [torch.from_numpy(x) for x in xs]).half(), True)
     got = np.empty(n, np.uint16)
     flag = m.compute_half(p, [x.view(np.uint16) for x in xs], got)

@@ -79,22 +79,39 @@ def test_fp16_sweep_builds_without_torch_and_matches_numpy(workdir: Path, cache:
             assert got.dtype == np.float16 and got.tobytes() == want.tobytes(), k
 
 
-def test_half_loop_methods_and_copies_build_without_torch(workdir: Path, cache: Path) -> None:
+def test_half_loop_methods_chains_and_copies_build_without_torch(
+    workdir: Path, cache: Path
+) -> None:
+    """Streamed nodes, a cached intermediate read by the next node (computed whole, not
+    streamed), and a plain copy: no torch, and the chain's numbers are numpy's."""
     recipe = _recipe(
         workdir,
         "  td: {method: train_difference, a: anything, b: nai_full, c: nai_sfw, alpha: 0.5}\n"
-        "  ts: {method: triple_sum, a: anything, b: nai_full, c: insta, alpha: 0.2, beta: 0.3}\n",
+        "  ts: {method: triple_sum, a: anything, b: nai_full, c: insta, alpha: 0.2, beta: 0.3}\n"
+        "  s1: {method: add_difference, a: anything, b: nai_full, c: nai_sfw, alpha: 0.3}\n"
+        "  s2: {method: weighted_sum, a: s1, b: insta, alpha: 0.4}\n",
         "  td: {from: td, path: out/td.safetensors}\n"
         "  ts: {from: ts, path: out/ts.safetensors}\n"
+        "  s2: {from: s2, path: out/s2.safetensors}\n"
         "  copy: {from: insta, path: out/insta-copy.safetensors}\n",
     )
-    p = _probe(recipe, cache)
+    p = _probe(recipe, cache, "-j", "2")
     assert p.returncode == 0, p.stderr
-    insta = workdir / "models" / "insta.safetensors"
+    models = workdir / "models"
+    a, b, c, i = (
+        load_st(models / f"{f}.safetensors")
+        for f in ("anything-v3", "nai-full", "nai-sfw", "insta")
+    )
     copy = load_st(workdir / "out" / "insta-copy.safetensors")
-    assert {k: v.tobytes() for k, v in copy.items()} == {
-        k: v.tobytes() for k, v in load_st(insta).items()
-    }
+    assert {k: v.tobytes() for k, v in copy.items()} == {k: v.tobytes() for k, v in i.items()}
+    s2 = load_st(workdir / "out" / "s2.safetensors")
+    for k, x in a.items():
+        if x.dtype != np.float16 or k.endswith("position_ids"):
+            assert np.array_equal(s2[k], x), k
+            continue
+        s1 = ((_f32(b[k]) - _f32(c[k])) * np.float32(0.3) + _f32(x)).astype(np.float16)
+        want = (_f32(s1) * np.float32(1.0 - 0.4) + _f32(i[k]) * np.float32(0.4)).astype(np.float16)
+        assert s2[k].tobytes() == want.tobytes(), k
 
 
 def test_a_pass_that_needs_torch_still_imports_it(workdir: Path, cache: Path) -> None:

@@ -18,7 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mergebuild.engine.arrays import NP_NAMES, as_tensor, as_tensors, ensure_torch, numel
+from mergebuild.engine.arrays import (
+    NP_NAMES,
+    as_tensor,
+    as_tensors,
+    ensure_torch,
+    is_array,
+    numel,
+)
 from mergebuild.engine.dtypes import FP8_MAX, RECIPE_TO_ST, cast, is_float, to_torch, widest
 from mergebuild.engine.methods import Method
 from mergebuild.engine.methods.base import ComputeContext, Params, Tiles
@@ -511,13 +518,71 @@ class KeyCompute:
                     return True
                 if dt not in NP_NAMES or (is_float(dt) and dt != "F16"):
                     return True
-            elif job_torch(self.jobs[step.name], step.key, dt, i in streamed, self.key_sources):
+            elif self._job_needs_torch(step, dt, i in streamed):
                 return True
             for sink in step.sinks:
                 target = self.targets[sink]
                 if step.key in target.scaled or target.infos[key].dtype != dt:
                     return True
         return False
+
+    def _job_needs_torch(self, step: Step, dt: str, streamed: bool) -> bool:
+        """Whether a job's value may need torch (needs_torch): not `a`'s value kept as it is
+        (a key not merged), nor a float16 value of a method with a compiled float16 loop,
+        streamed (`_stream_half`) or computed from all its inputs at once (`_half_arrays`)."""
+        job = self.jobs[step.name]
+        method = job.method
+        if job.name in self.key_sources:
+            return True
+        if not mergeable(step.key, dt):
+            return False
+        if dt != "F16":
+            return True
+        if streamed:
+            return not (
+                _overrides(method, "compute_half") or _overrides(method, "compute_many_half")
+            )
+        return (
+            not _overrides(method, "compute_half")
+            or not method.elementwise
+            or method.optional_inputs
+            or method.half_mixed
+            or len(step.args) != len(job.inputs)
+            or (job.name, step.key) in self.channel_merge
+        )
+
+    def _half_arrays(self, job: NodeJob, u: Unit, args: list[Any], info: TensorInfo) -> Any:
+        """`_tiled`'s float16 fast path on numpy arrays, without torch: the job's compiled
+        float16 loop from all its inputs' bits into a new float16 array; None where it does
+        not apply (the caller converts to tensors and goes the usual way)."""
+        import numpy as np
+
+        from mergebuild.engine.methods.reduce import half_bits
+
+        method = job.method
+        if (
+            info.dtype != "F16"
+            or self.device != "cpu"
+            or not method.elementwise
+            or method.optional_inputs
+            or method.half_mixed
+            or job.name in self.key_sources
+            or len(args) != len(job.inputs)
+            or (job.name, u.key) in self.channel_merge
+        ):
+            return None
+        bits = [half_bits(x.reshape(-1)) if is_array(x) else None for x in args]
+        if any(b is None for b in bits):
+            return None
+        out = np.empty(bits[0].size, dtype=np.float16)
+        params = self._params(job, u.key)
+        ctx = _context(job, params, u, info.shape, self.stats[job.name].report)
+        bad = method.compute_half(params, bits, out.view(np.uint16), ctx)
+        if bad is None:
+            return None
+        if bad:
+            self.stats[job.name].nonfinite.add(u.key)
+        return out.reshape(args[0].shape)
 
     def _compute(
         self,
@@ -559,6 +624,10 @@ class KeyCompute:
         a = args[0]
         if not mergeable(u.key, info.dtype):
             return a
+        if is_array(a):
+            done = self._half_arrays(job, u, args, info)
+            if done is not None:
+                return done
         args, a = as_tensors(args), as_tensor(a)
         import torch
 
@@ -630,21 +699,9 @@ class KeyCompute:
         return p
 
 
-def job_torch(
-    job: NodeJob, key: str, dt: str, streamed: bool, key_sources: Mapping[str, Any]
-) -> bool:
-    """Whether a job's value for `key` may need torch (KeyCompute.needs_torch): not when it
-    is `a`'s value as it is (not merged), nor in a float16 run with compiled loops."""
-    if job.name in key_sources:
-        return True
-    if not mergeable(key, dt):
-        return False
-    method = job.method
-    loops = (
-        method.compute_many_half.__func__ is not Method.compute_many_half.__func__  # type: ignore[attr-defined]
-        or method.compute_half.__func__ is not Method.compute_half.__func__  # type: ignore[attr-defined]
-    )
-    return not (streamed and dt == "F16" and loops)
+def _overrides(method: type[Method], name: str) -> bool:
+    """Whether `method` has its own `name` classmethod (a compiled float16 loop)."""
+    return getattr(method, name).__func__ is not getattr(Method, name).__func__  # type: ignore[no-any-return]
 
 
 def _renamed(layout: dict[str, TensorInfo], m: dict[str, str] | None) -> dict[str, TensorInfo]:

@@ -224,8 +224,10 @@ class SafetensorsSource:
         """Elements [lo, hi) as stored in the file, read straight into a new tensor."""
         import torch
 
-        info = self.header.tensors[key][0]
-        return torch.from_numpy(self.read_bytes(key, lo, hi)).view(to_torch(info.dtype))
+        dtype = to_torch(self.header.tensors[key][0].dtype)
+        if hi <= lo:  # torch will not view an empty byte tensor (its stride is 0) as wider
+            return torch.empty(0, dtype=dtype)
+        return torch.from_numpy(self.read_bytes(key, lo, hi)).view(dtype)
 
     @property
     def plain(self) -> bool:

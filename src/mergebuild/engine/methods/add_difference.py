@@ -69,6 +69,14 @@ block weights. Expression form: `a + (b - c) * 0.5`."""
             yield torch.mul(diff, p.alpha, out=out).add_(a32)
 
     @classmethod
+    def compute_half(
+        cls, params: AddDifferenceParams, xs: list[Any], out: Any, ctx: Any = None
+    ) -> bool | None:
+        """compute's float32 ops in one compiled loop: a sweep of one member."""
+        flags = cls.compute_many_half([params], xs, out.reshape(1, -1))
+        return None if flags is None else flags[0]
+
+    @classmethod
     def compute_many_half(
         cls, params: list[AddDifferenceParams], xs: list[Any], outs: Any
     ) -> list[bool] | None:

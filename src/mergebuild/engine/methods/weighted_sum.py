@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.engine.methods.base import Method, Params, f32
 from mergebuild.sd.blocks import BlockAlpha
@@ -45,6 +45,24 @@ Expression form: `a * 0.7 + b * 0.3` or `weighted_sum(a, b, 0.3)`."""
             return f32(b)
         out = f32(a).mul_(1.0 - params.alpha)
         return out.add_(f32(b).mul_(params.alpha))
+
+    @classmethod
+    def compute_half(
+        cls, params: WeightedSumParams, xs: list[Any], out: Any, ctx: Any = None
+    ) -> bool | None:
+        """compute's float32 ops as one compiled loop: triple_sum's (_kernels.weighted3) with
+        no third term, a weight-0 term skipped as compute keeps a or b exactly."""
+        import numpy as np
+
+        from mergebuild.engine.methods.reduce import loops_for_size
+
+        loops = loops_for_size(out.size)
+        if loops is None:
+            return None
+        alpha = float(params.alpha)  # type: ignore[arg-type]
+        live = (1 if alpha != 1 else 0) | (2 if alpha != 0 else 0)
+        wa, wb = np.float32(1.0 - alpha), np.float32(alpha)
+        return bool(loops.weighted3(xs[0], xs[1], xs[1], wa, wb, np.float32(0), live, out))
 
     @classmethod
     def compute_many(
