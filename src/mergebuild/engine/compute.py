@@ -504,9 +504,10 @@ class KeyCompute:
 
     def needs_torch(self, key: str) -> bool:
         """Whether `key` may need torch: anything but reads of numpy dtypes (float16 the only
-        float) from plain safetensors files, written as they are, and streamed float16 runs
-        of methods with compiled float16 loops (arrays.py). Only decides whether a pass
-        imports torch up front: a value that turns out to need it converts on the way."""
+        float) from plain safetensors files, written as they are, and float16 values of
+        methods with compiled float16 loops (arrays.py, _job_needs_torch). Only decides
+        whether a pass imports torch up front: a value that turns out to need it converts on
+        the way."""
         if self.device != "cpu":
             return True
         plan = self.key_plan(key)

@@ -343,7 +343,8 @@ class FusedPass:
 
     def _without_torch(self, units: list[Unit]) -> bool:
         """Whether this pass runs on numpy arrays without importing torch (arrays.py): no key
-        needs it and the compiled loops load (here, while the disk starts, ~0.5 s)."""
+        needs it and the compiled loops load (here, while the disk starts: ~1 s, where torch's
+        import took 1.5-2 s)."""
         from mergebuild.engine.methods import reduce
 
         if not units or any(
