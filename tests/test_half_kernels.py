@@ -6,6 +6,7 @@ subnormals, overflow to ±inf and NaNs (written as the canonical 0x7E00)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,10 +111,16 @@ def _awkward_half(n: int, seed: int) -> np.ndarray:
         ("add_difference", {"alpha": 0.0}),  # a exactly, whatever b − c holds
         ("add_difference", {"alpha": -1.0}),
         ("add_difference", {"alpha": 3e4}),  # overflows float16
+        ("fold", {"weights": [1.0, -1.0, 0.7]}),  # add_, sub_, then + x·w
+        ("fold", {"weights": [0.3, 0.0, -2.5, 1.0]}),  # a weight-0 term skipped
+        ("fold", {"weights": [0.0, 1.0]}),  # the first live term taken as it is
+        ("fold", {"weights": [0.0, 0.0]}),  # nothing live: zeros
+        ("fold", {"weights": [1e-50, 1.0]}),  # 0 in float32, not in float64
+        ("fold", {"weights": [300.0, 200.0]}),  # overflows float16
     ],
 )
 def test_compute_half_is_compute_rounded_to_float16(
-    name: str, params: dict[str, float], monkeypatch: pytest.MonkeyPatch
+    name: str, params: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An elementwise method's float16 path (compute_half: bits in, bits out) writes exactly
     compute()'s float32 result cast to float16 with canonical NaNs, and flags Inf/NaN."""
@@ -124,7 +131,8 @@ def test_compute_half_is_compute_rounded_to_float16(
     m = REGISTRY[name]
     p = m.Params(**params)
     n = 70_001
-    xs = [_awkward_half(n, seed) for seed in range(len(m.slots))]
+    inputs = len(params["weights"]) if "weights" in params else len(m.slots)
+    xs = [_awkward_half(n, seed) for seed in range(inputs)]
     want16 = canonical_nans(m.compute(p, [torch.from_numpy(x) for x in xs]).half(), True)
     got = np.empty(n, np.uint16)
     flag = m.compute_half(p, [x.view(np.uint16) for x in xs], got)

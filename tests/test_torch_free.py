@@ -82,17 +82,19 @@ def test_fp16_sweep_builds_without_torch_and_matches_numpy(workdir: Path, cache:
 def test_half_loop_methods_chains_and_copies_build_without_torch(
     workdir: Path, cache: Path
 ) -> None:
-    """Streamed nodes, a cached intermediate read by the next node (computed whole, not
-    streamed), and a plain copy: no torch, and the chain's numbers are numpy's."""
+    """Streamed nodes (fold's too), a cached intermediate read by the next node (computed
+    whole, not streamed), and a plain copy: no torch, and the chain's numbers are numpy's."""
     recipe = _recipe(
         workdir,
         "  td: {method: train_difference, a: anything, b: nai_full, c: nai_sfw, alpha: 0.5}\n"
         "  ts: {method: triple_sum, a: anything, b: nai_full, c: insta, alpha: 0.2, beta: 0.3}\n"
         "  s1: {method: add_difference, a: anything, b: nai_full, c: nai_sfw, alpha: 0.3}\n"
-        "  s2: {method: weighted_sum, a: s1, b: insta, alpha: 0.4}\n",
+        "  s2: {method: weighted_sum, a: s1, b: insta, alpha: 0.4}\n"
+        "  fo: {method: fold, models: [anything, nai_full, nai_sfw], weights: [1, -0.5, 0.5]}\n",
         "  td: {from: td, path: out/td.safetensors}\n"
         "  ts: {from: ts, path: out/ts.safetensors}\n"
         "  s2: {from: s2, path: out/s2.safetensors}\n"
+        "  fo: {from: fo, path: out/fo.safetensors}\n"
         "  copy: {from: insta, path: out/insta-copy.safetensors}\n",
     )
     p = _probe(recipe, cache, "-j", "2")

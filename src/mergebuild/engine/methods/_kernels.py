@@ -17,6 +17,8 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
 - `train_difference`: the method's float32 operations, element by element.
 - `weighted3`: triple_sum's a·wa + b·wb + c·wc, in its order.
 - `add_difference_many`: the members of an add_difference sweep from one read of a tile.
+- `fold_first`, `fold_add`, `fold_round`: fold's Σ wᵢ·mᵢ over float16 inputs, term by term
+  into a float32 tile, rounded once.
 - `lincomb`, `blend_rows`: slerp's and the cosine methods' tiles, a·ca + b·cb.
 - `bake`: bake_lora's a + Σ ΔWᵢ·sᵢ, float16 or float32 `a`, float32 ΔW (1-4 LoRAs).
 - `drop`: DARE's counter-based mask (engine/rng.py's splitmix64, integers only) applied to a
@@ -534,6 +536,39 @@ def drop(d: np.ndarray, key: np.uint64, start: np.uint64, limit: np.uint64) -> N
 
 
 @_jit
+def fold_first(x: np.ndarray, w: np.float32, acc: np.ndarray) -> None:
+    """fold's first live term into the float32 accumulator: x·w, or x itself for w = 1
+    (float16 bits or float32 `x`)."""
+    assert acc.size == x.size
+    if w == _F1:
+        for i in range(x.size):
+            acc[i] = _wide(x[i])
+    else:
+        for i in range(x.size):
+            acc[i] = _wide(x[i]) * w
+
+
+@_jit
+def fold_add(x: np.ndarray, w: np.float32, acc: np.ndarray) -> None:
+    """acc += x·w in float32, element by element: fold's next term (x·1 and x·(−1) are
+    exact, so this is also its add_ and sub_ of x)."""
+    assert acc.size == x.size
+    for i in range(x.size):
+        acc[i] += _wide(x[i]) * w
+
+
+@_jit
+def fold_round(acc: np.ndarray, out: np.ndarray) -> bool:
+    """The float32 sum rounded into `out` (float16 bits), NaNs canonical; whether it holds
+    Inf/NaN."""
+    assert out.size == acc.size
+    special = np.uint16(0)
+    for i in range(acc.size):
+        special |= _put(out, i, acc[i])
+    return _settle(out, special)
+
+
+@_jit
 def lincomb(a: np.ndarray, b: np.ndarray, ca: np.float32, cb: np.float32, out: np.ndarray) -> bool:
     """out = a·ca + b·cb in float32, element by element (slerp's tiles); a float16 `out`
     rounded, and whether it holds Inf/NaN (`_settle`)."""
@@ -608,6 +643,10 @@ def warm() -> None:
     lincomb(h, h, np.float32(1), np.float32(1), np.empty_like(h))
     train_difference(h, h, h, np.float32(1), np.empty_like(h))
     weighted3(h, h, h, np.float32(1), np.float32(1), np.float32(1), 7, np.empty_like(h))
+    acc = np.empty(h.size, dtype=np.float32)
+    fold_first(h, np.float32(1), acc)
+    fold_add(h, np.float32(-1), acc)
+    fold_round(acc, np.empty_like(h))
     members = np.empty((2, h.size), dtype=np.uint16)
     one = np.ones(2, dtype=np.uint8)
     add_difference_many(h, h, h, x[:2], one, members, np.empty(2, dtype=np.bool_))

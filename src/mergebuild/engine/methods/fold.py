@@ -9,13 +9,15 @@ content key before the node is keyed or run (graph.job_args), so the sum's order
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mergebuild.engine.methods.base import Method, Params, f32
 from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
     import torch
+
+TILE = 1 << 18  # elements per tile of compute_half: its float32 accumulator stays in L2
 
 
 class FoldParams(Params):
@@ -53,6 +55,35 @@ first model gives the key set and the non-float tensors. Weights may be block we
         if len(layouts) > 1:
             return f"'weights' mix block weights of the {' and '.join(sorted(layouts))} layouts"
         return None
+
+    @classmethod
+    def compute_half(
+        cls, params: FoldParams, xs: list[Any], out: Any, ctx: Any = None
+    ) -> bool | None:
+        """compute's float32 sum in compiled loops, a tile at a time: the first live term
+        (x, or x·w), then + x·w for each next one (x·±1 is exact: compute's add_ and sub_),
+        rounded once into the float16 output."""
+        import numpy as np
+
+        from mergebuild.engine.methods.reduce import loops_for_size
+
+        loops = loops_for_size(out.size)
+        if loops is None:
+            return None
+        live = [(x, np.float32(w)) for x, w in zip(xs, params.weights, strict=True) if w != 0]
+        if not live:
+            out[:] = 0  # compute's float32 zeros
+            return False
+        acc = np.empty(min(out.size, TILE), dtype=np.float32)
+        bad = False
+        for lo in range(0, out.size, TILE):
+            hi = min(out.size, lo + TILE)
+            part = acc[: hi - lo]
+            loops.fold_first(live[0][0][lo:hi], live[0][1], part)
+            for x, w in live[1:]:
+                loops.fold_add(x[lo:hi], w, part)
+            bad = loops.fold_round(part, out[lo:hi]) or bad
+        return bad
 
     @staticmethod
     def compute(params: FoldParams, xs: list[torch.Tensor]) -> torch.Tensor:
