@@ -543,13 +543,22 @@ class KeyCompute:
             return not (
                 _overrides(method, "compute_half") or _overrides(method, "compute_many_half")
             )
+        return not (
+            _overrides(method, "compute_half") and self._half_whole(job, step.key, len(step.args))
+        )
+
+    def _half_whole(self, job: NodeJob, key: str, n_args: int) -> bool:
+        """Whether `_half_arrays` takes a float16 job's value for `key` from `n_args` inputs:
+        an elementwise method given every input as it is (no channel merge, no own keys)."""
+        method = job.method
         return (
-            not _overrides(method, "compute_half")
-            or not method.elementwise
-            or method.optional_inputs
-            or method.half_mixed
-            or len(step.args) != len(job.inputs)
-            or (job.name, step.key) in self.channel_merge
+            self.device == "cpu"
+            and method.elementwise
+            and not method.optional_inputs
+            and not method.half_mixed
+            and job.name not in self.key_sources
+            and n_args == len(job.inputs)
+            and (job.name, key) not in self.channel_merge
         )
 
     def _half_arrays(self, job: NodeJob, u: Unit, args: list[Any], info: TensorInfo) -> Any:
@@ -560,17 +569,7 @@ class KeyCompute:
 
         from mergebuild.engine.methods.reduce import half_bits
 
-        method = job.method
-        if (
-            info.dtype != "F16"
-            or self.device != "cpu"
-            or not method.elementwise
-            or method.optional_inputs
-            or method.half_mixed
-            or job.name in self.key_sources
-            or len(args) != len(job.inputs)
-            or (job.name, u.key) in self.channel_merge
-        ):
+        if info.dtype != "F16" or not self._half_whole(job, u.key, len(args)):
             return None
         bits = [half_bits(x.reshape(-1)) if is_array(x) else None for x in args]
         if any(b is None for b in bits):
@@ -578,7 +577,7 @@ class KeyCompute:
         out = np.empty(bits[0].size, dtype=np.float16)
         params = self._params(job, u.key)
         ctx = _context(job, params, u, info.shape, self.stats[job.name].report)
-        bad = method.compute_half(params, bits, out.view(np.uint16), ctx)
+        bad = job.method.compute_half(params, bits, out.view(np.uint16), ctx)
         if bad is None:
             return None
         if bad:

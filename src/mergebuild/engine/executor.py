@@ -174,34 +174,17 @@ class FusedPass:
 
     def _read(self, name: str, key: str, u: Unit) -> torch.Tensor:
         """Unit `u` of `key` in source `name`: from the direct-read buffers when the readahead
-        fetched it, else read now. A whole unit comes back in the source's own shape."""
+        fetched it, else read now (and hashed, for a first build's taps). A whole unit comes
+        back in the source's own shape."""
         src = self.sources[name]
         shape = self.layouts[name][key].shape
         lo, hi = (0, math.prod(shape)) if u.whole else (u.lo, u.hi)
-        if self.arrays and isinstance(src, SafetensorsSource) and src.plain:
-            val = src.array_from(key, self._read_bytes(src, key, lo, hi))
-            return val.reshape(shape) if u.whole else val
-        val = None
-        tap = None
-        if isinstance(src, SafetensorsSource):
-            fd, offset, length = src.byte_range(key, lo, hi)
-            tap = self.taps.get(fd)
-            if self.readahead is not None:
-                data = self.readahead.take(fd, offset, length)
-                if data is not None:
-                    val = src.tensor_from(key, data)
-                    if tap is not None:
-                        tap.feed(offset, data)
-                        tap = None
-        if val is None and tap is not None:  # the tap hashes the stored bytes
-            import torch
-
-            assert isinstance(src, SafetensorsSource)
-            stored = src.read_stored(key, lo, hi)
-            tap.feed(offset, stored.view(torch.uint8).numpy())
-            val = src.decode(key, stored)
-        elif val is None:
+        if not isinstance(src, SafetensorsSource):
             val = src.read_flat(key, lo, hi)
+        else:
+            data = self._read_bytes(src, key, lo, hi)
+            plain = self.arrays and src.plain  # a numpy-only pass (arrays.py)
+            val = src.array_from(key, data) if plain else src.tensor_from(key, data)
         return val.reshape(shape) if u.whole else val
 
     def _read_bytes(self, src: SafetensorsSource, key: str, lo: int, hi: int) -> Any:

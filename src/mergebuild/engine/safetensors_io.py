@@ -222,12 +222,7 @@ class SafetensorsSource:
 
     def read_stored(self, key: str, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) as stored in the file, read straight into a new tensor."""
-        import torch
-
-        dtype = to_torch(self.header.tensors[key][0].dtype)
-        if hi <= lo:  # torch will not view an empty byte tensor (its stride is 0) as wider
-            return torch.empty(0, dtype=dtype)
-        return torch.from_numpy(self.read_bytes(key, lo, hi)).view(dtype)
+        return self.stored_from(key, self.read_bytes(key, lo, hi))
 
     @property
     def plain(self) -> bool:
@@ -260,16 +255,23 @@ class SafetensorsSource:
             data = data.copy()
         return data.view(dt)
 
-    def tensor_from(self, key: str, data: object) -> torch.Tensor:
-        """A flat tensor of `key`'s dtype over bytes already read (a numpy uint8 array), shared
-        rather than copied unless their address does not suit the element size."""
+    def stored_from(self, key: str, data: np.ndarray) -> torch.Tensor:
+        """A flat tensor of `key`'s stored dtype over bytes already read (a numpy uint8
+        array), shared rather than copied unless their address does not suit the element
+        size."""
         import torch
 
-        info = self.header.tensors[key][0]
-        raw = torch.from_numpy(data)  # type: ignore[arg-type]
-        if raw.data_ptr() % ITEMSIZE[info.dtype]:
+        st = self.header.tensors[key][0].dtype
+        if not data.size:  # torch will not view an empty byte tensor (its stride is 0) as wider
+            return torch.empty(0, dtype=to_torch(st))
+        raw = torch.from_numpy(data)
+        if raw.data_ptr() % ITEMSIZE[st]:
             raw = raw.clone()
-        return self.decode(key, raw.view(to_torch(info.dtype)))
+        return raw.view(to_torch(st))
+
+    def tensor_from(self, key: str, data: np.ndarray) -> torch.Tensor:
+        """`stored_from`, as the merge sees the values (`decode`)."""
+        return self.decode(key, self.stored_from(key, data))
 
     def close(self) -> None:
         if self.fd >= 0:

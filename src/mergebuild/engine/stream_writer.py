@@ -134,19 +134,19 @@ class StreamingWriter:
 
             flat = np.ascontiguousarray(tensor).reshape(-1)
             fits = flat.dtype.name == NP_NAMES.get(info.dtype)
-            count, raw = flat.size, (lambda: memoryview(flat.view(np.uint8)))
+            count, raw = flat.size, flat.view(np.uint8)
         else:
             import torch
 
             data = tensor.detach().cpu().contiguous().reshape(-1)
             fits = to_torch(info.dtype) == data.dtype
-            count, raw = data.numel(), (lambda: memoryview(data.view(torch.uint8).numpy()))
+            count, raw = data.numel(), data.view(torch.uint8).numpy()
         if (lo + count) * size > info.nbytes or not fits:
             raise ValueError(f"{key}: {tensor.dtype}[{count}] at {lo} does not fit {info}")
         n = count * size
         if n:
             start = self.data_start + self.offsets[key] + lo * size
-            self._put(start, raw())
+            self._put(start, memoryview(raw))
         with self._lock:
             self.missing[key] -= n
         return n
