@@ -164,6 +164,42 @@ def test_tiles_cast_and_streamed_equal_the_whole_result(
     assert [lo for lo, _ in pieces] == sorted({lo for lo, _ in pieces})  # each once, in order
 
 
+@pytest.mark.parametrize("kind", ["plain", "specials", "overflow"])
+@pytest.mark.parametrize(
+    ("name", "params", "shape"), [c for c in SPLIT_CASES if c[0].startswith("add_cosine")]
+)
+def test_split_half_on_arrays_gives_the_float16_bytes_of_compute(
+    monkeypatch: pytest.MonkeyPatch, name: str, params: dict, shape: tuple[int, ...], kind: str
+) -> None:
+    """A pass without torch hands float16 numpy arrays to `split_half`: its tiles, streamed or
+    gathered (compute._half_tiles), give the bytes and the NaN/Inf verdict of
+    `compute(...).to(float16)` on the same values as tensors (the loops loaded, as such a
+    pass loads them first)."""
+    from mergebuild.engine.methods import reduce
+
+    monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
+    monkeypatch.setattr(add_cosine_a, "FILL_TILE", 1000)
+    m = REGISTRY[name]
+    numel = math.prod(shape)
+    xs = [x.reshape(shape) for x in _inputs(kind, 1, numel, torch.float16, seed=numel + 1)]
+    p = m.Params(**params)
+    whole = m.compute(p, xs).to(torch.float16)
+    want = (_bytes(compute.canonical_nans(whole, inplace=False)), compute._has_nonfinite(whole))
+    arrays = [x.numpy().copy() for x in xs]
+    tiles = m.split_half(p, arrays, None)
+    assert tiles is not None and tiles.fill_half is not None
+    bad, out = compute._half_tiles(tiles, None)
+    assert isinstance(out, np.ndarray) and out.shape == shape
+    assert (out.tobytes(), bad) == want
+    got = np.full(numel, 7, dtype=np.float16)
+
+    def emit(t: np.ndarray, lo: int) -> None:
+        got[lo : lo + t.size] = t
+
+    assert compute._half_tiles(m.split_half(p, arrays, None), emit) == (want[1], None)
+    assert got.tobytes() == want[0]
+
+
 def test_slerp_tiles_stream_when_no_value_can_overflow() -> None:
     """float16 inputs: the norms bound every result far below float32's maximum, so slerp's
     tiles go out as they come (no restart); huge bfloat16 values keep the restart."""

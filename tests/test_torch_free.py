@@ -164,3 +164,30 @@ def test_values_that_need_torch_convert_on_the_way(
     monkeypatch.setattr(executor.FusedPass, "_without_torch", forced)
     assert _build(recipe, tmp_path / "c2", jobs) == normal
     assert seen and not any(seen)  # the pass did need torch: the forced reads were exercised
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_cosine_methods_build_without_torch_with_the_bytes_of_the_torch_pass(
+    workdir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: str
+) -> None:
+    """add_cosine_a streamed to its file and add_cosine_b feeding another node (a whole
+    value): statistics and tiles from the numpy arrays, no torch, and the bytes of the same
+    build on tensors (the pass forced to import torch)."""
+    from mergebuild.engine import executor
+
+    recipe = _recipe(
+        workdir,
+        "  ca: {method: add_cosine_a, a: anything, b: insta, alpha: 0.1}\n"
+        "  cb: {method: add_cosine_b, a: nai_full, b: insta, alpha: 0.2, sim_min: 0.5}\n"
+        "  mix: {method: weighted_sum, a: cb, b: anything, alpha: 0.3}\n",
+        "  ca: {from: ca, path: out/ca.safetensors}\n"
+        "  mix: {from: mix, path: out/mix.safetensors}\n",
+    )
+    p = _probe(recipe, cache, "-j", jobs)
+    assert p.returncode == 0, p.stderr
+    free = {q.name: q.read_bytes() for q in sorted((workdir / "out").iterdir())}
+    for q in (workdir / "out").iterdir():
+        q.unlink()
+    monkeypatch.setattr(executor.FusedPass, "_without_torch", lambda self, units: False)
+    assert _build(recipe, tmp_path / "torch", int(jobs)) == free
+    assert len(free) == 2

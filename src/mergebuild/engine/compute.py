@@ -543,17 +543,16 @@ class KeyCompute:
             return not (
                 _overrides(method, "compute_half") or _overrides(method, "compute_many_half")
             )
-        return not (
-            _overrides(method, "compute_half") and self._half_whole(job, step.key, len(step.args))
-        )
+        loop = "compute_half" if method.elementwise else "split_half"
+        return not (_overrides(method, loop) and self._half_whole(job, step.key, len(step.args)))
 
     def _half_whole(self, job: NodeJob, key: str, n_args: int) -> bool:
         """Whether `_half_arrays` takes a float16 job's value for `key` from `n_args` inputs:
-        an elementwise method given every input as it is (no channel merge, no own keys)."""
+        a method given every input as it is (no channel merge, no own keys); an elementwise
+        one through its compute_half, another through its split_half."""
         method = job.method
         return (
             self.device == "cpu"
-            and method.elementwise
             and not method.optional_inputs
             and not method.half_mixed
             and job.name not in self.key_sources
@@ -561,28 +560,47 @@ class KeyCompute:
             and (job.name, key) not in self.channel_merge
         )
 
-    def _half_arrays(self, job: NodeJob, u: Unit, args: list[Any], info: TensorInfo) -> Any:
-        """`_tiled`'s float16 fast path on numpy arrays, without torch: the job's compiled
-        float16 loop from all its inputs' bits into a new float16 array; None where it does
-        not apply (the caller converts to tensors and goes the usual way)."""
+    def _half_arrays(
+        self,
+        job: NodeJob,
+        u: Unit,
+        args: list[Any],
+        info: TensorInfo,
+        direct: Callable[[Any, int], None] | None,
+    ) -> tuple[bool, Any]:
+        """The float16 fast paths on numpy arrays, without torch: an elementwise job's
+        compiled loop (`_tiled`'s) from all its inputs' bits into a new float16 array, or a
+        whole-tensor job's split_half tiles (`_stream_tiles`' / `_from_tiles`'), each handed
+        to `direct` if given. (done, value): value None once `direct` has every tile; not
+        done where neither applies (the caller converts to tensors, the usual way)."""
         import numpy as np
 
         from mergebuild.engine.methods.reduce import half_bits
 
         if info.dtype != "F16" or not self._half_whole(job, u.key, len(args)):
-            return None
-        bits = [half_bits(x.reshape(-1)) if is_array(x) else None for x in args]
-        if any(b is None for b in bits):
-            return None
-        out = np.empty(bits[0].size, dtype=np.float16)
+            return False, None
+        if not all(is_array(x) and x.dtype == np.float16 for x in args):
+            return False, None
         params = self._params(job, u.key)
         ctx = _context(job, params, u, info.shape, self.stats[job.name].report)
+        if not job.method.elementwise:
+            tiles = job.method.split_half(params, args, ctx)
+            if tiles is None or tiles.fill_half is None or tiles.may_restart:
+                return False, None
+            bad, out = _half_tiles(tiles, direct)
+            if bad:
+                self.stats[job.name].nonfinite.add(u.key)
+            return True, out
+        bits = [half_bits(x.reshape(-1)) for x in args]
+        if any(b is None for b in bits):
+            return False, None
+        out = np.empty(bits[0].size, dtype=np.float16)
         bad = job.method.compute_half(params, bits, out.view(np.uint16), ctx)
         if bad is None:
-            return None
+            return False, None
         if bad:
             self.stats[job.name].nonfinite.add(u.key)
-        return out.reshape(args[0].shape)
+        return True, out.reshape(args[0].shape)
 
     def _compute(
         self,
@@ -625,9 +643,9 @@ class KeyCompute:
         if not mergeable(u.key, info.dtype):
             return a
         if is_array(a):
-            done = self._half_arrays(job, u, args, info)
-            if done is not None:
-                return done
+            done, value = self._half_arrays(job, u, args, info, direct)
+            if done:
+                return value
         args, a = as_tensors(args), as_tensor(a)
         import torch
 
@@ -825,16 +843,11 @@ def _stream_tiles(
     before the next); whether any value is NaN/Inf. The same bytes as `_from_tiles`."""
     import torch
 
+    if tiles.fill_half is not None and dtype == torch.float16:
+        return _half_tiles(tiles, lambda t, lo: emit(torch.from_numpy(t), lo))[0]
     numel = math.prod(tiles.shape)
     buf = torch.empty(min(numel, tiles.step), dtype=dtype)
     bad = False
-    if tiles.fill_half is not None and dtype == torch.float16:
-        bits = buf.view(torch.uint16).numpy()
-        for lo in range(0, numel, tiles.step):
-            hi = min(numel, lo + tiles.step)
-            bad = tiles.fill_half(lo, hi, bits[: hi - lo]) or bad
-            emit(buf[: hi - lo], lo)
-        return bad
     for lo in range(0, numel, tiles.step):
         hi = min(numel, lo + tiles.step)
         part = tiles.fill(lo, hi)
@@ -844,6 +857,27 @@ def _stream_tiles(
         bad = settle_nonfinite(dst) or bad
         emit(dst, lo)
     return bad
+
+
+def _half_tiles(tiles: Tiles, emit: Callable[[Any, int], None] | None) -> tuple[bool, Any]:
+    """Tiles.fill_half tile by tile, each handed to `emit(tile, lo)` from one reused float16
+    numpy buffer (None returned), or without `emit` into one new float16 array (returned,
+    in the tiles' shape); and whether any value is Inf/NaN (fill_half made NaNs canonical)."""
+    import numpy as np
+
+    assert tiles.fill_half is not None
+    numel = math.prod(tiles.shape)
+    out = np.empty(numel if emit is None else min(numel, tiles.step), dtype=np.float16)
+    bits = out.view(np.uint16)
+    bad = False
+    for lo in range(0, numel, tiles.step):
+        hi = min(numel, lo + tiles.step)
+        if emit is None:
+            bad = tiles.fill_half(lo, hi, bits[lo:hi]) or bad
+            continue
+        bad = tiles.fill_half(lo, hi, bits[: hi - lo]) or bad
+        emit(out[: hi - lo], lo)
+    return bad, None if emit is not None else out.reshape(tiles.shape)
 
 
 # per dtype: (same-size integer dtype, magnitude bits, largest non-NaN magnitude, the NaN)

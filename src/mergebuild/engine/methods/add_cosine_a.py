@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import model_validator
 
@@ -32,15 +32,23 @@ class CosineParams(Params):
 
 
 def column_cosines(
-    a: torch.Tensor, b: torch.Tensor
+    a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """cos_j over dim 0 for every position j of the other dims (0 where a column is all
-    zeros), each column's squared norms in a and b and its ⟨a, b⟩; float64, fixed order."""
+    zeros), each column's squared norms in a and b and its ⟨a, b⟩; float64, fixed order.
+    a, b: tensors, or float16 numpy arrays (a pass without torch: the same sums)."""
     import numpy as np
 
-    from mergebuild.engine.methods.reduce import gram
+    from mergebuild.engine.methods.reduce import column_gram_half, gram
 
-    aa, bb, ab = gram(a, b, 0)
+    if isinstance(a, np.ndarray):
+        rows = a.shape[0] if a.ndim else 1
+        aa, bb, ab = column_gram_half(
+            np.ascontiguousarray(a).view(np.uint16).reshape(rows, -1),
+            np.ascontiguousarray(b).view(np.uint16).reshape(rows, -1),
+        )
+    else:
+        aa, bb, ab = gram(a, b, 0)
     den = np.sqrt(aa) * np.sqrt(bb)
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = np.where(den > 0, ab / np.where(den > 0, den, 1.0), 0.0)
@@ -113,15 +121,46 @@ def blend_tiles(
         p = part[: r1 - r0].copy_(a2[r0:r1]).mul_(kt)
         return p.add_(tmp[: r1 - r0].copy_(b2[r0:r1]).mul_(rest)).reshape(-1)
 
-    fill_half = None
     ha, hb = half_bits(a2), half_bits(b2)
+    half = None
     if loops is not None and ha is not None and hb is not None:
+        half = _blend_half(loops, ha, hb, ka, kb)
+    return Tiles(rows * cols, tuple(a.shape), fill, fill_half=half)
 
-        def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
-            r0, r1 = lo // cols, hi // cols
-            return bool(loops.blend_rows(ha[r0:r1], hb[r0:r1], ka, kb, out.reshape(r1 - r0, cols)))
 
-    return Tiles(rows * cols, tuple(a.shape), fill, fill_half=fill_half)
+def _blend_half(
+    loops: Any, ha: np.ndarray, hb: np.ndarray, ka: np.ndarray, kb: np.ndarray
+) -> Callable[[int, int, np.ndarray], bool]:
+    """Tiles.fill_half of the blend: float16 a, b as bits (rows × cols), whole rows a tile."""
+    cols = ha.shape[1]
+
+    def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
+        r0, r1 = lo // cols, hi // cols
+        return bool(loops.blend_rows(ha[r0:r1], hb[r0:r1], ka, kb, out.reshape(r1 - r0, cols)))
+
+    return fill_half
+
+
+def blend_tiles_half(
+    a: np.ndarray, b: np.ndarray, combined: np.ndarray, params: CosineParams, alpha: float
+) -> Tiles | None:
+    """`blend_tiles` of float16 numpy arrays, float16 tiles only (fill_half; `fill` says
+    start over): a pass without torch. None where the compiled loops do not load."""
+    import numpy as np
+
+    from mergebuild.engine.methods.reduce import loops_for_size
+
+    loops = loops_for_size(a.size)
+    if loops is None:
+        return None
+    k = np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
+    cols = math.prod(a.shape[1:])
+    ka, kb = k.astype(np.float32).reshape(-1), (1.0 - k).astype(np.float32).reshape(-1)
+    ha = np.ascontiguousarray(a).view(np.uint16).reshape(a.shape[0], cols)
+    hb = np.ascontiguousarray(b).view(np.uint16).reshape(a.shape[0], cols)
+    rows = max(1, FILL_TILE // cols)
+    half = _blend_half(loops, ha, hb, ka, kb)
+    return Tiles(rows * cols, tuple(a.shape), lambda lo, hi: None, fill_half=half)
 
 
 class CosineBlend(Method):
@@ -138,6 +177,13 @@ class CosineBlend(Method):
             return None
         combined, alpha = cls.similarity(params, xs)
         return blend_tiles(xs[0], xs[1], combined, params, alpha)
+
+    @classmethod
+    def split_half(cls, params: CosineParams, xs: list[np.ndarray], ctx: object) -> Tiles | None:
+        if xs[0].ndim == 0 or xs[0].shape[0] == 0:
+            return None
+        combined, alpha = cls.similarity(params, xs)  # type: ignore[arg-type]
+        return blend_tiles_half(xs[0], xs[1], combined, params, alpha)
 
     @classmethod
     def compute(cls, params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:

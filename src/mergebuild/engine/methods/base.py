@@ -261,6 +261,13 @@ class Method:
         return None
 
     @classmethod
+    def split_half(cls, params: Any, xs: list[Any], ctx: Any) -> Tiles | None:
+        """`split` for float16 inputs given as numpy arrays, in a pass without torch
+        (arrays.py): Tiles whose `fill_half` gives `split`'s float16 tiles bit for bit (their
+        `fill` is not called), or None: the inputs become tensors and `split` runs."""
+        return None
+
+    @classmethod
     def output_keys(
         cls, params: Any, layouts: list[Any]
     ) -> dict[str, tuple[tuple[int, ...], str]] | None:

@@ -126,6 +126,9 @@ def gram(
                 for i, v in enumerate(three(_f64(xr[lo : lo + step]), _f64(yr[lo : lo + step]), 0)):
                     acc[i] += v
             return acc[0], acc[1], acc[2]
+        hx, hy = half_bits(xr), half_bits(yr)
+        if hx is not None and hy is not None:  # the way a pass on numpy arrays sums them
+            return column_gram_half(hx, hy)
         if n_cols > 1 and compiled_ok(xr, yr):  # one column: numpy sums it pairwise
             _column_sums(xr, yr, step, acc)
             return acc[0], acc[1], acc[2]
@@ -161,6 +164,29 @@ def gram(
         for i in range(3):
             out[i][r] = total[i]
     return out[0], out[1], out[2]
+
+
+def column_gram_half(hx: np.ndarray, hy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`gram(x, y, 0)` of float16 x, y given as their bits (uint16, 2-D rows × cols, C order),
+    without torch: the same sums in the same order, so the same bits either way.
+
+    Why a path of its own: a float16 pass on numpy arrays (arrays.py) computes the cosine
+    methods' statistics from the bytes it read, and a float16 tensor comes here as its bits."""
+    n_rows, n_cols = hx.shape
+    acc = np.zeros((3, n_cols))
+    step = max(1, BLOCK // max(n_cols, 1))
+    loops = loops_for_size(hx.size) if n_cols > 1 else None  # one column: numpy's pairwise
+    if loops is not None:
+        loops.column_sums(hx, hy, step, acc)
+        return acc[0], acc[1], acc[2]
+    # float32 products of float16 values are exact (see Products), widened, summed by numpy
+    for lo in range(0, n_rows, step):
+        rows = min(step, n_rows - lo)
+        x = hx[lo : lo + rows].view(np.float16).astype(np.float32)
+        y = hy[lo : lo + rows].view(np.float16).astype(np.float32)
+        for i, (u, v) in enumerate(((x, x), (y, y), (x, y))):
+            acc[i] += np.add.reduce(np.multiply(u, v).astype(np.float64), axis=0)
+    return acc[0], acc[1], acc[2]
 
 
 def gram1(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
