@@ -717,6 +717,14 @@ class KeyCompute:
         return p
 
 
+def uses_loops(method: type[Method]) -> bool:
+    """Whether `method` may call the compiled loops (_kernels.py): it says so, or it has a
+    float16 loop of its own."""
+    return method.compiled_loops or any(
+        _overrides(method, name) for name in ("compute_half", "compute_many_half", "split_half")
+    )
+
+
 def _overrides(method: type[Method], name: str) -> bool:
     """Whether `method` has its own `name` classmethod (a compiled float16 loop)."""
     return getattr(method, name).__func__ is not getattr(Method, name).__func__  # type: ignore[no-any-return]

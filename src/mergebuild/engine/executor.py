@@ -266,6 +266,7 @@ class FusedPass:
         self, jobs: int, max_memory: int, on_unit: Callable[[Unit, bool], None] | None
     ) -> None:
         units = list(self.units())
+        self._load_compiled_loops(units)
         direct = {}  # fd → O_DIRECT twin, for inputs mostly outside the page cache
         for src in self.sources.values():
             if isinstance(src, SafetensorsSource) and read_mode(src.fd) == "direct":
@@ -286,7 +287,6 @@ class FusedPass:
             self._start_taps(ranges)  # inside: the `finally` below stops them
             self.arrays = self._without_torch(units)
             if not self.arrays:
-                self._load_compiled_loops(units)
                 # imported once the disk is already busy: it takes 1.5-2 s; one intra-op
                 # thread, as parallelism comes from workers on independent units
                 ensure_torch()
@@ -337,12 +337,17 @@ class FusedPass:
         return reduce.kernels() is not None
 
     def _load_compiled_loops(self, units: list[Unit]) -> None:
-        """Load numba's loops (~0.7 s) in the background while the disk starts, rather than
-        in the worker that first needs them, when a method uses them on full-size tensors."""
+        """Load numba's loops (~0.7 s) in the background from the pass's first step, when a
+        method uses them on full-size tensors: rather than in the worker that first needs
+        them, or in `_without_torch`, which then only waits for the rest (0.3-0.5 s of it
+        overlapped the readahead's start; measured on SD1 add_difference)."""
+        from mergebuild.engine.compute import uses_loops
         from mergebuild.engine.methods import reduce
 
-        if any(j.method.compiled_loops for j in self.jobs.values()) and any(
-            u.hi - u.lo >= reduce.COMPILED_MIN for u in units
+        if (
+            self.device == "cpu"
+            and any(uses_loops(j.method) for j in self.jobs.values())
+            and any(u.hi - u.lo >= reduce.COMPILED_MIN for u in units)
         ):
             threading.Thread(target=reduce.kernels, name="load-loops", daemon=True).start()
 
