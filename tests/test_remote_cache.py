@@ -811,3 +811,78 @@ def test_hostile_directory_remote_entry(
     assert r.code == 1 and "Traceback" not in r.err, r.err
     assert f"remote cache entry {key}" in r.err
     assert "1 pulled, 0 already local, 1 not on the remote" in r.out
+
+
+@pytest.mark.parametrize("ranged", ["1", "0"])
+def test_download_by_ranged_gets_falls_back_to_s3fs_per_range(
+    weed: Weed, pushed: dict, s3_prefix: str, tmp_path: Path, seed_build: SeedBuild,
+    monkeypatch: pytest.MonkeyPatch, ranged: str,
+) -> None:  # fmt: skip
+    """An s3 object comes by plain ranged GETs on a URL s3fs presigned (remote/ranged.py); a
+    range that path gives up on (here: every third) is read through s3fs, and with
+    MERGEBUILD_REMOTE_RANGED=0 every range is. The exact bytes every way."""
+    from mergebuild.cache import CacheStore
+    from mergebuild.remote.fetch import fetch
+    from mergebuild.remote.ranged import RangedGet
+    from mergebuild.remote.store import RemoteCache
+
+    copy_remote(weed, pushed, s3_prefix)
+    for k, v in s3_env(weed.endpoint).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MERGEBUILD_REMOTE_RANGED", ranged)
+    chunk = 65536
+    monkeypatch.setenv("MERGEBUILD_REMOTE_CHUNK", str(chunk))
+    remote = RemoteCache(s3_prefix)
+    key = pushed["output_key"]
+    info = remote.sidecar(key)
+    assert info is not None
+    through_s3fs: list[tuple[int, int]] = []
+    cat = remote.fs.cat_file
+
+    def counted(path: str, start: int | None = None, end: int | None = None, **kw: Any) -> Any:
+        if path.endswith(".safetensors"):
+            through_s3fs.append((start, end))  # type: ignore[arg-type]
+        return cat(path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(remote.fs, "cat_file", counted)
+    read, refused = RangedGet.read, []
+
+    def every_third_refused(self: RangedGet, start: int, end: int) -> bytearray | None:
+        if start // chunk % 3 == 1:
+            refused.append((start, end))
+            return None
+        return read(self, start, end)
+
+    monkeypatch.setattr(RangedGet, "read", every_third_refused)
+    store = CacheStore(tmp_path / "c")
+    fetch(remote, store, key, info)
+    assert store.object_path(key).read_bytes() == seed_build.output
+    size = len(seed_build.output)
+    ranges = [(s, min(s + chunk, size)) for s in range(0, size, chunk)]
+    assert len(ranges) >= 3
+    if ranged == "1":
+        assert sorted(through_s3fs) == sorted(refused) == ranges[1::3]
+    else:
+        assert sorted(through_s3fs) == ranges and not refused
+
+
+def test_ranged_gets_refuse_what_they_cannot_check(weed: Weed, pushed: dict) -> None:
+    """A proxy in the way, a range past the end, a dead port: None (s3fs reads instead)."""
+    from mergebuild.remote.ranged import RangedGet
+
+    fs = s3fs_client(weed.endpoint)
+    path = remote_path(pushed["url"], pushed["output_key"])
+    url = fs.sign(path, expiration=600)
+    get = RangedGet(url)
+    size = fs.size(path)
+    assert get.read(10, 20) == fs.cat_file(path, start=10, end=20)
+    assert get.read(size - 5, size + 5) is None  # the server answers with a shorter range
+    assert get.read(0, 10) == fs.cat_file(path, start=0, end=10)  # a new connection
+    dead = RangedGet(url.replace(f":{weed.ports[6]}/", f":{_free_ports(1)[0]}/"))
+    assert dead.read(0, 10) is None
+    assert RangedGet.usable(url)
+    env = {"HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert not RangedGet.usable(url)

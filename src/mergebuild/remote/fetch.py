@@ -48,10 +48,11 @@ class _Checker:
         self.head, self.body = xxhash.xxh3_128(), xxhash.xxh3_128()
         self.at = 0
 
-    def update(self, data: bytes | memoryview) -> None:
-        cut = min(len(data), max(0, self.split.head_bytes - self.at)) if self.split else 0
-        self.head.update(data[:cut])
-        self.body.update(data[cut:])
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)  # slices without copies
+        cut = min(len(view), max(0, self.split.head_bytes - self.at)) if self.split else 0
+        self.head.update(view[:cut])
+        self.body.update(view[cut:])
         self.at += len(data)
 
     def result(self, info: dict[str, Any]) -> SplitChecksum | None:
@@ -83,7 +84,7 @@ class _Sink:
         self.direct = open_direct(fd, os.O_WRONLY)
         self.buf = mmap.mmap(-1, chunk) if self.direct >= 0 else None  # page-aligned
 
-    def write(self, data: bytes, at: int) -> None:
+    def write(self, data: bytes | bytearray, at: int) -> None:
         n = len(data)
         k = n // self.align * self.align if self.buf is not None and at % self.align == 0 else 0
         if k:
@@ -179,7 +180,7 @@ def _download(
     leaves a prefix."""
     chunk = chunk_size()
     starts = iter(range(pos, size, chunk))
-    pending: deque[tuple[int, int, Future[bytes]]] = deque()
+    pending: deque[tuple[int, int, Future[bytes | bytearray]]] = deque()
     fetchers, writer = ThreadPoolExecutor(WINDOW), ThreadPoolExecutor(1)
     sink = _Sink(fd, chunk)
 
