@@ -15,6 +15,7 @@ calls) is the per-key stage in compute.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -81,6 +82,13 @@ class Sink:
     derived: set[str] = field(default_factory=set)  # keys written with another (scales, marker)
 
 
+def _import_torch() -> None:
+    """`import torch` ahead of its first use (FusedPass._start_loading); a failure shows
+    where torch is then imported for real."""
+    with contextlib.suppress(Exception):
+        import torch  # noqa: F401
+
+
 class FusedPass:
     def __init__(
         self,
@@ -104,6 +112,23 @@ class FusedPass:
         self.arrays = False  # during run(): values are numpy arrays, torch not imported
         for sink in sinks:
             self._plan_sink(sink)
+        self._start_loading()
+
+    def _start_loading(self) -> None:
+        """Import torch (if a key needs it) and load the compiled loops (if a method uses
+        them on full-size tensors) in the background from here, while the files open and the
+        readahead starts, rather than once the pass runs: torch's import took 2.1 s between
+        the readahead's start and the first unit of a SDXL LoRA bake."""
+        sizes = {
+            k: math.prod(i.shape)
+            for s in self.sinks
+            for k, i in s.infos.items()
+            if k not in s.derived
+        }
+        self.needs_torch = any(self.compute.needs_torch(k) for k in sizes)
+        if self.needs_torch and "torch" not in sys.modules:
+            threading.Thread(target=_import_torch, name="import-torch", daemon=True).start()
+        self._load_compiled_loops(max(sizes.values(), default=0))
 
     def _plan_sink(self, sink: Sink) -> None:
         """The output's tensors: its source's, a baked-in VAE's, then the options' selection."""
@@ -266,7 +291,6 @@ class FusedPass:
         self, jobs: int, max_memory: int, on_unit: Callable[[Unit, bool], None] | None
     ) -> None:
         units = list(self.units())
-        self._load_compiled_loops(units)
         direct = {}  # fd → O_DIRECT twin, for inputs mostly outside the page cache
         for src in self.sources.values():
             if isinstance(src, SafetensorsSource) and read_mode(src.fd) == "direct":
@@ -326,28 +350,25 @@ class FusedPass:
 
     def _without_torch(self, units: list[Unit]) -> bool:
         """Whether this pass runs on numpy arrays without importing torch (arrays.py): no key
-        needs it and the compiled loops load (here, while the disk starts: ~1 s, where torch's
-        import took 1.5-2 s)."""
+        needs it and the compiled loops load (~0.7 s, where torch's import took 1.5-2 s)."""
         from mergebuild.engine.methods import reduce
 
-        if not units or any(
-            self.compute.needs_torch(k) for k in dict.fromkeys(u.key for u in units)
-        ):
+        if not units or self.needs_torch:
             return False
         return reduce.kernels() is not None
 
-    def _load_compiled_loops(self, units: list[Unit]) -> None:
-        """Load numba's loops (~0.7 s) in the background from the pass's first step, when a
-        method uses them on full-size tensors: rather than in the worker that first needs
-        them, or in `_without_torch`, which then only waits for the rest (0.3-0.5 s of it
-        overlapped the readahead's start; measured on SD1 add_difference)."""
+    def _load_compiled_loops(self, largest: int) -> None:
+        """Load numba's loops (~0.7 s) in the background (`_start_loading`) when a method uses
+        them on tensors of `largest` elements or more: rather than in the worker that first
+        needs them, or in `_without_torch`, which then only waits for the rest (first write
+        of SD1 add_difference ~1.8-2.1 -> ~1.5 s)."""
         from mergebuild.engine.compute import uses_loops
         from mergebuild.engine.methods import reduce
 
         if (
             self.device == "cpu"
             and any(uses_loops(j.method) for j in self.jobs.values())
-            and any(u.hi - u.lo >= reduce.COMPILED_MIN for u in units)
+            and largest >= reduce.COMPILED_MIN
         ):
             threading.Thread(target=reduce.kernels, name="load-loops", daemon=True).start()
 
