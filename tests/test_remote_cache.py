@@ -847,11 +847,13 @@ def test_download_by_ranged_gets_falls_back_to_s3fs_per_range(
     monkeypatch.setattr(remote.fs, "cat_file", counted)
     read, refused = RangedGet.read, []
 
-    def every_third_refused(self: RangedGet, start: int, end: int) -> bytearray | None:
+    def every_third_refused(
+        self: RangedGet, start: int, end: int, into: memoryview | None = None
+    ) -> memoryview | None:
         if start // chunk % 3 == 1:
             refused.append((start, end))
             return None
-        return read(self, start, end)
+        return read(self, start, end, into)
 
     monkeypatch.setattr(RangedGet, "read", every_third_refused)
     store = CacheStore(tmp_path / "c")
@@ -877,7 +879,9 @@ def test_ranged_gets_refuse_what_they_cannot_check(weed: Weed, pushed: dict) -> 
     size = fs.size(path)
     assert get.read(10, 20) == fs.cat_file(path, start=10, end=20)
     assert get.read(size - 5, size + 5) is None  # the server answers with a shorter range
-    assert get.read(0, 10) == fs.cat_file(path, start=0, end=10)  # a new connection
+    buf = memoryview(bytearray(64))
+    got = get.read(0, 10, buf)  # on a new connection, into the given buffer
+    assert got == fs.cat_file(path, start=0, end=10) and got.obj is buf.obj
     dead = RangedGet(url.replace(f":{weed.ports[6]}/", f":{_free_ports(1)[0]}/"))
     assert dead.read(0, 10) is None
     assert RangedGet.usable(url)

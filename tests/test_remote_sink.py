@@ -11,6 +11,18 @@ import pytest
 from mergebuild.remote.fetch import _Sink
 
 
+def _piece(data: bytes, aligned: bool) -> bytes | memoryview:
+    """A chunk as the download hands it over: bytes (through s3fs), or a view of a
+    page-aligned receive buffer (a ranged GET received into it)."""
+    if not aligned:
+        return data
+    import mmap
+
+    buf = mmap.mmap(-1, max(len(data), 1))
+    buf[: len(data)] = data
+    return memoryview(buf)[: len(data)]
+
+
 @pytest.mark.parametrize(
     ("chunk", "size", "start"),
     [
@@ -20,8 +32,14 @@ from mergebuild.remote.fetch import _Sink
         (1 << 16, 100, 0),  # smaller than a page: only the buffered route
     ],
 )
+@pytest.mark.parametrize("aligned", [False, True])
 def test_chunks_written_in_order_give_the_bytes(
-    tmp_path: Path, chunk: int, size: int, start: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    chunk: int,
+    size: int,
+    start: int,
+    monkeypatch: pytest.MonkeyPatch,
+    aligned: bool,
 ) -> None:
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     path = tmp_path / "part"
@@ -38,7 +56,7 @@ def test_chunks_written_in_order_give_the_bytes(
 
         monkeypatch.setattr(os, "pwrite", pwrite)
         for at in range(start, size, chunk):
-            sink.write(data[at : at + chunk], at)
+            sink.write(_piece(data[at : at + chunk], aligned), at, aligned)
         sink.close()
         sink.close()  # twice is harmless
         os.fsync(fd)
@@ -52,8 +70,9 @@ def test_chunks_written_in_order_give_the_bytes(
     assert any(by_direct) == bool(pages)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 def test_a_disk_refusing_direct_writes_gets_them_buffered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aligned: bool
 ) -> None:
     """The first O_DIRECT write answers EINVAL (a disk wanting another alignment): the sink
     drops its direct route (closing its buffer mid-write) and every byte still lands."""
@@ -78,7 +97,7 @@ def test_a_disk_refusing_direct_writes_gets_them_buffered(
 
         monkeypatch.setattr(os, "pwrite", pwrite)
         for at in range(0, size, chunk):
-            sink.write(data[at : at + chunk], at)
+            sink.write(_piece(data[at : at + chunk], aligned), at, aligned)
         sink.close()
         os.fsync(fd)
     finally:

@@ -84,17 +84,22 @@ class _Sink:
         self.direct = open_direct(fd, os.O_WRONLY)
         self.buf = mmap.mmap(-1, chunk) if self.direct >= 0 else None  # page-aligned
 
-    def write(self, data: bytes | bytearray, at: int) -> None:
+    def write(self, data: bytes | memoryview, at: int, aligned: bool = False) -> None:
+        """`data` at offset `at`; `aligned`: data starts page-aligned (a view of one of
+        `_download`'s receive buffers), so it is written directly without a copy."""
         n = len(data)
         k = n // self.align * self.align if self.buf is not None and at % self.align == 0 else 0
         if k:
-            copy_into(self.buf, 0, data, k)
-            try:
-                written = os.pwrite(self.direct, memoryview(self.buf)[:k], at)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                written = 0
+            if not aligned:
+                copy_into(self.buf, 0, data, k)  # type: ignore[arg-type]
+            with memoryview(data if aligned else self.buf) as source:  # type: ignore[arg-type]
+                try:
+                    written = os.pwrite(self.direct, source[:k], at)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    written = -1
+            if written < 0:
                 self.close()  # this disk wants other alignment: buffered from here on
             if written != k:
                 k = 0  # (a short direct write: rewritten whole, buffered)
@@ -178,31 +183,41 @@ def _download(
     hashing in turn.) At most WINDOW + 2 chunks are in memory (those in flight, the one being
     hashed, the one being written), and the writes stay in file order, so a download cut off
     leaves a prefix."""
+    import mmap
+
     chunk = chunk_size()
     starts = iter(range(pos, size, chunk))
-    pending: deque[tuple[int, int, Future[bytes | bytearray]]] = deque()
+    pending: deque[tuple[int, int, mmap.mmap, Future[bytes | memoryview]]] = deque()
     fetchers, writer = ThreadPoolExecutor(WINDOW), ThreadPoolExecutor(1)
     sink = _Sink(fd, chunk)
+    # receive buffers, page-aligned and reused: a chunk goes from the socket to the disk
+    # without a copy or fresh pages (those in flight, the one being hashed, the one written)
+    free = deque(mmap.mmap(-1, chunk) for _ in range(WINDOW + 2))
 
     def ask() -> None:
         s = next(starts, None)
         if s is not None:
             e = min(s + chunk, size)
-            pending.append((s, e, fetchers.submit(remote.read_range, key, s, e)))
+            buf = free.popleft()
+            job = fetchers.submit(remote.read_range, key, s, e, memoryview(buf))
+            pending.append((s, e, buf, job))
 
     try:
         for _ in range(WINDOW):
             ask()
         written: Future[None] | None = None
+        last: mmap.mmap | None = None
         while pending:
-            s, e, arriving = pending.popleft()
+            s, e, buf, arriving = pending.popleft()
             data = arriving.result()
             ask()
             if len(data) != e - s:
                 raise RemoteEntryBad(f"short read at byte {s} (object truncated?)")
             if written is not None:
                 written.result()
-            written = writer.submit(sink.write, data, s)
+                free.append(last)  # type: ignore[arg-type]  # written and hashed: reusable
+            written = writer.submit(sink.write, data, s, isinstance(data, memoryview))
+            last = buf
             checker.update(data)
         if written is not None:
             written.result()

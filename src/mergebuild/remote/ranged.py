@@ -48,8 +48,9 @@ class RangedGet:
             return bool(urllib.request.proxy_bypass(parts.hostname))
         return True
 
-    def read(self, start: int, end: int) -> bytearray | None:
-        """Bytes [start, end) of the object, or None (see the module doc)."""
+    def read(self, start: int, end: int, into: memoryview | None = None) -> memoryview | None:
+        """Bytes [start, end) of the object, received straight into `into` (at least
+        end − start bytes; a new buffer if None), or None (see the module doc)."""
         n = end - start
         conn = self._connection()
         try:
@@ -63,8 +64,7 @@ class RangedGet:
             ):
                 self._drop()
                 return None
-            buf = bytearray(n)
-            view, got = memoryview(buf), 0
+            view, got = (memoryview(bytearray(n)) if into is None else into)[:n], 0
             while got < n:
                 k = response.readinto(view[got : got + RECEIVE])
                 if not k:
@@ -73,7 +73,7 @@ class RangedGet:
             if got != n:
                 self._drop()
                 return None
-            return buf
+            return view
         except (OSError, http.client.HTTPException, ValueError):
             self._drop()
             return None

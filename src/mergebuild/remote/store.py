@@ -170,11 +170,14 @@ class RemoteCache:
         except Exception as e:
             raise RemoteUnavailable(_short(e)) from None
 
-    def read_range(self, key: str, start: int, end: int) -> bytes | bytearray:
+    def read_range(
+        self, key: str, start: int, end: int, into: memoryview | None = None
+    ) -> bytes | memoryview:
         """Bytes [start, end) of the object (fetch keeps several of these in flight): from an
-        s3 remote by a plain ranged GET where one works (ranged.py), else through fsspec."""
+        s3 remote by a plain ranged GET where one works (ranged.py), received into `into`
+        (then a view of it is returned), else as new bytes through fsspec."""
         fast = self._ranged(key)
-        data = None if fast is None else fast.read(start, end)
+        data = None if fast is None else fast.read(start, end, into)
         if data is not None:
             return data
         try:
