@@ -117,6 +117,7 @@ def _awkward_half(n: int, seed: int) -> np.ndarray:
         ("fold", {"weights": [0.0, 0.0]}),  # nothing live: zeros
         ("fold", {"weights": [1e-50, 1.0]}),  # 0 in float32, not in float64
         ("fold", {"weights": [300.0, 200.0]}),  # overflows float16
+        ("copy", {}),  # a's bits, NaNs canonical
     ],
 )
 def test_compute_half_is_compute_rounded_to_float16(
@@ -330,6 +331,8 @@ def _bake_inputs(n: int, a16: bool, present: list[bool]) -> tuple[list, list]:
         ([1e-50, 2.0], [True, True], True),  # 0 in float32, not in float64: kept, as compute
         ([3e4, 1.0, 0.25, 2.0], [True, True, True, True], True),  # overflows float16
         ({"preset": "GRAD_V"}, [True, True], True),  # block weights: one number per key
+        ([0.0, 0.0], [True, True], True),  # no LoRA changes the key: a's bits (copy_half)
+        ([0.5], [False], True),  # ... nor one that lacks it
     ],
 )
 def test_bake_compute_half_is_compute_rounded_to_float16(
@@ -371,7 +374,8 @@ def test_bake_takes_its_float16_path_in_tiled_and_declines_what_it_cannot(
 ) -> None:
     """compute._tiled hands bake_lora's chunks to compute_half for a float16 output, absent
     LoRAs as None and float32 ΔW as arrays; the result equals the float32 way's, cast. With
-    more LoRAs than compiled for, or none that changes the key, compute runs instead."""
+    more LoRAs than compiled for, compute runs instead; with none that changes the key, a's
+    bits are copied (float16 `a`)."""
     from mergebuild.engine import compute
     from mergebuild.engine.methods import REGISTRY
     from mergebuild.engine.methods._kernels import BAKE_LORAS
@@ -391,7 +395,7 @@ def test_bake_takes_its_float16_path_in_tiled_and_declines_what_it_cannot(
     for present, strength, fast in [
         ([True, False], [0.6, 0.4], True),
         ([True] * (BAKE_LORAS + 1), 0.5, False),
-        ([True, True], [0.0, 0.0], False),
+        ([True, True], [0.0, 0.0], True),
     ]:
         answers.clear()
         xs, _ = _bake_inputs(5000, True, present)

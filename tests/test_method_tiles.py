@@ -470,7 +470,7 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
     loops = reduce.kernels()
     assert loops is not None
     names = ["block_sums", "column_sums", "difference_sums", "train_difference", "ties_combine"]
-    names += ["lincomb", "blend_rows", "weighted3", "abs_delta_window", "ties_tile"]
+    names += ["lincomb", "blend_rows", "weighted3", "abs_delta_window", "ties_tile", "copy_half"]
     before = {k: list(getattr(loops, k).signatures) for k in names}
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
     monkeypatch.setattr(train_difference, "COMPILED_TILE", 0)
@@ -498,10 +498,13 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
     assert tiles is not None and tiles.fill_half is not None
     tiles.fill_half(0, tiles.step, np.empty(tiles.step, dtype=np.uint16))
     half = (("train_difference", {"alpha": 0.5}), ("triple_sum", {"alpha": 0.5, "beta": 0.2}))
+    half += (("copy", {}),)
     for name, params in half:  # float16 bits in and out (compute._tiled's float16 path)
         m = REGISTRY[name]
         bits = [x.view(torch.uint16).numpy() for x in xs[:3]]
         assert m.compute_half(m.Params(**params), bits, np.empty(n, np.uint16)) is not None
+        rows = np.empty((2, n), np.uint16)  # ... and into a row of a streamed run's tile
+        assert m.compute_half(m.Params(**params), bits, rows[1]) is not None
     for name in ("train_difference", "ties", "dare_ties"):
         m = REGISTRY[name]
         p = m.Params(**({"p": 0.5, "seed": 1} if name == "dare_ties" else {}))

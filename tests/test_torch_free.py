@@ -90,12 +90,14 @@ def test_half_loop_methods_chains_and_copies_build_without_torch(
         "  ts: {method: triple_sum, a: anything, b: nai_full, c: insta, alpha: 0.2, beta: 0.3}\n"
         "  s1: {method: add_difference, a: anything, b: nai_full, c: nai_sfw, alpha: 0.3}\n"
         "  s2: {method: weighted_sum, a: s1, b: insta, alpha: 0.4}\n"
-        "  fo: {method: fold, models: [anything, nai_full, nai_sfw], weights: [1, -0.5, 0.5]}\n",
+        "  fo: {method: fold, models: [anything, nai_full, nai_sfw], weights: [1, -0.5, 0.5]}\n"
+        "  same: {method: copy, a: insta}\n",
         "  td: {from: td, path: out/td.safetensors}\n"
         "  ts: {from: ts, path: out/ts.safetensors}\n"
         "  s2: {from: s2, path: out/s2.safetensors}\n"
         "  fo: {from: fo, path: out/fo.safetensors}\n"
-        "  copy: {from: insta, path: out/insta-copy.safetensors}\n",
+        "  copy: {from: insta, path: out/insta-copy.safetensors}\n"
+        "  same: {from: same, path: out/insta-same.safetensors}\n",
     )
     p = _probe(recipe, cache, "-j", "2")
     assert p.returncode == 0, p.stderr
@@ -104,8 +106,9 @@ def test_half_loop_methods_chains_and_copies_build_without_torch(
         load_st(models / f"{f}.safetensors")
         for f in ("anything-v3", "nai-full", "nai-sfw", "insta")
     )
-    copy = load_st(workdir / "out" / "insta-copy.safetensors")
-    assert {k: v.tobytes() for k, v in copy.items()} == {k: v.tobytes() for k, v in i.items()}
+    for name in ("insta-copy", "insta-same"):  # an output of a model, a `copy` node's
+        copy = load_st(workdir / "out" / f"{name}.safetensors")
+        assert {k: v.tobytes() for k, v in copy.items()} == {k: v.tobytes() for k, v in i.items()}
     s2 = load_st(workdir / "out" / "s2.safetensors")
     for k, x in a.items():
         if x.dtype != np.float16 or k.endswith("position_ids"):

@@ -20,6 +20,7 @@ loop is one call per tile, keeps its temporaries in registers and releases the G
 - `fold_first`, `fold_add`, `fold_round`: fold's Σ wᵢ·mᵢ over float16 inputs, term by term
   into a float32 tile, rounded once.
 - `lincomb`, `blend_rows`: slerp's and the cosine methods' tiles, a·ca + b·cb.
+- `copy_half`: a float16 tensor as it is, NaNs made canonical (copy; tensors no LoRA touches).
 - `bake`: bake_lora's a + Σ ΔWᵢ·sᵢ, float16 or float32 `a`, float32 ΔW (1-4 LoRAs).
 - `drop`: DARE's counter-based mask (engine/rng.py's splitmix64, integers only) applied to a
   δ tile in place, as the numpy path's multiply by 0/1 (dare, dare_ties).
@@ -569,6 +570,20 @@ def fold_round(acc: np.ndarray, out: np.ndarray) -> bool:
 
 
 @_jit
+def copy_half(a: np.ndarray, out: np.ndarray) -> bool:
+    """out = a, float16 bits to float16 bits (copy's value, and a tensor no LoRA touches):
+    what widening, rounding back and canonical_nans give, i.e. a itself with canonical NaNs;
+    whether it holds Inf/NaN (`_settle`)."""
+    assert out.size == a.size
+    special = np.uint16(0)
+    for i in range(a.size):
+        h = a[i]
+        out[i] = h
+        special |= ((h & _H_EXP) + _H_CARRY) & _H_SIGN
+    return _settle(out, special)
+
+
+@_jit
 def lincomb(a: np.ndarray, b: np.ndarray, ca: np.float32, cb: np.float32, out: np.ndarray) -> bool:
     """out = a·ca + b·cb in float32, element by element (slerp's tiles); a float16 `out`
     rounded, and whether it holds Inf/NaN (`_settle`)."""
@@ -638,6 +653,7 @@ def warm() -> None:
     blend_rows(rows, rows, x[:8], x[:8], np.empty_like(rows))
     difference_sums(x, x, x[:0], np.zeros((5, 8)))
     h = np.zeros(BLOCK, dtype=np.uint16)  # float16 bits: the same loops without copies
+    copy_half(h, np.empty_like(h))
     column_sums(h.reshape(-1, 8), h.reshape(-1, 8), 4, np.zeros((3, 8)))
     difference_sums(h, h, h, np.zeros((5, 8)))
     lincomb(h, h, np.float32(1), np.float32(1), np.empty_like(h))

@@ -113,10 +113,13 @@ Expression form: `anything + lora(detail, 0.6) + lora(style, 0.4)`."""
         import numpy as np
 
         from mergebuild.engine.methods._kernels import BAKE_LORAS
+        from mergebuild.engine.methods.copy import copy_half
         from mergebuild.engine.methods.reduce import loops_for_size
 
         assert ctx is not None
         live = _live(params, xs, ctx)
+        if not live and getattr(xs[0], "dtype", None) == np.uint16:
+            return copy_half(xs[0], out)  # no LoRA changes this tensor: a's bits
         loops = loops_for_size(out.size)
         if loops is None or not live or len(live) > BAKE_LORAS:
             return None  # nothing to add (a cast of a) or more LoRAs than compiled for
