@@ -164,10 +164,18 @@ def test_tiles_cast_and_streamed_equal_the_whole_result(
     assert [lo for lo, _ in pieces] == sorted({lo for lo, _ in pieces})  # each once, in order
 
 
+HALF_SPLIT_CASES = [c for c in SPLIT_CASES if c[0] in ("slerp", "add_cosine_a", "add_cosine_b")]
+HALF_SPLIT_CASES += [
+    ("slerp", {"alpha": 0.0}, (5000,)),  # a's bits
+    ("slerp", {"alpha": 1.0}, (70, 100)),  # b's bits
+    ("slerp", {"alpha": 0.4, "lerp": "zero"}, (3000,)),  # ‖a‖ = 0: the lerp fallback
+    ("slerp", {"alpha": 0.4, "lerp": "parallel"}, (3000,)),  # b = 2a: the lerp fallback
+    ("slerp", {"alpha": 0.6}, (200_001,)),  # whole blocks through the loop, then the rest
+]
+
+
 @pytest.mark.parametrize("kind", ["plain", "specials", "overflow"])
-@pytest.mark.parametrize(
-    ("name", "params", "shape"), [c for c in SPLIT_CASES if c[0].startswith("add_cosine")]
-)
+@pytest.mark.parametrize(("name", "params", "shape"), HALF_SPLIT_CASES)
 def test_split_half_on_arrays_gives_the_float16_bytes_of_compute(
     monkeypatch: pytest.MonkeyPatch, name: str, params: dict, shape: tuple[int, ...], kind: str
 ) -> None:
@@ -178,10 +186,17 @@ def test_split_half_on_arrays_gives_the_float16_bytes_of_compute(
     from mergebuild.engine.methods import reduce
 
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
-    monkeypatch.setattr(add_cosine_a, "FILL_TILE", 1000)
+    for mod in (add_cosine_a, slerp):
+        monkeypatch.setattr(mod, "FILL_TILE", 1000)
     m = REGISTRY[name]
     numel = math.prod(shape)
+    params = dict(params)
+    lerp = params.pop("lerp", None)
     xs = [x.reshape(shape) for x in _inputs(kind, 1, numel, torch.float16, seed=numel + 1)]
+    if lerp == "zero":
+        xs[0] = torch.zeros_like(xs[0])
+    elif lerp == "parallel":
+        xs[1] = xs[0] * 2
     p = m.Params(**params)
     whole = m.compute(p, xs).to(torch.float16)
     want = (_bytes(compute.canonical_nans(whole, inplace=False)), compute._has_nonfinite(whole))
@@ -471,6 +486,7 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
     assert loops is not None
     names = ["block_sums", "column_sums", "difference_sums", "train_difference", "ties_combine"]
     names += ["lincomb", "blend_rows", "weighted3", "abs_delta_window", "ties_tile", "copy_half"]
+    names += ["widen_half"]
     before = {k: list(getattr(loops, k).signatures) for k in names}
     monkeypatch.setattr(reduce, "COMPILED_MIN", 0)
     monkeypatch.setattr(train_difference, "COMPILED_TILE", 0)

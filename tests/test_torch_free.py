@@ -148,8 +148,8 @@ def test_values_that_need_torch_convert_on_the_way(
     recipe = _recipe(
         workdir,
         SWEEP + "  ws: {method: weighted_sum, a: anything, b: insta, sweep: {alpha: [0.3, 0.6]}}\n"
-        "  sl: {method: slerp, a: anything, b: insta, alpha: 0.4}\n"
-        "  chain: {method: weighted_sum, a: sl, b: nai_sfw, alpha: 0.5}\n",
+        "  tv: {method: ties, base: anything, models: [nai_full, insta], k: 0.5}\n"
+        "  chain: {method: weighted_sum, a: tv, b: nai_sfw, alpha: 0.5}\n",
         SWEEP_OUT + '  ws: {from: ws, path: "out/ws-{alpha}.safetensors", dtype: fp32}\n'
         "  chain: {from: chain, path: out/chain.safetensors}\n",
     )
@@ -170,21 +170,26 @@ def test_values_that_need_torch_convert_on_the_way(
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
-def test_cosine_methods_build_without_torch_with_the_bytes_of_the_torch_pass(
+def test_whole_tensor_methods_build_without_torch_with_the_bytes_of_the_torch_pass(
     workdir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: str
 ) -> None:
-    """add_cosine_a streamed to its file and add_cosine_b feeding another node (a whole
-    value): statistics and tiles from the numpy arrays, no torch, and the bytes of the same
-    build on tensors (the pass forced to import torch)."""
+    """add_cosine_a and slerp streamed to their files, add_cosine_b and a slerp at alpha 1
+    feeding other nodes (whole values): statistics and tiles from the numpy arrays, no torch,
+    and the bytes of the same build on tensors (the pass forced to import torch)."""
     from mergebuild.engine import executor
 
     recipe = _recipe(
         workdir,
         "  ca: {method: add_cosine_a, a: anything, b: insta, alpha: 0.1}\n"
         "  cb: {method: add_cosine_b, a: nai_full, b: insta, alpha: 0.2, sim_min: 0.5}\n"
-        "  mix: {method: weighted_sum, a: cb, b: anything, alpha: 0.3}\n",
+        "  mix: {method: weighted_sum, a: cb, b: anything, alpha: 0.3}\n"
+        "  sl: {method: slerp, a: anything, b: nai_sfw, alpha: 0.35}\n"
+        "  s1: {method: slerp, a: anything, b: nai_sfw, alpha: 1.0}\n"
+        "  mix1: {method: add_difference, a: s1, b: nai_full, c: insta, alpha: 0.5}\n",
         "  ca: {from: ca, path: out/ca.safetensors}\n"
-        "  mix: {from: mix, path: out/mix.safetensors}\n",
+        "  mix: {from: mix, path: out/mix.safetensors}\n"
+        "  sl: {from: sl, path: out/sl.safetensors}\n"
+        "  mix1: {from: mix1, path: out/mix1.safetensors}\n",
     )
     p = _probe(recipe, cache, "-j", jobs)
     assert p.returncode == 0, p.stderr
@@ -193,4 +198,4 @@ def test_cosine_methods_build_without_torch_with_the_bytes_of_the_torch_pass(
         q.unlink()
     monkeypatch.setattr(executor.FusedPass, "_without_torch", lambda self, units: False)
     assert _build(recipe, tmp_path / "torch", int(jobs)) == free
-    assert len(free) == 2
+    assert len(free) == 4

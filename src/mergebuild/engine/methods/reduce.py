@@ -110,6 +110,10 @@ def gram(
     dims) or over the last dim (one value per row)."""
     xr, yr = _rows(x, axis), _rows(y, axis)
     n_rows, n_cols = xr.shape
+    if axis is None:
+        hx, hy = half_bits(xr), half_bits(yr)
+        if hx is not None and hy is not None:  # the way a pass on numpy arrays sums them
+            return tuple(np.array([v]) for v in gram1_half(hx.reshape(-1), hy.reshape(-1)))  # type: ignore[return-value]
 
     def three(a: np.ndarray, b: np.ndarray, ax: int | None) -> tuple[Any, Any, Any]:
         return (
@@ -189,10 +193,48 @@ def column_gram_half(hx: np.ndarray, hy: np.ndarray) -> tuple[np.ndarray, np.nda
     return acc[0], acc[1], acc[2]
 
 
-def gram1(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """(‖x‖², ‖y‖², ⟨x, y⟩) over the whole tensors."""
+def gram1(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> tuple[float, float, float]:
+    """(‖x‖², ‖y‖², ⟨x, y⟩) over the whole tensors (or float16 numpy arrays: gram1_half)."""
+    if isinstance(x, np.ndarray):
+        return gram1_half(
+            np.ascontiguousarray(x).view(np.uint16).reshape(-1),
+            np.ascontiguousarray(y).view(np.uint16).reshape(-1),
+        )
     xx, yy, xy = gram(x, y)
     return float(xx[0]), float(yy[0]), float(xy[0])
+
+
+def gram1_half(hx: np.ndarray, hy: np.ndarray) -> tuple[float, float, float]:
+    """`gram1` of float16 x, y given as their flat bits, without torch: `gram`'s sums in its
+    order (one row of at most BLOCK elements summed pairwise; a longer one as whole BLOCKs
+    through the compiled loop, then the partial last block), so the same bits either way."""
+    n = hx.size
+    if n <= BLOCK:
+        x = hx.view(np.float16).astype(np.float64).reshape(1, n)
+        y = hy.view(np.float16).astype(np.float64).reshape(1, n)
+        sums = (np.add.reduce(u * v, axis=1) for u, v in ((x, x), (y, y), (x, y)))
+        return tuple(float(v[0]) for v in sums)  # type: ignore[return-value]
+    total = [0.0, 0.0, 0.0]
+    loops = loops_for_size(n)
+    start = 0
+    if loops is not None:  # _block_sums: whole BLOCKs, SUPER of them per call
+        start = n // BLOCK * BLOCK
+        out = np.empty((3, SUPER))
+        fx, fy = (np.empty(min(start, SUPER * BLOCK), dtype=np.float32) for _ in range(2))
+        for lo in range(0, start, SUPER * BLOCK):
+            hi = min(start, lo + SUPER * BLOCK)
+            loops.widen_half(hx[lo:hi], fx[: hi - lo])  # as AsNumpy's float32 buffers
+            loops.widen_half(hy[lo:hi], fy[: hi - lo])
+            loops.block_sums(fx[: hi - lo], fy[: hi - lo], out)
+            for b in range((hi - lo) // BLOCK):
+                for i in range(3):
+                    total[i] += float(out[i, b])
+    for lo in range(start, n, BLOCK):  # Products: exact float32 products, widened, summed
+        x = hx[lo : lo + BLOCK].view(np.float16).astype(np.float32)
+        y = hy[lo : lo + BLOCK].view(np.float16).astype(np.float32)
+        for i, (u, v) in enumerate(((x, x), (y, y), (x, y))):
+            total[i] += float(np.add.reduce(np.multiply(u, v).astype(np.float64)))
+    return total[0], total[1], total[2]
 
 
 # -- the same sums through the compiled loops of _kernels.py (same bits, GIL released) --------

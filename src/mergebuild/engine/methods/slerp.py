@@ -9,6 +9,7 @@ from mergebuild.engine.methods.base import Method, Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 PARALLEL = 1e-6  # sin Ω below this: a and b (anti)parallel, slerp ill-conditioned → lerp
@@ -122,6 +123,43 @@ give exactly a / b; alpha may be block weights."""
                 return bool(loops.lincomb(ha[lo:hi], hb[lo:hi], ca32, cb32, out))
 
         return Tiles(FILL_TILE, tuple(a.shape), fill, may_restart=not safe, fill_half=fill_half)
+
+    @classmethod
+    def split_half(cls, params: SlerpParams, xs: list[np.ndarray], ctx: object) -> Tiles | None:
+        """`compute` rounded to float16, from float16 numpy arrays (a pass without torch):
+        alpha 0 / 1 as a's / b's bits, the lerp fallback and the slerp itself as `lincomb`
+        tiles (None where a tile could overflow: the tensors go the usual way)."""
+        import numpy as np
+
+        from mergebuild.engine.methods.reduce import loops_for_size
+
+        a, b = xs
+        loops = loops_for_size(a.size)
+        if loops is None:
+            return None
+        ha = np.ascontiguousarray(a).view(np.uint16).reshape(-1)
+        hb = np.ascontiguousarray(b).view(np.uint16).reshape(-1)
+        alpha = float(params.alpha)  # type: ignore[arg-type]
+        if alpha in (0, 1):  # f32(a) or f32(b), rounded back: the bits, NaNs canonical
+            src = ha if alpha == 0 else hb
+
+            def copy(lo: int, hi: int, out: np.ndarray) -> bool:
+                return bool(loops.copy_half(src[lo:hi], out))
+
+            return Tiles(FILL_TILE, tuple(a.shape), lambda lo, hi: None, fill_half=copy)
+        found = coefficients(a, b, alpha)  # type: ignore[arg-type]
+        if found is None:  # lerp's a·f32(1 − α) + b·f32(α)
+            ca, cb = np.float32(1.0 - alpha), np.float32(alpha)
+        else:
+            bound = max(found[2] * abs(found[0]) + found[3] * abs(found[1]), *map(abs, found[:2]))
+            if not 2.0 * bound < float(np.finfo(np.float32).max):
+                return None
+            ca, cb = np.float32(found[0]), np.float32(found[1])
+
+        def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
+            return bool(loops.lincomb(ha[lo:hi], hb[lo:hi], ca, cb, out))
+
+        return Tiles(FILL_TILE, tuple(a.shape), lambda lo, hi: None, fill_half=fill_half)
 
     @staticmethod
     def compute(params: SlerpParams, xs: list[torch.Tensor]) -> torch.Tensor:
