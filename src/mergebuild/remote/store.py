@@ -16,11 +16,13 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.cacheroot import KEY
-from mergebuild.remote.ranged import RangedGet
 from mergebuild.textfile import JSON_CAP, TextFileError, read_capped
+
+if TYPE_CHECKING:
+    from mergebuild.remote.ranged import RangedGet
 
 # An s3 remote that is down must cost seconds, not botocore's minutes of retries
 S3_DEFAULTS: dict[str, Any] = {
@@ -198,6 +200,8 @@ class RemoteCache:
     def _new_ranged(self, key: str) -> RangedGet | None:
         if "s3" not in _protocols(self.fs) or os.environ.get("MERGEBUILD_REMOTE_RANGED") == "0":
             return None
+        from mergebuild.remote.ranged import RangedGet  # http.client, ssl: only to download
+
         try:
             url = self.fs.sign(self.path(key), expiration=3600)
         except Exception:
