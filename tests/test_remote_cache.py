@@ -890,3 +890,51 @@ def test_ranged_gets_refuse_what_they_cannot_check(weed: Weed, pushed: dict) -> 
         for k, v in env.items():
             mp.setenv(k, v)
         assert not RangedGet.usable(url)
+
+
+def test_ranged_gets_step_aside_for_what_botocore_handles(
+    weed: Weed, pushed: dict, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy or a client certificate in the remote's options, or TLS settings ssl cannot
+    load: no ranged reader (s3fs reads, with the exact bytes). A TLS failure on a range turns
+    the reader off for the rest of the download. A presigned URL is signed again before it
+    expires."""
+    import mergebuild.remote.store as store_mod
+    from mergebuild.remote.ranged import RangedGet
+    from mergebuild.remote.store import RemoteCache, RemoteUnavailable
+
+    copy_remote(weed, pushed, s3_prefix)
+    for k, v in s3_env(weed.endpoint).items():
+        monkeypatch.setenv(k, v)
+    key = pushed["output_key"]
+    plain = RemoteCache(s3_prefix)
+    assert plain._ranged(key) is not None
+    assert plain._ranged(key) is plain._ranged(key)  # one signature per object...
+    monkeypatch.setattr(store_mod, "RESIGN_AFTER", -1.0)
+    assert plain._ranged(key) is not plain._ranged(key)  # ... until it is old
+    monkeypatch.undo()
+    for k, v in s3_env(weed.endpoint).items():
+        monkeypatch.setenv(k, v)
+    path = remote_path(pushed["url"], key)
+    assert plain.read_range(key, 100, 5000) == s3fs_client(weed.endpoint).cat_file(
+        path, start=100, end=5000
+    )
+    proxied = RemoteCache(s3_prefix, {"config_kwargs": {"proxies": {"http": "http://127.0.0.1:9"}}})
+    assert proxied._ranged(key) is None
+    with pytest.raises(RemoteUnavailable, match="proxy"):  # the proxy is used, not bypassed
+        proxied.read_range(key, 100, 5000)
+    certified = RemoteCache(s3_prefix, {"config_kwargs": {"client_cert": "/nonexistent.pem"}})
+    assert certified._ranged(key) is None
+    # an https URL with a CA bundle that does not exist: ssl cannot load it, so s3fs reads,
+    # and its error is the remote's (a warning, or --remote-required's error), not a traceback
+    odd = RemoteCache(s3_prefix, {"client_kwargs": {"verify": "/nonexistent/ca.pem"}})
+    sign = odd.fs.sign
+    monkeypatch.setattr(odd.fs, "sign", lambda *a, **k: sign(*a, **k).replace("http:", "https:"))
+    assert odd._ranged(key) is None
+    with pytest.raises(RemoteUnavailable, match="No such file"):
+        odd.read_range(key, 100, 5000)
+    # TLS spoken to the plain-HTTP port: the handshake fails, once
+    url = sign(path, expiration=600).replace("http:", "https:")
+    tls = RangedGet(url, verify=False)
+    assert tls.read(0, 10) is None and tls.off
+    assert tls.read(0, 10) is None

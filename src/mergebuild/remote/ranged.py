@@ -7,10 +7,12 @@ server; `http.client` reading each range straight into its buffer took 2.1 s of 
 s3fs itself (botocore's SigV4, with whatever credentials and endpoint s3fs resolved), and each
 download thread keeps one keep-alive connection.
 
-Anything unexpected gives None, never an error: a proxy to go through (botocore knows how,
-this does not), a status other than 206, a Content-Range or length that is not the range's, a
-short body, a dropped connection. The caller then reads that range through s3fs, which
-reports a missing object, a down server or refused credentials as before.
+Anything unexpected gives None, never an error: a proxy to go through or a client
+certificate to present (botocore knows how, this does not), a status other than 206, a
+Content-Range or length that is not the range's, a short body, a dropped connection. The
+caller then reads that range through s3fs, which reports a missing object, a down server or
+refused credentials as before. A TLS failure (a CA this does not know of) turns the reader off
+for the rest of the download: every range goes through s3fs, without a handshake each.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ class RangedGet:
     """GETs of byte ranges of the object at a presigned `url`."""
 
     def __init__(self, url: str, verify: Any = None) -> None:
+        """`verify` as botocore takes it (False, a CA bundle path, None: the default); an
+        unusable one raises (ssl.SSLError, OSError): the caller then does without."""
         parts = urllib.parse.urlsplit(url)
         self.https = parts.scheme == "https"
         self.host, self.port = parts.hostname or "", parts.port
         self.target = parts.path + (f"?{parts.query}" if parts.query else "")
         self.context = _context(verify) if self.https else None
         self.local = threading.local()  # this thread's connection
+        self.off = False  # after a TLS failure
 
     @classmethod
     def usable(cls, url: str) -> bool:
@@ -52,6 +57,8 @@ class RangedGet:
         """Bytes [start, end) of the object, received straight into `into` (at least
         end − start bytes; a new buffer if None), or None (see the module doc)."""
         n = end - start
+        if self.off:
+            return None
         conn = self._connection()
         try:
             conn.request("GET", self.target, headers={"Range": f"bytes={start}-{end - 1}"})
@@ -74,6 +81,10 @@ class RangedGet:
                 self._drop()
                 return None
             return view
+        except ssl.SSLError:  # (an OSError too) the next range would fail the same way
+            self.off = True
+            self._drop()
+            return None
         except (OSError, http.client.HTTPException, ValueError):
             self._drop()
             return None
@@ -98,12 +109,18 @@ class RangedGet:
 
 
 def _context(verify: Any) -> ssl.SSLContext:
-    """TLS as botocore would check it: `verify` False (no check), a CA bundle path, or the
-    AWS_CA_BUNDLE / system default."""
+    """TLS as aiobotocore (s3fs's client) checks it: `verify` False (no check), else the CA
+    bundle it names, AWS_CA_BUNDLE, or botocore's default bundle (`get_cert_path`)."""
+    context = ssl.create_default_context()
     if verify is False:
-        context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    cafile = verify if isinstance(verify, str) else os.environ.get("AWS_CA_BUNDLE") or None
-    return ssl.create_default_context(cafile=cafile)
+    if not isinstance(verify, str):
+        verify = os.environ.get("AWS_CA_BUNDLE") or True
+    from botocore.httpsession import get_cert_path
+
+    cafile = get_cert_path(verify)
+    if cafile:
+        context.load_verify_locations(cafile)
+    return context

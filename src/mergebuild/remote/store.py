@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from mergebuild.textfile import JSON_CAP, TextFileError, read_capped
 
 if TYPE_CHECKING:
     from mergebuild.remote.ranged import RangedGet
+
+SIGNED_FOR, RESIGN_AFTER = 3600, 3000  # seconds a download's presigned URL is valid / used
 
 # An s3 remote that is down must cost seconds, not botocore's minutes of retries
 S3_DEFAULTS: dict[str, Any] = {
@@ -57,7 +60,8 @@ class RemoteCache:
         self.options = dict(options or {})
         self._fs: Any = None
         self.root = ""
-        self._ranged_gets: dict[str, RangedGet | None] = {}
+        # key → (when its URL was signed, its reader)
+        self._ranged_gets: dict[str, tuple[float, RangedGet | None]] = {}
         self._ranged_lock = threading.Lock()
 
     # -- the filesystem ----------------------------------------------------------------
@@ -190,26 +194,31 @@ class RemoteCache:
             raise RemoteUnavailable(_short(e)) from None
 
     def _ranged(self, key: str) -> RangedGet | None:
-        """The object's ranged-GET reader (one presigned URL per object), or None: not an
-        s3 remote, a proxy in the way, or s3fs could not sign (then fsspec reads)."""
+        """The object's ranged-GET reader (one presigned URL per object, signed again before
+        it expires), or None: not an s3 remote, a proxy or client certificate in the way, TLS
+        settings it cannot use, or s3fs could not sign (then fsspec reads)."""
         with self._ranged_lock:
-            if key not in self._ranged_gets:
-                self._ranged_gets[key] = self._new_ranged(key)
-            return self._ranged_gets[key]
+            signed, reader = self._ranged_gets.get(key, (0.0, None))
+            if not signed or time.monotonic() - signed > RESIGN_AFTER:
+                signed, reader = time.monotonic(), self._new_ranged(key)
+                self._ranged_gets[key] = (signed, reader)
+            return reader
 
     def _new_ranged(self, key: str) -> RangedGet | None:
         if "s3" not in _protocols(self.fs) or os.environ.get("MERGEBUILD_REMOTE_RANGED") == "0":
             return None
+        config = self.options.get("config_kwargs") or {}
+        if config.get("proxies") or config.get("client_cert"):  # botocore's to handle
+            return None
         from mergebuild.remote.ranged import RangedGet  # http.client, ssl: only to download
 
         try:
-            url = self.fs.sign(self.path(key), expiration=3600)
-        except Exception:
+            url = self.fs.sign(self.path(key), expiration=SIGNED_FOR)
+            if not isinstance(url, str) or not RangedGet.usable(url):
+                return None
+            return RangedGet(url, (self.options.get("client_kwargs") or {}).get("verify"))
+        except Exception:  # e.g. a CA path ssl cannot load: s3fs reads, and reports it
             return None
-        if not isinstance(url, str) or not RangedGet.usable(url):
-            return None
-        verify = (self.options.get("client_kwargs") or {}).get("verify")
-        return RangedGet(url, verify)
 
     def upload(self, key: str, obj: Path, sidecar: bytes) -> None:
         """Object first, sidecar LAST; on a directory remote each through a temp name."""
