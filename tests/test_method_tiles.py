@@ -527,3 +527,22 @@ def test_builds_use_only_the_loops_compiled_ahead(monkeypatch: pytest.MonkeyPatc
         ctx = ComputeContext("k.weight", 0, n, "ab" * 16, 1)
         m.compute(p, xs[:3] if name == "train_difference" else xs, *([ctx] * m.needs_context))
     assert {k: list(getattr(loops, k).signatures) for k in names} == before
+
+
+@pytest.mark.parametrize("name", ["add_cosine_a", "add_cosine_b"])
+@pytest.mark.parametrize("shape", [(4, 0), (0, 3), (2, 0, 3), (0,)])
+def test_cosine_methods_take_empty_tensors(name: str, shape: tuple[int, ...]) -> None:
+    """A tensor with no elements has no column to measure: compute gives an empty float32
+    tensor of its shape, and neither tile path offers itself (both once divided by zero)."""
+    import numpy as np
+    import torch
+
+    from mergebuild.engine.methods import REGISTRY
+
+    method = REGISTRY[name]
+    params = method.Params(alpha=0.2)
+    xs = [torch.zeros(shape, dtype=torch.float16) for _ in method.slots]
+    out = method.compute(params, xs)
+    assert out.shape == shape and out.dtype == torch.float32
+    assert method.split(params, xs, None) is None
+    assert method.split_half(params, [np.zeros(shape, np.float16) for _ in xs], None) is None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import model_validator
 
-from mergebuild.engine.methods.base import Method, Params, Tiles
+from mergebuild.engine.methods.base import Method, Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def blend_tiles(
 
     from mergebuild.engine.methods.reduce import half_bits, loops_for
 
-    if a.dim() == 0 or a.shape[0] == 0 or a.device.type != "cpu":
+    if a.dim() == 0 or a.numel() == 0 or a.device.type != "cpu":
         return None
     k = np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
     cols = math.prod(a.shape[1:])
@@ -173,20 +173,22 @@ class CosineBlend(Method):
 
     @classmethod
     def split(cls, params: CosineParams, xs: list[torch.Tensor], ctx: object) -> Tiles | None:
-        if xs[0].dim() == 0 or xs[0].shape[0] == 0 or xs[0].device.type != "cpu":
+        if xs[0].dim() == 0 or xs[0].numel() == 0 or xs[0].device.type != "cpu":
             return None
         combined, alpha = cls.similarity(params, xs)
         return blend_tiles(xs[0], xs[1], combined, params, alpha)
 
     @classmethod
     def split_half(cls, params: CosineParams, xs: list[np.ndarray], ctx: object) -> Tiles | None:
-        if xs[0].ndim == 0 or xs[0].shape[0] == 0:
+        if xs[0].ndim == 0 or xs[0].size == 0:
             return None
         combined, alpha = cls.similarity(params, xs)  # type: ignore[arg-type]
         return blend_tiles_half(xs[0], xs[1], combined, params, alpha)
 
     @classmethod
     def compute(cls, params: CosineParams, xs: list[torch.Tensor]) -> torch.Tensor:
+        if xs[0].numel() == 0:  # no columns to measure (a (0, n) shape cannot be split in rows)
+            return f32(xs[0])
         combined, alpha = cls.similarity(params, xs)
         return blend(*xs, combined, params, alpha)
 
