@@ -55,6 +55,13 @@ def column_cosines(
     return cos, aa, bb, ab
 
 
+def a_share(combined: np.ndarray, params: CosineParams, alpha: float) -> np.ndarray:
+    """k per column (float64): the share of a in the blend, 1 − k b's."""
+    import numpy as np
+
+    return np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
+
+
 BLEND_TILE = 1 << 18  # elements per block of rows in the blend
 
 
@@ -66,7 +73,7 @@ def blend(
     import numpy as np
     import torch
 
-    k = np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
+    k = a_share(combined, params, alpha)
     shape = (1, *a.shape[1:]) if a.dim() > 1 else (1,) * a.dim()
     kt = torch.from_numpy(k.astype(np.float32)).reshape(shape).to(a.device)
     rest = torch.from_numpy((1.0 - k).astype(np.float32)).reshape(shape).to(a.device)
@@ -99,7 +106,7 @@ def blend_tiles(
 
     if a.dim() == 0 or a.numel() == 0 or a.device.type != "cpu":
         return None
-    k = np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
+    k = a_share(combined, params, alpha)
     cols = math.prod(a.shape[1:])
     kt = torch.from_numpy(k.astype(np.float32)).reshape(1, cols)
     rest = torch.from_numpy((1.0 - k).astype(np.float32)).reshape(1, cols)
@@ -153,7 +160,7 @@ def blend_tiles_half(
     loops = loops_for_size(a.size)
     if loops is None:
         return None
-    k = np.clip((combined - params.sim_min) / (params.sim_max - params.sim_min) - alpha, 0, 1)
+    k = a_share(combined, params, alpha)
     cols = math.prod(a.shape[1:])
     ka, kb = k.astype(np.float32).reshape(-1), (1.0 - k).astype(np.float32).reshape(-1)
     ha = np.ascontiguousarray(a).view(np.uint16).reshape(a.shape[0], cols)
