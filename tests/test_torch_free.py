@@ -199,3 +199,23 @@ def test_whole_tensor_methods_build_without_torch_with_the_bytes_of_the_torch_pa
     monkeypatch.setattr(executor.FusedPass, "_without_torch", lambda self, units: False)
     assert _build(recipe, tmp_path / "torch", int(jobs)) == free
     assert len(free) == 4
+
+
+def test_a_failed_background_import_of_torch_is_the_error_reported() -> None:
+    """The pass's early `import torch` runs on a thread of its own; when it fails, the error
+    a later use of torch reports is that first one (importing a half-loaded torch again would
+    fail with another, misleading one)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from mergebuild.engine import arrays\n"
+        "arrays.import_torch_ahead()\n"
+        "first = arrays._ahead_error[0]\n"
+        "sys.modules['torch'] = None\n"
+        "try:\n"
+        "    arrays.ensure_torch()\n"
+        "except ImportError as e:\n"
+        "    assert e is first and e.__cause__ is not None, (e, first)\n"
+        "    print('first error reported')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "first error reported", out.stderr

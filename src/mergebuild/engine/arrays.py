@@ -21,6 +21,17 @@ NP_NAMES = {
 }  # fmt: skip
 
 _local = threading.local()  # per thread: its torch thread count before ensure_torch set it
+_ahead_error: list[BaseException] = []  # how import_torch_ahead failed, if it did
+
+
+def import_torch_ahead() -> None:
+    """`import torch` ahead of its first use, on a thread of its own (a pass being set up).
+    A failure is kept: a failed import can leave parts of torch loaded, and importing it again
+    then fails differently, so ensure_torch reports this first error."""
+    try:
+        import torch  # noqa: F401
+    except Exception as e:
+        _ahead_error.append(e)
 
 
 def is_array(x: object) -> bool:
@@ -34,7 +45,12 @@ def ensure_torch() -> Any:
 
     Once per thread: MKL and OpenMP keep the count per thread (executor._one_torch_thread),
     and a reduction split over another count of threads can give other bits."""
-    import torch
+    try:
+        import torch
+    except Exception as e:
+        if _ahead_error:
+            raise _ahead_error[0] from e
+        raise
 
     if not hasattr(_local, "threads"):
         _local.threads = torch.get_num_threads()

@@ -15,7 +15,6 @@ calls) is the per-key stage in compute.py.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -26,7 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mergebuild.engine.arrays import NP_NAMES, as_tensor, ensure_torch, is_array, restore_threads
+from mergebuild.engine.arrays import (
+    NP_NAMES,
+    as_tensor,
+    ensure_torch,
+    import_torch_ahead,
+    is_array,
+    restore_threads,
+)
 from mergebuild.engine.compute import KeyCompute, NodeJob, NodeStats, Unit, mergeable
 from mergebuild.engine.dtypes import ITEMSIZE, RECIPE_TO_ST, cast
 from mergebuild.engine.hash_tap import HashTap
@@ -82,13 +88,6 @@ class Sink:
     derived: set[str] = field(default_factory=set)  # keys written with another (scales, marker)
 
 
-def _import_torch() -> None:
-    """`import torch` ahead of its first use (FusedPass._start_loading); a failure shows
-    where torch is then imported for real."""
-    with contextlib.suppress(Exception):
-        import torch  # noqa: F401
-
-
 class FusedPass:
     def __init__(
         self,
@@ -127,7 +126,7 @@ class FusedPass:
         }
         self.needs_torch = any(self.compute.needs_torch(k) for k in sizes)
         if self.needs_torch and "torch" not in sys.modules:
-            threading.Thread(target=_import_torch, name="import-torch", daemon=True).start()
+            threading.Thread(target=import_torch_ahead, name="import-torch", daemon=True).start()
         self._load_compiled_loops(max(sizes.values(), default=0))
 
     def _plan_sink(self, sink: Sink) -> None:
