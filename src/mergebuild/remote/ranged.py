@@ -81,6 +81,9 @@ class RangedGet:
                 self._drop()
                 return None
             return view
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):  # a closed connection: retry later
+            self._drop()
+            return None
         except ssl.SSLError:  # (an OSError too) the next range would fail the same way
             self.off = True
             self._drop()
