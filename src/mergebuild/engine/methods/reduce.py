@@ -369,17 +369,11 @@ def _block_sums(x: torch.Tensor, y: torch.Tensor, total: list[float]) -> int:
 
 def _column_sums(x: torch.Tensor, y: torch.Tensor, step: int, acc: list[np.ndarray]) -> None:
     """acc += the per-column sums of 2-D x and y, blocks of `step` rows (the numpy path's
-    order); a few blocks per compiled call."""
+    order); a few blocks per compiled call. (float16 goes to column_gram_half instead.)"""
     column_sums = kernels().column_sums  # type: ignore[union-attr]  # compiled_ok said so
 
     n_rows, n_cols = x.shape
     both = np.stack(acc)
-    hx, hy = half_bits(x), half_bits(y)
-    if hx is not None and hy is not None:  # float16: the loop widens as it reads, one call
-        column_sums(hx, hy, step, both)
-        for i in range(3):
-            acc[i][:] = both[i]
-        return
     rows = max(step, SUPER * BLOCK // max(n_cols, 1) // step * step)  # whole blocks per call
     size = min(rows, n_rows) * n_cols
     fx, fy = AsNumpy(x.reshape(-1), size), AsNumpy(y.reshape(-1), size)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.engine.methods.base import Method, Params, Tiles, f32
 from mergebuild.sd.blocks import BlockAlpha
@@ -47,6 +48,31 @@ def combine(a: torch.Tensor, b: torch.Tensor, ca: float, cb: float) -> torch.Ten
     return out.reshape(a.shape)
 
 
+def _cannot_overflow(found: tuple[float, float, float, float]) -> bool:
+    """Whether no tile of a·cₐ + b·c_b can overflow float32, (cₐ, c_b, ‖a‖, ‖b‖) = `found`.
+
+    |a·cₐ + b·c_b| ≤ ‖a‖·|cₐ| + ‖b‖·|c_b| (a norm bounds every element): far below the float32
+    maximum (and cₐ, c_b themselves finite in float32), no tile can overflow; finite norms
+    mean finite inputs. The lerp fallback cannot happen then, so the tiles need no check and
+    may go out as they come."""
+    import numpy as np
+
+    ca, cb, na, nb = found
+    bound = max(na * abs(ca) + nb * abs(cb), abs(ca), abs(cb))
+    return 2.0 * bound < float(np.finfo(np.float32).max)
+
+
+def _lincomb_half(
+    loops: Any, ha: np.ndarray, hb: np.ndarray, ca: np.float32, cb: np.float32
+) -> Callable[[int, int, np.ndarray], bool]:
+    """Tiles.fill_half of a·cₐ + b·c_b over float16 bits (flat), one compiled loop a tile."""
+
+    def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
+        return bool(loops.lincomb(ha[lo:hi], hb[lo:hi], ca, cb, out))
+
+    return fill_half
+
+
 class Slerp(Method):
     name = "slerp"
     compiled_loops = True
@@ -86,7 +112,7 @@ give exactly a / b; alpha may be block weights."""
         found = coefficients(a, b, alpha)
         if found is None:
             return None
-        ca, cb, na, nb = found
+        ca, cb = found[:2]
         fa, fb = a.reshape(-1), b.reshape(-1)
         size = min(fa.numel(), FILL_TILE)
         part, tmp = (torch.empty(size, dtype=torch.float32) for _ in range(2))
@@ -94,12 +120,7 @@ give exactly a / b; alpha may be block weights."""
         if loops is not None:  # the same two products and sum as one compiled loop
             res = torch.empty(size, dtype=torch.float32)
             ca32, cb32 = np.float32(ca), np.float32(cb)
-        # |a·cₐ + b·c_b| ≤ ‖a‖·|cₐ| + ‖b‖·|c_b| (a norm bounds every element): far below the
-        # float32 maximum (and cₐ, c_b themselves finite in float32), no tile can overflow;
-        # finite norms mean finite inputs. The lerp fallback cannot happen then, so the tiles
-        # need no check and may go out as they come.
-        bound = max(na * abs(ca) + nb * abs(cb), abs(ca), abs(cb))
-        safe = 2.0 * bound < torch.finfo(torch.float32).max
+        safe = _cannot_overflow(found)
 
         def fill(lo: int, hi: int) -> torch.Tensor | None:
             p = part[: hi - lo]
@@ -118,10 +139,7 @@ give exactly a / b; alpha may be block weights."""
         fill_half = None
         ha, hb = half_bits(fa), half_bits(fb)
         if loops is not None and safe and ha is not None and hb is not None:
-
-            def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
-                return bool(loops.lincomb(ha[lo:hi], hb[lo:hi], ca32, cb32, out))
-
+            fill_half = _lincomb_half(loops, ha, hb, ca32, cb32)
         return Tiles(FILL_TILE, tuple(a.shape), fill, may_restart=not safe, fill_half=fill_half)
 
     @classmethod
@@ -150,15 +168,11 @@ give exactly a / b; alpha may be block weights."""
         found = coefficients(a, b, alpha)  # type: ignore[arg-type]
         if found is None:  # lerp's a·f32(1 − α) + b·f32(α)
             ca, cb = np.float32(1.0 - alpha), np.float32(alpha)
-        else:
-            bound = max(found[2] * abs(found[0]) + found[3] * abs(found[1]), *map(abs, found[:2]))
-            if not 2.0 * bound < float(np.finfo(np.float32).max):
-                return None
+        elif _cannot_overflow(found):
             ca, cb = np.float32(found[0]), np.float32(found[1])
-
-        def fill_half(lo: int, hi: int, out: np.ndarray) -> bool:
-            return bool(loops.lincomb(ha[lo:hi], hb[lo:hi], ca, cb, out))
-
+        else:
+            return None
+        fill_half = _lincomb_half(loops, ha, hb, ca, cb)
         return Tiles(FILL_TILE, tuple(a.shape), lambda lo, hi: None, fill_half=fill_half)
 
     @staticmethod
